@@ -1,0 +1,23 @@
+# Finds the CBLAS the library calls and defines the INTERFACE target selfattn_blas.
+# The code uses only the standard cblas_* interface; with OpenBLAS it also sets OpenBLAS's thread
+# count (see src/forward.c), which is why OpenBLAS is told apart.
+add_library(selfattn_blas INTERFACE)
+if(SELFATTN_BLAS STREQUAL "openblas")
+  find_package(PkgConfig REQUIRED)
+  pkg_check_modules(SELFATTN_OPENBLAS REQUIRED IMPORTED_TARGET openblas)
+  target_link_libraries(selfattn_blas INTERFACE PkgConfig::SELFATTN_OPENBLAS)
+  target_compile_definitions(selfattn_blas INTERFACE SELFATTN_HAVE_OPENBLAS)
+  set(SELFATTN_PC_REQUIRES_PRIVATE "openblas")
+  set(SELFATTN_PC_LIBS_PRIVATE "")
+  set(SELFATTN_CONFIG_BLAS "openblas")
+elseif(SELFATTN_BLAS STREQUAL "generic")
+  find_package(BLAS REQUIRED)
+  find_path(SELFATTN_CBLAS_INCLUDE_DIR cblas.h REQUIRED)
+  target_link_libraries(selfattn_blas INTERFACE BLAS::BLAS)
+  target_include_directories(selfattn_blas INTERFACE ${SELFATTN_CBLAS_INCLUDE_DIR})
+  set(SELFATTN_PC_REQUIRES_PRIVATE "")
+  string(REPLACE ";" " " SELFATTN_PC_LIBS_PRIVATE "${BLAS_LIBRARIES}")
+  set(SELFATTN_CONFIG_BLAS "generic")
+else()
+  message(FATAL_ERROR "SELFATTN_BLAS must be 'openblas' or 'generic', not '${SELFATTN_BLAS}'")
+endif()

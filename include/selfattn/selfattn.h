@@ -1,0 +1,218 @@
+/*
+ * libselfattn: transformer self-attention on the CPU behind a stable C ABI.
+ *
+ * This header is the whole public API and its documentation. Anything not declared here is not
+ * API. It compiles as C99 and as C++11.
+ *
+ * Conventions (fixed, ABI version 1)
+ * ----------------------------------
+ * - All tensors are dense, row-major float32 arrays owned by the caller. The library never keeps
+ *   a pointer to caller memory after a call returns: weights are copied into the layer.
+ * - Activations x and y are [batch][seq_len][d_model].
+ * - Weights use the PyTorch nn.Linear layout [out_features][in_features], i.e. y = x * W^T + b:
+ *     W_Q  [n_heads * head_dim][d_model]       B_Q  [n_heads * head_dim]
+ *     W_K  [n_kv_heads * head_dim][d_model]    B_K  [n_kv_heads * head_dim]
+ *     W_V  [n_kv_heads * head_dim][d_model]    B_V  [n_kv_heads * head_dim]
+ *     W_O  [d_model][n_heads * head_dim]       B_O  [d_model]
+ *     W_QKV [3 * d_model][d_model]: PyTorch's packed in_proj_weight (Q rows, then K, then V);
+ *       only valid when n_kv_heads == n_heads and n_heads * head_dim == d_model. B_QKV likewise
+ *       ([3 * d_model]). Setting W_QKV is the same as setting W_Q, W_K and W_V.
+ * - Head h of Q is columns [h * head_dim, (h + 1) * head_dim) of the projected Q. With grouped-query
+ *   attention (n_kv_heads < n_heads) query head h uses key/value head h / (n_heads / n_kv_heads),
+ *   as PyTorch's repeat_interleave and Llama do.
+ * - scores = Q K^T * scale, scale defaulting to 1 / sqrt(head_dim); weights = softmax over each
+ *   row of the unmasked keys; output = weights * V per head, then the output projection.
+ * - Masking: a key position is masked when it is causal-future or at or past its sequence's
+ *   length. Causal masking is aligned to the bottom right: with q_len queries over kv_len keys,
+ *   query i may see keys j <= i + kv_len - q_len. A query row whose keys are all masked outputs
+ *   zeros, never NaN. In selfattn_forward, rows of padding (position >= lengths[b]) are written
+ *   as zeros and are not computed.
+ * - Errors: every function that can fail returns a selfattn_status. On any status other than
+ *   SELFATTN_OK the call has written nothing to caller outputs and changed no handle.
+ *
+ * Threading
+ * ---------
+ * Functions that take no handle are thread-safe. A layer handle may be used by any number of
+ * threads at once through selfattn_forward and selfattn_attend (they only read it) once its
+ * options and weights are no longer being changed; selfattn_layer_set, _set_scale, _set_weight
+ * and _destroy need exclusive access to the handle. Each forward/attend call uses up to
+ * SELFATTN_OPT_THREADS worker threads (the calling thread is one of them) which it starts and
+ * joins itself: no thread outlives a call. When built against OpenBLAS the library does all the
+ * parallel work itself and calls BLAS from its workers single-threaded: it sets OpenBLAS's thread
+ * count to 1 at its first forward/attend call (see README, "Threads"), unless the environment
+ * variable SELFATTN_BLAS_THREADS=keep is set.
+ */
+#ifndef SELFATTN_SELFATTN_H
+#define SELFATTN_SELFATTN_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Export macro --------------------------------------------------------------------------- */
+#if defined(_WIN32) && defined(SELFATTN_BUILDING)
+#define SELFATTN_API __declspec(dllexport)
+#elif defined(__GNUC__) && __GNUC__ >= 4
+#define SELFATTN_API __attribute__((visibility("default")))
+#else
+#define SELFATTN_API
+#endif
+
+/* ---- Version -------------------------------------------------------------------------------- */
+/* Same major version = ABI compatible. A changed signature gets a new name (_v2), never an edit. */
+#define SELFATTN_VERSION_MAJOR 1
+#define SELFATTN_VERSION_MINOR 0
+#define SELFATTN_VERSION_PATCH 0
+#define SELFATTN_VERSION_NUMBER \
+    (SELFATTN_VERSION_MAJOR * 10000 + SELFATTN_VERSION_MINOR * 100 + SELFATTN_VERSION_PATCH)
+#define SELFATTN_VERSION_STR2_(x) #x
+#define SELFATTN_VERSION_STR_(a, b, c) \
+    SELFATTN_VERSION_STR2_(a) "." SELFATTN_VERSION_STR2_(b) "." SELFATTN_VERSION_STR2_(c)
+#define SELFATTN_VERSION_STRING \
+    SELFATTN_VERSION_STR_(SELFATTN_VERSION_MAJOR, SELFATTN_VERSION_MINOR, SELFATTN_VERSION_PATCH)
+
+/* Version of the library actually loaded, as SELFATTN_VERSION_NUMBER / _STRING; compare with the
+   macros to detect a header/library mismatch. Thread-safe; the string is static. */
+SELFATTN_API uint32_t selfattn_version_number(void);
+SELFATTN_API const char *selfattn_version_string(void);
+
+/* ---- Status codes --------------------------------------------------------------------------- */
+/* Values are fixed forever. New codes may be added in later minor versions: treat any non-zero
+   value as failure and use selfattn_status_string for text. */
+typedef enum selfattn_status {
+    SELFATTN_OK = 0,
+    SELFATTN_ERR_NULL = 1,        /* a required pointer argument is NULL */
+    SELFATTN_ERR_INVALID = 2,     /* a dimension, option, value or element count is out of range
+                                     or inconsistent */
+    SELFATTN_ERR_NOMEM = 3,       /* memory could not be allocated */
+    SELFATTN_ERR_OVERFLOW = 4,    /* a size computed from the arguments does not fit */
+    SELFATTN_ERR_STATE = 5,       /* not allowed in the handle's current state (e.g. a required
+                                     weight not set) */
+    SELFATTN_ERR_UNSUPPORTED = 6  /* a valid request this build cannot serve */
+} selfattn_status;
+
+/* Static, NUL-terminated English text for a status; never NULL (unknown codes give a generic
+   text). Thread-safe. */
+SELFATTN_API const char *selfattn_status_string(selfattn_status s);
+
+/* ---- The layer handle ----------------------------------------------------------------------- */
+/* Opaque: one multi-head self-attention layer (its shape, options and a copy of its weights). */
+typedef struct selfattn_layer selfattn_layer;
+
+/* Options, set with selfattn_layer_set. Value 0 means the default where a default exists.
+   Values are fixed forever; new options may be added. */
+typedef enum selfattn_option {
+    SELFATTN_OPT_N_KV_HEADS = 1, /* key/value heads, default n_heads; must divide n_heads. */
+    SELFATTN_OPT_HEAD_DIM = 2,   /* default d_model / n_heads (which must then divide exactly).
+                                    selfattn_layer_get reports 0 while it is undetermined. */
+    SELFATTN_OPT_CAUSAL = 3,     /* 0 or 1, default 0. */
+    SELFATTN_OPT_OUT_PROJ = 4,   /* 0 or 1, default 1: apply W_O. With 0 the attention output is y
+                                    itself and n_heads * head_dim must equal d_model. */
+    SELFATTN_OPT_THREADS = 5     /* worker threads one call may use, the caller's included;
+                                    0 = library default (the number of online CPUs, at most 64). */
+} selfattn_option;
+
+/* Weights and biases, set with selfattn_layer_set_weight. Values are fixed forever. */
+typedef enum selfattn_weight {
+    SELFATTN_W_Q = 1,
+    SELFATTN_W_K = 2,
+    SELFATTN_W_V = 3,
+    SELFATTN_W_O = 4,
+    SELFATTN_B_Q = 5,
+    SELFATTN_B_K = 6,
+    SELFATTN_B_V = 7,
+    SELFATTN_B_O = 8,
+    SELFATTN_W_QKV = 9,
+    SELFATTN_B_QKV = 10
+} selfattn_weight;
+
+/* Create a layer of model width d_model with n_heads query heads (both >= 1). All options take
+   their defaults and no weight is set. On success *out owns a new handle, to be released with
+   selfattn_layer_destroy; on failure *out is left unchanged.
+   Returns SELFATTN_ERR_NULL (out NULL), SELFATTN_ERR_INVALID (d_model or n_heads < 1),
+   SELFATTN_ERR_NOMEM. d_model need not be divisible by n_heads if SELFATTN_OPT_HEAD_DIM is set
+   before any weight. */
+SELFATTN_API selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads,
+                                                   selfattn_layer **out);
+
+/* Release a layer and its weights. NULL is a no-op. Not to be called while another thread uses
+   the layer. */
+SELFATTN_API void selfattn_layer_destroy(selfattn_layer *layer);
+
+/* Set an integer option (see selfattn_option for values and defaults).
+   Returns SELFATTN_ERR_NULL (layer NULL), SELFATTN_ERR_INVALID (unknown option, value out of
+   range, or a value inconsistent with the other options: e.g. N_KV_HEADS not dividing n_heads,
+   HEAD_DIM * n_heads != d_model while OUT_PROJ is 0), SELFATTN_ERR_OVERFLOW (the weight sizes the
+   value implies do not fit), SELFATTN_ERR_STATE (N_KV_HEADS, HEAD_DIM or OUT_PROJ after any weight
+   was set). Requires exclusive access to the layer. */
+SELFATTN_API selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt,
+                                                int64_t value);
+
+/* Read the effective value of an option into *value (defaults resolved: N_KV_HEADS gives n_heads
+   when unset, THREADS gives the thread count a call will use).
+   Returns SELFATTN_ERR_NULL or SELFATTN_ERR_INVALID (unknown option); *value is unchanged then. */
+SELFATTN_API selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option opt,
+                                                int64_t *value);
+
+/* Set the score scale; 0 restores the default 1 / sqrt(head_dim). Any finite value is accepted
+   (NaN and infinities give SELFATTN_ERR_INVALID). Requires exclusive access to the layer. */
+SELFATTN_API selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, float scale);
+
+/* Copy a weight or bias into the layer. count is the number of floats at data and must equal the
+   exact element count of that weight for the layer's current shape (see the table above).
+   Setting a weight fixes the shape: N_KV_HEADS, HEAD_DIM and OUT_PROJ can no longer change.
+   A bias never set is zero. Setting the same weight again replaces it.
+   Returns SELFATTN_ERR_NULL (layer or data NULL), SELFATTN_ERR_INVALID (unknown weight, wrong
+   count, W_QKV/B_QKV on a layer where they are not valid, W_O/B_O with OUT_PROJ 0),
+   SELFATTN_ERR_STATE (head_dim undetermined: d_model not divisible by n_heads and HEAD_DIM unset),
+   SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM. Requires exclusive access to the layer. */
+SELFATTN_API selfattn_status selfattn_layer_set_weight(selfattn_layer *layer,
+                                                       selfattn_weight which, const float *data,
+                                                       int64_t count);
+
+/* Bounds of an option's accepted values (inclusive; 0 = default is always accepted as well).
+   Returns SELFATTN_ERR_NULL or SELFATTN_ERR_INVALID (unknown option). Thread-safe. */
+SELFATTN_API selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower,
+                                                    int64_t *upper);
+
+/* ---- Running -------------------------------------------------------------------------------- */
+/* The whole layer: y = attention(x W_Q^T + b_Q, x W_K^T + b_K, x W_V^T + b_V) W_O^T + b_O.
+   x and y are [batch][seq_len][d_model] and must not overlap. lengths is NULL (every sequence is
+   seq_len long) or [batch] valid lengths, each in [0, seq_len]: keys at or past lengths[b] are
+   masked and query rows at or past it are written as zeros.
+   Needs W_Q, W_K, W_V (or W_QKV) and, with OUT_PROJ on, W_O; otherwise SELFATTN_ERR_STATE.
+   Returns SELFATTN_ERR_NULL (layer, x or y NULL), SELFATTN_ERR_INVALID (batch or seq_len < 1, a
+   length out of range), SELFATTN_ERR_OVERFLOW (sizes do not fit in memory's address range),
+   SELFATTN_ERR_NOMEM, SELFATTN_ERR_STATE. Thread-safe on a layer that is not being modified;
+   uses up to SELFATTN_OPT_THREADS threads. Inputs with NaN or infinity propagate to the rows that
+   attend to them. */
+SELFATTN_API selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch,
+                                              int32_t seq_len, const float *x,
+                                              const int32_t *lengths, float *y);
+
+/* Attention alone on already projected tensors (for callers that project themselves, e.g. with
+   rotary embeddings). Uses the layer's n_heads, n_kv_heads, head_dim, causal flag and scale;
+   needs no weights. q and out are [batch][q_len][n_heads * head_dim]; k and v are
+   [batch][kv_len][n_kv_heads * head_dim]; out must not overlap the inputs. kv_lengths is NULL or
+   [batch] valid key counts in [0, kv_len]. Every query row is computed (rows that can see no key
+   are zeros). Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (sizes < 1, a length out of range),
+   SELFATTN_ERR_STATE (head_dim undetermined), SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM.
+   Thread-safe on a layer that is not being modified. */
+SELFATTN_API selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch,
+                                             int32_t q_len, int32_t kv_len, const float *q,
+                                             const float *k, const float *v,
+                                             const int32_t *kv_lengths, float *out);
+
+/* ---- Introspection -------------------------------------------------------------------------- */
+/* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u16", chosen once from
+   the CPU's features. The environment variable SELFATTN_ISA=scalar|avx2|avx512, read once, forces
+   a lower kernel family (a higher one than the CPU supports is ignored). Static string; thread-safe. */
+SELFATTN_API const char *selfattn_kernel_name(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SELFATTN_SELFATTN_H */

@@ -1,0 +1,91 @@
+/* Kernel selection: the CPU is probed once per process, the best kernel table it can run is
+   chosen, and SELFATTN_ISA may force a lower family (for tests and bug reports). */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static const sa_kernels sa_kernels_scalar = {
+    SA_ISA_SCALAR, "f32-softmax-scalar-u1", sa_f32_softmax_exp_scalar_u1};
+#ifdef SELFATTN_HAVE_AVX2_KERNELS
+static const sa_kernels sa_kernels_avx2 = {
+    SA_ISA_AVX2, "f32-softmax-avx2-u32", sa_f32_softmax_exp_avx2_u32};
+#endif
+#ifdef SELFATTN_HAVE_AVX512_KERNELS
+static const sa_kernels sa_kernels_avx512 = {
+    SA_ISA_AVX512, "f32-softmax-avx512-u64", sa_f32_softmax_exp_avx512_u64};
+#endif
+
+static pthread_once_t sa_probe_once = PTHREAD_ONCE_INIT;
+static sa_isa sa_cpu_isa = SA_ISA_SCALAR;   /* best the CPU and this build support */
+static const sa_kernels *sa_chosen = &sa_kernels_scalar;
+
+static const sa_kernels *sa_table(sa_isa isa)
+{
+    switch (isa) {
+#ifdef SELFATTN_HAVE_AVX512_KERNELS
+    case SA_ISA_AVX512:
+        return &sa_kernels_avx512;
+#endif
+#ifdef SELFATTN_HAVE_AVX2_KERNELS
+    case SA_ISA_AVX2:
+        return &sa_kernels_avx2;
+#endif
+    case SA_ISA_SCALAR:
+        return &sa_kernels_scalar;
+    default:
+        return NULL;
+    }
+}
+
+static void sa_probe(void)
+{
+    sa_isa best = SA_ISA_SCALAR;
+#if defined(__x86_64__) || defined(__i386__)
+    /* __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV). */
+    __builtin_cpu_init();
+#ifdef SELFATTN_HAVE_AVX2_KERNELS
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        best = SA_ISA_AVX2;
+#endif
+#ifdef SELFATTN_HAVE_AVX512_KERNELS
+    if (best == SA_ISA_AVX2 && __builtin_cpu_supports("avx512f"))
+        best = SA_ISA_AVX512;
+#endif
+#endif
+    sa_cpu_isa = best;
+
+    sa_isa want = best;
+    const char *env = getenv("SELFATTN_ISA");
+    if (env != NULL) {
+        if (strcmp(env, "scalar") == 0)
+            want = SA_ISA_SCALAR;
+        else if (strcmp(env, "avx2") == 0)
+            want = SA_ISA_AVX2;
+        else if (strcmp(env, "avx512") == 0)
+            want = SA_ISA_AVX512;
+    }
+    if (want > best)
+        want = best;
+    sa_chosen = sa_table(want);
+}
+
+const sa_kernels *sa_kernels_get(void)
+{
+    pthread_once(&sa_probe_once, sa_probe);
+    return sa_chosen;
+}
+
+const sa_kernels *sa_kernels_for_isa(sa_isa isa)
+{
+    pthread_once(&sa_probe_once, sa_probe);
+    if (isa > sa_cpu_isa)
+        return NULL;
+    return sa_table(isa);
+}
+
+const char *selfattn_kernel_name(void)
+{
+    return sa_kernels_get()->softmax_name;
+}

@@ -1,0 +1,107 @@
+/* AVX2+FMA scaled-softmax kernel, 4 x 8 floats per iteration. Compiled with -mavx2 -mfma on this
+   file only; called only when the CPU has both (see dispatch.c). */
+#include <immintrin.h>
+#include <string.h>
+
+#include "../internal.h"
+#include "exp-constants.h"
+
+static inline __m256 sa_exp_avx2(__m256 t)
+{
+    /* max(min, t) rather than max(t, min): maxps returns its second operand when one is NaN,
+       so this order keeps a NaN argument NaN. */
+    t = _mm256_max_ps(_mm256_set1_ps(SA_EXP_MIN_ARG), t);
+    const __m256 magic = _mm256_set1_ps(SA_EXP_ROUND_MAGIC);
+    const __m256 shifted = _mm256_fmadd_ps(t, _mm256_set1_ps(SA_EXP_LOG2E), magic);
+    const __m256 fn = _mm256_sub_ps(shifted, magic);
+    __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(SA_EXP_LN2_HI), t);
+    r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(SA_EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(SA_EXP_P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P5));
+    const __m256 r2 = _mm256_mul_ps(r, r);
+    const __m256 er = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* n sits in the low mantissa bits of `shifted`; (n + 127) << 23 is 2^n (n >= -126). */
+    const __m256i two_n = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(er, _mm256_castsi256_ps(two_n));
+}
+
+static inline __m256i sa_tail_mask_avx2(size_t rem)
+{
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rem), idx);
+}
+
+static inline float sa_hmax_avx2(__m256 v)
+{
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+static inline float sa_hsum_avx2(__m256 v)
+{
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale)
+{
+    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256 ninf = _mm256_set1_ps(-__builtin_inff());
+    __m256 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+    size_t i = 0;
+    for (; i + 32 <= n_valid; i += 32) {
+        m0 = _mm256_max_ps(m0, _mm256_mul_ps(_mm256_loadu_ps(row + i), vs));
+        m1 = _mm256_max_ps(m1, _mm256_mul_ps(_mm256_loadu_ps(row + i + 8), vs));
+        m2 = _mm256_max_ps(m2, _mm256_mul_ps(_mm256_loadu_ps(row + i + 16), vs));
+        m3 = _mm256_max_ps(m3, _mm256_mul_ps(_mm256_loadu_ps(row + i + 24), vs));
+    }
+    for (; i + 8 <= n_valid; i += 8)
+        m0 = _mm256_max_ps(m0, _mm256_mul_ps(_mm256_loadu_ps(row + i), vs));
+    if (i < n_valid) {
+        const __m256i mask = sa_tail_mask_avx2(n_valid - i);
+        const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(row + i, mask), vs);
+        m1 = _mm256_max_ps(m1, _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(mask)));
+    }
+    const float m = sa_hmax_avx2(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+
+    const __m256 vnm = _mm256_set1_ps(-m);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (i = 0; i + 32 <= n_valid; i += 32) {
+        const __m256 e0 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));
+        const __m256 e1 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), vs, vnm));
+        const __m256 e2 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), vs, vnm));
+        const __m256 e3 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), vs, vnm));
+        _mm256_storeu_ps(row + i, e0);
+        _mm256_storeu_ps(row + i + 8, e1);
+        _mm256_storeu_ps(row + i + 16, e2);
+        _mm256_storeu_ps(row + i + 24, e3);
+        s0 = _mm256_add_ps(s0, e0);
+        s1 = _mm256_add_ps(s1, e1);
+        s2 = _mm256_add_ps(s2, e2);
+        s3 = _mm256_add_ps(s3, e3);
+    }
+    for (; i + 8 <= n_valid; i += 8) {
+        const __m256 e = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));
+        _mm256_storeu_ps(row + i, e);
+        s0 = _mm256_add_ps(s0, e);
+    }
+    if (i < n_valid) {
+        const __m256i mask = sa_tail_mask_avx2(n_valid - i);
+        const __m256 e =
+            sa_exp_avx2(_mm256_fmadd_ps(_mm256_maskload_ps(row + i, mask), vs, vnm));
+        _mm256_maskstore_ps(row + i, mask, e);
+        s1 = _mm256_add_ps(s1, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
+    }
+    if (n_total > n_valid)
+        memset(row + n_valid, 0, (n_total - n_valid) * sizeof *row);
+    return sa_hsum_avx2(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+}

@@ -1,0 +1,287 @@
+/* The layer handle: creation, options, weights, status strings and versions. */
+#include <math.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define SA_MAX_THREADS 64
+
+uint32_t selfattn_version_number(void)
+{
+    return SELFATTN_VERSION_NUMBER;
+}
+
+const char *selfattn_version_string(void)
+{
+    return SELFATTN_VERSION_STRING;
+}
+
+const char *selfattn_status_string(selfattn_status s)
+{
+    switch (s) {
+    case SELFATTN_OK:
+        return "success";
+    case SELFATTN_ERR_NULL:
+        return "a required pointer argument is NULL";
+    case SELFATTN_ERR_INVALID:
+        return "a dimension, option, value or element count is out of range or inconsistent";
+    case SELFATTN_ERR_NOMEM:
+        return "memory could not be allocated";
+    case SELFATTN_ERR_OVERFLOW:
+        return "a size computed from the arguments does not fit";
+    case SELFATTN_ERR_STATE:
+        return "not allowed in the layer's current state";
+    case SELFATTN_ERR_UNSUPPORTED:
+        return "a valid request this build cannot serve";
+    }
+    return "unknown status code";
+}
+
+/* Checks that the weight shapes of a configuration are addressable and that their row widths fit
+   the int dimensions of CBLAS. */
+static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t n_kv_heads,
+                                      int64_t head_dim)
+{
+    if (head_dim == 0)
+        return SELFATTN_OK; /* undetermined: checked again when it is set */
+    const int64_t nq = n_heads * head_dim; /* both < 2^31: no int64 overflow */
+    const int64_t nkv = n_kv_heads * head_dim;
+    const int64_t nqkv = nq + 2 * nkv;
+    if (nqkv > INT32_MAX)
+        return SELFATTN_ERR_OVERFLOW;
+    size_t bytes;
+    if (!sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
+        !sa_mul_size(bytes, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX)
+        return SELFATTN_ERR_OVERFLOW;
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads, selfattn_layer **out)
+{
+    SA_CHECK(out != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(d_model >= 1 && n_heads >= 1, SELFATTN_ERR_INVALID);
+    const int32_t head_dim = (d_model % n_heads == 0) ? d_model / n_heads : 0;
+    selfattn_status st = sa_check_shape(d_model, n_heads, n_heads, head_dim);
+    if (st != SELFATTN_OK)
+        return st;
+    selfattn_layer *l = sa_calloc(1, sizeof *l);
+    SA_CHECK(l != NULL, SELFATTN_ERR_NOMEM);
+    l->d_model = d_model;
+    l->n_heads = n_heads;
+    l->n_kv_heads = n_heads;
+    l->head_dim = head_dim;
+    l->out_proj = 1;
+    *out = l;
+    return SELFATTN_OK;
+}
+
+void selfattn_layer_destroy(selfattn_layer *layer)
+{
+    if (layer == NULL)
+        return;
+    sa_free(layer->w_qkv);
+    sa_free(layer->b_qkv);
+    sa_free(layer->w_o);
+    sa_free(layer->b_o);
+    sa_free(layer);
+}
+
+int sa_layer_threads(const selfattn_layer *layer)
+{
+    if (layer->threads_opt > 0)
+        return layer->threads_opt;
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1)
+        return 1;
+    return n > SA_MAX_THREADS ? SA_MAX_THREADS : (int)n;
+}
+
+selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower, int64_t *upper)
+{
+    SA_CHECK(lower != NULL && upper != NULL, SELFATTN_ERR_NULL);
+    int64_t lo, hi;
+    switch (opt) {
+    case SELFATTN_OPT_N_KV_HEADS:
+    case SELFATTN_OPT_HEAD_DIM:
+        lo = 1;
+        hi = INT32_MAX;
+        break;
+    case SELFATTN_OPT_CAUSAL:
+    case SELFATTN_OPT_OUT_PROJ:
+        lo = 0;
+        hi = 1;
+        break;
+    case SELFATTN_OPT_THREADS:
+        lo = 1;
+        hi = SA_MAX_THREADS;
+        break;
+    default:
+        return SELFATTN_ERR_INVALID;
+    }
+    *lower = lo;
+    *upper = hi;
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, int64_t value)
+{
+    SA_CHECK(layer != NULL, SELFATTN_ERR_NULL);
+    int64_t lo, hi;
+    SA_CHECK(selfattn_option_bounds(opt, &lo, &hi) == SELFATTN_OK, SELFATTN_ERR_INVALID);
+    const int shape_option = opt == SELFATTN_OPT_N_KV_HEADS || opt == SELFATTN_OPT_HEAD_DIM ||
+                             opt == SELFATTN_OPT_OUT_PROJ;
+    SA_CHECK(!(shape_option && layer->weights_set), SELFATTN_ERR_STATE);
+    const int has_default = opt != SELFATTN_OPT_CAUSAL && opt != SELFATTN_OPT_OUT_PROJ;
+    SA_CHECK((value == 0 && has_default) || (value >= lo && value <= hi), SELFATTN_ERR_INVALID);
+
+    const int64_t d_model = layer->d_model, n_heads = layer->n_heads;
+    selfattn_status st;
+    switch (opt) {
+    case SELFATTN_OPT_N_KV_HEADS: {
+        const int64_t nkv = value == 0 ? n_heads : value;
+        SA_CHECK(nkv <= n_heads && n_heads % nkv == 0, SELFATTN_ERR_INVALID);
+        st = sa_check_shape(d_model, n_heads, nkv, layer->head_dim);
+        SA_CHECK(st == SELFATTN_OK, st);
+        layer->n_kv_heads = (int32_t)nkv;
+        break;
+    }
+    case SELFATTN_OPT_HEAD_DIM: {
+        const int64_t hd = value != 0 ? value : (d_model % n_heads == 0 ? d_model / n_heads : 0);
+        SA_CHECK(layer->out_proj || hd * n_heads == d_model, SELFATTN_ERR_INVALID);
+        st = sa_check_shape(d_model, n_heads, layer->n_kv_heads, hd);
+        SA_CHECK(st == SELFATTN_OK, st);
+        layer->head_dim = (int32_t)hd;
+        break;
+    }
+    case SELFATTN_OPT_CAUSAL:
+        layer->causal = (int32_t)value;
+        break;
+    case SELFATTN_OPT_OUT_PROJ:
+        SA_CHECK(value == 1 || (int64_t)layer->head_dim * n_heads == d_model,
+                 SELFATTN_ERR_INVALID);
+        layer->out_proj = (int32_t)value;
+        break;
+    case SELFATTN_OPT_THREADS:
+        layer->threads_opt = (int32_t)value;
+        break;
+    }
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option opt,
+                                   int64_t *value)
+{
+    SA_CHECK(layer != NULL && value != NULL, SELFATTN_ERR_NULL);
+    switch (opt) {
+    case SELFATTN_OPT_N_KV_HEADS:
+        *value = layer->n_kv_heads;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_HEAD_DIM:
+        *value = layer->head_dim;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_CAUSAL:
+        *value = layer->causal;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_OUT_PROJ:
+        *value = layer->out_proj;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_THREADS:
+        *value = sa_layer_threads(layer);
+        return SELFATTN_OK;
+    }
+    return SELFATTN_ERR_INVALID;
+}
+
+selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, float scale)
+{
+    SA_CHECK(layer != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(isfinite(scale), SELFATTN_ERR_INVALID);
+    layer->scale_opt = scale;
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight which,
+                                          const float *data, int64_t count)
+{
+    SA_CHECK(layer != NULL && data != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(which >= SELFATTN_W_Q && which <= SELFATTN_B_QKV, SELFATTN_ERR_INVALID);
+    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+
+    const size_t d_model = (size_t)layer->d_model;
+    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
+    const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    const size_t nqkv = nq + 2 * nkv; /* fits: checked when the shape was set */
+    const int packed_ok = layer->n_kv_heads == layer->n_heads && nq == d_model;
+
+    /* Where the data goes: a row range [first, first + rows) of one buffer of width `width`. */
+    float **buf;
+    size_t buf_rows, width, first, rows;
+    int is_bias = 0;
+    unsigned have_bits = 0;
+    switch (which) {
+    case SELFATTN_W_Q:
+    case SELFATTN_W_K:
+    case SELFATTN_W_V:
+    case SELFATTN_W_QKV:
+    case SELFATTN_B_Q:
+    case SELFATTN_B_K:
+    case SELFATTN_B_V:
+    case SELFATTN_B_QKV:
+        is_bias = which == SELFATTN_B_Q || which == SELFATTN_B_K || which == SELFATTN_B_V ||
+                  which == SELFATTN_B_QKV;
+        buf = is_bias ? &layer->b_qkv : &layer->w_qkv;
+        buf_rows = nqkv;
+        if (which == SELFATTN_W_Q || which == SELFATTN_B_Q) {
+            first = 0;
+            rows = nq;
+            have_bits = SA_HAVE_Q;
+        } else if (which == SELFATTN_W_K || which == SELFATTN_B_K) {
+            first = nq;
+            rows = nkv;
+            have_bits = SA_HAVE_K;
+        } else if (which == SELFATTN_W_V || which == SELFATTN_B_V) {
+            first = nq + nkv;
+            rows = nkv;
+            have_bits = SA_HAVE_V;
+        } else {
+            SA_CHECK(packed_ok, SELFATTN_ERR_INVALID);
+            first = 0;
+            rows = nqkv;
+            have_bits = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V;
+        }
+        width = is_bias ? 1 : d_model;
+        break;
+    case SELFATTN_W_O:
+    case SELFATTN_B_O:
+        SA_CHECK(layer->out_proj, SELFATTN_ERR_INVALID);
+        is_bias = which == SELFATTN_B_O;
+        buf = is_bias ? &layer->b_o : &layer->w_o;
+        buf_rows = d_model;
+        first = 0;
+        rows = d_model;
+        width = is_bias ? 1 : nq;
+        have_bits = SA_HAVE_O;
+        break;
+    default:
+        return SELFATTN_ERR_INVALID;
+    }
+    if (is_bias)
+        have_bits = 0; /* biases are optional: they do not count as weights present */
+
+    size_t elems;
+    SA_CHECK(sa_mul_size(rows, width, &elems), SELFATTN_ERR_OVERFLOW);
+    SA_CHECK(count >= 0 && (uint64_t)count == (uint64_t)elems, SELFATTN_ERR_INVALID);
+
+    if (*buf == NULL) {
+        /* Biases start zeroed (a bias never set is zero); weights are tracked by `have`. */
+        float *fresh = is_bias ? sa_calloc(buf_rows * width, sizeof(float))
+                               : sa_malloc(buf_rows * width * sizeof(float));
+        SA_CHECK(fresh != NULL, SELFATTN_ERR_NOMEM);
+        *buf = fresh;
+    }
+    memcpy(*buf + first * width, data, elems * sizeof(float));
+    layer->have |= have_bits;
+    layer->weights_set = 1;
+    return SELFATTN_OK;
+}

@@ -1,0 +1,37 @@
+/* Float64 reference self-attention for the tests and for selfattn-run's self-check.
+   Written from the textbook steps (project, score, mask, softmax, weighted sum, project) and
+   sharing no code with the library. */
+#ifndef SELFATTN_TEST_REFERENCE_H
+#define SELFATTN_TEST_REFERENCE_H
+
+#include <stdint.h>
+
+typedef struct ref_layer {
+    int d_model, n_heads, n_kv_heads, head_dim;
+    int causal, out_proj;
+    double scale;
+    /* PyTorch layout [out][in]; biases may be NULL (zero) */
+    const float *wq, *wk, *wv, *wo;
+    const float *bq, *bk, *bv, *bo;
+} ref_layer;
+
+/* y[r][o] = sum_i x[r][i] * w[o][i] + b[o], in double. */
+void ref_linear(const float *x, int rows, int in, const float *w, const float *b, int out,
+                double *y);
+void ref_linear_d(const double *x, int rows, int in, const float *w, const float *b, int out,
+                  double *y);
+
+/* Attention for one sequence: q [q_len][n_heads*head_dim], k, v [kv_len][n_kv_heads*head_dim],
+   keys at or past kv_valid masked, causal mask aligned bottom right; out [q_len][n_heads*hd]. */
+void ref_attend_seq(const ref_layer *l, int q_len, int kv_len, const double *q, const double *k,
+                    const double *v, int kv_valid, double *out);
+
+/* Whole layer over a batch; padding rows (>= lengths[b]) are zeros. y [batch][L][d_model]. */
+void ref_forward(const ref_layer *l, int batch, int seq_len, const float *x,
+                 const int32_t *lengths, double *y);
+
+/* Same for a single query row i of sequence b only (K and V of the whole sequence are computed). */
+void ref_forward_row(const ref_layer *l, int seq_len, const float *x_seq, int length, int i,
+                     double *y_row);
+
+#endif

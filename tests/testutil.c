@@ -1,0 +1,136 @@
+#include "testutil.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+double tu_uniform(tu_rng *r)
+{
+    /* splitmix64 */
+    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0);
+}
+
+void tu_fill(tu_rng *r, float *p, size_t n, float lo, float hi)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (float)(lo + (hi - lo) * tu_uniform(r));
+}
+
+float *tu_random(tu_rng *r, size_t n, float lo, float hi)
+{
+    float *p = malloc((n ? n : 1) * sizeof *p);
+    tu_fill(r, p, n, lo, hi);
+    return p;
+}
+
+selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *t)
+{
+    memset(t, 0, sizeof *t);
+    tu_rng rng = {seed};
+    selfattn_status st = selfattn_layer_create(s->d_model, s->n_heads, &t->layer);
+    if (st != SELFATTN_OK)
+        return st;
+    const int nkvh = s->n_kv_heads ? s->n_kv_heads : s->n_heads;
+    const int hd = s->head_dim ? s->head_dim : s->d_model / s->n_heads;
+    if (s->n_kv_heads && (st = selfattn_layer_set(t->layer, SELFATTN_OPT_N_KV_HEADS, nkvh)))
+        return st;
+    if (s->head_dim && (st = selfattn_layer_set(t->layer, SELFATTN_OPT_HEAD_DIM, hd)))
+        return st;
+    if ((st = selfattn_layer_set(t->layer, SELFATTN_OPT_CAUSAL, s->causal)))
+        return st;
+    if ((st = selfattn_layer_set(t->layer, SELFATTN_OPT_OUT_PROJ, s->out_proj)))
+        return st;
+    if ((st = selfattn_layer_set(t->layer, SELFATTN_OPT_THREADS, s->threads)))
+        return st;
+    if ((st = selfattn_layer_set_scale(t->layer, s->scale)))
+        return st;
+
+    const size_t dm = (size_t)s->d_model, nq = (size_t)s->n_heads * hd, nkv = (size_t)nkvh * hd;
+    const float a = (float)(1.0 / sqrt((double)dm)), ao = (float)(1.0 / sqrt((double)nq));
+    const size_t sizes[8] = {nq * dm, nkv * dm, nkv * dm, dm * nq, nq, nkv, nkv, dm};
+    for (int i = 0; i < 8; i++) {
+        if (i == 3 || i == 7) {
+            if (!s->out_proj)
+                continue;
+        }
+        if (i >= 4 && !s->biases)
+            continue;
+        t->w[i] = tu_random(&rng, sizes[i], i == 3 ? -ao : -a, i == 3 ? ao : a);
+    }
+    if (s->packed) {
+        /* the same Q, K, V rows, packed as PyTorch's in_proj_weight / in_proj_bias */
+        t->wqkv = malloc(sizeof(float) * 3 * nq * dm);
+        memcpy(t->wqkv, t->w[0], sizeof(float) * nq * dm);
+        memcpy(t->wqkv + nq * dm, t->w[1], sizeof(float) * nq * dm);
+        memcpy(t->wqkv + 2 * nq * dm, t->w[2], sizeof(float) * nq * dm);
+        if ((st = selfattn_layer_set_weight(t->layer, SELFATTN_W_QKV, t->wqkv,
+                                            (int64_t)(3 * nq * dm))))
+            return st;
+        if (s->biases) {
+            t->bqkv = malloc(sizeof(float) * 3 * nq);
+            memcpy(t->bqkv, t->w[4], sizeof(float) * nq);
+            memcpy(t->bqkv + nq, t->w[5], sizeof(float) * nq);
+            memcpy(t->bqkv + 2 * nq, t->w[6], sizeof(float) * nq);
+            if ((st = selfattn_layer_set_weight(t->layer, SELFATTN_B_QKV, t->bqkv,
+                                                (int64_t)(3 * nq))))
+                return st;
+        }
+    }
+    static const selfattn_weight which[8] = {SELFATTN_W_Q, SELFATTN_W_K, SELFATTN_W_V,
+                                             SELFATTN_W_O, SELFATTN_B_Q, SELFATTN_B_K,
+                                             SELFATTN_B_V, SELFATTN_B_O};
+    for (int i = 0; i < 8; i++) {
+        if (t->w[i] == NULL || (s->packed && i != 3 && i != 7))
+            continue;
+        if ((st = selfattn_layer_set_weight(t->layer, which[i], t->w[i], (int64_t)sizes[i])))
+            return st;
+    }
+
+    ref_layer *r = &t->ref;
+    r->d_model = s->d_model;
+    r->n_heads = s->n_heads;
+    r->n_kv_heads = nkvh;
+    r->head_dim = hd;
+    r->causal = s->causal;
+    r->out_proj = s->out_proj;
+    r->scale = s->scale != 0.0f ? (double)s->scale : 1.0 / sqrt((double)hd);
+    r->wq = t->w[0];
+    r->wk = t->w[1];
+    r->wv = t->w[2];
+    r->wo = t->w[3];
+    r->bq = t->w[4];
+    r->bk = t->w[5];
+    r->bv = t->w[6];
+    r->bo = t->w[7];
+    return SELFATTN_OK;
+}
+
+void tu_layer_free(tu_layer *t)
+{
+    selfattn_layer_destroy(t->layer);
+    for (int i = 0; i < 8; i++)
+        free(t->w[i]);
+    free(t->wqkv);
+    free(t->bqkv);
+    memset(t, 0, sizeof *t);
+}
+
+void tu_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max)
+{
+    double e = 0.0, m = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = fabs((double)a[i] - b[i]);
+        if (d != d)
+            e = INFINITY; /* NaN in a counts as an infinite error */
+        else if (d > e)
+            e = d;
+        if (fabs(b[i]) > m)
+            m = fabs(b[i]);
+    }
+    *err = e;
+    *ref_max = m;
+}

@@ -1,0 +1,41 @@
+/* Helpers shared by the tests: a seeded generator, random layers built both as a library handle
+   and as a float64 reference description, and error measures. */
+#ifndef SELFATTN_TESTUTIL_H
+#define SELFATTN_TESTUTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "reference.h"
+#include "selfattn/selfattn.h"
+
+typedef struct tu_rng {
+    uint64_t s;
+} tu_rng;
+
+double tu_uniform(tu_rng *r); /* [0, 1) */
+void tu_fill(tu_rng *r, float *p, size_t n, float lo, float hi);
+float *tu_random(tu_rng *r, size_t n, float lo, float hi); /* malloc'd */
+
+/* What a test layer looks like. head_dim 0 = default. */
+typedef struct tu_spec {
+    int d_model, n_heads, n_kv_heads, head_dim;
+    int causal, out_proj, packed, biases, threads;
+    float scale; /* 0 = default */
+} tu_spec;
+
+typedef struct tu_layer {
+    selfattn_layer *layer;
+    ref_layer ref;
+    float *w[8]; /* wq wk wv wo bq bk bv bo (NULL when unused) */
+    float *wqkv, *bqkv;
+} tu_layer;
+
+/* Builds both views of one random layer; returns the status of the first failing library call. */
+selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *out);
+void tu_layer_free(tu_layer *t);
+
+/* max_i |a_i - b_i| and max_i |b_i| */
+void tu_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max);
+
+#endif
