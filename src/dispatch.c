@@ -6,19 +6,19 @@
 
 #include "internal.h"
 
-static const sa_kernels sa_kernels_scalar = {
-    SA_ISA_SCALAR, "f32-softmax-scalar-u1", sa_f32_softmax_exp_scalar_u1};
+static const sa_kernels sa_kernels_scalar = {SA_ISA_SCALAR, "f32-softmax-scalar-u1",
+                                             sa_f32_softmax_exp_scalar_u1};
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
-static const sa_kernels sa_kernels_avx2 = {
-    SA_ISA_AVX2, "f32-softmax-avx2-u32", sa_f32_softmax_exp_avx2_u32};
+static const sa_kernels sa_kernels_avx2 = {SA_ISA_AVX2, "f32-softmax-avx2-u32",
+                                           sa_f32_softmax_exp_avx2_u32};
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
-static const sa_kernels sa_kernels_avx512 = {
-    SA_ISA_AVX512, "f32-softmax-avx512-u64", sa_f32_softmax_exp_avx512_u64};
+static const sa_kernels sa_kernels_avx512 = {SA_ISA_AVX512, "f32-softmax-avx512-u64",
+                                             sa_f32_softmax_exp_avx512_u64};
 #endif
 
 static pthread_once_t sa_probe_once = PTHREAD_ONCE_INIT;
-static sa_isa sa_cpu_isa = SA_ISA_SCALAR;   /* best the CPU and this build support */
+static sa_isa sa_cpu_isa = SA_ISA_SCALAR; /* best the CPU and this build support */
 static const sa_kernels *sa_chosen = &sa_kernels_scalar;
 
 static const sa_kernels *sa_table(sa_isa isa)

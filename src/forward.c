@@ -307,8 +307,8 @@ static selfattn_status sa_plan_attention(sa_run *run, const selfattn_layer *l, i
         return SELFATTN_ERR_OVERFLOW;
     per = per / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
     run->scores_per_worker = per;
-    if (per > INT32_MAX || (int64_t)batch * l->n_heads * run->n_blocks > INT32_MAX)
-        return SELFATTN_ERR_OVERFLOW; /* ld_s and task numbers are ints */
+    if (run->ld_s > INT32_MAX || (int64_t)batch * l->n_heads * run->n_blocks > INT32_MAX)
+        return SELFATTN_ERR_OVERFLOW; /* ld_s (a CBLAS leading dimension) and tasks are ints */
     (void)n_workers;
     return SELFATTN_OK;
 }

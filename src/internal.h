@@ -10,19 +10,19 @@
 #define SA_HIDDEN __attribute__((visibility("hidden")))
 
 /* Return the status from the enclosing function when cond is false. */
-#define SA_CHECK(cond, status) \
-    do {                       \
-        if (!(cond))           \
-            return (status);   \
+#define SA_CHECK(cond, status)                                                                     \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            return (status);                                                                       \
     } while (0)
 
 /* Set st and jump to the single cleanup label when cond is false. */
-#define SA_CHECK_GOTO(cond, status, label) \
-    do {                                   \
-        if (!(cond)) {                     \
-            st = (status);                 \
-            goto label;                    \
-        }                                  \
+#define SA_CHECK_GOTO(cond, status, label)                                                         \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            st = (status);                                                                         \
+            goto label;                                                                            \
+        }                                                                                          \
     } while (0)
 
 /* ---- Allocation: every allocation of the library goes through these. ---- */

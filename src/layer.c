@@ -44,7 +44,7 @@ static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t 
                                       int64_t head_dim)
 {
     if (head_dim == 0)
-        return SELFATTN_OK; /* undetermined: checked again when it is set */
+        return SELFATTN_OK;                /* undetermined: checked again when it is set */
     const int64_t nq = n_heads * head_dim; /* both < 2^31: no int64 overflow */
     const int64_t nkv = n_kv_heads * head_dim;
     const int64_t nqkv = nq + 2 * nkv;
@@ -158,8 +158,7 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
         layer->causal = (int32_t)value;
         break;
     case SELFATTN_OPT_OUT_PROJ:
-        SA_CHECK(value == 1 || (int64_t)layer->head_dim * n_heads == d_model,
-                 SELFATTN_ERR_INVALID);
+        SA_CHECK(value == 1 || (int64_t)layer->head_dim * n_heads == d_model, SELFATTN_ERR_INVALID);
         layer->out_proj = (int32_t)value;
         break;
     case SELFATTN_OPT_THREADS:
@@ -169,8 +168,7 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
     return SELFATTN_OK;
 }
 
-selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option opt,
-                                   int64_t *value)
+selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option opt, int64_t *value)
 {
     SA_CHECK(layer != NULL && value != NULL, SELFATTN_ERR_NULL);
     switch (opt) {

@@ -24,4 +24,8 @@
    mantissa bits. */
 #define SA_EXP_ROUND_MAGIC 12582912.0f
 
+/* Elements summed into one set of vector accumulators before their sum is folded into the row
+   total (a two-level sum keeps the rounding error of long rows near that of short ones). */
+#define SA_SUM_CHUNK 1024
+
 #endif

@@ -73,35 +73,42 @@ float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, fl
     }
     const float m = sa_hmax_avx2(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
 
+    /* Two-level sum: 4 vector accumulators over chunks of SA_SUM_CHUNK elements, chunk sums
+       added into `total`, so that long rows do not lose the small terms to rounding. */
     const __m256 vnm = _mm256_set1_ps(-m);
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (i = 0; i + 32 <= n_valid; i += 32) {
-        const __m256 e0 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));
-        const __m256 e1 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), vs, vnm));
-        const __m256 e2 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), vs, vnm));
-        const __m256 e3 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), vs, vnm));
-        _mm256_storeu_ps(row + i, e0);
-        _mm256_storeu_ps(row + i + 8, e1);
-        _mm256_storeu_ps(row + i + 16, e2);
-        _mm256_storeu_ps(row + i + 24, e3);
-        s0 = _mm256_add_ps(s0, e0);
-        s1 = _mm256_add_ps(s1, e1);
-        s2 = _mm256_add_ps(s2, e2);
-        s3 = _mm256_add_ps(s3, e3);
+    __m256 total = _mm256_setzero_ps();
+    for (i = 0; i + 32 <= n_valid;) {
+        const size_t end =
+            (n_valid - i) / 32 * 32 > SA_SUM_CHUNK ? i + SA_SUM_CHUNK : i + (n_valid - i) / 32 * 32;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (; i < end; i += 32) {
+            const __m256 e0 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));
+            const __m256 e1 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), vs, vnm));
+            const __m256 e2 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), vs, vnm));
+            const __m256 e3 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), vs, vnm));
+            _mm256_storeu_ps(row + i, e0);
+            _mm256_storeu_ps(row + i + 8, e1);
+            _mm256_storeu_ps(row + i + 16, e2);
+            _mm256_storeu_ps(row + i + 24, e3);
+            s0 = _mm256_add_ps(s0, e0);
+            s1 = _mm256_add_ps(s1, e1);
+            s2 = _mm256_add_ps(s2, e2);
+            s3 = _mm256_add_ps(s3, e3);
+        }
+        total = _mm256_add_ps(total, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     }
     for (; i + 8 <= n_valid; i += 8) {
         const __m256 e = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));
         _mm256_storeu_ps(row + i, e);
-        s0 = _mm256_add_ps(s0, e);
+        total = _mm256_add_ps(total, e);
     }
     if (i < n_valid) {
         const __m256i mask = sa_tail_mask_avx2(n_valid - i);
-        const __m256 e =
-            sa_exp_avx2(_mm256_fmadd_ps(_mm256_maskload_ps(row + i, mask), vs, vnm));
+        const __m256 e = sa_exp_avx2(_mm256_fmadd_ps(_mm256_maskload_ps(row + i, mask), vs, vnm));
         _mm256_maskstore_ps(row + i, mask, e);
-        s1 = _mm256_add_ps(s1, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
+        total = _mm256_add_ps(total, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
     }
     if (n_total > n_valid)
         memset(row + n_valid, 0, (n_total - n_valid) * sizeof *row);
-    return sa_hsum_avx2(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    return sa_hsum_avx2(total);
 }

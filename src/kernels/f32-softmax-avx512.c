@@ -43,38 +43,48 @@ float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, 
         const __mmask16 k = (__mmask16)((1u << (n_valid - i)) - 1u);
         m1 = _mm512_mask_max_ps(m1, k, m1, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + i), vs));
     }
-    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1),
-                                                       _mm512_max_ps(m2, m3)));
+    const float m =
+        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 
+    /* Two-level sum: 4 vector accumulators over chunks of SA_SUM_CHUNK elements, chunk sums
+       added into `total`, so that long rows do not lose the small terms to rounding. */
     const __m512 vnm = _mm512_set1_ps(-m);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (i = 0; i + 64 <= n_valid; i += 64) {
-        const __m512 e0 = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i), vs, vnm));
-        const __m512 e1 = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16), vs, vnm));
-        const __m512 e2 = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 32), vs, vnm));
-        const __m512 e3 = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 48), vs, vnm));
-        _mm512_storeu_ps(row + i, e0);
-        _mm512_storeu_ps(row + i + 16, e1);
-        _mm512_storeu_ps(row + i + 32, e2);
-        _mm512_storeu_ps(row + i + 48, e3);
-        s0 = _mm512_add_ps(s0, e0);
-        s1 = _mm512_add_ps(s1, e1);
-        s2 = _mm512_add_ps(s2, e2);
-        s3 = _mm512_add_ps(s3, e3);
+    __m512 total = _mm512_setzero_ps();
+    for (i = 0; i + 64 <= n_valid;) {
+        const size_t end =
+            (n_valid - i) / 64 * 64 > SA_SUM_CHUNK ? i + SA_SUM_CHUNK : i + (n_valid - i) / 64 * 64;
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (; i < end; i += 64) {
+            const __m512 e0 = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i), vs, vnm));
+            const __m512 e1 =
+                sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16), vs, vnm));
+            const __m512 e2 =
+                sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 32), vs, vnm));
+            const __m512 e3 =
+                sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 48), vs, vnm));
+            _mm512_storeu_ps(row + i, e0);
+            _mm512_storeu_ps(row + i + 16, e1);
+            _mm512_storeu_ps(row + i + 32, e2);
+            _mm512_storeu_ps(row + i + 48, e3);
+            s0 = _mm512_add_ps(s0, e0);
+            s1 = _mm512_add_ps(s1, e1);
+            s2 = _mm512_add_ps(s2, e2);
+            s3 = _mm512_add_ps(s3, e3);
+        }
+        total = _mm512_add_ps(total, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
     }
     for (; i + 16 <= n_valid; i += 16) {
         const __m512 e = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i), vs, vnm));
         _mm512_storeu_ps(row + i, e);
-        s0 = _mm512_add_ps(s0, e);
+        total = _mm512_add_ps(total, e);
     }
     if (i < n_valid) {
         const __mmask16 k = (__mmask16)((1u << (n_valid - i)) - 1u);
-        const __m512 e =
-            sa_exp_avx512(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, row + i), vs, vnm));
+        const __m512 e = sa_exp_avx512(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, row + i), vs, vnm));
         _mm512_mask_storeu_ps(row + i, k, e);
-        s1 = _mm512_mask_add_ps(s1, k, s1, e);
+        total = _mm512_mask_add_ps(total, k, total, e);
     }
     if (n_total > n_valid)
         memset(row + n_valid, 0, (n_total - n_valid) * sizeof *row);
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    return _mm512_reduce_add_ps(total);
 }

@@ -36,7 +36,7 @@ float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, f
         const float v = row[i] * scale;
         m = (v > m) ? v : m;
     }
-    float sum = 0.0f;
+    double sum = 0.0; /* the reference kernel sums exactly enough for any row length */
     for (size_t i = 0; i < n_valid; i++) {
         const float e = sa_expf_nonpositive(row[i] * scale - m);
         row[i] = e;
@@ -44,5 +44,5 @@ float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, f
     }
     if (n_total > n_valid)
         memset(row + n_valid, 0, (n_total - n_valid) * sizeof *row);
-    return sum;
+    return (float)sum;
 }

@@ -1,0 +1,412 @@
+/* The API contract: every status code from the call that should give it, and on every failure
+ * caller outputs and the handle left as they were. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "testutil.h"
+
+#define D 16
+#define H 4
+#define L 5
+#define SENT 31337.0f
+
+static float wq[D * D], wk[D * D], wv[D * D], wo[D * D];
+
+static void fill_weights(void)
+{
+    tu_rng r = {9};
+    tu_fill(&r, wq, D * D, -0.3f, 0.3f);
+    tu_fill(&r, wk, D * D, -0.3f, 0.3f);
+    tu_fill(&r, wv, D * D, -0.3f, 0.3f);
+    tu_fill(&r, wo, D * D, -0.3f, 0.3f);
+}
+
+static selfattn_layer *full_layer(void)
+{
+    selfattn_layer *l = NULL;
+    assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, wq, D * D), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_K, wk, D * D), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_V, wv, D * D), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_O, wo, D * D), SELFATTN_OK);
+    return l;
+}
+
+static void fill_sentinel(float *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = SENT;
+}
+
+static void assert_sentinel(const float *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        assert_true(p[i] == SENT);
+}
+
+/* All options of a layer, to show that a failed call changed none of them. */
+typedef struct snapshot {
+    int64_t v[5];
+} snapshot;
+
+static snapshot snap(const selfattn_layer *l)
+{
+    snapshot s;
+    for (int o = 1; o <= 5; o++)
+        assert_int_equal(selfattn_layer_get(l, (selfattn_option)o, &s.v[o - 1]), SELFATTN_OK);
+    return s;
+}
+
+static void assert_same(const selfattn_layer *l, snapshot s)
+{
+    snapshot t = snap(l);
+    assert_memory_equal(&s, &t, sizeof s);
+}
+
+static void test_status_strings_and_version(void **state)
+{
+    (void)state;
+    const char *seen[7];
+    for (int s = 0; s <= 6; s++) {
+        seen[s] = selfattn_status_string((selfattn_status)s);
+        assert_non_null(seen[s]);
+        for (int t = 0; t < s; t++)
+            assert_string_not_equal(seen[s], seen[t]);
+    }
+    assert_non_null(selfattn_status_string((selfattn_status)999));
+    assert_non_null(selfattn_status_string((selfattn_status)-1));
+    assert_int_equal(selfattn_version_number(), SELFATTN_VERSION_NUMBER);
+    assert_string_equal(selfattn_version_string(), SELFATTN_VERSION_STRING);
+    assert_int_equal(SELFATTN_VERSION_NUMBER, SELFATTN_VERSION_MAJOR * 10000 +
+                                                  SELFATTN_VERSION_MINOR * 100 +
+                                                  SELFATTN_VERSION_PATCH);
+    assert_non_null(selfattn_kernel_name());
+}
+
+static void test_create_destroy(void **state)
+{
+    (void)state;
+    selfattn_layer *const marker = (selfattn_layer *)&marker;
+    selfattn_layer *l = marker;
+    assert_int_equal(selfattn_layer_create(D, H, NULL), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_layer_create(0, H, &l), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_create(-8, H, &l), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_create(D, 0, &l), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_create(D, -1, &l), SELFATTN_ERR_INVALID);
+    /* 3 * 2^30 rows of weights do not fit the int dimensions of CBLAS */
+    assert_int_equal(selfattn_layer_create(1 << 30, 1, &l), SELFATTN_ERR_OVERFLOW);
+    assert_ptr_equal(l, marker);
+    selfattn_layer_destroy(NULL);
+    assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    assert_ptr_not_equal(l, marker);
+    int64_t v = -1;
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_N_KV_HEADS, &v), SELFATTN_OK);
+    assert_int_equal(v, H);
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_HEAD_DIM, &v), SELFATTN_OK);
+    assert_int_equal(v, D / H);
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_CAUSAL, &v), SELFATTN_OK);
+    assert_int_equal(v, 0);
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_OUT_PROJ, &v), SELFATTN_OK);
+    assert_int_equal(v, 1);
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_THREADS, &v), SELFATTN_OK);
+    assert_true(v >= 1 && v <= 64);
+    selfattn_layer_destroy(l);
+}
+
+static void test_options(void **state)
+{
+    (void)state;
+    selfattn_layer *l;
+    assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(NULL, SELFATTN_OPT_CAUSAL, 1), SELFATTN_ERR_NULL);
+    snapshot s = snap(l);
+    static const struct {
+        int opt;
+        int64_t value;
+        selfattn_status want;
+    } bad[] = {
+        {0, 1, SELFATTN_ERR_INVALID},
+        {6, 1, SELFATTN_ERR_INVALID},
+        {-3, 1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_N_KV_HEADS, 3, SELFATTN_ERR_INVALID}, /* does not divide 4 */
+        {SELFATTN_OPT_N_KV_HEADS, 8, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_N_KV_HEADS, -2, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_N_KV_HEADS, (int64_t)1 << 40, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_HEAD_DIM, -1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_HEAD_DIM, (int64_t)INT32_MAX + 1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_HEAD_DIM, INT32_MAX, SELFATTN_ERR_OVERFLOW},
+        {SELFATTN_OPT_CAUSAL, 2, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_CAUSAL, -1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_OUT_PROJ, 2, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_THREADS, -1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_THREADS, 65, SELFATTN_ERR_INVALID},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(selfattn_layer_set(l, (selfattn_option)bad[i].opt, bad[i].value),
+                         bad[i].want);
+        assert_same(l, s);
+    }
+    /* OUT_PROJ 0 needs n_heads * head_dim == d_model, and then HEAD_DIM must keep it so */
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 8), SELFATTN_OK);
+    s = snap(l);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_ERR_INVALID);
+    assert_same(l, s);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 0), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_OK);
+    s = snap(l);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 8), SELFATTN_ERR_INVALID);
+    assert_same(l, s);
+    /* defaults: 0 restores them */
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, 2), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, 0), SELFATTN_OK);
+    int64_t v;
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_N_KV_HEADS, &v), SELFATTN_OK);
+    assert_int_equal(v, H);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 3), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_THREADS, &v), SELFATTN_OK);
+    assert_int_equal(v, 3);
+    /* get: NULLs and unknown options leave *value alone */
+    v = 1234;
+    assert_int_equal(selfattn_layer_get(NULL, SELFATTN_OPT_CAUSAL, &v), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_layer_get(l, SELFATTN_OPT_CAUSAL, NULL), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_layer_get(l, (selfattn_option)42, &v), SELFATTN_ERR_INVALID);
+    assert_int_equal(v, 1234);
+    /* bounds */
+    int64_t lo = 7, hi = 7;
+    assert_int_equal(selfattn_option_bounds(SELFATTN_OPT_CAUSAL, NULL, &hi), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_option_bounds((selfattn_option)0, &lo, &hi), SELFATTN_ERR_INVALID);
+    assert_true(lo == 7 && hi == 7);
+    assert_int_equal(selfattn_option_bounds(SELFATTN_OPT_THREADS, &lo, &hi), SELFATTN_OK);
+    assert_true(lo == 1 && hi == 64);
+    assert_int_equal(selfattn_option_bounds(SELFATTN_OPT_CAUSAL, &lo, &hi), SELFATTN_OK);
+    assert_true(lo == 0 && hi == 1);
+    /* scale */
+    assert_int_equal(selfattn_layer_set_scale(NULL, 1.0f), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_layer_set_scale(l, NAN), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_scale(l, INFINITY), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_scale(l, -INFINITY), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_scale(l, 0.0f), SELFATTN_OK);
+    selfattn_layer_destroy(l);
+}
+
+static void test_weights(void **state)
+{
+    (void)state;
+    selfattn_layer *l;
+    assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(NULL, SELFATTN_W_Q, wq, D * D), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, NULL, D * D), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_layer_set_weight(l, (selfattn_weight)0, wq, D * D),
+                     SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_weight(l, (selfattn_weight)11, wq, D * D),
+                     SELFATTN_ERR_INVALID);
+    const int64_t wrong[] = {0, -1, D * D - 1, D * D + 1, (int64_t)1 << 62};
+    for (size_t i = 0; i < sizeof wrong / sizeof wrong[0]; i++) {
+        assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, wq, wrong[i]),
+                         SELFATTN_ERR_INVALID);
+        assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_B_O, wq, D + wrong[i] - D * D),
+                         wrong[i] == D * D ? SELFATTN_OK : SELFATTN_ERR_INVALID);
+    }
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_QKV, wq, D * D),
+                     SELFATTN_ERR_INVALID);
+    /* none of that set a weight: shape options are still free */
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, 2), SELFATTN_OK);
+    /* packed weights need n_kv_heads == n_heads */
+    static float big[3 * D * D];
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_QKV, big, 3 * D * D),
+                     SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_B_QKV, big, 3 * D),
+                     SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_K, wk, D * D / 2), SELFATTN_OK);
+    /* the shape is now frozen */
+    snapshot s = snap(l);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, 4), SELFATTN_ERR_STATE);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 2), SELFATTN_ERR_STATE);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_ERR_STATE);
+    assert_same(l, s);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 2), SELFATTN_OK);
+    selfattn_layer_destroy(l);
+
+    /* W_O is refused without the output projection */
+    assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_O, wo, D * D), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_B_O, wo, D), SELFATTN_ERR_INVALID);
+    selfattn_layer_destroy(l);
+
+    /* head_dim undetermined (10 / 3) until HEAD_DIM is set */
+    assert_int_equal(selfattn_layer_create(10, 3, &l), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, wq, 30), SELFATTN_ERR_STATE);
+    float q[30], k[30], v[30], out[30];
+    fill_sentinel(out, 30);
+    memset(q, 0, sizeof q);
+    memset(k, 0, sizeof k);
+    memset(v, 0, sizeof v);
+    assert_int_equal(selfattn_attend(l, 1, 1, 1, q, k, v, NULL, out), SELFATTN_ERR_STATE);
+    assert_sentinel(out, 30);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 4), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, wq, 12 * 10), SELFATTN_OK);
+    selfattn_layer_destroy(l);
+}
+
+static void test_forward_errors(void **state)
+{
+    (void)state;
+    tu_rng r = {4};
+    float x[2 * L * D], y[2 * L * D], y_ok[2 * L * D], y_again[2 * L * D];
+    tu_fill(&r, x, 2 * L * D, -1, 1);
+    const size_t ny = 2 * L * D;
+
+    /* each required weight missing in turn */
+    for (int missing = 1; missing <= 4; missing++) {
+        selfattn_layer *l;
+        assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+        const float *w[5] = {NULL, wq, wk, wv, wo};
+        for (int i = 1; i <= 4; i++)
+            if (i != missing)
+                assert_int_equal(selfattn_layer_set_weight(l, (selfattn_weight)i, w[i], D * D),
+                                 SELFATTN_OK);
+        fill_sentinel(y, ny);
+        assert_int_equal(selfattn_forward(l, 2, L, x, NULL, y), SELFATTN_ERR_STATE);
+        assert_sentinel(y, ny);
+        if (missing == 4) { /* without the output projection W_O is not needed */
+            selfattn_layer_destroy(l);
+            assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+            assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_OK);
+            for (int i = 1; i <= 3; i++)
+                assert_int_equal(selfattn_layer_set_weight(l, (selfattn_weight)i, w[i], D * D),
+                                 SELFATTN_OK);
+            assert_int_equal(selfattn_forward(l, 2, L, x, NULL, y), SELFATTN_OK);
+        }
+        selfattn_layer_destroy(l);
+    }
+
+    selfattn_layer *l = full_layer();
+    assert_int_equal(selfattn_forward(l, 2, L, x, NULL, y_ok), SELFATTN_OK);
+    const int32_t bad_len_lo[2] = {L, -1}, bad_len_hi[2] = {L + 1, 0};
+    struct {
+        const selfattn_layer *layer;
+        int32_t batch, seq;
+        const float *x;
+        const int32_t *len;
+        int y_null;
+        selfattn_status want;
+    } cases[] = {
+        {NULL, 2, L, x, NULL, 0, SELFATTN_ERR_NULL},
+        {l, 2, L, NULL, NULL, 0, SELFATTN_ERR_NULL},
+        {l, 2, L, x, NULL, 1, SELFATTN_ERR_NULL},
+        {l, 0, L, x, NULL, 0, SELFATTN_ERR_INVALID},
+        {l, -2, L, x, NULL, 0, SELFATTN_ERR_INVALID},
+        {l, 2, 0, x, NULL, 0, SELFATTN_ERR_INVALID},
+        {l, 2, -5, x, NULL, 0, SELFATTN_ERR_INVALID},
+        {l, 2, L, x, bad_len_lo, 0, SELFATTN_ERR_INVALID},
+        {l, 2, L, x, bad_len_hi, 0, SELFATTN_ERR_INVALID},
+        /* 2^62 rows of 16 floats: the byte counts overflow */
+        {l, INT32_MAX, INT32_MAX, x, NULL, 0, SELFATTN_ERR_OVERFLOW},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        fill_sentinel(y, ny);
+        assert_int_equal(selfattn_forward(cases[i].layer, cases[i].batch, cases[i].seq,
+                                          cases[i].x, cases[i].len, cases[i].y_null ? NULL : y),
+                         cases[i].want);
+        assert_sentinel(y, ny);
+    }
+    /* failed calls on the handle changed nothing: the same forward gives the same bits */
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, wq, 3), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 8), SELFATTN_ERR_STATE);
+    assert_int_equal(selfattn_forward(l, 2, L, x, NULL, y_again), SELFATTN_OK);
+    assert_memory_equal(y_ok, y_again, sizeof y_ok);
+    selfattn_layer_destroy(l);
+}
+
+/* A request whose sizes fit but whose workspace cannot be had gives NOMEM, touching nothing.
+   Needs the kernel to refuse the allocation: skipped under overcommit mode 1 ("always"). */
+static void test_forward_nomem(void **state)
+{
+    (void)state;
+    FILE *f = fopen("/proc/sys/vm/overcommit_memory", "r");
+    int mode = -1;
+    if (f) {
+        if (fscanf(f, "%d", &mode) != 1)
+            mode = -1;
+        fclose(f);
+    }
+    if (mode == 1) {
+        printf("  overcommit_memory=1: an impossible allocation would succeed; skipped\n");
+        skip();
+    }
+    selfattn_layer *l = full_layer();
+    float x[D], y[D];
+    fill_sentinel(x, D);
+    fill_sentinel(y, D);
+    /* 2^30 rows: the workspace alone is about 260 GiB; x and y are never read or written
+       because the call fails before touching them. */
+    assert_int_equal(selfattn_forward(l, 1, 1 << 30, x, NULL, y), SELFATTN_ERR_NOMEM);
+    assert_sentinel(y, D);
+    selfattn_layer_destroy(l);
+}
+
+static void test_attend_errors(void **state)
+{
+    (void)state;
+    selfattn_layer *l;
+    assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    float q[2 * L * D], k[2 * L * D], v[2 * L * D], out[2 * L * D];
+    tu_rng r = {8};
+    tu_fill(&r, q, 2 * L * D, -1, 1);
+    tu_fill(&r, k, 2 * L * D, -1, 1);
+    tu_fill(&r, v, 2 * L * D, -1, 1);
+    const int32_t bad[2] = {L + 1, 0}, neg[2] = {0, -1};
+    struct {
+        int32_t batch, ql, kl;
+        int nul; /* which pointer is NULL: 1 layer 2 q 3 k 4 v 5 out */
+        const int32_t *len;
+        selfattn_status want;
+    } cases[] = {
+        {2, L, L, 1, NULL, SELFATTN_ERR_NULL},    {2, L, L, 2, NULL, SELFATTN_ERR_NULL},
+        {2, L, L, 3, NULL, SELFATTN_ERR_NULL},    {2, L, L, 4, NULL, SELFATTN_ERR_NULL},
+        {2, L, L, 5, NULL, SELFATTN_ERR_NULL},    {0, L, L, 0, NULL, SELFATTN_ERR_INVALID},
+        {2, 0, L, 0, NULL, SELFATTN_ERR_INVALID}, {2, L, 0, 0, NULL, SELFATTN_ERR_INVALID},
+        {2, L, -1, 0, NULL, SELFATTN_ERR_INVALID}, {2, L, L, 0, bad, SELFATTN_ERR_INVALID},
+        {2, L, L, 0, neg, SELFATTN_ERR_INVALID},
+        {INT32_MAX, INT32_MAX, 1, 0, NULL, SELFATTN_ERR_OVERFLOW},
+        {1, 1, INT32_MAX, 0, NULL, SELFATTN_ERR_OVERFLOW}, /* scores: block x 2^31 per task */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        fill_sentinel(out, 2 * L * D);
+        const selfattn_status st = selfattn_attend(
+            cases[i].nul == 1 ? NULL : l, cases[i].batch, cases[i].ql, cases[i].kl,
+            cases[i].nul == 2 ? NULL : q, cases[i].nul == 3 ? NULL : k,
+            cases[i].nul == 4 ? NULL : v, cases[i].len, cases[i].nul == 5 ? NULL : out);
+        if (st != cases[i].want)
+            printf("  case %zu: got %d want %d\n", i, (int)st, (int)cases[i].want);
+        assert_int_equal(st, cases[i].want);
+        assert_sentinel(out, 2 * L * D);
+    }
+    assert_int_equal(selfattn_attend(l, 2, L, L, q, k, v, NULL, out), SELFATTN_OK);
+    selfattn_layer_destroy(l);
+}
+
+int main(void)
+{
+    fill_weights();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_status_strings_and_version),
+        cmocka_unit_test(test_create_destroy),
+        cmocka_unit_test(test_options),
+        cmocka_unit_test(test_weights),
+        cmocka_unit_test(test_forward_errors),
+        cmocka_unit_test(test_forward_nomem),
+        cmocka_unit_test(test_attend_errors),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

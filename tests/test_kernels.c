@@ -1,0 +1,182 @@
+/* Every softmax kernel this CPU can run against a float64 softmax and against the scalar
+ * reference kernel: row lengths 1..70 and large, unaligned starts, logits spanning +-80, extreme
+ * and masked values, several scales; the masked tail must be zeroed and nothing past the row
+ * touched.
+ *
+ * Measures, for p = row / sum (the normalised weights, computed here in double from the kernel's
+ * float outputs) and p_ref = the float64 softmax of the scaled logits:
+ *   normwise:    max |p - p_ref| / max p_ref            <= 2e-6
+ *   elementwise: |p - p_ref| / p_ref, for p_ref >= 1e-6 max p_ref,  <= 2e-6
+ * The elementwise bound is restricted because an exp argument t = x * scale - max of magnitude
+ * |t| carries a float32 rounding error of up to |t| * 2^-24, i.e. a relative error of up to
+ * |t| * 6e-8 in e^t: below 1e-6 of the maximum (|t| > 13.8) that alone may exceed 1e-6. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "internal.h"
+#include "testutil.h"
+
+#define REL_TOL 2e-6
+#define GUARD 8
+#define SENTINEL 777.0f
+
+typedef struct kstats {
+    double norm_err, elem_err;
+} kstats;
+
+/* Runs kernel k on a copy of x[0..n_total) placed `offset` floats into a guarded buffer, checks
+   tail and guards, and folds its error against float64 into st. Returns the normalised output
+   (malloc'd) for cross-kernel comparison. */
+static double *run_one(const sa_kernels *k, const float *x, size_t n_valid, size_t n_total,
+                       float scale, size_t offset, kstats *st)
+{
+    float *buf = malloc(sizeof(float) * (n_total + offset + 2 * GUARD));
+    for (size_t i = 0; i < n_total + offset + 2 * GUARD; i++)
+        buf[i] = SENTINEL;
+    float *row = buf + GUARD + offset;
+    memcpy(row, x, sizeof(float) * n_total);
+    const float sum = k->softmax_exp(row, n_valid, n_total, scale);
+
+    for (size_t i = 0; i < GUARD + offset; i++)
+        assert_true(buf[i] == SENTINEL);
+    for (size_t i = 0; i < GUARD; i++)
+        assert_true(row[n_total + i] == SENTINEL);
+    for (size_t i = n_valid; i < n_total; i++)
+        assert_true(row[i] == 0.0f);
+
+    /* float64 reference */
+    double mx = -INFINITY, ref_sum = 0.0;
+    double *ref = malloc(sizeof(double) * n_valid), *p = malloc(sizeof(double) * n_valid);
+    for (size_t i = 0; i < n_valid; i++)
+        mx = fmax(mx, (double)x[i] * scale);
+    for (size_t i = 0; i < n_valid; i++)
+        ref_sum += (ref[i] = exp((double)x[i] * scale - mx));
+    double ref_max = 0.0;
+    for (size_t i = 0; i < n_valid; i++) {
+        ref[i] /= ref_sum;
+        ref_max = fmax(ref_max, ref[i]);
+        p[i] = (double)row[i] / (double)sum;
+    }
+    double s_check = 0.0;
+    for (size_t i = 0; i < n_valid; i++)
+        s_check += row[i];
+    /* the returned sum is the sum of what was written */
+    assert_true(fabs(s_check - sum) <= 1e-5 * s_check);
+    for (size_t i = 0; i < n_valid; i++) {
+        const double e = fabs(p[i] - ref[i]);
+        st->norm_err = fmax(st->norm_err, e / ref_max);
+        if (ref[i] >= 1e-6 * ref_max)
+            st->elem_err = fmax(st->elem_err, e / ref[i]);
+    }
+    free(ref);
+    free(buf);
+    return p;
+}
+
+static void make_row(tu_rng *r, int kind, float *x, size_t n)
+{
+    switch (kind) {
+    case 0: /* logits spanning +-80 */
+        tu_fill(r, x, n, -80.0f, 80.0f);
+        break;
+    case 1: /* ordinary scores */
+        tu_fill(r, x, n, -4.0f, 4.0f);
+        break;
+    case 2: /* all equal */
+        for (size_t i = 0; i < n; i++)
+            x[i] = 3.25f;
+        break;
+    case 3: /* one dominant value among very negative ones */
+        for (size_t i = 0; i < n; i++)
+            x[i] = -1e30f;
+        x[(n * 7) / 11] = 1e30f;
+        break;
+    default: /* huge magnitudes close together */
+        tu_fill(r, x, n, 1e6f, 1e6f + 40.0f);
+        break;
+    }
+}
+
+static void check_kernel(const sa_kernels *k, const sa_kernels *ref_k)
+{
+    static const size_t big[] = {127, 128, 1000, 4097, 100003};
+    static const float scales[] = {1.0f, 0.125f, -0.5f};
+    kstats st = {0, 0}, vs_scalar = {0, 0};
+    tu_rng r = {12345};
+    float *x = malloc(sizeof(float) * 100003);
+    for (size_t li = 0; li < 70 + sizeof big / sizeof big[0]; li++) {
+        const size_t n_total = li < 70 ? li + 1 : big[li - 70];
+        for (int kind = 0; kind < 5; kind++)
+            for (size_t si = 0; si < 3; si++) {
+                const float scale = kind == 3 || kind == 4 ? 1.0f : scales[si];
+                make_row(&r, kind, x, n_total);
+                /* every few rows leave a masked tail */
+                const size_t n_valid = (li + si) % 3 == 0 && n_total > 1 ? n_total - 1 - (li % (n_total - 1)) : n_total;
+                const size_t offset = (li + kind + si) % 4;
+                double *p = run_one(k, x, n_valid, n_total, scale, offset, &st);
+                kstats dummy = {0, 0};
+                double *q = run_one(ref_k, x, n_valid, n_total, scale, 0, &dummy);
+                for (size_t i = 0; i < n_valid; i++)
+                    vs_scalar.norm_err = fmax(vs_scalar.norm_err, fabs(p[i] - q[i]));
+                free(p);
+                free(q);
+            }
+    }
+    printf("  %-24s vs float64: normwise %.3e, elementwise %.3e; vs scalar: %.3e\n",
+           k->softmax_name, st.norm_err, st.elem_err, vs_scalar.norm_err);
+    assert_true(st.norm_err <= REL_TOL);
+    assert_true(st.elem_err <= REL_TOL);
+    assert_true(vs_scalar.norm_err <= REL_TOL);
+    free(x);
+}
+
+static void test_isa(void **state)
+{
+    const sa_isa isa = (sa_isa)(intptr_t)*state;
+    const sa_kernels *k = sa_kernels_for_isa(isa);
+    if (k == NULL) {
+        printf("  ISA %d not supported by this CPU or build: skipped\n", (int)isa);
+        skip();
+    }
+    check_kernel(k, sa_kernels_for_isa(SA_ISA_SCALAR));
+}
+
+static int setup_scalar(void **s) { *s = (void *)(intptr_t)SA_ISA_SCALAR; return 0; }
+static int setup_avx2(void **s) { *s = (void *)(intptr_t)SA_ISA_AVX2; return 0; }
+static int setup_avx512(void **s) { *s = (void *)(intptr_t)SA_ISA_AVX512; return 0; }
+
+/* The chosen kernel is the best one the CPU supports unless SELFATTN_ISA lowers it. */
+static void test_dispatch(void **state)
+{
+    (void)state;
+    const sa_kernels *chosen = sa_kernels_get();
+    assert_non_null(chosen);
+    assert_string_equal(selfattn_kernel_name(), chosen->softmax_name);
+    const char *env = getenv("SELFATTN_ISA");
+    if (env == NULL) {
+        for (int isa = SA_ISA_AVX512; isa > (int)chosen->isa; isa--)
+            assert_null(sa_kernels_for_isa((sa_isa)isa));
+    } else if (strcmp(env, "scalar") == 0) {
+        assert_int_equal(chosen->isa, SA_ISA_SCALAR);
+    }
+    printf("  in use: %s\n", selfattn_kernel_name());
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup(test_isa, setup_scalar),
+        cmocka_unit_test_setup(test_isa, setup_avx2),
+        cmocka_unit_test_setup(test_isa, setup_avx512),
+        cmocka_unit_test(test_dispatch),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
