@@ -299,7 +299,7 @@ static selfattn_status sa_plan_attention(sa_run *run, const selfattn_layer *l, i
     run->head_dim = l->head_dim;
     run->scale = l->scale_opt != 0.0f ? l->scale_opt : (float)(1.0 / sqrt((double)l->head_dim));
     run->block = sa_block_rows(q_len);
-    run->n_blocks = (q_len + run->block - 1) / run->block;
+    run->n_blocks = (int32_t)(((int64_t)q_len + run->block - 1) / run->block);
     run->ld_s = ((size_t)kv_len + SA_SCORE_ALIGN - 1) / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
     size_t per;
     if (!sa_mul_size((size_t)run->block, run->ld_s + 1, &per) ||
