@@ -1,0 +1,84 @@
+// The C shim over Google Benchmark (see shim.h).
+#include "shim.h"
+
+#include <benchmark/benchmark.h>
+
+// sb_state is never defined: an sb_state * is a benchmark::State * under another name.
+static benchmark::State &S(sb_state *s)
+{
+    return *reinterpret_cast<benchmark::State *>(s);
+}
+
+extern "C" {
+
+int sb_keep_running(sb_state *s)
+{
+    return S(s).KeepRunning() ? 1 : 0;
+}
+
+void sb_pause(sb_state *s)
+{
+    S(s).PauseTiming();
+}
+
+void sb_resume(sb_state *s)
+{
+    S(s).ResumeTiming();
+}
+
+int64_t sb_iterations(const sb_state *s)
+{
+    return static_cast<int64_t>(reinterpret_cast<const benchmark::State *>(s)->iterations());
+}
+
+void sb_skip_with_error(sb_state *s, const char *msg)
+{
+    S(s).SkipWithError(msg);
+}
+
+void sb_counter_rate(sb_state *s, const char *name, double total)
+{
+    S(s).counters[name] = benchmark::Counter(total, benchmark::Counter::kIsRate);
+}
+
+void sb_counter(sb_state *s, const char *name, double value)
+{
+    S(s).counters[name] = benchmark::Counter(value);
+}
+
+void sb_items_processed(sb_state *s, int64_t items)
+{
+    S(s).SetItemsProcessed(items);
+}
+
+void sb_bytes_processed(sb_state *s, int64_t bytes)
+{
+    S(s).SetBytesProcessed(bytes);
+}
+
+void sb_label(sb_state *s, const char *label)
+{
+    S(s).SetLabel(label);
+}
+
+void sb_register(const char *name, sb_fn fn, const void *arg, int64_t iterations)
+{
+    auto *b = benchmark::RegisterBenchmark(name, [fn, arg](benchmark::State &st) {
+        fn(reinterpret_cast<sb_state *>(&st), arg);
+    });
+    b->UseRealTime()->Unit(benchmark::kMicrosecond);
+    if (iterations > 0)
+        b->Iterations(iterations);
+}
+
+int sb_main(int argc, char **argv)
+{
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv))
+        return 1;
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    return 0;
+}
+
+} // extern "C"

@@ -1,0 +1,41 @@
+/* A small C interface to Google Benchmark, so that benchmark bodies are plain C calling the
+   public API like any C user. One C++ file (shim.cc) implements it. */
+#ifndef SELFATTN_BENCH_SHIM_H
+#define SELFATTN_BENCH_SHIM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct sb_state sb_state; /* a benchmark::State */
+typedef void (*sb_fn)(sb_state *s, const void *arg);
+
+/* The timing loop: while (sb_keep_running(s)) { ...timed work... } */
+int sb_keep_running(sb_state *s);
+void sb_pause(sb_state *s);
+void sb_resume(sb_state *s);
+int64_t sb_iterations(const sb_state *s);
+void sb_skip_with_error(sb_state *s, const char *msg);
+
+/* Counters. A rate counter is given the total over all iterations and reported per second of
+   real time; a plain counter is reported as given. */
+void sb_counter_rate(sb_state *s, const char *name, double total);
+void sb_counter(sb_state *s, const char *name, double value);
+void sb_items_processed(sb_state *s, int64_t items);
+void sb_bytes_processed(sb_state *s, int64_t bytes);
+void sb_label(sb_state *s, const char *label);
+
+/* Registers fn(state, arg) under name; timed in real (wall-clock) time, since the library runs
+   worker threads. iterations > 0 fixes the iteration count. */
+void sb_register(const char *name, sb_fn fn, const void *arg, int64_t iterations);
+
+/* Initialises Google Benchmark from the command line and runs the registered benchmarks. */
+int sb_main(int argc, char **argv);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
