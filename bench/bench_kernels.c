@@ -63,8 +63,8 @@ static void bm_softmax(sb_state *s, const void *arg)
     sa_free(row);
 }
 
-/* One forward pass's score rows: per (sequence, head, block of 64 query rows) the block's rows
-   over the keys the block can see, as src/forward.c does. */
+/* One forward pass's score rows: per (sequence, head, block of query rows) the block's rows over
+   the keys the block can see, with the library's own blocks (sa_block_rows). */
 typedef struct fcfg {
     int batch, seq, heads, causal;
 } fcfg;
@@ -80,7 +80,7 @@ static void bm_softmax_in_forward(sb_state *s, const void *arg)
 {
     const fcfg *c = arg;
     const sa_kernels *k = sa_kernels_get();
-    const int block = c->seq < 64 ? c->seq : 64;
+    const int block = sa_block_rows(c->seq, c->seq, c->causal);
     const size_t ld = ((size_t)c->seq + 15) / 16 * 16;
     float *src = sa_malloc((size_t)block * ld * sizeof(float));
     float *S = sa_malloc((size_t)block * ld * sizeof(float));

@@ -7,7 +7,8 @@
 
 #include <cblas.h>
 
-#define CE_BLOCK 64 /* mirrors the library's query block (src/forward.c, SA_BLOCK_ROWS) */
+#include "internal.h" /* sa_block_rows: the library's own query blocks */
+
 
 struct ce_ctx {
     ce_shape s;
@@ -46,7 +47,7 @@ ce_ctx *ce_create(const ce_shape *s)
     c->nq = s->n_heads * s->head_dim;
     c->nkv = s->n_kv_heads * s->head_dim;
     c->nqkv = c->nq + 2 * c->nkv;
-    c->block = s->seq_len < CE_BLOCK ? s->seq_len : CE_BLOCK;
+    c->block = sa_block_rows(s->seq_len, s->seq_len, s->causal);
     c->n_blocks = (s->seq_len + c->block - 1) / c->block;
     c->ld_s = ((size_t)s->seq_len + 15) / 16 * 16;
     const size_t rows = (size_t)s->batch * s->seq_len;

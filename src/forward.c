@@ -20,7 +20,6 @@
 
 #include "internal.h"
 
-#define SA_BLOCK_ROWS 64
 #define SA_SCORE_ALIGN 16 /* floats: score rows start on 64-byte boundaries */
 
 typedef struct sa_run sa_run;
@@ -279,11 +278,6 @@ static void sa_parallel(sa_run *run, int n_workers, int n_tasks, sa_task_fn task
 
 /* ---- Common set-up ---- */
 
-static int32_t sa_block_rows(int32_t q_len)
-{
-    return q_len < SA_BLOCK_ROWS ? q_len : SA_BLOCK_ROWS;
-}
-
 /* Fills the attention part of run and the per-worker score workspace size (in floats). */
 static selfattn_status sa_plan_attention(sa_run *run, const selfattn_layer *l, int32_t batch,
                                          int32_t q_len, int32_t kv_len, int n_workers)
@@ -298,7 +292,7 @@ static selfattn_status sa_plan_attention(sa_run *run, const selfattn_layer *l, i
     run->group = l->n_heads / l->n_kv_heads;
     run->head_dim = l->head_dim;
     run->scale = l->scale_opt != 0.0f ? l->scale_opt : (float)(1.0 / sqrt((double)l->head_dim));
-    run->block = sa_block_rows(q_len);
+    run->block = sa_block_rows(q_len, kv_len, l->causal);
     run->n_blocks = (int32_t)(((int64_t)q_len + run->block - 1) / run->block);
     run->ld_s = ((size_t)kv_len + SA_SCORE_ALIGN - 1) / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
     size_t per;

@@ -6,6 +6,7 @@
 #include "../internal.h"
 #include "exp-constants.h"
 
+/* e^t for t <= 0 (see exp-constants.h): 11 vector operations. */
 static inline __m256 sa_exp_avx2(__m256 t)
 {
     /* max(min, t) rather than max(t, min): maxps returns its second operand when one is NaN,
@@ -14,34 +15,20 @@ static inline __m256 sa_exp_avx2(__m256 t)
     const __m256 magic = _mm256_set1_ps(SA_EXP_ROUND_MAGIC);
     const __m256 shifted = _mm256_fmadd_ps(t, _mm256_set1_ps(SA_EXP_LOG2E), magic);
     const __m256 fn = _mm256_sub_ps(shifted, magic);
-    __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(SA_EXP_LN2_HI), t);
-    r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(SA_EXP_LN2_LO), r);
-    __m256 p = _mm256_set1_ps(SA_EXP_P0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_P5));
-    const __m256 r2 = _mm256_mul_ps(r, r);
-    const __m256 er = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    /* n sits in the low mantissa bits of `shifted`; (n + 127) << 23 is 2^n (n >= -126). */
-    const __m256i two_n = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(er, _mm256_castsi256_ps(two_n));
+    const __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(SA_EXP_LN2), t);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(SA_EXP_C5), r, _mm256_set1_ps(SA_EXP_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_C1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_C0));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
 
 static inline __m256i sa_tail_mask_avx2(size_t rem)
 {
     const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rem), idx);
-}
-
-static inline float sa_hmax_avx2(__m256 v)
-{
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_max_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
 }
 
 static inline float sa_hsum_avx2(__m256 v)
@@ -52,34 +39,51 @@ static inline float sa_hsum_avx2(__m256 v)
     return _mm_cvtss_f32(x);
 }
 
+/* The largest row[i] * scale over i < n: the max of row[i] (or the min when scale < 0) times
+   scale, so that this pass does no multiplication. */
+static float sa_extreme_scaled_avx2(const float *row, size_t n, float scale)
+{
+    const int want_max = scale >= 0.0f;
+    const __m256 init = _mm256_set1_ps(want_max ? -__builtin_inff() : __builtin_inff());
+    __m256 m0 = init, m1 = init, m2 = init, m3 = init;
+    size_t i = 0;
+#define SA_EXT(a, b) (want_max ? _mm256_max_ps((a), (b)) : _mm256_min_ps((a), (b)))
+    for (; i + 32 <= n; i += 32) {
+        m0 = SA_EXT(m0, _mm256_loadu_ps(row + i));
+        m1 = SA_EXT(m1, _mm256_loadu_ps(row + i + 8));
+        m2 = SA_EXT(m2, _mm256_loadu_ps(row + i + 16));
+        m3 = SA_EXT(m3, _mm256_loadu_ps(row + i + 24));
+    }
+    for (; i + 8 <= n; i += 8)
+        m0 = SA_EXT(m0, _mm256_loadu_ps(row + i));
+    if (i < n) {
+        const __m256i mask = sa_tail_mask_avx2(n - i);
+        const __m256 v = _mm256_maskload_ps(row + i, mask);
+        m1 = SA_EXT(m1, _mm256_blendv_ps(init, v, _mm256_castsi256_ps(mask)));
+    }
+    __m256 m = SA_EXT(SA_EXT(m0, m1), SA_EXT(m2, m3));
+    __m128 x = _mm256_castps256_ps128(m), y = _mm256_extractf128_ps(m, 1);
+    x = want_max ? _mm_max_ps(x, y) : _mm_min_ps(x, y);
+    y = _mm_movehl_ps(x, x);
+    x = want_max ? _mm_max_ps(x, y) : _mm_min_ps(x, y);
+    y = _mm_movehdup_ps(x);
+    x = want_max ? _mm_max_ss(x, y) : _mm_min_ss(x, y);
+#undef SA_EXT
+    return _mm_cvtss_f32(x) * scale;
+}
+
 float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale)
 {
+    const float m = sa_extreme_scaled_avx2(row, n_valid, scale);
     const __m256 vs = _mm256_set1_ps(scale);
-    const __m256 ninf = _mm256_set1_ps(-__builtin_inff());
-    __m256 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
-    size_t i = 0;
-    for (; i + 32 <= n_valid; i += 32) {
-        m0 = _mm256_max_ps(m0, _mm256_mul_ps(_mm256_loadu_ps(row + i), vs));
-        m1 = _mm256_max_ps(m1, _mm256_mul_ps(_mm256_loadu_ps(row + i + 8), vs));
-        m2 = _mm256_max_ps(m2, _mm256_mul_ps(_mm256_loadu_ps(row + i + 16), vs));
-        m3 = _mm256_max_ps(m3, _mm256_mul_ps(_mm256_loadu_ps(row + i + 24), vs));
-    }
-    for (; i + 8 <= n_valid; i += 8)
-        m0 = _mm256_max_ps(m0, _mm256_mul_ps(_mm256_loadu_ps(row + i), vs));
-    if (i < n_valid) {
-        const __m256i mask = sa_tail_mask_avx2(n_valid - i);
-        const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(row + i, mask), vs);
-        m1 = _mm256_max_ps(m1, _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(mask)));
-    }
-    const float m = sa_hmax_avx2(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
-
+    const __m256 vnm = _mm256_set1_ps(-m);
     /* Two-level sum: 4 vector accumulators over chunks of SA_SUM_CHUNK elements, chunk sums
        added into `total`, so that long rows do not lose the small terms to rounding. */
-    const __m256 vnm = _mm256_set1_ps(-m);
     __m256 total = _mm256_setzero_ps();
-    for (i = 0; i + 32 <= n_valid;) {
-        const size_t end =
-            (n_valid - i) / 32 * 32 > SA_SUM_CHUNK ? i + SA_SUM_CHUNK : i + (n_valid - i) / 32 * 32;
+    size_t i = 0;
+    while (i + 32 <= n_valid) {
+        const size_t full = (n_valid - i) / 32 * 32;
+        const size_t end = i + (full > SA_SUM_CHUNK ? SA_SUM_CHUNK : full);
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (; i < end; i += 32) {
             const __m256 e0 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));

@@ -1,58 +1,67 @@
 /* AVX-512F scaled-softmax kernel, 4 x 16 floats per iteration, masked tails. Compiled with
-   -mavx512f on this file only; called only when the CPU has AVX-512F (see dispatch.c). */
+   -mavx512f -mfma on this file only; called only when the CPU has AVX-512F (see dispatch.c). */
 #include <immintrin.h>
 #include <string.h>
 
 #include "../internal.h"
 #include "exp-constants.h"
 
+/* e^t for t <= 0 (see exp-constants.h): 11 vector operations. */
 static inline __m512 sa_exp_avx512(__m512 t)
 {
     /* vmaxps returns its second operand when one is NaN: this order keeps NaN arguments NaN. */
     t = _mm512_max_ps(_mm512_set1_ps(SA_EXP_MIN_ARG), t);
-    const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(SA_EXP_LOG2E)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(SA_EXP_LN2_HI), t);
-    r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(SA_EXP_LN2_LO), r);
-    __m512 p = _mm512_set1_ps(SA_EXP_P0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_P1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_P2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_P3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_P4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_P5));
-    const __m512 er =
-        _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(er, fn); /* er * 2^fn */
+    const __m512 magic = _mm512_set1_ps(SA_EXP_ROUND_MAGIC);
+    const __m512 shifted = _mm512_fmadd_ps(t, _mm512_set1_ps(SA_EXP_LOG2E), magic);
+    const __m512 fn = _mm512_sub_ps(shifted, magic);
+    const __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(SA_EXP_LN2), t);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(SA_EXP_C5), r, _mm512_set1_ps(SA_EXP_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_C1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_C0));
+    const __m512i two_n = _mm512_slli_epi32(_mm512_castps_si512(shifted), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(two_n));
+}
+
+/* The largest row[i] * scale over i < n: the max of row[i] (or the min when scale < 0) times
+   scale, so that this pass does no multiplication. */
+static float sa_extreme_scaled_avx512(const float *row, size_t n, float scale)
+{
+    const int want_max = scale >= 0.0f;
+    const __m512 init = _mm512_set1_ps(want_max ? -__builtin_inff() : __builtin_inff());
+    __m512 m0 = init, m1 = init, m2 = init, m3 = init;
+    size_t i = 0;
+#define SA_EXT(a, b) (want_max ? _mm512_max_ps((a), (b)) : _mm512_min_ps((a), (b)))
+    for (; i + 64 <= n; i += 64) {
+        m0 = SA_EXT(m0, _mm512_loadu_ps(row + i));
+        m1 = SA_EXT(m1, _mm512_loadu_ps(row + i + 16));
+        m2 = SA_EXT(m2, _mm512_loadu_ps(row + i + 32));
+        m3 = SA_EXT(m3, _mm512_loadu_ps(row + i + 48));
+    }
+    for (; i + 16 <= n; i += 16)
+        m0 = SA_EXT(m0, _mm512_loadu_ps(row + i));
+    if (i < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        m1 = SA_EXT(m1, _mm512_mask_loadu_ps(init, k, row + i));
+    }
+    const __m512 m = SA_EXT(SA_EXT(m0, m1), SA_EXT(m2, m3));
+#undef SA_EXT
+    return (want_max ? _mm512_reduce_max_ps(m) : _mm512_reduce_min_ps(m)) * scale;
 }
 
 float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale)
 {
+    const float m = sa_extreme_scaled_avx512(row, n_valid, scale);
     const __m512 vs = _mm512_set1_ps(scale);
-    const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-    __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
-    size_t i = 0;
-    for (; i + 64 <= n_valid; i += 64) {
-        m0 = _mm512_max_ps(m0, _mm512_mul_ps(_mm512_loadu_ps(row + i), vs));
-        m1 = _mm512_max_ps(m1, _mm512_mul_ps(_mm512_loadu_ps(row + i + 16), vs));
-        m2 = _mm512_max_ps(m2, _mm512_mul_ps(_mm512_loadu_ps(row + i + 32), vs));
-        m3 = _mm512_max_ps(m3, _mm512_mul_ps(_mm512_loadu_ps(row + i + 48), vs));
-    }
-    for (; i + 16 <= n_valid; i += 16)
-        m0 = _mm512_max_ps(m0, _mm512_mul_ps(_mm512_loadu_ps(row + i), vs));
-    if (i < n_valid) {
-        const __mmask16 k = (__mmask16)((1u << (n_valid - i)) - 1u);
-        m1 = _mm512_mask_max_ps(m1, k, m1, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + i), vs));
-    }
-    const float m =
-        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
-
+    const __m512 vnm = _mm512_set1_ps(-m);
     /* Two-level sum: 4 vector accumulators over chunks of SA_SUM_CHUNK elements, chunk sums
        added into `total`, so that long rows do not lose the small terms to rounding. */
-    const __m512 vnm = _mm512_set1_ps(-m);
     __m512 total = _mm512_setzero_ps();
-    for (i = 0; i + 64 <= n_valid;) {
-        const size_t end =
-            (n_valid - i) / 64 * 64 > SA_SUM_CHUNK ? i + SA_SUM_CHUNK : i + (n_valid - i) / 64 * 64;
+    size_t i = 0;
+    while (i + 64 <= n_valid) {
+        const size_t full = (n_valid - i) / 64 * 64;
+        const size_t end = i + (full > SA_SUM_CHUNK ? SA_SUM_CHUNK : full);
         __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (; i < end; i += 64) {
             const __m512 e0 = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i), vs, vnm));
