@@ -92,7 +92,7 @@ SA_HIDDEN const sa_kernels *sa_kernels_for_isa(sa_isa isa);
    same blocks. */
 #define SA_BLOCK_MAX 256
 #define SA_BLOCK_MIN 32
-#define SA_SCORE_BUDGET_BYTES (8u << 20)
+#define SA_SCORE_BUDGET_BYTES (16u << 20)
 
 static inline int32_t sa_block_rows(int32_t q_len, int32_t kv_len, int causal)
 {
