@@ -1,14 +1,37 @@
 /* The one allocator of the library: 64-byte aligned blocks (a cache line, and a full AVX-512
-   vector), so that kernels see aligned rows. Every allocation goes through here so that a test
-   build can inject failures in one place. */
+   vector), so that kernels see aligned rows. Every allocation goes through here so that tests
+   can make the n-th one fail (sa_test_fail_allocation, reachable from the static test archive
+   only: it is not exported from the shared library). */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 
+/* 0: never fail. n > 0: the n-th allocation from now fails (and only that one); counts down to
+   0 as allocations happen. */
+static atomic_long sa_fail_countdown;
+
+long sa_test_fail_allocation(long n)
+{
+    return atomic_exchange(&sa_fail_countdown, n);
+}
+
+static int sa_should_fail(void)
+{
+    long c = atomic_load_explicit(&sa_fail_countdown, memory_order_relaxed);
+    while (c > 0) {
+        if (atomic_compare_exchange_weak(&sa_fail_countdown, &c, c - 1))
+            return c == 1;
+    }
+    return 0;
+}
+
 void *sa_malloc(size_t bytes)
 {
     void *p = NULL;
+    if (sa_should_fail())
+        return NULL;
     if (bytes == 0)
         bytes = 1;
     if (posix_memalign(&p, 64, bytes) != 0)

@@ -29,6 +29,9 @@
 SA_HIDDEN void *sa_malloc(size_t bytes);
 SA_HIDDEN void *sa_calloc(size_t n, size_t size);
 SA_HIDDEN void sa_free(void *p);
+/* Tests only: make the n-th allocation from now fail (0 = none). Returns the previous
+   countdown: > 0 means the previously armed failure has not happened. */
+SA_HIDDEN long sa_test_fail_allocation(long n);
 
 /* a * b into *out without overflow; returns 0 on overflow. */
 static inline int sa_mul_size(size_t a, size_t b, size_t *out)
@@ -52,7 +55,9 @@ static inline int sa_add_size(size_t a, size_t b, size_t *out)
      m = max_{i < n_valid} row[i] * scale
      row[i] = exp(row[i] * scale - m)    for i < n_valid
      row[i] = 0                          for n_valid <= i < n_total
-   and returns the sum of the row[i]. Needs 1 <= n_valid <= n_total. The caller normalises
+   and returns the sum of the row[i]. Needs 1 <= n_valid <= n_total. Finite scores of any
+   magnitude give finite results (the largest entry is about 1, see SA_EXP_MAX_ARG); a NaN
+   score makes the sum NaN. The caller normalises
    (divides the P*V product by the sum), so the division is done once per output element rather
    than once per score. Arguments of exp below ln(FLT_MIN) are clamped there: such an entry gives
    about 1.2e-38 instead of a smaller number, an absolute error below FLT_MIN. */

@@ -25,6 +25,12 @@
 /* ln(FLT_MIN): below it e^t is not a normal float; arguments are clamped here so that 2^n stays a
    normal power of two (n >= -126). */
 #define SA_EXP_MIN_ARG (-87.33654475f)
+/* Rows whose largest scaled score m is at least this large in magnitude take the exact-max
+   path: t = (x - x_max) * scale, where the maximum element's t is exactly 0. The faster path
+   t = fma(x, scale, -m) shifts every t by the rounding error of m, which cancels in the
+   normalisation while it is small (below 2^-4 here) but grows to about 5e21 for scores near
+   1e29, where it would push the maximum out of exp's range. */
+#define SA_EXP_EXACT_MAX_FROM 1048576.0f
 /* 1.5 * 2^23 + 127: t log2(e) + this rounds t log2(e) to an integer n held in the low mantissa
    bits, already biased by 127, so that the float's bits shifted left by 23 are those of 2^n. */
 #define SA_EXP_ROUND_MAGIC 12583039.0f

@@ -1,12 +1,13 @@
 /* AVX2+FMA scaled-softmax kernel, 4 x 8 floats per iteration. Compiled with -mavx2 -mfma on this
    file only; called only when the CPU has both (see dispatch.c). */
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "../internal.h"
 #include "exp-constants.h"
 
-/* e^t for t <= 0 (see exp-constants.h): 11 vector operations. */
+/* e^t for t <= ~0 (see exp-constants.h): 11 vector operations. */
 static inline __m256 sa_exp_avx2(__m256 t)
 {
     /* max(min, t) rather than max(t, min): maxps returns its second operand when one is NaN,
@@ -39,12 +40,10 @@ static inline float sa_hsum_avx2(__m256 v)
     return _mm_cvtss_f32(x);
 }
 
-/* The largest row[i] * scale over i < n: the max of row[i] (or the min when scale < 0) times
-   scale, so that this pass does no multiplication. */
-static float sa_extreme_scaled_avx2(const float *row, size_t n, float scale)
+/* The largest or (when scale < 0) smallest row[i], i < n: the x whose x * scale is largest. */
+static float sa_extreme_avx2(const float *row, size_t n, int want_max)
 {
-    const int want_max = scale >= 0.0f;
-    const __m256 init = _mm256_set1_ps(want_max ? -__builtin_inff() : __builtin_inff());
+    const __m256 init = _mm256_set1_ps(want_max ? -INFINITY : INFINITY);
     __m256 m0 = init, m1 = init, m2 = init, m3 = init;
     size_t i = 0;
 #define SA_EXT(a, b) (want_max ? _mm256_max_ps((a), (b)) : _mm256_min_ps((a), (b)))
@@ -61,7 +60,7 @@ static float sa_extreme_scaled_avx2(const float *row, size_t n, float scale)
         const __m256 v = _mm256_maskload_ps(row + i, mask);
         m1 = SA_EXT(m1, _mm256_blendv_ps(init, v, _mm256_castsi256_ps(mask)));
     }
-    __m256 m = SA_EXT(SA_EXT(m0, m1), SA_EXT(m2, m3));
+    const __m256 m = SA_EXT(SA_EXT(m0, m1), SA_EXT(m2, m3));
     __m128 x = _mm256_castps256_ps128(m), y = _mm256_extractf128_ps(m, 1);
     x = want_max ? _mm_max_ps(x, y) : _mm_min_ps(x, y);
     y = _mm_movehl_ps(x, x);
@@ -69,14 +68,16 @@ static float sa_extreme_scaled_avx2(const float *row, size_t n, float scale)
     y = _mm_movehdup_ps(x);
     x = want_max ? _mm_max_ss(x, y) : _mm_min_ss(x, y);
 #undef SA_EXT
-    return _mm_cvtss_f32(x) * scale;
+    return _mm_cvtss_f32(x);
 }
 
-float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale)
+/* The exp argument of x: fma(x, scale, -m), or (x - x_ext) * scale on the exact-max path.
+   `exact` is a constant at each call site, so each path compiles to its own loop. */
+#define SA_ARG(x) (exact ? _mm256_mul_ps(_mm256_sub_ps((x), vc), vs) : _mm256_fmadd_ps((x), vs, vc))
+
+static inline __attribute__((always_inline)) float
+sa_exp_row_avx2(float *row, size_t n_valid, __m256 vs, __m256 vc, const int exact)
 {
-    const float m = sa_extreme_scaled_avx2(row, n_valid, scale);
-    const __m256 vs = _mm256_set1_ps(scale);
-    const __m256 vnm = _mm256_set1_ps(-m);
     /* Two-level sum: 4 vector accumulators over chunks of SA_SUM_CHUNK elements, chunk sums
        added into `total`, so that long rows do not lose the small terms to rounding. */
     __m256 total = _mm256_setzero_ps();
@@ -86,10 +87,10 @@ float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, fl
         const size_t end = i + (full > SA_SUM_CHUNK ? SA_SUM_CHUNK : full);
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (; i < end; i += 32) {
-            const __m256 e0 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));
-            const __m256 e1 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), vs, vnm));
-            const __m256 e2 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), vs, vnm));
-            const __m256 e3 = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), vs, vnm));
+            const __m256 e0 = sa_exp_avx2(SA_ARG(_mm256_loadu_ps(row + i)));
+            const __m256 e1 = sa_exp_avx2(SA_ARG(_mm256_loadu_ps(row + i + 8)));
+            const __m256 e2 = sa_exp_avx2(SA_ARG(_mm256_loadu_ps(row + i + 16)));
+            const __m256 e3 = sa_exp_avx2(SA_ARG(_mm256_loadu_ps(row + i + 24)));
             _mm256_storeu_ps(row + i, e0);
             _mm256_storeu_ps(row + i + 8, e1);
             _mm256_storeu_ps(row + i + 16, e2);
@@ -102,17 +103,29 @@ float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, fl
         total = _mm256_add_ps(total, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     }
     for (; i + 8 <= n_valid; i += 8) {
-        const __m256 e = sa_exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(row + i), vs, vnm));
+        const __m256 e = sa_exp_avx2(SA_ARG(_mm256_loadu_ps(row + i)));
         _mm256_storeu_ps(row + i, e);
         total = _mm256_add_ps(total, e);
     }
     if (i < n_valid) {
         const __m256i mask = sa_tail_mask_avx2(n_valid - i);
-        const __m256 e = sa_exp_avx2(_mm256_fmadd_ps(_mm256_maskload_ps(row + i, mask), vs, vnm));
+        const __m256 e = sa_exp_avx2(SA_ARG(_mm256_maskload_ps(row + i, mask)));
         _mm256_maskstore_ps(row + i, mask, e);
         total = _mm256_add_ps(total, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
     }
+    return sa_hsum_avx2(total);
+}
+#undef SA_ARG
+
+float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale)
+{
+    const float ext = sa_extreme_avx2(row, n_valid, scale >= 0.0f);
+    const float m = ext * scale;
+    const __m256 vs = _mm256_set1_ps(scale);
+    const float sum = fabsf(m) < SA_EXP_EXACT_MAX_FROM
+                          ? sa_exp_row_avx2(row, n_valid, vs, _mm256_set1_ps(-m), 0)
+                          : sa_exp_row_avx2(row, n_valid, vs, _mm256_set1_ps(ext), 1);
     if (n_total > n_valid)
         memset(row + n_valid, 0, (n_total - n_valid) * sizeof *row);
-    return sa_hsum_avx2(total);
+    return sum;
 }

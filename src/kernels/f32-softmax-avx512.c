@@ -1,12 +1,13 @@
 /* AVX-512F scaled-softmax kernel, 4 x 16 floats per iteration, masked tails. Compiled with
    -mavx512f -mfma on this file only; called only when the CPU has AVX-512F (see dispatch.c). */
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "../internal.h"
 #include "exp-constants.h"
 
-/* e^t for t <= 0 (see exp-constants.h): 11 vector operations. */
+/* e^t for t <= ~0 (see exp-constants.h): 11 vector operations. */
 static inline __m512 sa_exp_avx512(__m512 t)
 {
     /* vmaxps returns its second operand when one is NaN: this order keeps NaN arguments NaN. */
@@ -24,12 +25,10 @@ static inline __m512 sa_exp_avx512(__m512 t)
     return _mm512_mul_ps(p, _mm512_castsi512_ps(two_n));
 }
 
-/* The largest row[i] * scale over i < n: the max of row[i] (or the min when scale < 0) times
-   scale, so that this pass does no multiplication. */
-static float sa_extreme_scaled_avx512(const float *row, size_t n, float scale)
+/* The largest or (when scale < 0) smallest row[i], i < n: the x whose x * scale is largest. */
+static float sa_extreme_avx512(const float *row, size_t n, int want_max)
 {
-    const int want_max = scale >= 0.0f;
-    const __m512 init = _mm512_set1_ps(want_max ? -__builtin_inff() : __builtin_inff());
+    const __m512 init = _mm512_set1_ps(want_max ? -INFINITY : INFINITY);
     __m512 m0 = init, m1 = init, m2 = init, m3 = init;
     size_t i = 0;
 #define SA_EXT(a, b) (want_max ? _mm512_max_ps((a), (b)) : _mm512_min_ps((a), (b)))
@@ -47,14 +46,16 @@ static float sa_extreme_scaled_avx512(const float *row, size_t n, float scale)
     }
     const __m512 m = SA_EXT(SA_EXT(m0, m1), SA_EXT(m2, m3));
 #undef SA_EXT
-    return (want_max ? _mm512_reduce_max_ps(m) : _mm512_reduce_min_ps(m)) * scale;
+    return want_max ? _mm512_reduce_max_ps(m) : _mm512_reduce_min_ps(m);
 }
 
-float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale)
+/* The exp argument of x: fma(x, scale, -m), or (x - x_ext) * scale on the exact-max path.
+   `exact` is a constant at each call site, so each path compiles to its own loop. */
+#define SA_ARG(x) (exact ? _mm512_mul_ps(_mm512_sub_ps((x), vc), vs) : _mm512_fmadd_ps((x), vs, vc))
+
+static inline __attribute__((always_inline)) float
+sa_exp_row_avx512(float *row, size_t n_valid, __m512 vs, __m512 vc, const int exact)
 {
-    const float m = sa_extreme_scaled_avx512(row, n_valid, scale);
-    const __m512 vs = _mm512_set1_ps(scale);
-    const __m512 vnm = _mm512_set1_ps(-m);
     /* Two-level sum: 4 vector accumulators over chunks of SA_SUM_CHUNK elements, chunk sums
        added into `total`, so that long rows do not lose the small terms to rounding. */
     __m512 total = _mm512_setzero_ps();
@@ -64,13 +65,10 @@ float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, 
         const size_t end = i + (full > SA_SUM_CHUNK ? SA_SUM_CHUNK : full);
         __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (; i < end; i += 64) {
-            const __m512 e0 = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i), vs, vnm));
-            const __m512 e1 =
-                sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16), vs, vnm));
-            const __m512 e2 =
-                sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 32), vs, vnm));
-            const __m512 e3 =
-                sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i + 48), vs, vnm));
+            const __m512 e0 = sa_exp_avx512(SA_ARG(_mm512_loadu_ps(row + i)));
+            const __m512 e1 = sa_exp_avx512(SA_ARG(_mm512_loadu_ps(row + i + 16)));
+            const __m512 e2 = sa_exp_avx512(SA_ARG(_mm512_loadu_ps(row + i + 32)));
+            const __m512 e3 = sa_exp_avx512(SA_ARG(_mm512_loadu_ps(row + i + 48)));
             _mm512_storeu_ps(row + i, e0);
             _mm512_storeu_ps(row + i + 16, e1);
             _mm512_storeu_ps(row + i + 32, e2);
@@ -83,17 +81,29 @@ float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, 
         total = _mm512_add_ps(total, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
     }
     for (; i + 16 <= n_valid; i += 16) {
-        const __m512 e = sa_exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(row + i), vs, vnm));
+        const __m512 e = sa_exp_avx512(SA_ARG(_mm512_loadu_ps(row + i)));
         _mm512_storeu_ps(row + i, e);
         total = _mm512_add_ps(total, e);
     }
     if (i < n_valid) {
         const __mmask16 k = (__mmask16)((1u << (n_valid - i)) - 1u);
-        const __m512 e = sa_exp_avx512(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, row + i), vs, vnm));
+        const __m512 e = sa_exp_avx512(SA_ARG(_mm512_maskz_loadu_ps(k, row + i)));
         _mm512_mask_storeu_ps(row + i, k, e);
         total = _mm512_mask_add_ps(total, k, total, e);
     }
+    return _mm512_reduce_add_ps(total);
+}
+#undef SA_ARG
+
+float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale)
+{
+    const float ext = sa_extreme_avx512(row, n_valid, scale >= 0.0f);
+    const float m = ext * scale;
+    const __m512 vs = _mm512_set1_ps(scale);
+    const float sum = fabsf(m) < SA_EXP_EXACT_MAX_FROM
+                          ? sa_exp_row_avx512(row, n_valid, vs, _mm512_set1_ps(-m), 0)
+                          : sa_exp_row_avx512(row, n_valid, vs, _mm512_set1_ps(ext), 1);
     if (n_total > n_valid)
         memset(row + n_valid, 0, (n_total - n_valid) * sizeof *row);
-    return _mm512_reduce_add_ps(total);
+    return sum;
 }

@@ -32,7 +32,7 @@ static inline float sa_expf_nonpositive(float t)
 
 float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, float scale)
 {
-    /* max of row[i] * scale: the max of row[i] times scale, or the min when scale < 0 */
+    /* The x whose x * scale is largest: the max of row[i], or the min when scale < 0. */
     float ext = row[0];
     if (scale >= 0.0f) {
         for (size_t i = 1; i < n_valid; i++)
@@ -41,10 +41,12 @@ float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, f
         for (size_t i = 1; i < n_valid; i++)
             ext = row[i] < ext ? row[i] : ext;
     }
-    const float m = ext * scale;
+    /* The argument in double: (x - ext) * scale with one rounding, exactly 0 at the maximum,
+       for scores of any magnitude. */
+    const double sd = (double)scale, md = (double)ext * sd;
     double sum = 0.0; /* the reference kernel sums exactly enough for any row length */
     for (size_t i = 0; i < n_valid; i++) {
-        const float e = sa_expf_nonpositive(row[i] * scale - m);
+        const float e = sa_expf_nonpositive((float)((double)row[i] * sd - md));
         row[i] = e;
         sum += e;
     }

@@ -1,0 +1,119 @@
+/* Allocation failure: a script of API calls (create, options, every weight and bias, forward
+ * with and without lengths, attend, destroy) is run with its n-th allocation made to fail, for
+ * n = 1, 2, ... until a run meets no failure. Each time the failing call must return
+ * SELFATTN_ERR_NOMEM with caller outputs untouched and the handle unchanged and usable: the same
+ * call is retried without the failure and the script finishes with results bit-identical to a
+ * run without failures. Leaks are caught by LeakSanitizer in the sanitizer build. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "internal.h"
+#include "testutil.h"
+
+#define D 32
+#define H 4
+#define KV 2
+#define L 40
+#define B 2
+#define SENT -4242.0f
+
+typedef struct script_out {
+    float y1[B * L * D], y2[B * L * D], att[B * L * D];
+} script_out;
+
+static float w[8][D * D];
+
+/* Runs the call; on failure checks the contract and retries it without the failure. Counts
+   failures seen in *failed. */
+#define STEP(call, out, n_out)                                                                \
+    do {                                                                                      \
+        if ((out) != NULL)                                                                    \
+            for (long i_ = 0; i_ < (long)(n_out); i_++)                                   \
+                ((float *)(out))[i_] = SENT;                                                  \
+        selfattn_status st_ = (call);                                                         \
+        if (st_ != SELFATTN_OK) {                                                             \
+            assert_int_equal(st_, SELFATTN_ERR_NOMEM);                                        \
+            if ((out) != NULL)                                                                \
+                for (long i_ = 0; i_ < (long)(n_out); i_++)                               \
+                    assert_true(((float *)(out))[i_] == SENT);                                \
+            (*failed)++;                                                                      \
+            sa_test_fail_allocation(0);                                                       \
+            assert_int_equal((call), SELFATTN_OK);                                            \
+        }                                                                                     \
+    } while (0)
+
+static void script(script_out *o, int *failed, int *create_failed)
+{
+    selfattn_layer *l = NULL;
+    selfattn_status st = selfattn_layer_create(D, H, &l);
+    if (st != SELFATTN_OK) {
+        assert_int_equal(st, SELFATTN_ERR_NOMEM);
+        assert_null(l); /* *out unchanged */
+        (*create_failed)++;
+        sa_test_fail_allocation(0);
+        assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    }
+    const int nkv = KV * (D / H);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, KV), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 2), SELFATTN_OK);
+    const int64_t counts[8] = {D * D, nkv * D, nkv * D, D * D, D, nkv, nkv, D};
+    for (int i = 0; i < 8; i++)
+        STEP(selfattn_layer_set_weight(l, (selfattn_weight)(i + 1), w[i], counts[i]), NULL, 0);
+    tu_rng r = {11};
+    float x[B * L * D], q[B * L * D], k[B * L * D], v[B * L * D];
+    tu_fill(&r, x, B * L * D, -1, 1);
+    tu_fill(&r, q, B * L * D, -1, 1);
+    tu_fill(&r, k, B * L * D, -1, 1);
+    tu_fill(&r, v, B * L * D, -1, 1);
+    const int32_t lens[B] = {L, 13};
+    STEP(selfattn_forward(l, B, L, x, NULL, o->y1), o->y1, B * L * D);
+    STEP(selfattn_forward(l, B, L, x, lens, o->y2), o->y2, B * L * D);
+    STEP(selfattn_attend(l, B, L, L, q, k, v, lens, o->att), o->att, B * L * H * (D / H));
+    selfattn_layer_destroy(l);
+}
+
+static void test_every_allocation_fails_once(void **state)
+{
+    (void)state;
+    tu_rng r = {1};
+    for (int i = 0; i < 8; i++)
+        tu_fill(&r, w[i], D * D, -0.3f, 0.3f);
+    static script_out clean, run;
+    int failed = 0, create_failed = 0;
+    sa_test_fail_allocation(0);
+    script(&clean, &failed, &create_failed);
+    assert_int_equal(failed + create_failed, 0);
+
+    long n = 1;
+    for (;; n++) {
+        failed = create_failed = 0;
+        sa_test_fail_allocation(n);
+        script(&run, &failed, &create_failed);
+        const long left = sa_test_fail_allocation(0);
+        if (left > 0) { /* the n-th allocation never came: every site has been failed once */
+            assert_int_equal(failed + create_failed, 0);
+            break;
+        }
+        assert_int_equal(failed + create_failed, 1);
+        assert_memory_equal(&run, &clean, sizeof run);
+    }
+    printf("  %ld allocations in the script, each made to fail once: NOMEM, outputs untouched, "
+           "handle usable, same results\n", n - 1);
+    assert_true(n - 1 >= 7); /* create, 4 weight/bias buffers, 2 forwards, attend */
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_every_allocation_fails_once),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
