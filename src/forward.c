@@ -344,14 +344,14 @@ selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch, int3
              SELFATTN_ERR_NULL);
     SA_CHECK(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID);
     SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
-    selfattn_status st = sa_check_lengths(kv_lengths, batch, kv_len);
-    SA_CHECK(st == SELFATTN_OK, st);
-
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     SA_CHECK(sa_array_bytes((size_t)batch * (size_t)q_len, nq) != 0 &&
                  sa_array_bytes((size_t)batch * (size_t)kv_len, nkv) != 0,
              SELFATTN_ERR_OVERFLOW);
+    /* Arrays are read only once the sizes are known to be addressable. */
+    selfattn_status st = sa_check_lengths(kv_lengths, batch, kv_len);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     const double flops = 4.0 * batch * (double)q_len * kv_len * (double)nq;
     const int workers = sa_workers_for(layer, flops);
@@ -386,8 +386,6 @@ selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int
 {
     SA_CHECK(layer != NULL && x != NULL && y != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
-    selfattn_status st = sa_check_lengths(lengths, batch, seq_len);
-    SA_CHECK(st == SELFATTN_OK, st);
     const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (layer->out_proj ? SA_HAVE_O : 0u);
     SA_CHECK(layer->head_dim != 0 && (layer->have & need) == need, SELFATTN_ERR_STATE);
 
@@ -396,6 +394,10 @@ selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t nqkv = nq + 2 * nkv;
     const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
+    SA_CHECK(sa_array_bytes(rows, dm) != 0, SELFATTN_ERR_OVERFLOW);
+    /* Arrays are read only once the sizes are known to be addressable. */
+    selfattn_status st = sa_check_lengths(lengths, batch, seq_len);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     size_t valid = 0;
     for (int32_t b = 0; b < batch; b++)
@@ -410,11 +412,10 @@ selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int
     SA_CHECK(st == SELFATTN_OK, st);
 
     /* One workspace: qkv [rows][nqkv], attn [rows][nq] (unless y takes it), scores per worker. */
-    const size_t io_bytes = sa_array_bytes(rows, dm);
     const size_t qkv_bytes = sa_array_bytes(rows, nqkv);
     const size_t attn_bytes = layer->out_proj ? sa_array_bytes(rows, nq) : 0;
     const size_t s_bytes = sa_array_bytes((size_t)workers, run.scores_per_worker);
-    SA_CHECK(io_bytes != 0 && qkv_bytes != 0 && s_bytes != 0 &&
+    SA_CHECK(qkv_bytes != 0 && s_bytes != 0 &&
                  (attn_bytes != 0 || !layer->out_proj),
              SELFATTN_ERR_OVERFLOW);
     /* Each part starts on a 64-byte boundary; every size is below PTRDIFF_MAX, so the padded

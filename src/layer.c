@@ -47,6 +47,8 @@ static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t 
         return SELFATTN_OK;                /* undetermined: checked again when it is set */
     const int64_t nq = n_heads * head_dim; /* both < 2^31: no int64 overflow */
     const int64_t nkv = n_kv_heads * head_dim;
+    if (nq > INT32_MAX || nkv > INT32_MAX)
+        return SELFATTN_ERR_OVERFLOW;
     const int64_t nqkv = nq + 2 * nkv;
     if (nqkv > INT32_MAX)
         return SELFATTN_ERR_OVERFLOW;

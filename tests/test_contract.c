@@ -103,6 +103,13 @@ static void test_create_destroy(void **state)
     assert_int_equal(selfattn_layer_create(D, -1, &l), SELFATTN_ERR_INVALID);
     /* 3 * 2^30 rows of weights do not fit the int dimensions of CBLAS */
     assert_int_equal(selfattn_layer_create(1 << 30, 1, &l), SELFATTN_ERR_OVERFLOW);
+    /* n_heads * head_dim near 2^62 (found by the fuzzer: the sum of the row counts overflowed
+       int64 before it was checked) */
+    assert_int_equal(selfattn_layer_create(1, INT32_MAX, &l), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, INT32_MAX),
+                     SELFATTN_ERR_OVERFLOW);
+    selfattn_layer_destroy(l);
+    l = marker;
     assert_ptr_equal(l, marker);
     selfattn_layer_destroy(NULL);
     assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
