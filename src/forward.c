@@ -415,17 +415,16 @@ selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int
     const size_t qkv_bytes = sa_array_bytes(rows, nqkv);
     const size_t attn_bytes = layer->out_proj ? sa_array_bytes(rows, nq) : 0;
     const size_t s_bytes = sa_array_bytes((size_t)workers, run.scores_per_worker);
-    SA_CHECK(qkv_bytes != 0 && s_bytes != 0 &&
-                 (attn_bytes != 0 || !layer->out_proj),
+    SA_CHECK(qkv_bytes != 0 && s_bytes != 0 && (attn_bytes != 0 || !layer->out_proj),
              SELFATTN_ERR_OVERFLOW);
-    /* Each part starts on a 64-byte boundary; every size is below PTRDIFF_MAX, so the padded
-       offsets cannot wrap. */
-    const size_t attn_off = (qkv_bytes + 63) / 64 * 64;
-    const size_t s_off = attn_off + (attn_bytes + 63) / 64 * 64;
+    /* Each part starts on a 64-byte (16-float) boundary; every size is below PTRDIFF_MAX, so
+       the padded offsets (in floats) cannot wrap. */
+    const size_t attn_off = (qkv_bytes / sizeof(float) + 15) / 16 * 16;
+    const size_t s_off = attn_off + (attn_bytes / sizeof(float) + 15) / 16 * 16;
     size_t total;
-    SA_CHECK(sa_add_size(s_off, s_bytes, &total) && total <= (size_t)PTRDIFF_MAX,
+    SA_CHECK(sa_add_size(s_off * sizeof(float), s_bytes, &total) && total <= (size_t)PTRDIFF_MAX,
              SELFATTN_ERR_OVERFLOW);
-    char *ws = sa_malloc(total);
+    float *ws = sa_malloc(total);
     SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
 
     pthread_once(&sa_blas_once, sa_blas_single_threaded);
@@ -433,9 +432,9 @@ selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int
     run.pad_queries = 1;
     run.x = x;
     run.y = y;
-    run.qkv = (float *)ws;
-    run.attn = layer->out_proj ? (float *)(ws + attn_off) : y;
-    run.scores = (float *)(ws + s_off);
+    run.qkv = ws;
+    run.attn = layer->out_proj ? ws + attn_off : y;
+    run.scores = ws + s_off;
     run.valid_rows = valid;
     run.q = run.qkv;
     run.k = run.qkv + nq;

@@ -132,7 +132,8 @@ typedef enum selfattn_weight {
    their defaults and no weight is set. On success *out owns a new handle, to be released with
    selfattn_layer_destroy; on failure *out is left unchanged.
    Returns SELFATTN_ERR_NULL (out NULL), SELFATTN_ERR_INVALID (d_model or n_heads < 1),
-   SELFATTN_ERR_NOMEM. d_model need not be divisible by n_heads if SELFATTN_OPT_HEAD_DIM is set
+   SELFATTN_ERR_OVERFLOW (the weight sizes implied do not fit: row counts must fit an int32 for
+   CBLAS), SELFATTN_ERR_NOMEM. d_model need not be divisible by n_heads if SELFATTN_OPT_HEAD_DIM is set
    before any weight. */
 SELFATTN_API selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads,
                                                    selfattn_layer **out);
@@ -186,8 +187,15 @@ SELFATTN_API selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t
    Returns SELFATTN_ERR_NULL (layer, x or y NULL), SELFATTN_ERR_INVALID (batch or seq_len < 1, a
    length out of range), SELFATTN_ERR_OVERFLOW (sizes do not fit in memory's address range),
    SELFATTN_ERR_NOMEM, SELFATTN_ERR_STATE. Thread-safe on a layer that is not being modified;
-   uses up to SELFATTN_OPT_THREADS threads. Inputs with NaN or infinity propagate to the rows that
-   attend to them. */
+   uses up to SELFATTN_OPT_THREADS threads.
+   Non-finite and extreme values: positions at or past lengths[b] are never read, so anything
+   there (NaN included) has no effect. A NaN or infinity at a valid position of sequence b (or in
+   a weight) makes the output rows of sequence b that attend to it non-finite, and possibly other
+   rows of sequence b (a masked weight is a zero, and 0 * NaN is NaN, as in PyTorch's math
+   attention); it never reaches another sequence of the batch. Finite scores of any magnitude
+   saturate the softmax (the largest score's key gets all the weight) without overflow; values
+   whose projections or scaled scores overflow float32 give undefined (non-NaN-safe) rows of
+   their own sequence only. */
 SELFATTN_API selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch,
                                               int32_t seq_len, const float *x,
                                               const int32_t *lengths, float *y);
@@ -199,7 +207,8 @@ SELFATTN_API selfattn_status selfattn_forward(const selfattn_layer *layer, int32
    [batch] valid key counts in [0, kv_len]. Every query row is computed (rows that can see no key
    are zeros). Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (sizes < 1, a length out of range),
    SELFATTN_ERR_STATE (head_dim undetermined), SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM.
-   Thread-safe on a layer that is not being modified. */
+   Thread-safe on a layer that is not being modified. Non-finite values behave as in
+   selfattn_forward: keys at or past kv_lengths[b] are never read. */
 SELFATTN_API selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch,
                                              int32_t q_len, int32_t kv_len, const float *q,
                                              const float *k, const float *v,
