@@ -168,12 +168,7 @@ static void bm_peak_memory(sb_state *s, const void *arg)
 
 int main(int argc, char **argv)
 {
-    int smoke = 0;
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], "--smoke") == 0) {
-            smoke = 1;
-            argv[i] = (char *)"--benchmark_min_time=0.01";
-        }
+    const int smoke = sb_smoke(argc, argv);
     static char names[N_SHAPES * 4][2][96];
     size_t k = 0;
     for (size_t i = 0; i < N_SHAPES; i++)

@@ -111,12 +111,7 @@ static void bm_softmax_in_forward(sb_state *s, const void *arg)
 
 int main(int argc, char **argv)
 {
-    int smoke = 0;
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], "--smoke") == 0) {
-            smoke = 1;
-            argv[i] = (char *)"--benchmark_min_time=0.01";
-        }
+    const int smoke = sb_smoke(argc, argv);
     static kcfg kc[4 * N_LEN];
     static char names[4 * N_LEN][64];
     size_t n = 0;

@@ -1,6 +1,8 @@
 // The C shim over Google Benchmark (see shim.h).
 #include "shim.h"
 
+#include <cstring>
+
 #include <benchmark/benchmark.h>
 
 // sb_state is never defined: an sb_state * is a benchmark::State * under another name.
@@ -69,6 +71,18 @@ void sb_register(const char *name, sb_fn fn, const void *arg, int64_t iterations
     b->UseRealTime()->Unit(benchmark::kMicrosecond);
     if (iterations > 0)
         b->Iterations(iterations);
+}
+
+int sb_smoke(int argc, char **argv)
+{
+    static char min_time[] = "--benchmark_min_time=0.01";
+    int found = 0;
+    for (int i = 1; i < argc; i++)
+        if (std::strcmp(argv[i], "--smoke") == 0) {
+            argv[i] = min_time;
+            found = 1;
+        }
+    return found;
 }
 
 int sb_main(int argc, char **argv)

@@ -31,6 +31,10 @@ void sb_label(sb_state *s, const char *label);
    worker threads. iterations > 0 fixes the iteration count. */
 void sb_register(const char *name, sb_fn fn, const void *arg, int64_t iterations);
 
+/* If the command line has --smoke (a quick pass for CI: not a timed test), replaces it with a tiny
+   --benchmark_min_time and returns 1; else returns 0. */
+int sb_smoke(int argc, char **argv);
+
 /* Initialises Google Benchmark from the command line and runs the registered benchmarks. */
 int sb_main(int argc, char **argv);
 

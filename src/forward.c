@@ -23,6 +23,16 @@
 #define SA_SCORE_ALIGN 16 /* floats: score rows start on 64-byte boundaries */
 
 typedef struct sa_run sa_run;
+
+/* One projection out = in * w^T + bias over rows: in [rows][k], w [n][k], out [rows][n]. */
+typedef struct sa_linear {
+    const float *in;
+    size_t k;
+    const float *w;
+    const float *bias; /* [n] or NULL */
+    float *out;
+    size_t n;
+} sa_linear;
 typedef void (*sa_task_fn)(sa_run *run, int worker, int task);
 
 struct sa_run {
@@ -44,10 +54,7 @@ struct sa_run {
     float *scores;    /* per worker: block * ld_s scores, then block inverse sums */
     size_t scores_per_worker;
     /* projection phases (forward only) */
-    const float *x;
-    float *y;
-    float *qkv;
-    float *attn;
+    const sa_linear *proj; /* the projection being run */
     size_t valid_rows;
     int n_chunks;
     /* scheduling */
@@ -144,11 +151,11 @@ static void sa_attention_task(sa_run *run, int worker, int task)
 
 /* ---- Phases 1 and 3: projections over the valid rows ---- */
 
-/* Calls fn on the maximal runs of memory-contiguous rows among valid rows [v0, v1) (valid rows
-   numbered across the batch in order). */
-typedef void (*sa_rows_fn)(sa_run *run, size_t row0, size_t n_rows);
+static void sa_project_rows(sa_run *run, size_t row0, size_t n_rows);
 
-static void sa_for_valid_rows(sa_run *run, size_t v0, size_t v1, sa_rows_fn fn)
+/* Projects the maximal runs of memory-contiguous rows among valid rows [v0, v1) (valid rows
+   numbered across the batch in order), one GEMM per run. */
+static void sa_for_valid_rows(sa_run *run, size_t v0, size_t v1)
 {
     size_t seen = 0; /* valid rows before sequence b */
     size_t run0 = 0, run_n = 0;
@@ -163,7 +170,7 @@ static void sa_for_valid_rows(sa_run *run, size_t v0, size_t v1, sa_rows_fn fn)
                 run_n += hi - lo;
             } else {
                 if (run_n > 0)
-                    fn(run, run0, run_n);
+                    sa_project_rows(run, run0, run_n);
                 run0 = r0;
                 run_n = hi - lo;
             }
@@ -171,7 +178,7 @@ static void sa_for_valid_rows(sa_run *run, size_t v0, size_t v1, sa_rows_fn fn)
         seen += len;
     }
     if (run_n > 0)
-        fn(run, run0, run_n);
+        sa_project_rows(run, run0, run_n);
 }
 
 static void sa_add_bias(float *c, size_t n_rows, size_t width, size_t ldc, const float *bias)
@@ -183,48 +190,24 @@ static void sa_add_bias(float *c, size_t n_rows, size_t width, size_t ldc, const
     }
 }
 
-static void sa_project_in_rows(sa_run *run, size_t row0, size_t n_rows)
+/* out[r] = in[r] * w^T + bias for rows [row0, row0 + n_rows) of the current projection. */
+static void sa_project_rows(sa_run *run, size_t row0, size_t n_rows)
 {
-    const selfattn_layer *l = run->layer;
-    const size_t dm = (size_t)l->d_model, nqkv = run->ldq;
-    float *c = run->qkv + row0 * nqkv;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_rows, (int)nqkv, (int)dm, 1.0f,
-                run->x + row0 * dm, (int)dm, l->w_qkv, (int)dm, 0.0f, c, (int)nqkv);
-    if (l->b_qkv != NULL)
-        sa_add_bias(c, n_rows, nqkv, nqkv, l->b_qkv);
+    const sa_linear *p = run->proj;
+    float *c = p->out + row0 * p->n;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_rows, (int)p->n, (int)p->k, 1.0f,
+                p->in + row0 * p->k, (int)p->k, p->w, (int)p->k, 0.0f, c, (int)p->n);
+    if (p->bias != NULL)
+        sa_add_bias(c, n_rows, p->n, p->n, p->bias);
 }
 
-static void sa_project_out_rows(sa_run *run, size_t row0, size_t n_rows)
-{
-    const selfattn_layer *l = run->layer;
-    const size_t dm = (size_t)l->d_model, nq = run->ldo;
-    float *c = run->y + row0 * dm;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_rows, (int)dm, (int)nq, 1.0f,
-                run->attn + row0 * nq, (int)nq, l->w_o, (int)nq, 0.0f, c, (int)dm);
-    if (l->b_o != NULL)
-        sa_add_bias(c, n_rows, dm, dm, l->b_o);
-}
-
-static void sa_chunk(const sa_run *run, int task, size_t *v0, size_t *v1)
-{
-    *v0 = run->valid_rows * (size_t)task / (size_t)run->n_chunks;
-    *v1 = run->valid_rows * (size_t)(task + 1) / (size_t)run->n_chunks;
-}
-
-static void sa_project_in_task(sa_run *run, int worker, int task)
+/* Task t of a projection phase: chunk t of the valid rows. */
+static void sa_project_task(sa_run *run, int worker, int task)
 {
     (void)worker;
-    size_t v0, v1;
-    sa_chunk(run, task, &v0, &v1);
-    sa_for_valid_rows(run, v0, v1, sa_project_in_rows);
-}
-
-static void sa_project_out_task(sa_run *run, int worker, int task)
-{
-    (void)worker;
-    size_t v0, v1;
-    sa_chunk(run, task, &v0, &v1);
-    sa_for_valid_rows(run, v0, v1, sa_project_out_rows);
+    const size_t v0 = run->valid_rows * (size_t)task / (size_t)run->n_chunks;
+    const size_t v1 = run->valid_rows * (size_t)(task + 1) / (size_t)run->n_chunks;
+    sa_for_valid_rows(run, v0, v1);
 }
 
 /* ---- Workers ---- */
@@ -430,25 +413,27 @@ selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int
     pthread_once(&sa_blas_once, sa_blas_single_threaded);
     run.lengths = lengths;
     run.pad_queries = 1;
-    run.x = x;
-    run.y = y;
-    run.qkv = ws;
-    run.attn = layer->out_proj ? ws + attn_off : y;
+    float *qkv = ws, *attn = layer->out_proj ? ws + attn_off : y;
     run.scores = ws + s_off;
     run.valid_rows = valid;
-    run.q = run.qkv;
-    run.k = run.qkv + nq;
-    run.v = run.qkv + nq + nkv;
+    run.q = qkv;
+    run.k = qkv + nq;
+    run.v = qkv + nq + nkv;
     run.ldq = run.ldk = run.ldv = nqkv;
-    run.out = run.attn;
+    run.out = attn;
     run.ldo = nq;
 
     if (valid > 0) {
+        const sa_linear in_proj = {x, dm, layer->w_qkv, layer->b_qkv, qkv, nqkv};
+        const sa_linear out_proj = {attn, nq, layer->w_o, layer->b_o, y, dm};
         run.n_chunks = workers;
-        sa_parallel(&run, workers, run.n_chunks, sa_project_in_task);
+        run.proj = &in_proj;
+        sa_parallel(&run, workers, run.n_chunks, sa_project_task);
         sa_parallel(&run, workers, batch * layer->n_heads * run.n_blocks, sa_attention_task);
-        if (layer->out_proj)
-            sa_parallel(&run, workers, run.n_chunks, sa_project_out_task);
+        if (layer->out_proj) {
+            run.proj = &out_proj;
+            sa_parallel(&run, workers, run.n_chunks, sa_project_task);
+        }
     }
     /* Padding rows are zeros. */
     for (int32_t b = 0; b < batch; b++) {

@@ -4,18 +4,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-void ref_linear(const float *x, int rows, int in, const float *w, const float *b, int out,
-                double *y)
-{
-    for (int r = 0; r < rows; r++)
-        for (int o = 0; o < out; o++) {
-            double acc = b ? (double)b[o] : 0.0;
-            for (int i = 0; i < in; i++)
-                acc += (double)x[(size_t)r * in + i] * (double)w[(size_t)o * in + i];
-            y[(size_t)r * out + o] = acc;
-        }
-}
-
 void ref_linear_d(const double *x, int rows, int in, const float *w, const float *b, int out,
                   double *y)
 {
@@ -26,6 +14,16 @@ void ref_linear_d(const double *x, int rows, int in, const float *w, const float
                 acc += x[(size_t)r * in + i] * (double)w[(size_t)o * in + i];
             y[(size_t)r * out + o] = acc;
         }
+}
+
+void ref_linear(const float *x, int rows, int in, const float *w, const float *b, int out,
+                double *y)
+{
+    double *xd = malloc(sizeof(double) * (size_t)rows * (size_t)in);
+    for (size_t i = 0; i < (size_t)rows * (size_t)in; i++)
+        xd[i] = x[i];
+    ref_linear_d(xd, rows, in, w, b, out, y);
+    free(xd);
 }
 
 static void ref_attend_one(const ref_layer *l, int i, int q_len, int kv_len, const double *q,
