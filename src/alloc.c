@@ -1,7 +1,8 @@
 /* The one allocator of the library: 64-byte aligned blocks (a cache line, and a full AVX-512
    vector), so that kernels see aligned rows. Every allocation goes through here so that tests
    can make the n-th one fail (sa_test_fail_allocation, reachable from the static test archive
-   only: it is not exported from the shared library). */
+   only: it is not exported from the shared library). Helper-thread starts can be made to fail
+   the same way (sa_test_fail_thread_starts). */
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,4 +54,16 @@ void *sa_calloc(size_t n, size_t size)
 void sa_free(void *p)
 {
     free(p);
+}
+
+static atomic_int sa_fail_threads;
+
+void sa_test_fail_thread_starts(int on)
+{
+    atomic_store(&sa_fail_threads, on);
+}
+
+int sa_thread_start_allowed(void)
+{
+    return !atomic_load_explicit(&sa_fail_threads, memory_order_relaxed);
 }

@@ -251,7 +251,8 @@ static void sa_parallel(sa_run *run, int n_workers, int n_tasks, sa_task_fn task
     for (int i = 1; i < n_workers; i++) {
         args[i].run = run;
         args[i].id = i;
-        started[i] = pthread_create(&tid[i], NULL, sa_worker_main, &args[i]) == 0;
+        started[i] = sa_thread_start_allowed() &&
+                     pthread_create(&tid[i], NULL, sa_worker_main, &args[i]) == 0;
     }
     sa_work(run, 0);
     for (int i = 1; i < n_workers; i++)

@@ -32,6 +32,9 @@ SA_HIDDEN void sa_free(void *p);
 /* Tests only: make the n-th allocation from now fail (0 = none). Returns the previous
    countdown: > 0 means the previously armed failure has not happened. */
 SA_HIDDEN long sa_test_fail_allocation(long n);
+/* Tests only: make every helper-thread start fail (on = 1) or not (0). */
+SA_HIDDEN void sa_test_fail_thread_starts(int on);
+SA_HIDDEN int sa_thread_start_allowed(void);
 
 /* a * b into *out without overflow; returns 0 on overflow. */
 static inline int sa_mul_size(size_t a, size_t b, size_t *out)

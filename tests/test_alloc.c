@@ -3,7 +3,8 @@
  * n = 1, 2, ... until a run meets no failure. Each time the failing call must return
  * SELFATTN_ERR_NOMEM with caller outputs untouched and the handle unchanged and usable: the same
  * call is retried without the failure and the script finishes with results bit-identical to a
- * run without failures. Leaks are caught by LeakSanitizer in the sanitizer build. */
+ * run without failures. Leaks are caught by LeakSanitizer in the sanitizer build. Helper-thread
+ * start failures are injected too. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -110,10 +111,34 @@ static void test_every_allocation_fails_once(void **state)
     assert_true(n - 1 >= 7); /* create, 4 weight/bias buffers, 2 forwards, attend */
 }
 
+/* When helper threads cannot be started, the calling thread does all the tasks: the call still
+   succeeds, with the same bits. */
+static void test_thread_start_failure(void **state)
+{
+    (void)state;
+    const tu_spec spec = {128, 4, 2, 0, 1, 1, 0, 1, 4, 0};
+    tu_layer t;
+    assert_int_equal(tu_layer_make(&spec, 3, &t), SELFATTN_OK);
+    enum { LL = 300 };
+    tu_rng r = {6};
+    float *x = tu_random(&r, (size_t)2 * LL * 128, -1, 1);
+    float *y1 = malloc(sizeof(float) * 2 * LL * 128), *y2 = malloc(sizeof(float) * 2 * LL * 128);
+    assert_int_equal(selfattn_forward(t.layer, 2, LL, x, NULL, y1), SELFATTN_OK);
+    sa_test_fail_thread_starts(1);
+    assert_int_equal(selfattn_forward(t.layer, 2, LL, x, NULL, y2), SELFATTN_OK);
+    sa_test_fail_thread_starts(0);
+    assert_memory_equal(y1, y2, sizeof(float) * 2 * LL * 128);
+    free(x);
+    free(y1);
+    free(y2);
+    tu_layer_free(&t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_allocation_fails_once),
+        cmocka_unit_test(test_thread_start_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
