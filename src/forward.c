@@ -264,7 +264,7 @@ static void sa_parallel(sa_run *run, int n_workers, int n_tasks, sa_task_fn task
 
 /* Fills the attention part of run and the per-worker score workspace size (in floats). */
 static selfattn_status sa_plan_attention(sa_run *run, const selfattn_layer *l, int32_t batch,
-                                         int32_t q_len, int32_t kv_len, int n_workers)
+                                         int32_t q_len, int32_t kv_len)
 {
     run->layer = l;
     run->softmax_exp = sa_kernels_get()->softmax_exp;
@@ -287,7 +287,6 @@ static selfattn_status sa_plan_attention(sa_run *run, const selfattn_layer *l, i
     run->scores_per_worker = per;
     if (run->ld_s > INT32_MAX || (int64_t)batch * l->n_heads * run->n_blocks > INT32_MAX)
         return SELFATTN_ERR_OVERFLOW; /* ld_s (a CBLAS leading dimension) and tasks are ints */
-    (void)n_workers;
     return SELFATTN_OK;
 }
 
@@ -341,7 +340,7 @@ selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch, int3
     const int workers = sa_workers_for(layer, flops);
     sa_run run;
     memset(&run, 0, sizeof run);
-    st = sa_plan_attention(&run, layer, batch, q_len, kv_len, workers);
+    st = sa_plan_attention(&run, layer, batch, q_len, kv_len);
     SA_CHECK(st == SELFATTN_OK, st);
     const size_t ws_bytes = sa_array_bytes((size_t)workers, run.scores_per_worker);
     SA_CHECK(ws_bytes != 0, SELFATTN_ERR_OVERFLOW);
@@ -392,7 +391,7 @@ selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int
 
     sa_run run;
     memset(&run, 0, sizeof run);
-    st = sa_plan_attention(&run, layer, batch, seq_len, seq_len, workers);
+    st = sa_plan_attention(&run, layer, batch, seq_len, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
 
     /* One workspace: qkv [rows][nqkv], attn [rows][nq] (unless y takes it), scores per worker. */
