@@ -109,8 +109,8 @@ static void ref_forward_seq_rows(const ref_layer *l, int seq_len, const float *x
     free(scores);
 }
 
-void ref_forward(const ref_layer *l, int batch, int seq_len, const float *x,
-                 const int32_t *lengths, double *y)
+void ref_forward(const ref_layer *l, int batch, int seq_len, const float *x, const int32_t *lengths,
+                 double *y)
 {
     const size_t seq_elems = (size_t)seq_len * l->d_model;
     for (int b = 0; b < batch; b++)
@@ -122,4 +122,43 @@ void ref_forward_row(const ref_layer *l, int seq_len, const float *x_seq, int le
                      double *y_row)
 {
     ref_forward_seq_rows(l, seq_len, x_seq, length, i, i + 1, y_row);
+}
+
+static double *ref_to_double(const float *p, size_t n)
+{
+    double *d = malloc(sizeof(double) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++)
+        d[i] = p[i];
+    return d;
+}
+
+void ref_attend(const ref_layer *l, int batch, int q_len, int kv_len, const float *q,
+                const float *k, const float *v, const int32_t *kv_lengths, double *out)
+{
+    const size_t nq = (size_t)l->n_heads * l->head_dim, nkv = (size_t)l->n_kv_heads * l->head_dim;
+    const size_t qn = (size_t)batch * q_len * nq, kn = (size_t)batch * kv_len * nkv;
+    double *qd = ref_to_double(q, qn), *kd = ref_to_double(k, kn), *vd = ref_to_double(v, kn);
+    for (int b = 0; b < batch; b++)
+        ref_attend_seq(l, q_len, kv_len, qd + (size_t)b * q_len * nq, kd + (size_t)b * kv_len * nkv,
+                       vd + (size_t)b * kv_len * nkv, kv_lengths ? kv_lengths[b] : kv_len,
+                       out + (size_t)b * q_len * nq);
+    free(qd);
+    free(kd);
+    free(vd);
+}
+
+void ref_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max)
+{
+    double e = 0.0, m = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = fabs((double)a[i] - b[i]);
+        if (d != d)
+            e = INFINITY; /* NaN in a counts as an infinite error */
+        else if (d > e)
+            e = d;
+        if (fabs(b[i]) > m)
+            m = fabs(b[i]);
+    }
+    *err = e;
+    *ref_max = m;
 }

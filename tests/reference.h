@@ -4,6 +4,7 @@
 #ifndef SELFATTN_TEST_REFERENCE_H
 #define SELFATTN_TEST_REFERENCE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct ref_layer {
@@ -27,11 +28,19 @@ void ref_attend_seq(const ref_layer *l, int q_len, int kv_len, const double *q, 
                     const double *v, int kv_valid, double *out);
 
 /* Whole layer over a batch; padding rows (>= lengths[b]) are zeros. y [batch][L][d_model]. */
-void ref_forward(const ref_layer *l, int batch, int seq_len, const float *x,
-                 const int32_t *lengths, double *y);
+void ref_forward(const ref_layer *l, int batch, int seq_len, const float *x, const int32_t *lengths,
+                 double *y);
 
 /* Same for a single query row i of sequence b only (K and V of the whole sequence are computed). */
 void ref_forward_row(const ref_layer *l, int seq_len, const float *x_seq, int length, int i,
                      double *y_row);
+
+/* Attention over a batch of float tensors (converted to double here), as ref_attend_seq per
+   sequence; kv_lengths may be NULL. */
+void ref_attend(const ref_layer *l, int batch, int q_len, int kv_len, const float *q,
+                const float *k, const float *v, const int32_t *kv_lengths, double *out);
+
+/* *err = max_i |a_i - b_i| (infinite when an a_i is NaN), *ref_max = max_i |b_i|. */
+void ref_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max);
 
 #endif

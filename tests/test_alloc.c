@@ -33,21 +33,21 @@ static float w[8][D * D];
 
 /* Runs the call; on failure checks the contract and retries it without the failure. Counts
    failures seen in *failed. */
-#define STEP(call, out, n_out)                                                                \
-    do {                                                                                      \
-        if ((out) != NULL)                                                                    \
-            for (long i_ = 0; i_ < (long)(n_out); i_++)                                   \
-                ((float *)(out))[i_] = SENT;                                                  \
-        selfattn_status st_ = (call);                                                         \
-        if (st_ != SELFATTN_OK) {                                                             \
-            assert_int_equal(st_, SELFATTN_ERR_NOMEM);                                        \
-            if ((out) != NULL)                                                                \
-                for (long i_ = 0; i_ < (long)(n_out); i_++)                               \
-                    assert_true(((float *)(out))[i_] == SENT);                                \
-            (*failed)++;                                                                      \
-            sa_test_fail_allocation(0);                                                       \
-            assert_int_equal((call), SELFATTN_OK);                                            \
-        }                                                                                     \
+#define STEP(call, out, n_out)                                                                     \
+    do {                                                                                           \
+        if ((out) != NULL)                                                                         \
+            for (long i_ = 0; i_ < (long)(n_out); i_++)                                            \
+                ((float *)(out))[i_] = SENT;                                                       \
+        selfattn_status st_ = (call);                                                              \
+        if (st_ != SELFATTN_OK) {                                                                  \
+            assert_int_equal(st_, SELFATTN_ERR_NOMEM);                                             \
+            if ((out) != NULL)                                                                     \
+                for (long i_ = 0; i_ < (long)(n_out); i_++)                                        \
+                    assert_true(((float *)(out))[i_] == SENT);                                     \
+            (*failed)++;                                                                           \
+            sa_test_fail_allocation(0);                                                            \
+            assert_int_equal((call), SELFATTN_OK);                                                 \
+        }                                                                                          \
     } while (0)
 
 static void script(script_out *o, int *failed, int *create_failed)
@@ -107,7 +107,8 @@ static void test_every_allocation_fails_once(void **state)
         assert_memory_equal(&run, &clean, sizeof run);
     }
     printf("  %ld allocations in the script, each made to fail once: NOMEM, outputs untouched, "
-           "handle usable, same results\n", n - 1);
+           "handle usable, same results\n",
+           n - 1);
     assert_true(n - 1 >= 7); /* create, 4 weight/bias buffers, 2 forwards, attend */
 }
 

@@ -2,15 +2,15 @@
  * bit-identical to a serial call. Each call itself uses 2 worker threads, so the calls also
  * overlap inside BLAS. */
 #include <pthread.h>
-#include <stdio.h>
-#include <sys/resource.h>
-#include <time.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <time.h>
 
 #include <cmocka.h>
 

@@ -222,8 +222,7 @@ static void test_weights(void **state)
         assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_B_O, wq, D + wrong[i] - D * D),
                          wrong[i] == D * D ? SELFATTN_OK : SELFATTN_ERR_INVALID);
     }
-    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_QKV, wq, D * D),
-                     SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_QKV, wq, D * D), SELFATTN_ERR_INVALID);
     /* none of that set a weight: shape options are still free */
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, 2), SELFATTN_OK);
     /* packed weights need n_kv_heads == n_heads */
@@ -322,8 +321,8 @@ static void test_forward_errors(void **state)
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         fill_sentinel(y, ny);
-        assert_int_equal(selfattn_forward(cases[i].layer, cases[i].batch, cases[i].seq,
-                                          cases[i].x, cases[i].len, cases[i].y_null ? NULL : y),
+        assert_int_equal(selfattn_forward(cases[i].layer, cases[i].batch, cases[i].seq, cases[i].x,
+                                          cases[i].len, cases[i].y_null ? NULL : y),
                          cases[i].want);
         assert_sentinel(y, ny);
     }
@@ -379,11 +378,16 @@ static void test_attend_errors(void **state)
         const int32_t *len;
         selfattn_status want;
     } cases[] = {
-        {2, L, L, 1, NULL, SELFATTN_ERR_NULL},    {2, L, L, 2, NULL, SELFATTN_ERR_NULL},
-        {2, L, L, 3, NULL, SELFATTN_ERR_NULL},    {2, L, L, 4, NULL, SELFATTN_ERR_NULL},
-        {2, L, L, 5, NULL, SELFATTN_ERR_NULL},    {0, L, L, 0, NULL, SELFATTN_ERR_INVALID},
-        {2, 0, L, 0, NULL, SELFATTN_ERR_INVALID}, {2, L, 0, 0, NULL, SELFATTN_ERR_INVALID},
-        {2, L, -1, 0, NULL, SELFATTN_ERR_INVALID}, {2, L, L, 0, bad, SELFATTN_ERR_INVALID},
+        {2, L, L, 1, NULL, SELFATTN_ERR_NULL},
+        {2, L, L, 2, NULL, SELFATTN_ERR_NULL},
+        {2, L, L, 3, NULL, SELFATTN_ERR_NULL},
+        {2, L, L, 4, NULL, SELFATTN_ERR_NULL},
+        {2, L, L, 5, NULL, SELFATTN_ERR_NULL},
+        {0, L, L, 0, NULL, SELFATTN_ERR_INVALID},
+        {2, 0, L, 0, NULL, SELFATTN_ERR_INVALID},
+        {2, L, 0, 0, NULL, SELFATTN_ERR_INVALID},
+        {2, L, -1, 0, NULL, SELFATTN_ERR_INVALID},
+        {2, L, L, 0, bad, SELFATTN_ERR_INVALID},
         {2, L, L, 0, neg, SELFATTN_ERR_INVALID},
         {INT32_MAX, INT32_MAX, 1, 0, NULL, SELFATTN_ERR_OVERFLOW},
         {1, 1, INT32_MAX, 0, NULL, SELFATTN_ERR_OVERFLOW}, /* scores: block x 2^31 per task */

@@ -44,8 +44,8 @@ static void check_poison(float poison, int causal)
     float x[B * L * D], y[B * L * D], solo[L * D];
     tu_fill(&r, x, B * L * D, -1, 1);
     const int32_t lens[B] = {L, L, 12};
-    x[(1 * L + 5) * D + 7] = poison;    /* sequence 1, position 5 */
-    x[(2 * L + 15) * D + 3] = poison;   /* sequence 2, a padding position */
+    x[(1 * L + 5) * D + 7] = poison;  /* sequence 1, position 5 */
+    x[(2 * L + 15) * D + 3] = poison; /* sequence 2, a padding position */
     assert_int_equal(selfattn_forward(t.layer, B, L, x, lens, y), SELFATTN_OK);
     /* sequence 0: untouched by the others */
     assert_true(all_finite(y, L * D));
@@ -97,8 +97,8 @@ static void test_huge_scores_saturate(void **state)
             v[j * 8 + d] = (float)(10 * j + d);
         }
     for (int d = 0; d < 8; d++) {
-        q[d] = d == 0 ? 1e15f : 0.0f;       /* scores (j+1) * 1e29 / sqrt(8): key 4 wins */
-        q[8 + d] = d == 0 ? -1e15f : 0.0f;  /* scores -(j+1) * 1e29: key 0 wins */
+        q[d] = d == 0 ? 1e15f : 0.0f;      /* scores (j+1) * 1e29 / sqrt(8): key 4 wins */
+        q[8 + d] = d == 0 ? -1e15f : 0.0f; /* scores -(j+1) * 1e29: key 0 wins */
     }
     assert_int_equal(selfattn_attend(l, 1, 2, KL, q, k, v, NULL, out), SELFATTN_OK);
     for (int d = 0; d < 8; d++) {
@@ -134,7 +134,7 @@ static void test_subnormal_inputs(void **state)
     assert_true(all_finite(y, L * D));
     ref_forward(&t.ref, 1, L, x, NULL, yr);
     double err, mx;
-    tu_max_err(y, yr, L * D, &err, &mx);
+    ref_max_err(y, yr, L * D, &err, &mx);
     assert_true(err <= 1e-4 * mx);
     tu_layer_free(&t);
 }

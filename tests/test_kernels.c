@@ -122,7 +122,9 @@ static void check_kernel(const sa_kernels *k, const sa_kernels *ref_k)
                 const float scale = kind == 3 ? 1.0f : scales[si];
                 make_row(&r, kind, x, n_total);
                 /* every few rows leave a masked tail */
-                const size_t n_valid = (li + si) % 3 == 0 && n_total > 1 ? n_total - 1 - (li % (n_total - 1)) : n_total;
+                const size_t n_valid = (li + si) % 3 == 0 && n_total > 1
+                                           ? n_total - 1 - (li % (n_total - 1))
+                                           : n_total;
                 const size_t offset = (li + kind + si) % 4;
                 double *p = run_one(k, x, n_valid, n_total, scale, offset, &st);
                 kstats dummy = {0, 0};
@@ -152,9 +154,21 @@ static void test_isa(void **state)
     check_kernel(k, sa_kernels_for_isa(SA_ISA_SCALAR));
 }
 
-static int setup_scalar(void **s) { *s = (void *)(intptr_t)SA_ISA_SCALAR; return 0; }
-static int setup_avx2(void **s) { *s = (void *)(intptr_t)SA_ISA_AVX2; return 0; }
-static int setup_avx512(void **s) { *s = (void *)(intptr_t)SA_ISA_AVX512; return 0; }
+static int setup_scalar(void **s)
+{
+    *s = (void *)(intptr_t)SA_ISA_SCALAR;
+    return 0;
+}
+static int setup_avx2(void **s)
+{
+    *s = (void *)(intptr_t)SA_ISA_AVX2;
+    return 0;
+}
+static int setup_avx512(void **s)
+{
+    *s = (void *)(intptr_t)SA_ISA_AVX512;
+    return 0;
+}
 
 /* The chosen kernel is the best one the CPU supports unless SELFATTN_ISA lowers it. */
 static void test_dispatch(void **state)

@@ -118,19 +118,3 @@ void tu_layer_free(tu_layer *t)
     free(t->bqkv);
     memset(t, 0, sizeof *t);
 }
-
-void tu_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max)
-{
-    double e = 0.0, m = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        const double d = fabs((double)a[i] - b[i]);
-        if (d != d)
-            e = INFINITY; /* NaN in a counts as an infinite error */
-        else if (d > e)
-            e = d;
-        if (fabs(b[i]) > m)
-            m = fabs(b[i]);
-    }
-    *err = e;
-    *ref_max = m;
-}

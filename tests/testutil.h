@@ -35,7 +35,4 @@ typedef struct tu_layer {
 selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *out);
 void tu_layer_free(tu_layer *t);
 
-/* max_i |a_i - b_i| and max_i |b_i| */
-void tu_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max);
-
 #endif
