@@ -2,8 +2,9 @@
  *
  * Method: range reduction t = n ln2 + r with n = round(t log2(e)) and |r| <= ln2/2; then
  * e^r ~= C0 + C1 r + ... + C5 r^5, the minimax polynomial for relative error on that interval,
- * derived here by tools/exp_minimax.py (Remez exchange; 1.3e-7 maximum relative error with the
- * coefficients rounded to float); and e^t = 2^n e^r with 2^n built from exponent bits.
+ * derived here by exp_minimax.py beside this file (Remez exchange; 1.3e-7 maximum relative
+ * error with the coefficients rounded to float); and e^t = 2^n e^r with 2^n built from
+ * exponent bits.
  * The SIMD kernels reduce with one FMA and ln2 rounded to float (SA_EXP_LN2): the rounding of
  * ln2 (1.9e-9) times |n| <= 126 moves r by at most 2.4e-7, a relative error of that size in the
  * smallest results only. The scalar kernel, without FMA, splits ln2 into a part whose product

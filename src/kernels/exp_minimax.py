@@ -2,7 +2,7 @@
 """Derives the degree-5 polynomial used by the softmax kernels' exp: the minimax approximation
 (relative error) of e^r on [-ln2/2, ln2/2], by the Remez exchange algorithm, in pure Python.
 Prints the coefficients rounded to float32 and their maximum relative error (evaluated in
-double on a fine grid). Run: python3 tools/exp_minimax.py"""
+double on a fine grid). Run: python3 src/kernels/exp_minimax.py"""
 import math
 import struct
 
