@@ -151,7 +151,25 @@ static void sa_attention_task(sa_run *run, int worker, int task)
 
 /* ---- Phases 1 and 3: projections over the valid rows ---- */
 
-static void sa_project_rows(sa_run *run, size_t row0, size_t n_rows);
+static void sa_add_bias(float *c, size_t n_rows, size_t width, size_t ldc, const float *bias)
+{
+    for (size_t r = 0; r < n_rows; r++) {
+        float *row = c + r * ldc;
+        for (size_t j = 0; j < width; j++)
+            row[j] += bias[j];
+    }
+}
+
+/* out[r] = in[r] * w^T + bias for rows [row0, row0 + n_rows) of the current projection. */
+static void sa_project_rows(sa_run *run, size_t row0, size_t n_rows)
+{
+    const sa_linear *p = run->proj;
+    float *c = p->out + row0 * p->n;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_rows, (int)p->n, (int)p->k, 1.0f,
+                p->in + row0 * p->k, (int)p->k, p->w, (int)p->k, 0.0f, c, (int)p->n);
+    if (p->bias != NULL)
+        sa_add_bias(c, n_rows, p->n, p->n, p->bias);
+}
 
 /* Projects the maximal runs of memory-contiguous rows among valid rows [v0, v1) (valid rows
    numbered across the batch in order), one GEMM per run. */
@@ -179,26 +197,6 @@ static void sa_for_valid_rows(sa_run *run, size_t v0, size_t v1)
     }
     if (run_n > 0)
         sa_project_rows(run, run0, run_n);
-}
-
-static void sa_add_bias(float *c, size_t n_rows, size_t width, size_t ldc, const float *bias)
-{
-    for (size_t r = 0; r < n_rows; r++) {
-        float *row = c + r * ldc;
-        for (size_t j = 0; j < width; j++)
-            row[j] += bias[j];
-    }
-}
-
-/* out[r] = in[r] * w^T + bias for rows [row0, row0 + n_rows) of the current projection. */
-static void sa_project_rows(sa_run *run, size_t row0, size_t n_rows)
-{
-    const sa_linear *p = run->proj;
-    float *c = p->out + row0 * p->n;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_rows, (int)p->n, (int)p->k, 1.0f,
-                p->in + row0 * p->k, (int)p->k, p->w, (int)p->k, 0.0f, c, (int)p->n);
-    if (p->bias != NULL)
-        sa_add_bias(c, n_rows, p->n, p->n, p->bias);
 }
 
 /* Task t of a projection phase: chunk t of the valid rows. */

@@ -59,11 +59,12 @@ static inline int sa_add_size(size_t a, size_t b, size_t *out)
      row[i] = exp(row[i] * scale - m)    for i < n_valid
      row[i] = 0                          for n_valid <= i < n_total
    and returns the sum of the row[i]. Needs 1 <= n_valid <= n_total. Finite scores of any
-   magnitude give finite results (the largest entry is about 1, see SA_EXP_MAX_ARG); a NaN
-   score makes the sum NaN. The caller normalises
-   (divides the P*V product by the sum), so the division is done once per output element rather
-   than once per score. Arguments of exp below ln(FLT_MIN) are clamped there: such an entry gives
-   about 1.2e-38 instead of a smaller number, an absolute error below FLT_MIN. */
+   magnitude give finite results, the largest entry being about 1 (rows whose largest scaled
+   score reaches SA_EXP_EXACT_MAX_FROM take an exact-max path); a NaN score makes the sum NaN.
+   The caller normalises (divides the P*V product by the sum), so the division is done once per
+   output element rather than once per score. Arguments of exp below ln(FLT_MIN) are clamped there:
+   such an entry gives about 1.2e-38 instead of a smaller number, an absolute error below FLT_MIN.
+ */
 typedef float (*sa_f32_softmax_exp_fn)(float *row, size_t n_valid, size_t n_total, float scale);
 
 typedef enum sa_isa { SA_ISA_SCALAR = 0, SA_ISA_AVX2 = 1, SA_ISA_AVX512 = 2 } sa_isa;
