@@ -58,14 +58,16 @@ static inline int sa_add_size(size_t a, size_t b, size_t *out)
      m = max_{i < n_valid} row[i] * scale
      row[i] = exp(row[i] * scale - m)    for i < n_valid
      row[i] = 0                          for n_valid <= i < n_total
-   and returns the sum of the row[i]. Needs 1 <= n_valid <= n_total. Finite scores of any
-   magnitude give finite results, the largest entry being about 1 (rows whose largest scaled
-   score reaches SA_EXP_EXACT_MAX_FROM take an exact-max path); a NaN score makes the sum NaN.
+   stores m (rounded to float) in *max_out and returns the sum of the row[i]; m + log(sum) is the
+   row's log-sum-exp. Needs 1 <= n_valid <= n_total. Finite scores of any magnitude give finite
+   results, the largest entry being about 1 (rows whose largest scaled score reaches
+   SA_EXP_EXACT_MAX_FROM take an exact-max path); a NaN score makes the sum NaN.
    The caller normalises (divides the P*V product by the sum), so the division is done once per
    output element rather than once per score. Arguments of exp below ln(FLT_MIN) are clamped there:
    such an entry gives about 1.2e-38 instead of a smaller number, an absolute error below FLT_MIN.
  */
-typedef float (*sa_f32_softmax_exp_fn)(float *row, size_t n_valid, size_t n_total, float scale);
+typedef float (*sa_f32_softmax_exp_fn)(float *row, size_t n_valid, size_t n_total, float scale,
+                                       float *max_out);
 
 typedef enum sa_isa { SA_ISA_SCALAR = 0, SA_ISA_AVX2 = 1, SA_ISA_AVX512 = 2 } sa_isa;
 
@@ -76,14 +78,14 @@ typedef struct sa_kernels {
 } sa_kernels;
 
 SA_HIDDEN float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total,
-                                             float scale);
+                                             float scale, float *max_out);
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
 SA_HIDDEN float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total,
-                                            float scale);
+                                            float scale, float *max_out);
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
 SA_HIDDEN float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total,
-                                              float scale);
+                                              float scale, float *max_out);
 #endif
 
 /* The kernel table chosen for this process (CPU detection and SELFATTN_ISA, once). */
@@ -94,18 +96,17 @@ SA_HIDDEN const sa_kernels *sa_kernels_for_isa(sa_isa isa);
 /* ---- Attention blocking ---- */
 /* Query rows per attention task. Each task multiplies its block by all the keys it can see, and
    BLAS packs those keys (and values) again for every block: bigger blocks amortise that packing
-   (on the machine this was tuned on, blocks of 256 rows ran about 25% faster than 64 at
-   seq_len 2048-8192), while the score block (block x kv_len floats per worker) must stay
+   (on the machine this was first tuned on, blocks of 256 rows ran about 25% faster than 64 at
+   seq_len 2048-8192), while the score block (block x key span floats per worker) must stay
    modest; under a causal mask the triangle inside each block is wasted work, so blocks stay at
-   or under a quarter of the sequence. Kept here so that the benchmarks' sgemm ceiling uses the
-   same blocks. */
+   or under a quarter of the sequence. `span` is the most keys one block can see. */
 #define SA_BLOCK_MAX 256
 #define SA_BLOCK_MIN 32
 #define SA_SCORE_BUDGET_BYTES (16u << 20)
 
-static inline int32_t sa_block_rows(int32_t q_len, int32_t kv_len, int causal)
+static inline int32_t sa_block_rows(int32_t q_len, int32_t span, int causal)
 {
-    int64_t b = (int64_t)(SA_SCORE_BUDGET_BYTES / sizeof(float)) / ((int64_t)kv_len + 16);
+    int64_t b = (int64_t)(SA_SCORE_BUDGET_BYTES / sizeof(float)) / ((int64_t)span + 16);
     if (causal && b > q_len / 4)
         b = q_len / 4;
     b = b / 16 * 16;
@@ -115,6 +116,35 @@ static inline int32_t sa_block_rows(int32_t q_len, int32_t kv_len, int causal)
         b = SA_BLOCK_MIN;
     return q_len < b ? q_len : (int32_t)b;
 }
+
+/* ---- Worker pool (pool.c) ---- */
+#define SA_MAX_THREADS 64
+/* Runs fn(ctx, w) on n_workers workers at once, w = 0 (the caller) .. n_workers - 1, each at most
+   once; returns when all have returned. Helpers come from the process's persistent pool; a helper
+   that cannot be had (all busy, or a thread could not be started) is simply not run, so fn must
+   share its work out dynamically (sa_run_tasks does). */
+typedef void (*sa_job_fn)(void *ctx, int worker);
+SA_HIDDEN void sa_pool_run(int n_workers, sa_job_fn fn, void *ctx);
+/* Helper threads started so far (for tests). */
+SA_HIDDEN int sa_pool_size(void);
+
+/* Tasks 0 .. n_tasks - 1, each run once as task(arg, worker, t) by one of n_workers workers; which
+   worker runs a task must not change its result. */
+typedef void (*sa_task_fn)(void *arg, int worker, int task);
+SA_HIDDEN void sa_run_tasks(int n_workers, int n_tasks, sa_task_fn task, void *arg);
+
+/* ---- Workspaces kept between calls (workspace.c) ---- */
+typedef struct sa_ws {
+    struct sa_ws *next;
+    size_t bytes;
+    void *data; /* 64-byte aligned, `bytes` long */
+} sa_ws;
+typedef struct sa_ws_cache sa_ws_cache;
+SA_HIDDEN sa_ws_cache *sa_ws_cache_create(void);
+SA_HIDDEN void sa_ws_cache_destroy(sa_ws_cache *c);
+/* A buffer of at least `bytes` for the caller's sole use, or NULL (out of memory). */
+SA_HIDDEN sa_ws *sa_ws_acquire(sa_ws_cache *c, size_t bytes);
+SA_HIDDEN void sa_ws_release(sa_ws_cache *c, sa_ws *w); /* NULL is a no-op */
 
 /* ---- The layer ---- */
 enum { SA_HAVE_Q = 1u, SA_HAVE_K = 2u, SA_HAVE_V = 4u, SA_HAVE_O = 8u };
@@ -127,16 +157,83 @@ struct selfattn_layer {
     int32_t causal;
     int32_t out_proj;
     int32_t threads_opt; /* 0 = library default */
+    int32_t window;      /* 0 = none */
+    int32_t rope;        /* 0 none, 1 rotate-half, 2 adjacent pairs */
+    int32_t rope_dims;   /* 0 = head_dim */
+    int32_t alibi;
     float scale_opt;     /* 0 = default */
+    float softcap;       /* 0 = off */
+    double rope_theta;   /* 0 = default */
     unsigned have;       /* SA_HAVE_* bits */
     int weights_set;     /* any weight or bias set: the shape is frozen */
     float *w_qkv;        /* [nq + 2 nkv][d_model], Q rows then K then V */
     float *b_qkv;        /* [nq + 2 nkv] or NULL (all zero) */
     float *w_o;          /* [d_model][nq] or NULL */
     float *b_o;          /* [d_model] or NULL (all zero) */
+    sa_ws_cache *ws;     /* workspaces of forward/attend calls: mutable through a const layer */
 };
 
 /* Number of worker threads a call on this layer uses. */
 SA_HIDDEN int sa_layer_threads(const selfattn_layer *layer);
+/* The effective score scale. */
+SA_HIDDEN float sa_layer_scale(const selfattn_layer *layer);
+
+/* ---- The attention core (attention.c) ---- */
+/* What one attention call computes, for every entry point. Query i of sequence b is at position
+   i + kv_len - q_len, key j at position j. */
+typedef struct sa_attn {
+    int32_t batch, q_len, kv_len;
+    int32_t n_heads, group, head_dim;
+    const float *q, *k, *v; /* row-major, row strides ldq/ldk/ldv, q_len/kv_len rows per sequence */
+    size_t ldq, ldk, ldv;
+    float *out;
+    size_t ldo;
+    const int32_t *kv_lengths; /* NULL: kv_len each */
+    int pad_queries;           /* forward: query rows at or past kv_lengths[b] are padding */
+    /* the scores: s = (q.k) scale; softcap; + ALiBi; + bias; visibility */
+    float scale;
+    float softcap; /* 0 = off */
+    int alibi;
+    int causal;
+    int32_t window; /* 0 = none */
+    const float *bias;
+    int64_t bias_sb, bias_sh, bias_sr;
+    /* optional outputs, [batch][n_heads][q_len]([kv_len]) */
+    float *weights;
+    float *lse;
+} sa_attn;
+
+/* Scratch floats per worker, or 0 on overflow; fills the plan fields of p. */
+typedef struct sa_attn_plan {
+    int32_t block, n_blocks;
+    size_t ld_s;              /* row stride of a score block */
+    size_t floats_per_worker; /* a multiple of 16 */
+    int n_tasks;
+} sa_attn_plan;
+SA_HIDDEN selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p);
+/* Runs the attention with `workers` workers and scratch of workers * floats_per_worker floats.
+   Writes out rows (all but padding rows), weights and lse when asked. */
+SA_HIDDEN void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch);
+/* ALiBi slope of head h of n (Press et al. 2022; the BLOOM rule for n not a power of two). */
+SA_HIDDEN double sa_alibi_slope(int32_t h, int32_t n);
+
+/* ---- Projections (project.c) ---- */
+/* out = in * w^T + bias over the valid rows of a batch: in [batch*seq_len][k], w [n][k],
+   out [batch*seq_len][n]; rows at or past lengths[b] are neither read nor written. */
+typedef struct sa_proj {
+    const float *in;
+    size_t k;
+    const float *w;
+    const float *bias; /* [n] or NULL */
+    float *out;
+    size_t n;
+    int32_t batch, seq_len;
+    const int32_t *lengths;
+    size_t valid_rows;
+} sa_proj;
+SA_HIDDEN void sa_project(const sa_proj *p, int workers);
+
+/* Workers for a call of about `flops` on layer l: helpers are not worth waking for tiny calls. */
+SA_HIDDEN int sa_workers_for(const selfattn_layer *l, double flops);
 
 #endif /* SELFATTN_INTERNAL_H */

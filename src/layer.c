@@ -1,11 +1,10 @@
 /* The layer handle: creation, options, weights, status strings and versions. */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "internal.h"
-
-#define SA_MAX_THREADS 64
 
 uint32_t selfattn_version_number(void)
 {
@@ -69,6 +68,11 @@ selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads, selfattn
         return st;
     selfattn_layer *l = sa_calloc(1, sizeof *l);
     SA_CHECK(l != NULL, SELFATTN_ERR_NOMEM);
+    l->ws = sa_ws_cache_create();
+    if (l->ws == NULL) {
+        sa_free(l);
+        return SELFATTN_ERR_NOMEM;
+    }
     l->d_model = d_model;
     l->n_heads = n_heads;
     l->n_kv_heads = n_heads;
@@ -86,7 +90,26 @@ void selfattn_layer_destroy(selfattn_layer *layer)
     sa_free(layer->b_qkv);
     sa_free(layer->w_o);
     sa_free(layer->b_o);
+    sa_ws_cache_destroy(layer->ws);
     sa_free(layer);
+}
+
+float sa_layer_scale(const selfattn_layer *layer)
+{
+    if (layer->scale_opt != 0.0f)
+        return layer->scale_opt;
+    return layer->head_dim != 0 ? (float)(1.0 / sqrt((double)layer->head_dim)) : 0.0f;
+}
+
+/* Whether the rotary settings fit a head size (head_dim 0: undetermined, checked when set). */
+static int sa_rope_fits(int64_t rope, int64_t rope_dims, int64_t head_dim)
+{
+    if (rope == 0 && rope_dims == 0)
+        return 1;
+    const int64_t r = rope_dims != 0 ? rope_dims : head_dim;
+    if (head_dim == 0)
+        return r % 2 == 0;
+    return r % 2 == 0 && r <= head_dim;
 }
 
 int sa_layer_threads(const selfattn_layer *layer)
@@ -117,6 +140,22 @@ selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower, int6
     case SELFATTN_OPT_THREADS:
         lo = 1;
         hi = SA_MAX_THREADS;
+        break;
+    case SELFATTN_OPT_WINDOW:
+        lo = 1;
+        hi = INT32_MAX;
+        break;
+    case SELFATTN_OPT_ROPE:
+        lo = 0;
+        hi = 2;
+        break;
+    case SELFATTN_OPT_ROPE_DIMS:
+        lo = 2;
+        hi = INT32_MAX - 1;
+        break;
+    case SELFATTN_OPT_ALIBI:
+        lo = 0;
+        hi = 1;
         break;
     default:
         return SELFATTN_ERR_INVALID;
@@ -151,6 +190,7 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
     case SELFATTN_OPT_HEAD_DIM: {
         const int64_t hd = value != 0 ? value : (d_model % n_heads == 0 ? d_model / n_heads : 0);
         SA_CHECK(layer->out_proj || hd * n_heads == d_model, SELFATTN_ERR_INVALID);
+        SA_CHECK(sa_rope_fits(layer->rope, layer->rope_dims, hd), SELFATTN_ERR_INVALID);
         st = sa_check_shape(d_model, n_heads, layer->n_kv_heads, hd);
         SA_CHECK(st == SELFATTN_OK, st);
         layer->head_dim = (int32_t)hd;
@@ -165,6 +205,20 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
         break;
     case SELFATTN_OPT_THREADS:
         layer->threads_opt = (int32_t)value;
+        break;
+    case SELFATTN_OPT_WINDOW:
+        layer->window = (int32_t)value;
+        break;
+    case SELFATTN_OPT_ROPE:
+        SA_CHECK(sa_rope_fits(value, layer->rope_dims, layer->head_dim), SELFATTN_ERR_INVALID);
+        layer->rope = (int32_t)value;
+        break;
+    case SELFATTN_OPT_ROPE_DIMS:
+        SA_CHECK(sa_rope_fits(layer->rope, value, layer->head_dim), SELFATTN_ERR_INVALID);
+        layer->rope_dims = (int32_t)value;
+        break;
+    case SELFATTN_OPT_ALIBI:
+        layer->alibi = (int32_t)value;
         break;
     }
     return SELFATTN_OK;
@@ -189,6 +243,18 @@ selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option 
     case SELFATTN_OPT_THREADS:
         *value = sa_layer_threads(layer);
         return SELFATTN_OK;
+    case SELFATTN_OPT_WINDOW:
+        *value = layer->window;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_ROPE:
+        *value = layer->rope;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_ROPE_DIMS:
+        *value = layer->rope_dims != 0 ? layer->rope_dims : layer->head_dim;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_ALIBI:
+        *value = layer->alibi;
+        return SELFATTN_OK;
     }
     return SELFATTN_ERR_INVALID;
 }
@@ -199,6 +265,46 @@ selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, float scale)
     SA_CHECK(isfinite(scale), SELFATTN_ERR_INVALID);
     layer->scale_opt = scale;
     return SELFATTN_OK;
+}
+
+selfattn_status selfattn_layer_set_float(selfattn_layer *layer, selfattn_float_option opt,
+                                         double value)
+{
+    SA_CHECK(layer != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(isfinite(value), SELFATTN_ERR_INVALID);
+    switch (opt) {
+    case SELFATTN_FOPT_SCALE:
+        SA_CHECK(fabs(value) <= FLT_MAX, SELFATTN_ERR_INVALID);
+        layer->scale_opt = (float)value;
+        return SELFATTN_OK;
+    case SELFATTN_FOPT_ROPE_THETA:
+        SA_CHECK(value >= 0.0, SELFATTN_ERR_INVALID);
+        layer->rope_theta = value;
+        return SELFATTN_OK;
+    case SELFATTN_FOPT_SOFTCAP:
+        SA_CHECK(value >= 0.0 && value <= FLT_MAX, SELFATTN_ERR_INVALID);
+        layer->softcap = (float)value;
+        return SELFATTN_OK;
+    }
+    return SELFATTN_ERR_INVALID;
+}
+
+selfattn_status selfattn_layer_get_float(const selfattn_layer *layer, selfattn_float_option opt,
+                                         double *value)
+{
+    SA_CHECK(layer != NULL && value != NULL, SELFATTN_ERR_NULL);
+    switch (opt) {
+    case SELFATTN_FOPT_SCALE:
+        *value = sa_layer_scale(layer);
+        return SELFATTN_OK;
+    case SELFATTN_FOPT_ROPE_THETA:
+        *value = layer->rope_theta != 0.0 ? layer->rope_theta : 10000.0;
+        return SELFATTN_OK;
+    case SELFATTN_FOPT_SOFTCAP:
+        *value = layer->softcap;
+        return SELFATTN_OK;
+    }
+    return SELFATTN_ERR_INVALID;
 }
 
 selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight which,

@@ -54,14 +54,18 @@ static void assert_sentinel(const float *p, size_t n)
 
 /* All options of a layer, to show that a failed call changed none of them. */
 typedef struct snapshot {
-    int64_t v[5];
+    int64_t v[9];
+    double f[3];
 } snapshot;
 
 static snapshot snap(const selfattn_layer *l)
 {
     snapshot s;
-    for (int o = 1; o <= 5; o++)
+    for (int o = 1; o <= 9; o++)
         assert_int_equal(selfattn_layer_get(l, (selfattn_option)o, &s.v[o - 1]), SELFATTN_OK);
+    for (int o = 1; o <= 3; o++)
+        assert_int_equal(selfattn_layer_get_float(l, (selfattn_float_option)o, &s.f[o - 1]),
+                         SELFATTN_OK);
     return s;
 }
 
@@ -141,8 +145,16 @@ static void test_options(void **state)
         selfattn_status want;
     } bad[] = {
         {0, 1, SELFATTN_ERR_INVALID},
-        {6, 1, SELFATTN_ERR_INVALID},
+        {10, 1, SELFATTN_ERR_INVALID},
         {-3, 1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_WINDOW, -1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_WINDOW, (int64_t)INT32_MAX + 1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_ROPE, 3, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_ROPE, -1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_ROPE_DIMS, 3, SELFATTN_ERR_INVALID},      /* odd */
+        {SELFATTN_OPT_ROPE_DIMS, D / H + 2, SELFATTN_ERR_INVALID}, /* > head_dim */
+        {SELFATTN_OPT_ROPE_DIMS, -2, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_ALIBI, 2, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_N_KV_HEADS, 3, SELFATTN_ERR_INVALID}, /* does not divide 4 */
         {SELFATTN_OPT_N_KV_HEADS, 8, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_N_KV_HEADS, -2, SELFATTN_ERR_INVALID},

@@ -43,7 +43,8 @@ static double *run_one(const sa_kernels *k, const float *x, size_t n_valid, size
         buf[i] = SENTINEL;
     float *row = buf + GUARD + offset;
     memcpy(row, x, sizeof(float) * n_total);
-    const float sum = k->softmax_exp(row, n_valid, n_total, scale);
+    float m_out = NAN;
+    const float sum = k->softmax_exp(row, n_valid, n_total, scale, &m_out);
 
     for (size_t i = 0; i < GUARD + offset; i++)
         assert_true(buf[i] == SENTINEL);
@@ -57,6 +58,9 @@ static double *run_one(const sa_kernels *k, const float *x, size_t n_valid, size
     double *ref = malloc(sizeof(double) * n_valid), *p = malloc(sizeof(double) * n_valid);
     for (size_t i = 0; i < n_valid; i++)
         mx = fmax(mx, (double)x[i] * scale);
+    /* the reported max is the largest scaled score, to float rounding (the log-sum-exp of a row
+       is built from it) */
+    assert_true(fabs((double)m_out - mx) <= 1e-6 * fabs(mx) + 1e-37);
     for (size_t i = 0; i < n_valid; i++)
         ref_sum += (ref[i] = exp((double)x[i] * scale - mx));
     double ref_max = 0.0;

@@ -36,8 +36,11 @@
  * threads at once through selfattn_forward and selfattn_attend (they only read it) once its
  * options and weights are no longer being changed; selfattn_layer_set, _set_scale, _set_weight
  * and _destroy need exclusive access to the handle. Each forward/attend call uses up to
- * SELFATTN_OPT_THREADS worker threads (the calling thread is one of them) which it starts and
- * joins itself: no thread outlives a call. When built against OpenBLAS the library does all the
+ * SELFATTN_OPT_THREADS worker threads: the calling thread and helpers from one pool per process,
+ * started on first need, reused by every later call on every layer, and sleeping (not spinning)
+ * between calls. A process that forks may call the library in the child, which starts a pool of
+ * its own. Each layer keeps the workspaces of its calls between calls (one per call running at
+ * once), so a call in steady state allocates nothing; they are freed by selfattn_layer_destroy. When built against OpenBLAS the library does all the
  * parallel work itself and calls BLAS from its workers single-threaded: it sets OpenBLAS's thread
  * count to 1 at its first forward/attend call (see README, "Threads"), unless the environment
  * variable SELFATTN_BLAS_THREADS=keep is set.
@@ -63,7 +66,7 @@ extern "C" {
 /* ---- Version -------------------------------------------------------------------------------- */
 /* Same major version = ABI compatible. A changed signature gets a new name (_v2), never an edit. */
 #define SELFATTN_VERSION_MAJOR 1
-#define SELFATTN_VERSION_MINOR 0
+#define SELFATTN_VERSION_MINOR 1
 #define SELFATTN_VERSION_PATCH 0
 #define SELFATTN_VERSION_NUMBER \
     (SELFATTN_VERSION_MAJOR * 10000 + SELFATTN_VERSION_MINOR * 100 + SELFATTN_VERSION_PATCH)
@@ -110,9 +113,42 @@ typedef enum selfattn_option {
     SELFATTN_OPT_CAUSAL = 3,     /* 0 or 1, default 0. */
     SELFATTN_OPT_OUT_PROJ = 4,   /* 0 or 1, default 1: apply W_O. With 0 the attention output is y
                                     itself and n_heads * head_dim must equal d_model. */
-    SELFATTN_OPT_THREADS = 5     /* worker threads one call may use, the caller's included;
+    SELFATTN_OPT_THREADS = 5,    /* worker threads one call may use, the caller's included;
                                     0 = library default (the number of online CPUs, at most 64). */
+    /* 1.1. Positions: in selfattn_forward* token t of a sequence is at position t; in
+       selfattn_attend* query i is at position kv_len - q_len + i and key j at position j. None of
+       these changes a weight's shape: they may be set whenever the layer is not in use. */
+    SELFATTN_OPT_WINDOW = 6,     /* 0 = none (default). w >= 1: the query at position p sees the
+                                    keys at positions j with p - w < j <= p when causal,
+                                    |p - j| < w otherwise (Mistral, Longformer-style local
+                                    attention). Keys outside are masked and their blocks never
+                                    computed: a call costs O(L w), not O(L^2). */
+    SELFATTN_OPT_ROPE = 7,       /* rotary position embedding of Q and K after projection and
+                                    bias, in selfattn_forward* (selfattn_attend* takes q and k
+                                    already rotated): 0 = none (default), 1 = rotate-half pairs
+                                    (d, d + r/2) (GPT-NeoX, Hugging Face Llama), 2 = adjacent
+                                    pairs (2d, 2d + 1) (GPT-J, Meta's Llama reference). Pair d at
+                                    position p turns by the angle p * theta^(-2d/r). */
+    SELFATTN_OPT_ROPE_DIMS = 8,  /* r: the leading dimensions of each head that rotate; default
+                                    (0) head_dim; even, <= head_dim (partial rotary). A value that
+                                    cannot fit the current head_dim (odd, > head_dim) is
+                                    SELFATTN_ERR_INVALID at set time, and so is a later HEAD_DIM
+                                    that would break it. */
+    SELFATTN_OPT_ALIBI = 9       /* 0 or 1: add -slope_h * (p - j) to the score of query position
+                                    p and key position j (|p - j| when not causal), with the
+                                    standard ALiBi slopes for n_heads (Press et al. 2022, as in
+                                    BLOOM and MPT: for n not a power of two, the slopes of the
+                                    largest power of two below n, then every other slope of the
+                                    next power of two). */
 } selfattn_option;
+
+/* Real-valued options (1.1), set with selfattn_layer_set_float. Values are fixed forever. */
+typedef enum selfattn_float_option {
+    SELFATTN_FOPT_SCALE = 1,      /* as selfattn_layer_set_scale; 0 = 1/sqrt(head_dim) */
+    SELFATTN_FOPT_ROPE_THETA = 2, /* rotary base theta, > 0; default (0) 10000 */
+    SELFATTN_FOPT_SOFTCAP = 3     /* 0 = off (default); c > 0: score -> c * tanh(score / c)
+                                     (Gemma 2) */
+} selfattn_float_option;
 
 /* Weights and biases, set with selfattn_layer_set_weight. Values are fixed forever. */
 typedef enum selfattn_weight {
@@ -173,6 +209,20 @@ SELFATTN_API selfattn_status selfattn_layer_set_weight(selfattn_layer *layer,
                                                        selfattn_weight which, const float *data,
                                                        int64_t count);
 
+/* Set a real-valued option (1.1). Non-finite or out-of-range values (a negative softcap, a
+   theta <= 0 other than 0) give SELFATTN_ERR_INVALID and change nothing; 0 restores the default.
+   Returns SELFATTN_ERR_NULL (layer NULL), SELFATTN_ERR_INVALID (unknown option or bad value).
+   Requires exclusive access to the layer. */
+SELFATTN_API selfattn_status selfattn_layer_set_float(selfattn_layer *layer,
+                                                      selfattn_float_option opt, double value);
+
+/* Read the effective value of a real-valued option (1.1): the default resolved, e.g.
+   1/sqrt(head_dim) for SCALE (0 while head_dim is undetermined), 10000 for ROPE_THETA, 0 for an
+   unset SOFTCAP. Returns SELFATTN_ERR_NULL or SELFATTN_ERR_INVALID (unknown option); *value is
+   unchanged then. Thread-safe on a layer that is not being modified. */
+SELFATTN_API selfattn_status selfattn_layer_get_float(const selfattn_layer *layer,
+                                                      selfattn_float_option opt, double *value);
+
 /* Bounds of an option's accepted values (inclusive; 0 = default is always accepted as well).
    Returns SELFATTN_ERR_NULL or SELFATTN_ERR_INVALID (unknown option). Thread-safe. */
 SELFATTN_API selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower,
@@ -213,6 +263,55 @@ SELFATTN_API selfattn_status selfattn_attend(const selfattn_layer *layer, int32_
                                              int32_t q_len, int32_t kv_len, const float *q,
                                              const float *k, const float *v,
                                              const int32_t *kv_lengths, float *out);
+
+/* ---- Extras (1.1): additive bias, attention weights, log-sum-exp ----------------------------- */
+/* The score of query i and key j is, in this order: s = (q_i . k_j) * scale; with a softcap c,
+   s = c * tanh(s / c); plus the ALiBi term; plus attn_bias; keys masked by causality, window or
+   length are removed; the softmax runs over what is left. */
+typedef struct selfattn_extras {
+    uint32_t struct_size;   /* sizeof(selfattn_extras) as the caller compiled it: set it first */
+    const float *attn_bias; /* NULL, or an additive bias on the scores: element (b, h, i, j) is
+                               attn_bias[b*bias_stride_batch + h*bias_stride_head
+                                         + i*bias_stride_row + j];
+                               strides in floats, >= 0, 0 broadcasts that dimension; -INFINITY
+                               masks the key (PyTorch's float attn_mask, ONNX's attention_bias).
+                               Every element of the view [batch][n_heads][q_len][kv_len] must be
+                               readable; elements at keys masked by causality, window or length
+                               have no effect (NaN there included). */
+    int64_t bias_stride_batch;
+    int64_t bias_stride_head;
+    int64_t bias_stride_row;
+    float *weights;         /* NULL, or out: [batch][n_heads][q_len][kv_len] softmax
+                               probabilities; 0 at masked keys; rows of padding and rows that see
+                               no key all 0 (PyTorch's need_weights, per head) */
+    float *lse;             /* NULL, or out: [batch][n_heads][q_len] natural log of each row's
+                               softmax denominator over its visible keys (of the final scores);
+                               -INFINITY for a row that sees no key. With it, attentions over
+                               separate key chunks merge exactly: lse = log(e^lse_a + e^lse_b),
+                               out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b. */
+} selfattn_extras;
+
+/* selfattn_forward with extras (NULL = none: then it is selfattn_forward). A struct_size below
+   this header's sizeof(selfattn_extras) is SELFATTN_ERR_INVALID; a larger one (a newer caller) is
+   accepted when every byte past this header's struct is zero, else SELFATTN_ERR_UNSUPPORTED.
+   Negative bias strides are SELFATTN_ERR_INVALID; a bias view, weights or lse too large to
+   address is SELFATTN_ERR_OVERFLOW. A query row that sees no key (all masked, by any mechanism)
+   has a zero attention output, so its y row is b_O (zero without an output projection), its
+   weights row all 0 and its lse -INFINITY. Rows of padding (position >= lengths[b]) have y = 0,
+   weights 0 and lse -INFINITY. weights and lse must not overlap x, y or each other. Otherwise as
+   selfattn_forward. */
+SELFATTN_API selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch,
+                                                 int32_t seq_len, const float *x,
+                                                 const int32_t *lengths,
+                                                 const selfattn_extras *extras, float *y);
+
+/* selfattn_attend with extras (NULL = none: then it is selfattn_attend); the extras as in
+   selfattn_forward_ex. Rows that see no key have out 0, weights 0 and lse -INFINITY. */
+SELFATTN_API selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch,
+                                                int32_t q_len, int32_t kv_len, const float *q,
+                                                const float *k, const float *v,
+                                                const int32_t *kv_lengths,
+                                                const selfattn_extras *extras, float *out);
 
 /* ---- Introspection -------------------------------------------------------------------------- */
 /* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u16", chosen once from

@@ -117,10 +117,12 @@ sa_exp_row_avx2(float *row, size_t n_valid, __m256 vs, __m256 vc, const int exac
 }
 #undef SA_ARG
 
-float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale)
+float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale,
+                                  float *max_out)
 {
     const float ext = sa_extreme_avx2(row, n_valid, scale >= 0.0f);
     const float m = ext * scale;
+    *max_out = m;
     const __m256 vs = _mm256_set1_ps(scale);
     const float sum = fabsf(m) < SA_EXP_EXACT_MAX_FROM
                           ? sa_exp_row_avx2(row, n_valid, vs, _mm256_set1_ps(-m), 0)

@@ -95,10 +95,12 @@ sa_exp_row_avx512(float *row, size_t n_valid, __m512 vs, __m512 vc, const int ex
 }
 #undef SA_ARG
 
-float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale)
+float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale,
+                                    float *max_out)
 {
     const float ext = sa_extreme_avx512(row, n_valid, scale >= 0.0f);
     const float m = ext * scale;
+    *max_out = m;
     const __m512 vs = _mm512_set1_ps(scale);
     const float sum = fabsf(m) < SA_EXP_EXACT_MAX_FROM
                           ? sa_exp_row_avx512(row, n_valid, vs, _mm512_set1_ps(-m), 0)

@@ -30,7 +30,8 @@ static inline float sa_expf_nonpositive(float t)
     return p * two_n;
 }
 
-float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, float scale)
+float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, float scale,
+                                   float *max_out)
 {
     /* The x whose x * scale is largest: the max of row[i], or the min when scale < 0. */
     float ext = row[0];
@@ -44,6 +45,7 @@ float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, f
     /* The argument in double: (x - ext) * scale with one rounding, exactly 0 at the maximum,
        for scores of any magnitude. */
     const double sd = (double)scale, md = (double)ext * sd;
+    *max_out = (float)md;
     double sum = 0.0; /* the reference kernel sums exactly enough for any row length */
     for (size_t i = 0; i < n_valid; i++) {
         const float e = sa_expf_nonpositive((float)((double)row[i] * sd - md));

@@ -1,0 +1,234 @@
+/* The attention core shared by every entry point: one task per (query block, sequence, head).
+ *
+ * A task computes S = Q_blk K^T over the keys its rows can see (one contiguous range: causality,
+ * the window and the sequence's length each bound it from one side, so blocks that are hidden
+ * entirely are never multiplied and window attention costs O(L w)), turns each row of S into
+ * final scores (scale, then softcap, ALiBi and bias when asked), runs the scaled-softmax kernel
+ * on the row's own visible range, computes O_blk = P V with one sgemm and scales each output row
+ * by 1 / sum. The row's log-sum-exp and its normalised weights are written when asked. Memory
+ * is one score block per worker: never an L x L matrix. */
+#include <math.h>
+#include <string.h>
+
+#include <cblas.h>
+
+#include "internal.h"
+
+#define SA_SCORE_ALIGN 16 /* floats: score rows start on 64-byte boundaries */
+
+double sa_alibi_slope(int32_t h, int32_t n)
+{
+    int32_t closest = 1; /* the largest power of two <= n */
+    while (closest <= n / 2)
+        closest *= 2;
+    if (h < closest)
+        return exp2(-8.0 * (h + 1) / closest);
+    /* heads past the power of two take the odd powers of the next power of two's base */
+    return exp2(-8.0 * (2 * (h - closest) + 1) / (2.0 * closest));
+}
+
+static int32_t sa_kv_length(const sa_attn *a, int32_t b)
+{
+    return a->kv_lengths != NULL ? a->kv_lengths[b] : a->kv_len;
+}
+
+/* The keys [*lo, *hi) that query row i sees in a sequence of len keys (empty: *lo == *hi). */
+static void sa_row_range(const sa_attn *a, int32_t len, int32_t i, int32_t *lo, int32_t *hi)
+{
+    const int64_t p = (int64_t)i + a->kv_len - a->q_len;
+    int64_t l = 0, h = len;
+    if (a->causal && p + 1 < h)
+        h = p + 1;
+    if (a->window > 0) {
+        if (p - a->window + 1 > l)
+            l = p - a->window + 1;
+        if (!a->causal && p + a->window < h)
+            h = p + a->window;
+    }
+    if (h < l)
+        h = l;
+    *lo = (int32_t)l;
+    *hi = (int32_t)h;
+}
+
+/* The most keys a block of `block` rows can see. */
+static int64_t sa_key_span(const sa_attn *a, int64_t block)
+{
+    int64_t span = a->kv_len;
+    if (a->window > 0) {
+        const int64_t w = a->window;
+        const int64_t s = a->causal ? block + w - 1 : block + 2 * w - 1;
+        if (s < span)
+            span = s;
+    }
+    return span;
+}
+
+selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
+{
+    int64_t span = sa_key_span(a, SA_BLOCK_MAX);
+    p->block = sa_block_rows(a->q_len, (int32_t)span, a->causal);
+    span = sa_key_span(a, p->block);
+    p->n_blocks = (int32_t)(((int64_t)a->q_len + p->block - 1) / p->block);
+    p->ld_s = ((size_t)span + SA_SCORE_ALIGN - 1) / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
+    size_t per;
+    if (!sa_mul_size((size_t)p->block, p->ld_s + 1, &per) ||
+        !sa_add_size(per, SA_SCORE_ALIGN - 1, &per))
+        return SELFATTN_ERR_OVERFLOW;
+    p->floats_per_worker = per / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
+    const int64_t tasks = (int64_t)a->batch * a->n_heads * p->n_blocks;
+    if (p->ld_s > INT32_MAX || tasks > INT32_MAX)
+        return SELFATTN_ERR_OVERFLOW; /* ld_s (a CBLAS leading dimension) and tasks are ints */
+    p->n_tasks = (int)tasks;
+    return SELFATTN_OK;
+}
+
+typedef struct sa_attn_job {
+    const sa_attn *a;
+    const sa_attn_plan *p;
+    float *scratch;
+    sa_f32_softmax_exp_fn softmax_exp;
+    int modified; /* softcap, ALiBi or bias: scores are rewritten before the softmax */
+} sa_attn_job;
+
+/* Final scores of keys [lo, lo + n) of query position pos in place (s = (q.k) scale, softcap,
+   ALiBi, bias); returns their maximum (-inf when every key is masked by the bias). */
+static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n, int64_t pos,
+                             float slope, const float *bias_row)
+{
+    const float scale = a->scale, cap = a->softcap;
+    float m = -INFINITY;
+    for (int32_t j = 0; j < n; j++) {
+        float t = row[j] * scale;
+        if (cap > 0.0f)
+            t = cap * tanhf(t / cap);
+        if (slope != 0.0f) {
+            int64_t d = pos - (lo + j);
+            d = d < 0 ? -d : d;
+            t -= slope * (float)d;
+        }
+        if (bias_row != NULL)
+            t += bias_row[lo + j];
+        row[j] = t;
+        m = t > m ? t : m;
+    }
+    return m;
+}
+
+/* Rows of padding (forward) and rows that see no key: weights 0, lse -inf. */
+static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
+{
+    if (a->weights != NULL)
+        memset(a->weights + head_row * (size_t)a->kv_len, 0,
+               (size_t)n_rows * (size_t)a->kv_len * sizeof(float));
+    if (a->lse != NULL)
+        for (int32_t r = 0; r < n_rows; r++)
+            a->lse[head_row + (size_t)r] = -INFINITY;
+}
+
+static void sa_attn_task(void *arg, int worker, int task)
+{
+    const sa_attn_job *job = arg;
+    const sa_attn *a = job->a;
+    const sa_attn_plan *p = job->p;
+    /* Largest blocks (last rows: most keys under a causal mask) first, for balance. */
+    const int per_block = a->batch * a->n_heads;
+    const int32_t blk = p->n_blocks - 1 - task / per_block;
+    const int32_t b = (task % per_block) / a->n_heads;
+    const int32_t h = task % a->n_heads;
+    const int32_t hd = a->head_dim;
+    const int32_t len = sa_kv_length(a, b);
+
+    const int32_t i0 = blk * p->block;
+    const int32_t rows = a->q_len - i0 < p->block ? a->q_len - i0 : p->block;
+    const int32_t rows_b = a->pad_queries && len < a->q_len ? len : a->q_len;
+    const int32_t mb = rows_b - i0 < rows ? (rows_b - i0 > 0 ? rows_b - i0 : 0) : rows;
+    const size_t head_row = ((size_t)b * a->n_heads + h) * a->q_len + (size_t)i0;
+    if (mb < rows) /* padding rows of this block */
+        sa_empty_extras(a, head_row + (size_t)mb, rows - mb);
+    if (mb == 0)
+        return;
+
+    const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
+    const size_t kvh = (size_t)(h / a->group) * hd;
+    float *ob = a->out + ((size_t)b * a->q_len + i0) * a->ldo + (size_t)h * hd;
+
+    int32_t klo, khi, unused;
+    sa_row_range(a, len, i0, &klo, &unused);
+    sa_row_range(a, len, i0 + mb - 1, &unused, &khi);
+    if (khi <= klo) { /* no row of the block sees a key */
+        for (int32_t r = 0; r < mb; r++)
+            memset(ob + (size_t)r * a->ldo, 0, (size_t)hd * sizeof(float));
+        sa_empty_extras(a, head_row, mb);
+        return;
+    }
+    const int32_t nk = khi - klo;
+    const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + kvh;
+    const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + kvh;
+
+    float *s = job->scratch + (size_t)worker * p->floats_per_worker;
+    float *inv = s + (size_t)p->block * p->ld_s;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq, kh,
+                (int)a->ldk, 0.0f, s, (int)p->ld_s);
+
+    const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
+    for (int32_t r = 0; r < mb; r++) {
+        const int32_t i = i0 + r;
+        float *row = s + (size_t)r * p->ld_s;
+        int32_t lo, hi;
+        sa_row_range(a, len, i, &lo, &hi);
+        float m, sum = 0.0f;
+        int empty = hi <= lo;
+        if (!empty && job->modified) {
+            const float *bias_row =
+                a->bias != NULL
+                    ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
+                    : NULL;
+            const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
+            m = sa_final_scores(a, row + (lo - klo), lo, hi - lo, pos, slope, bias_row);
+            empty = m == -INFINITY;
+            if (!empty)
+                sum = job->softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo),
+                                       1.0f, &m);
+        } else if (!empty) {
+            sum = job->softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo),
+                                   a->scale, &m);
+        }
+        if (empty) {
+            memset(row, 0, (size_t)nk * sizeof(float));
+            inv[r] = 0.0f;
+            if (a->lse != NULL)
+                a->lse[head_row + (size_t)r] = -INFINITY;
+        } else {
+            memset(row, 0, (size_t)(lo - klo) * sizeof(float));
+            inv[r] = 1.0f / sum;
+            if (a->lse != NULL)
+                a->lse[head_row + (size_t)r] = m + logf(sum);
+        }
+        if (a->weights != NULL) {
+            float *w = a->weights + (head_row + (size_t)r) * (size_t)a->kv_len;
+            memset(w, 0, (size_t)klo * sizeof(float));
+            for (int32_t j = 0; j < nk; j++)
+                w[klo + j] = row[j] * inv[r];
+            memset(w + khi, 0, (size_t)(a->kv_len - khi) * sizeof(float));
+        }
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)p->ld_s, vh,
+                (int)a->ldv, 0.0f, ob, (int)a->ldo);
+    for (int32_t r = 0; r < mb; r++) {
+        float *o = ob + (size_t)r * a->ldo;
+        const float f = inv[r];
+        if (f == 0.0f) /* a row that sees no key: zeros, even where V holds a NaN */
+            memset(o, 0, (size_t)hd * sizeof(float));
+        else
+            for (int32_t c = 0; c < hd; c++)
+                o[c] *= f;
+    }
+}
+
+void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch)
+{
+    sa_attn_job job = {a, p, scratch, sa_kernels_get()->softmax_exp,
+                       a->softcap > 0.0f || a->alibi || a->bias != NULL};
+    sa_run_tasks(workers, p->n_tasks, sa_attn_task, &job);
+}
