@@ -109,7 +109,9 @@ static void test_every_allocation_fails_once(void **state)
     printf("  %ld allocations in the script, each made to fail once: NOMEM, outputs untouched, "
            "handle usable, same results\n",
            n - 1);
-    assert_true(n - 1 >= 7); /* create, 4 weight/bias buffers, 2 forwards, attend */
+    /* create (the layer, its workspace cache), 4 weight/bias buffers, the first forward's
+       workspace; the second forward and attend reuse it */
+    assert_true(n - 1 >= 7);
 }
 
 /* When helper threads cannot be started, the calling thread does all the tasks: the call still

@@ -1,0 +1,220 @@
+/* Steady state: after the first call, calls of the same or a smaller shape allocate nothing and
+ * fault in no workspace page (alone and from several threads at once); the worker pool's threads
+ * sleep between calls; and a forked child can use the library. */
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "testutil.h"
+
+#define DM 128
+#define HEADS 2
+#define SEQ 2048
+
+static long minor_faults(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_minflt;
+}
+
+static void sleep_seconds(double s)
+{
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
+static double cpu_seconds(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + 1e-6 * (double)ru.ru_utime.tv_usec +
+           (double)ru.ru_stime.tv_sec + 1e-6 * (double)ru.ru_stime.tv_usec;
+}
+
+/* Pages of the forward workspace for one call at (SEQ, DM): at least the projected Q, K, V and
+   the attention output (the score blocks come on top). */
+static long workspace_pages(void)
+{
+    return (long)((size_t)SEQ * (3 * DM + DM) * sizeof(float) / 4096);
+}
+
+typedef struct caller {
+    const selfattn_layer *layer;
+    const float *x;
+    float *y;
+    pthread_barrier_t *sync;
+    int failures;
+} caller;
+
+/* 4 warm-up calls, then 10 measured ones between barriers (the main thread reads the fault count
+   at the barriers), so that no thread starts or ends inside the measured part. */
+static void *call_forward(void *p)
+{
+    caller *c = p;
+    /* The callers start their warm-up together, so that their calls overlap and the layer ends
+       up with a workspace for each (it keeps as many as ran at once). */
+    pthread_barrier_wait(c->sync); /* start */
+    for (int i = 0; i < 4; i++)
+        c->failures += selfattn_forward(c->layer, 1, SEQ, c->x, NULL, c->y) != SELFATTN_OK;
+    pthread_barrier_wait(c->sync); /* warm */
+    pthread_barrier_wait(c->sync); /* counting */
+    for (int i = 0; i < 10; i++)
+        c->failures += selfattn_forward(c->layer, 1, SEQ, c->x, NULL, c->y) != SELFATTN_OK;
+    pthread_barrier_wait(c->sync); /* done */
+    return NULL;
+}
+
+static void check_no_faults(int n_callers, int threads)
+{
+    const tu_spec spec = {DM, HEADS, 0, 0, 1, 1, 0, 1, threads, 0};
+    tu_layer t;
+    assert_int_equal(tu_layer_make(&spec, 3, &t), SELFATTN_OK);
+    tu_rng r = {8};
+    float *x = tu_random(&r, (size_t)SEQ * DM, -1, 1);
+    pthread_barrier_t sync;
+    pthread_barrier_init(&sync, NULL, (unsigned)n_callers + 1);
+    caller c[4];
+    pthread_t tid[4];
+    for (int i = 0; i < n_callers; i++) {
+        /* the caller's own output pages are touched here, before counting */
+        c[i] = (caller){t.layer, x, tu_random(&r, (size_t)SEQ * DM, -1, 1), &sync, 0};
+        assert_int_equal(pthread_create(&tid[i], NULL, call_forward, &c[i]), 0);
+    }
+    pthread_barrier_wait(&sync); /* start */
+    pthread_barrier_wait(&sync); /* warm */
+    const long f0 = minor_faults();
+    pthread_barrier_wait(&sync);
+    pthread_barrier_wait(&sync);
+    const long faults = minor_faults() - f0;
+    for (int i = 0; i < n_callers; i++) {
+        pthread_join(tid[i], NULL);
+        assert_int_equal(c[i].failures, 0);
+        free(c[i].y);
+    }
+    pthread_barrier_destroy(&sync);
+    printf("  %d caller(s) x 10 calls, %d thread(s) each: %ld minor faults (workspace of one "
+           "call: over %ld pages)\n",
+           n_callers, threads, faults, workspace_pages());
+    free(x);
+    tu_layer_free(&t);
+    assert_true(faults * 100 < workspace_pages());
+}
+
+static void test_no_faults_in_steady_state(void **state)
+{
+    (void)state;
+    check_no_faults(1, 1);
+    check_no_faults(1, 2);
+    check_no_faults(2, 2); /* two callers sharing the layer */
+}
+
+/* A smaller call after a larger one reuses the larger workspace. */
+static void test_smaller_call_reuses(void **state)
+{
+    (void)state;
+    const tu_spec spec = {DM, HEADS, 0, 0, 0, 1, 0, 1, 2, 0};
+    tu_layer t;
+    assert_int_equal(tu_layer_make(&spec, 4, &t), SELFATTN_OK);
+    tu_rng r = {9};
+    float *x = tu_random(&r, (size_t)SEQ * DM, -1, 1), *y = tu_random(&r, (size_t)SEQ * DM, -1, 1);
+    assert_int_equal(selfattn_forward(t.layer, 1, SEQ, x, NULL, y), SELFATTN_OK);
+    const long f0 = minor_faults();
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(selfattn_forward(t.layer, 2, SEQ / 4, x, NULL, y), SELFATTN_OK);
+    const long faults = minor_faults() - f0;
+    printf("  10 smaller calls after a larger one: %ld minor faults\n", faults);
+    assert_true(faults * 100 < workspace_pages());
+    free(x);
+    free(y);
+    tu_layer_free(&t);
+}
+
+/* The pool's helpers sleep between calls: the process uses (almost) no CPU while the caller
+   sleeps. */
+static void test_idle_pool_sleeps(void **state)
+{
+    (void)state;
+    const tu_spec spec = {DM, HEADS, 0, 0, 0, 1, 0, 1, 2, 0};
+    tu_layer t;
+    assert_int_equal(tu_layer_make(&spec, 5, &t), SELFATTN_OK);
+    tu_rng r = {10};
+    float *x = tu_random(&r, (size_t)SEQ * DM, -1, 1), *y = tu_random(&r, (size_t)SEQ * DM, -1, 1);
+    for (int round = 0; round < 3; round++) {
+        assert_int_equal(selfattn_forward(t.layer, 1, SEQ, x, NULL, y), SELFATTN_OK);
+        /* OpenBLAS's own idle threads (when it has any) spin for ~0.1 s after their last use
+           before they sleep: let that pass first (see README, "Threads"). */
+        if (round == 0)
+            sleep_seconds(0.3);
+        const double c0 = cpu_seconds();
+        sleep_seconds(0.2);
+        const double idle = cpu_seconds() - c0;
+        printf("  round %d: %.4f s of CPU during a 0.2 s sleep between calls\n", round, idle);
+        assert_true(idle < 0.01);
+    }
+    free(x);
+    free(y);
+    tu_layer_free(&t);
+}
+
+/* After the parent has used the pool, a forked child calls the library and gets the parent's
+   bits. */
+static void test_fork_child_works(void **state)
+{
+    (void)state;
+#if defined(__SANITIZE_THREAD__)
+    skip(); /* ThreadSanitizer does not support starting threads after a multi-threaded fork */
+#endif
+    const tu_spec spec = {DM, HEADS, 0, 0, 1, 1, 0, 1, 2, 0};
+    tu_layer t;
+    assert_int_equal(tu_layer_make(&spec, 6, &t), SELFATTN_OK);
+    tu_rng r = {11};
+    const int L = 512;
+    float *x = tu_random(&r, (size_t)L * DM, -1, 1);
+    float *y = malloc(sizeof(float) * L * DM), *y2 = malloc(sizeof(float) * L * DM);
+    assert_int_equal(selfattn_forward(t.layer, 1, L, x, NULL, y), SELFATTN_OK);
+    fflush(NULL);
+    const pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int ok = 1;
+        for (int i = 0; i < 3 && ok; i++)
+            ok = selfattn_forward(t.layer, 1, L, x, NULL, y2) == SELFATTN_OK &&
+                 memcmp(y, y2, sizeof(float) * L * DM) == 0;
+        _exit(ok ? 0 : 1);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    /* and the parent's pool still works */
+    assert_int_equal(selfattn_forward(t.layer, 1, L, x, NULL, y2), SELFATTN_OK);
+    assert_memory_equal(y, y2, sizeof(float) * L * DM);
+    free(x);
+    free(y);
+    free(y2);
+    tu_layer_free(&t);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_no_faults_in_steady_state),
+        cmocka_unit_test(test_smaller_call_reuses),
+        cmocka_unit_test(test_idle_pool_sleeps),
+        cmocka_unit_test(test_fork_child_works),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
