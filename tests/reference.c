@@ -162,3 +162,183 @@ void ref_max_err(const float *a, const double *b, size_t n, double *err, double 
     *err = e;
     *ref_max = m;
 }
+
+/* ---- 1.1 options ---- */
+
+static void ref_alibi_pow2(int n, double *out)
+{
+    /* a geometric sequence starting at 2^(-8/n), with that same ratio */
+    const double start = pow(2.0, -8.0 / n);
+    double s = start;
+    for (int i = 0; i < n; i++, s *= start)
+        out[i] = s;
+}
+
+void ref_alibi_slopes(int n, double *slopes)
+{
+    int p2 = 1;
+    while (p2 * 2 <= n)
+        p2 *= 2;
+    ref_alibi_pow2(p2, slopes);
+    if (p2 == n)
+        return;
+    double *extra = malloc(sizeof(double) * 2 * (size_t)p2);
+    ref_alibi_pow2(2 * p2, extra);
+    for (int i = 0; i < n - p2; i++)
+        slopes[p2 + i] = extra[2 * i]; /* every other slope of the 2*p2 sequence */
+    free(extra);
+}
+
+void ref_rope_row(const ref_opts *o, int n_heads, int head_dim, double pos, double *row)
+{
+    if (o->rope == 0)
+        return;
+    const int r = o->rope_dims ? o->rope_dims : head_dim;
+    const double theta = o->rope_theta > 0 ? o->rope_theta : 10000.0;
+    for (int h = 0; h < n_heads; h++) {
+        double *x = row + (size_t)h * head_dim;
+        for (int d = 0; d < r / 2; d++) {
+            const double ang = pos * pow(theta, -2.0 * d / r);
+            const int a = o->rope == 1 ? d : 2 * d, b = o->rope == 1 ? d + r / 2 : 2 * d + 1;
+            const double x1 = x[a], x2 = x[b];
+            x[a] = x1 * cos(ang) - x2 * sin(ang);
+            x[b] = x1 * sin(ang) + x2 * cos(ang);
+        }
+    }
+}
+
+/* One sequence b, from double tensors of that sequence. */
+static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int q_len, int kv_len,
+                              const double *q, const double *k, const double *v, int kv_valid,
+                              double *out, double *weights, double *lse)
+{
+    const int hd = l->head_dim, nq = l->n_heads * hd, nkv = l->n_kv_heads * hd;
+    const int group = l->n_heads / l->n_kv_heads;
+    double *slopes = malloc(sizeof(double) * (size_t)l->n_heads);
+    double *s = malloc(sizeof(double) * (size_t)kv_len);
+    ref_alibi_slopes(l->n_heads, slopes);
+    for (int h = 0; h < l->n_heads; h++) {
+        const int kh = h / group;
+        for (int i = 0; i < q_len; i++) {
+            const long p = (long)kv_len - q_len + i;
+            double mx = -INFINITY;
+            for (int j = 0; j < kv_len; j++) {
+                int masked = j >= kv_valid || (l->causal && j > p);
+                if (o->window > 0)
+                    masked = masked || (l->causal ? j <= p - o->window : labs(p - j) >= o->window);
+                if (masked) {
+                    s[j] = -INFINITY;
+                    continue;
+                }
+                double t = 0.0;
+                for (int d = 0; d < hd; d++)
+                    t += q[(size_t)i * nq + h * hd + d] * k[(size_t)j * nkv + kh * hd + d];
+                t *= l->scale;
+                if (o->softcap > 0)
+                    t = o->softcap * tanh(t / o->softcap);
+                if (o->alibi)
+                    t -= slopes[h] * (double)labs(p - j);
+                if (o->bias)
+                    t += o->bias[b * o->sb + h * o->sh + (int64_t)i * o->sr + j];
+                s[j] = t;
+                if (t > mx)
+                    mx = t;
+            }
+            double *orow = out + (size_t)i * nq + h * hd;
+            double *wrow = weights ? weights + ((size_t)h * q_len + i) * kv_len : NULL;
+            for (int d = 0; d < hd; d++)
+                orow[d] = 0.0;
+            if (mx == -INFINITY) { /* sees no key */
+                if (wrow)
+                    for (int j = 0; j < kv_len; j++)
+                        wrow[j] = 0.0;
+                if (lse)
+                    lse[(size_t)h * q_len + i] = -INFINITY;
+                continue;
+            }
+            double sum = 0.0;
+            for (int j = 0; j < kv_len; j++)
+                sum += s[j] == -INFINITY ? 0.0 : exp(s[j] - mx);
+            if (lse)
+                lse[(size_t)h * q_len + i] = mx + log(sum);
+            for (int j = 0; j < kv_len; j++) {
+                const double pj = s[j] == -INFINITY ? 0.0 : exp(s[j] - mx) / sum;
+                if (wrow)
+                    wrow[j] = pj;
+                if (pj != 0.0)
+                    for (int d = 0; d < hd; d++)
+                        orow[d] += pj * v[(size_t)j * nkv + kh * hd + d];
+            }
+        }
+    }
+    free(slopes);
+    free(s);
+}
+
+void ref_attend_ex(const ref_layer *l, const ref_opts *o, int batch, int q_len, int kv_len,
+                   const float *q, const float *k, const float *v, const int32_t *kv_lengths,
+                   double *out, double *weights, double *lse)
+{
+    const size_t nq = (size_t)l->n_heads * l->head_dim, nkv = (size_t)l->n_kv_heads * l->head_dim;
+    const size_t qn = (size_t)batch * q_len * nq, kn = (size_t)batch * kv_len * nkv;
+    double *qd = ref_to_double(q, qn), *kd = ref_to_double(k, kn), *vd = ref_to_double(v, kn);
+    for (int b = 0; b < batch; b++) {
+        const size_t hr = (size_t)b * l->n_heads * q_len;
+        ref_attend_ex_seq(l, o, b, q_len, kv_len, qd + (size_t)b * q_len * nq,
+                          kd + (size_t)b * kv_len * nkv, vd + (size_t)b * kv_len * nkv,
+                          kv_lengths ? kv_lengths[b] : kv_len, out + (size_t)b * q_len * nq,
+                          weights ? weights + hr * kv_len : NULL, lse ? lse + hr : NULL);
+    }
+    free(qd);
+    free(kd);
+    free(vd);
+}
+
+void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_len, const float *x,
+                    const int32_t *lengths, double *y, double *weights, double *lse)
+{
+    const int dm = l->d_model, hd = l->head_dim;
+    const size_t nq = (size_t)l->n_heads * hd, nkv = (size_t)l->n_kv_heads * hd;
+    const size_t L = (size_t)seq_len;
+    double *q = calloc(L * nq, sizeof(double)), *k = calloc(L * nkv, sizeof(double));
+    double *v = calloc(L * nkv, sizeof(double)), *a = calloc(L * nq, sizeof(double));
+    for (int b = 0; b < batch; b++) {
+        const int len = lengths ? lengths[b] : seq_len;
+        const float *xs = x + (size_t)b * L * dm;
+        memset(q, 0, sizeof(double) * L * nq);
+        memset(k, 0, sizeof(double) * L * nkv);
+        memset(v, 0, sizeof(double) * L * nkv);
+        ref_linear(xs, len, dm, l->wq, l->bq, (int)nq, q);
+        ref_linear(xs, len, dm, l->wk, l->bk, (int)nkv, k);
+        ref_linear(xs, len, dm, l->wv, l->bv, (int)nkv, v);
+        for (int t = 0; t < len; t++) {
+            ref_rope_row(o, l->n_heads, hd, t, q + (size_t)t * nq);
+            ref_rope_row(o, l->n_kv_heads, hd, t, k + (size_t)t * nkv);
+        }
+        const size_t hr = (size_t)b * l->n_heads * L;
+        double *wb = weights ? weights + hr * L : NULL, *lb = lse ? lse + hr : NULL;
+        ref_attend_ex_seq(l, o, b, seq_len, seq_len, q, k, v, len, a, wb, lb);
+        double *yb = y + (size_t)b * L * dm;
+        for (int t = 0; t < seq_len; t++) {
+            double *yr = yb + (size_t)t * dm;
+            if (t >= len) { /* padding */
+                memset(yr, 0, sizeof(double) * dm);
+                for (int h = 0; h < l->n_heads; h++) {
+                    if (wb)
+                        memset(wb + ((size_t)h * L + t) * L, 0, sizeof(double) * L);
+                    if (lb)
+                        lb[(size_t)h * L + t] = -INFINITY;
+                }
+                continue;
+            }
+            if (l->out_proj)
+                ref_linear_d(a + (size_t)t * nq, 1, (int)nq, l->wo, l->bo, dm, yr);
+            else
+                memcpy(yr, a + (size_t)t * nq, sizeof(double) * dm);
+        }
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(a);
+}

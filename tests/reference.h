@@ -40,6 +40,39 @@ void ref_forward_row(const ref_layer *l, int seq_len, const float *x_seq, int le
 void ref_attend(const ref_layer *l, int batch, int q_len, int kv_len, const float *q,
                 const float *k, const float *v, const int32_t *kv_lengths, double *out);
 
+/* ---- 1.1: windows, ALiBi, softcap, additive bias, rotary embeddings, weights and lse ---- */
+typedef struct ref_opts {
+    int window;      /* 0 = none */
+    int alibi;       /* 0 or 1 */
+    double softcap;  /* 0 = off */
+    const float *bias; /* NULL, or element (b, h, i, j) at b*sb + h*sh + i*sr + j */
+    int64_t sb, sh, sr;
+    int rope;        /* 0, 1 (rotate-half), 2 (adjacent pairs) */
+    int rope_dims;   /* 0 = head_dim */
+    double rope_theta; /* 0 = 10000 */
+} ref_opts;
+
+/* ALiBi slopes of n heads, from the paper's description (Press et al. 2022, "Train Short, Test
+   Long", and its reference code's rule for n not a power of two). */
+void ref_alibi_slopes(int n, double *slopes);
+
+/* Rotates the leading rope_dims dimensions of every head of one row of width n_heads * head_dim
+   for position pos, as the API text defines it. */
+void ref_rope_row(const ref_opts *o, int n_heads, int head_dim, double pos, double *row);
+
+/* Attention over a batch with every 1.1 option; q, k, v float tensors as in ref_attend.
+   out [batch][q_len][nq]; weights [batch][n_heads][q_len][kv_len] and lse [batch][n_heads][q_len]
+   may be NULL. Query i is at position kv_len - q_len + i; rows that see no key give out 0,
+   weights 0 and lse -inf. */
+void ref_attend_ex(const ref_layer *l, const ref_opts *o, int batch, int q_len, int kv_len,
+                   const float *q, const float *k, const float *v, const int32_t *kv_lengths,
+                   double *out, double *weights, double *lse);
+
+/* The whole layer with every 1.1 option (RoPE after the Q/K projections); padding rows give
+   y = 0, weights 0, lse -inf. */
+void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_len, const float *x,
+                    const int32_t *lengths, double *y, double *weights, double *lse);
+
 /* *err = max_i |a_i - b_i| (infinite when an a_i is NaN), *ref_max = max_i |b_i|. */
 void ref_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max);
 
