@@ -25,8 +25,14 @@
 #define B 2
 #define SENT -4242.0f
 
+#define KL (8 * L) /* a longer attend_ex: needs a larger workspace than the calls before it */
+#define EX_N (B * L * D + B * H * L * L + B * H * L)
+#define EX2_N (B * L * D + B * H * L * KL + B * H * L)
+
 typedef struct script_out {
     float y1[B * L * D], y2[B * L * D], att[B * L * D];
+    float ex[EX_N];   /* forward_ex: y, weights, lse */
+    float ex2[EX2_N]; /* attend_ex: out, weights, lse */
 } script_out;
 
 static float w[8][D * D];
@@ -78,6 +84,26 @@ static void script(script_out *o, int *failed, int *create_failed)
     STEP(selfattn_forward(l, B, L, x, NULL, o->y1), o->y1, B * L * D);
     STEP(selfattn_forward(l, B, L, x, lens, o->y2), o->y2, B * L * D);
     STEP(selfattn_attend(l, B, L, L, q, k, v, lens, o->att), o->att, B * L * H * (D / H));
+
+    /* 1.1: score options and extras */
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, 7), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ALIBI, 1), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ROPE, 1), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, 3.0), SELFATTN_OK);
+    static float bias[L * KL];
+    tu_fill(&r, bias, L * KL, -1, 1);
+    selfattn_extras e = {sizeof e, bias, 0, 0, L, o->ex + B * L * D,
+                         o->ex + B * L * D + B * H * L * L};
+    STEP(selfattn_forward_ex(l, B, L, x, lens, &e, o->ex), o->ex, EX_N);
+    static float k2[B * KL * D], v2[B * KL * D];
+    tu_fill(&r, k2, B * KL * D, -1, 1);
+    tu_fill(&r, v2, B * KL * D, -1, 1);
+    const int32_t klens[B] = {KL, 50};
+    /* without the window, so that its score rows span all KL keys */
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, 0), SELFATTN_OK);
+    selfattn_extras e2 = {sizeof e2, bias, 0, 0, KL, o->ex2 + B * L * D,
+                          o->ex2 + B * L * D + B * H * L * KL};
+    STEP(selfattn_attend_ex(l, B, L, KL, q, k2, v2, klens, &e2, o->ex2), o->ex2, EX2_N);
     selfattn_layer_destroy(l);
 }
 
@@ -110,8 +136,8 @@ static void test_every_allocation_fails_once(void **state)
            "handle usable, same results\n",
            n - 1);
     /* create (the layer, its workspace cache), 4 weight/bias buffers, the first forward's
-       workspace; the second forward and attend reuse it */
-    assert_true(n - 1 >= 7);
+       workspace (the second forward, attend and forward_ex reuse it), the longer attend_ex's */
+    assert_true(n - 1 >= 8);
 }
 
 /* When helper threads cannot be started, the calling thread does all the tasks: the call still
@@ -126,10 +152,15 @@ static void test_thread_start_failure(void **state)
     tu_rng r = {6};
     float *x = tu_random(&r, (size_t)2 * LL * 128, -1, 1);
     float *y1 = malloc(sizeof(float) * 2 * LL * 128), *y2 = malloc(sizeof(float) * 2 * LL * 128);
-    assert_int_equal(selfattn_forward(t.layer, 2, LL, x, NULL, y1), SELFATTN_OK);
+    /* First with every start failing: the pool must still be empty (this test runs before any
+       other call in this process that wants helpers), so the caller does every task. */
+    assert_int_equal(sa_pool_size(), 0);
     sa_test_fail_thread_starts(1);
-    assert_int_equal(selfattn_forward(t.layer, 2, LL, x, NULL, y2), SELFATTN_OK);
+    assert_int_equal(selfattn_forward(t.layer, 2, LL, x, NULL, y1), SELFATTN_OK);
+    assert_int_equal(sa_pool_size(), 0);
     sa_test_fail_thread_starts(0);
+    assert_int_equal(selfattn_forward(t.layer, 2, LL, x, NULL, y2), SELFATTN_OK);
+    assert_true(sa_pool_size() >= 1); /* now the helpers exist and took part */
     assert_memory_equal(y1, y2, sizeof(float) * 2 * LL * 128);
     free(x);
     free(y1);
@@ -140,8 +171,8 @@ static void test_thread_start_failure(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_thread_start_failure), /* first: before the pool has threads */
         cmocka_unit_test(test_every_allocation_fails_once),
-        cmocka_unit_test(test_thread_start_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

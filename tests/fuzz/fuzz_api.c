@@ -46,12 +46,6 @@ static float rd_float(reader *r, int *hostile)
             abort();                                                                               \
     } while (0)
 
-static void snapshot(const selfattn_layer *l, int64_t v[5])
-{
-    for (int o = 1; o <= 5; o++)
-        CHECK(selfattn_layer_get(l, (selfattn_option)o, &v[o - 1]) == SELFATTN_OK);
-}
-
 static int is_sentinel(const float *p, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -64,6 +58,77 @@ static void fill_sentinel(float *p, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         p[i] = -7777.0f;
+}
+
+#define N_OPTS 9 /* integer options 1..9 */
+
+static void snapshot(const selfattn_layer *l, int64_t v[N_OPTS])
+{
+    for (int o = 1; o <= N_OPTS; o++)
+        CHECK(selfattn_layer_get(l, (selfattn_option)o, &v[o - 1]) == SELFATTN_OK);
+}
+
+/* Extras from one byte: bit 0 use them, bit 1 a [q][k] bias broadcast over batch and heads,
+   bit 2 weights, bit 3 lse, bit 4 a struct_size that is too small (INVALID). */
+typedef struct fz_extras {
+    selfattn_extras e;
+    float *bias, *weights, *lse;
+    size_t n_w, n_l;
+} fz_extras;
+
+static void fz_extras_make(reader *r, fz_extras *x, int small, size_t rows, int32_t q_len,
+                           int32_t kv_len, int *hostile)
+{
+    const uint8_t eb = rd(r);
+    memset(x, 0, sizeof *x);
+    x->e.struct_size = (eb & 16) ? (uint32_t)sizeof x->e - 8 : (uint32_t)sizeof x->e;
+    if (!small)
+        return;
+    if (eb & 2) {
+        const size_t n = (size_t)q_len * (size_t)kv_len;
+        x->bias = malloc(n * sizeof(float));
+        for (size_t i = 0; i < n; i++)
+            x->bias[i] = rd_float(r, hostile);
+        x->e.attn_bias = x->bias;
+        x->e.bias_stride_row = kv_len;
+    }
+    if (eb & 4) {
+        x->n_w = rows * (size_t)kv_len;
+        x->weights = malloc(x->n_w * sizeof(float));
+        fill_sentinel(x->weights, x->n_w);
+        x->e.weights = x->weights;
+    }
+    if (eb & 8) {
+        x->n_l = rows;
+        x->lse = malloc(x->n_l * sizeof(float));
+        fill_sentinel(x->lse, x->n_l);
+        x->e.lse = x->lse;
+    }
+}
+
+static void fz_extras_free(fz_extras *x)
+{
+    free(x->bias);
+    free(x->weights);
+    free(x->lse);
+}
+
+/* On failure nothing is written; on success of a finite call, weights and lse match. */
+static void fz_extras_check(const fz_extras *x, selfattn_status st, int compare,
+                            const double *wr, const double *lr)
+{
+    if (st != SELFATTN_OK) {
+        CHECK(x->weights == NULL || is_sentinel(x->weights, x->n_w));
+        CHECK(x->lse == NULL || is_sentinel(x->lse, x->n_l));
+        return;
+    }
+    if (!compare)
+        return;
+    for (size_t i = 0; x->weights != NULL && i < x->n_w; i++)
+        CHECK(fabs((double)x->weights[i] - wr[i]) <= 1e-4);
+    for (size_t i = 0; x->lse != NULL && i < x->n_l; i++)
+        CHECK(isinf(lr[i]) ? x->lse[i] == (float)lr[i]
+                           : fabs((double)x->lse[i] - lr[i]) <= 1e-4 * (1.0 + fabs(lr[i])));
 }
 
 /* A dimension: usually small, sometimes 0 or negative (INVALID). */
@@ -122,7 +187,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int hostile = 0;
 
     /* options, each checked for "unchanged on failure" */
-    const int n_opts = rd(&r) % 6;
+    const int n_opts = rd(&r) % 8;
     for (int i = 0; i < n_opts; i++) {
         const uint8_t o = rd(&r), vb = rd(&r);
         const int64_t value = vb >= 250 ? (vb == 250   ? INT64_MAX
@@ -130,9 +195,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                            : vb == 252 ? -5
                                                        : (int64_t)1 << 33)
                                         : vb % 10;
-        int64_t before[5], after[5];
+        int64_t before[N_OPTS], after[N_OPTS];
         snapshot(l, before);
-        if (selfattn_layer_set(l, (selfattn_option)(o % 7), value) != SELFATTN_OK) {
+        if (selfattn_layer_set(l, (selfattn_option)(o % (N_OPTS + 1)), value) != SELFATTN_OK) {
             snapshot(l, after);
             CHECK(memcmp(before, after, sizeof before) == 0);
         }
@@ -145,9 +210,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         hostile = 1; /* huge scale: saturates, but the reference compares differently */
     /* the scale in force: a rejected value leaves the default (0) */
     const double eff_scale = ss == SELFATTN_OK ? (double)scales[sb % 8] : 0.0;
+    const double caps[] = {0.0, 0.0, 0.0, 1.5, 30.0, -1.0, NAN, 0.25};
+    const uint8_t cb = rd(&r);
+    const selfattn_status cst = selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, caps[cb % 8]);
+    CHECK(cst == (caps[cb % 8] >= 0.0 ? SELFATTN_OK : SELFATTN_ERR_INVALID));
+    double softcap;
+    CHECK(selfattn_layer_get_float(l, SELFATTN_FOPT_SOFTCAP, &softcap) == SELFATTN_OK);
 
-    int64_t opt[5];
+    int64_t opt[N_OPTS];
     snapshot(l, opt);
+    ref_opts ro = {(int)opt[5], (int)opt[8], softcap, NULL, 0, 0, 0, (int)opt[6],
+                   opt[7] == opt[1] ? 0 : (int)opt[7], 0};
     const int nkv = (int)opt[0], hd = (int)opt[1], causal = (int)opt[2], out_proj = (int)opt[3];
     const size_t nq = (size_t)n_heads * (size_t)hd, nkvd = (size_t)nkv * (size_t)hd;
     const size_t dm = (size_t)d_model;
@@ -187,22 +260,35 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         lens[b] = lb == 255 ? -1 : (int32_t)(lb % ((small ? seq : 1) + 2));
     }
     fill_sentinel(y, n_x);
+    const size_t f_rows = small ? (size_t)batch * (size_t)n_heads * (size_t)seq : 0;
+    fz_extras fx;
+    fz_extras_make(&r, &fx, small && n_heads <= 6, f_rows, seq, seq, &hostile);
+    const int use_fx = fx.e.struct_size != sizeof fx.e || fx.bias || fx.weights || fx.lse;
     /* with invalid or overflowing sizes x and y are tiny: the call must fail before using them */
-    const selfattn_status fs =
-        selfattn_forward(l, batch, seq, x, use_len && batch <= 3 ? lens : NULL, y);
-    if (!small)
+    const selfattn_status fs = selfattn_forward_ex(
+        l, batch, seq, x, use_len && batch <= 3 ? lens : NULL, use_fx ? &fx.e : NULL, y);
+    if (!small || fx.e.struct_size != sizeof fx.e)
         CHECK(fs != SELFATTN_OK);
     if (fs != SELFATTN_OK) {
         CHECK(is_sentinel(y, n_x));
+        fz_extras_check(&fx, fs, 0, NULL, NULL);
     } else if (!hostile) {
         ref_layer rl = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   w[0],
                         w[1],    w[2],    w[3], w[4], w[5],   w[6],     w[7]};
         rl.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)hd);
         double *yr = malloc(n_x * sizeof(double));
-        ref_forward(&rl, batch, seq, x, use_len ? lens : NULL, yr);
+        double *wr = malloc((f_rows * (size_t)seq + 1) * sizeof(double));
+        double *lr = malloc((f_rows + 1) * sizeof(double));
+        ro.bias = fx.bias;
+        ro.sr = seq;
+        ref_forward_ex(&rl, &ro, batch, seq, x, use_len ? lens : NULL, yr, wr, lr);
         check_close(y, yr, n_x);
+        fz_extras_check(&fx, fs, 1, wr, lr);
         free(yr);
+        free(wr);
+        free(lr);
     }
+    fz_extras_free(&fx);
     free(x);
     free(y);
     for (int i = 0; i < 8; i++)
@@ -232,21 +318,36 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int32_t kvl[2] = {(int32_t)(rd(&r) % (kl > 0 ? kl + 2 : 2)), (int32_t)(rd(&r) % 11)};
     const int use_kvl = rd(&r) & 1;
     fill_sentinel(o, nqe);
-    const selfattn_status as =
-        selfattn_attend(l, qb, ql, kl, q, k, v, use_kvl && qb <= 2 ? kvl : NULL, o);
-    if (!a_small)
+    const size_t a_rows = a_small ? (size_t)qb * (size_t)n_heads * (size_t)ql : 0;
+    fz_extras ax;
+    fz_extras_make(&r, &ax, a_small && n_heads <= 6, a_rows, ql, kl, &a_hostile);
+    const int use_ax = ax.e.struct_size != sizeof ax.e || ax.bias || ax.weights || ax.lse;
+    const selfattn_status as = selfattn_attend_ex(l, qb, ql, kl, q, k, v,
+                                                  use_kvl && qb <= 2 ? kvl : NULL,
+                                                  use_ax ? &ax.e : NULL, o);
+    if (!a_small || ax.e.struct_size != sizeof ax.e)
         CHECK(as != SELFATTN_OK);
     if (as != SELFATTN_OK) {
         CHECK(is_sentinel(o, nqe));
+        fz_extras_check(&ax, as, 0, NULL, NULL);
     } else if (a_small && !a_hostile) {
         ref_layer rl = {d_model, n_heads, nkv,  hd,   causal, 1,    0,   NULL,
                         NULL,    NULL,    NULL, NULL, NULL,   NULL, NULL};
         rl.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)hd);
         double *od = malloc(nqe * sizeof(double));
-        ref_attend(&rl, qb, ql, kl, q, k, v, use_kvl ? kvl : NULL, od);
+        double *wr = malloc((a_rows * (size_t)kl + 1) * sizeof(double));
+        double *lr = malloc((a_rows + 1) * sizeof(double));
+        ro.bias = ax.bias;
+        ro.sr = kl;
+        ro.rope = 0; /* attend takes q and k already rotated */
+        ref_attend_ex(&rl, &ro, qb, ql, kl, q, k, v, use_kvl ? kvl : NULL, od, wr, lr);
         check_close(o, od, nqe);
+        fz_extras_check(&ax, as, 1, wr, lr);
         free(od);
+        free(wr);
+        free(lr);
     }
+    fz_extras_free(&ax);
     free(q);
     free(k);
     free(v);
