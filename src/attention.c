@@ -72,7 +72,7 @@ selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
     p->n_blocks = (int32_t)(((int64_t)a->q_len + p->block - 1) / p->block);
     p->ld_s = ((size_t)span + SA_SCORE_ALIGN - 1) / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
     size_t per;
-    if (!sa_mul_size((size_t)p->block, p->ld_s + 1, &per) ||
+    if (!sa_mul_size((size_t)p->block, p->ld_s + 2, &per) ||
         !sa_add_size(per, SA_SCORE_ALIGN - 1, &per))
         return SELFATTN_ERR_OVERFLOW;
     p->floats_per_worker = per / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
@@ -87,9 +87,18 @@ typedef struct sa_attn_job {
     const sa_attn *a;
     const sa_attn_plan *p;
     float *scratch;
-    sa_f32_softmax_exp_fn softmax_exp;
-    int modified; /* softcap, ALiBi or bias: scores are rewritten before the softmax */
 } sa_attn_job;
+
+/* Rows of padding (forward) and rows that see no key: weights 0, lse -inf. */
+static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
+{
+    if (a->weights != NULL)
+        memset(a->weights + head_row * (size_t)a->kv_len, 0,
+               (size_t)n_rows * (size_t)a->kv_len * sizeof(float));
+    if (a->lse != NULL)
+        for (int32_t r = 0; r < n_rows; r++)
+            a->lse[head_row + (size_t)r] = -INFINITY;
+}
 
 /* Final scores of keys [lo, lo + n) of query position pos in place (s = (q.k) scale, softcap,
    ALiBi, bias); returns their maximum (-inf when every key is masked by the bias). */
@@ -115,15 +124,60 @@ static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n
     return m;
 }
 
-/* Rows of padding (forward) and rows that see no key: weights 0, lse -inf. */
-static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
+int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb, int32_t *klo)
 {
-    if (a->weights != NULL)
-        memset(a->weights + head_row * (size_t)a->kv_len, 0,
-               (size_t)n_rows * (size_t)a->kv_len * sizeof(float));
-    if (a->lse != NULL)
-        for (int32_t r = 0; r < n_rows; r++)
-            a->lse[head_row + (size_t)r] = -INFINITY;
+    int32_t lo, hi, unused;
+    const int32_t len = sa_kv_length(a, b);
+    sa_row_range(a, len, i0, &lo, &unused);
+    sa_row_range(a, len, i0 + mb - 1, &unused, &hi);
+    *klo = lo;
+    return hi > lo ? hi - lo : 0;
+}
+
+void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
+                   int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse)
+{
+    const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
+    const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
+    const int32_t hd = a->head_dim, len = sa_kv_length(a, b), khi = klo + nk;
+    const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
+    const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + (size_t)(h / a->group) * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq, kh,
+                (int)a->ldk, 0.0f, s, (int)p->ld_s);
+
+    const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
+    for (int32_t r = 0; r < mb; r++) {
+        const int32_t i = i0 + r;
+        float *row = s + (size_t)r * p->ld_s;
+        int32_t lo, hi;
+        sa_row_range(a, len, i, &lo, &hi);
+        float m, sum = 0.0f;
+        int empty = hi <= lo;
+        if (!empty && modified) {
+            const float *bias_row =
+                a->bias != NULL
+                    ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
+                    : NULL;
+            const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
+            m = sa_final_scores(a, row + (lo - klo), lo, hi - lo, pos, slope, bias_row);
+            empty = m == -INFINITY;
+            if (!empty)
+                sum = softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo), 1.0f,
+                                  &m);
+        } else if (!empty) {
+            sum = softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo), a->scale,
+                              &m);
+        }
+        if (empty) {
+            memset(row, 0, (size_t)nk * sizeof(float));
+            inv[r] = 0.0f;
+            lse[r] = -INFINITY;
+        } else {
+            memset(row, 0, (size_t)(lo - klo) * sizeof(float));
+            inv[r] = 1.0f / sum;
+            lse[r] = m + logf(sum);
+        }
+    }
 }
 
 static void sa_attn_task(void *arg, int worker, int task)
@@ -149,70 +203,32 @@ static void sa_attn_task(void *arg, int worker, int task)
     if (mb == 0)
         return;
 
-    const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
-    const size_t kvh = (size_t)(h / a->group) * hd;
     float *ob = a->out + ((size_t)b * a->q_len + i0) * a->ldo + (size_t)h * hd;
-
-    int32_t klo, khi, unused;
-    sa_row_range(a, len, i0, &klo, &unused);
-    sa_row_range(a, len, i0 + mb - 1, &unused, &khi);
-    if (khi <= klo) { /* no row of the block sees a key */
+    int32_t klo;
+    const int32_t nk = sa_attn_block_keys(a, b, i0, mb, &klo);
+    if (nk == 0) { /* no row of the block sees a key */
         for (int32_t r = 0; r < mb; r++)
             memset(ob + (size_t)r * a->ldo, 0, (size_t)hd * sizeof(float));
         sa_empty_extras(a, head_row, mb);
         return;
     }
-    const int32_t nk = khi - klo;
-    const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + kvh;
-    const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + kvh;
 
     float *s = job->scratch + (size_t)worker * p->floats_per_worker;
-    float *inv = s + (size_t)p->block * p->ld_s;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq, kh,
-                (int)a->ldk, 0.0f, s, (int)p->ld_s);
-
-    const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
+    float *inv = s + (size_t)p->block * p->ld_s, *lse = inv + p->block;
+    sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse);
     for (int32_t r = 0; r < mb; r++) {
-        const int32_t i = i0 + r;
-        float *row = s + (size_t)r * p->ld_s;
-        int32_t lo, hi;
-        sa_row_range(a, len, i, &lo, &hi);
-        float m, sum = 0.0f;
-        int empty = hi <= lo;
-        if (!empty && job->modified) {
-            const float *bias_row =
-                a->bias != NULL
-                    ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
-                    : NULL;
-            const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
-            m = sa_final_scores(a, row + (lo - klo), lo, hi - lo, pos, slope, bias_row);
-            empty = m == -INFINITY;
-            if (!empty)
-                sum = job->softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo),
-                                       1.0f, &m);
-        } else if (!empty) {
-            sum = job->softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo),
-                                   a->scale, &m);
-        }
-        if (empty) {
-            memset(row, 0, (size_t)nk * sizeof(float));
-            inv[r] = 0.0f;
-            if (a->lse != NULL)
-                a->lse[head_row + (size_t)r] = -INFINITY;
-        } else {
-            memset(row, 0, (size_t)(lo - klo) * sizeof(float));
-            inv[r] = 1.0f / sum;
-            if (a->lse != NULL)
-                a->lse[head_row + (size_t)r] = m + logf(sum);
-        }
+        if (a->lse != NULL)
+            a->lse[head_row + (size_t)r] = lse[r];
         if (a->weights != NULL) {
+            const float *row = s + (size_t)r * p->ld_s;
             float *w = a->weights + (head_row + (size_t)r) * (size_t)a->kv_len;
             memset(w, 0, (size_t)klo * sizeof(float));
             for (int32_t j = 0; j < nk; j++)
                 w[klo + j] = row[j] * inv[r];
-            memset(w + khi, 0, (size_t)(a->kv_len - khi) * sizeof(float));
+            memset(w + klo + nk, 0, (size_t)(a->kv_len - klo - nk) * sizeof(float));
         }
     }
+    const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + (size_t)(h / a->group) * hd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)p->ld_s, vh,
                 (int)a->ldv, 0.0f, ob, (int)a->ldo);
     for (int32_t r = 0; r < mb; r++) {
@@ -228,7 +244,6 @@ static void sa_attn_task(void *arg, int worker, int task)
 
 void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch)
 {
-    sa_attn_job job = {a, p, scratch, sa_kernels_get()->softmax_exp,
-                       a->softcap > 0.0f || a->alibi || a->bias != NULL};
+    sa_attn_job job = {a, p, scratch};
     sa_run_tasks(workers, p->n_tasks, sa_attn_task, &job);
 }

@@ -63,8 +63,9 @@ static inline int sa_add_size(size_t a, size_t b, size_t *out)
    results, the largest entry being about 1 (rows whose largest scaled score reaches
    SA_EXP_EXACT_MAX_FROM take an exact-max path); a NaN score makes the sum NaN.
    The caller normalises (divides the P*V product by the sum), so the division is done once per
-   output element rather than once per score. Arguments of exp below ln(FLT_MIN) are clamped there:
-   such an entry gives about 1.2e-38 instead of a smaller number, an absolute error below FLT_MIN.
+   output element rather than once per score. Results of exp below FLT_MIN (arguments below
+   ln(FLT_MIN)) are exactly 0, an absolute error below FLT_MIN: so a -inf score (a key masked by
+   a -inf bias) gets exactly 0.
  */
 typedef float (*sa_f32_softmax_exp_fn)(float *row, size_t n_valid, size_t n_total, float scale,
                                        float *max_out);
@@ -203,17 +204,31 @@ typedef struct sa_attn {
     float *lse;
 } sa_attn;
 
-/* Scratch floats per worker, or 0 on overflow; fills the plan fields of p. */
+/* How the core blocks a call: query blocks, the score block's row stride, and the scratch each
+   worker needs (a score block, then inverse sums and lse of its rows). */
 typedef struct sa_attn_plan {
     int32_t block, n_blocks;
     size_t ld_s;              /* row stride of a score block */
-    size_t floats_per_worker; /* a multiple of 16 */
+    size_t floats_per_worker; /* block * ld_s + 2 * block, rounded up to a multiple of 16 */
     int n_tasks;
 } sa_attn_plan;
 SA_HIDDEN selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p);
 /* Runs the attention with `workers` workers and scratch of workers * floats_per_worker floats.
    Writes out rows (all but padding rows), weights and lse when asked. */
 SA_HIDDEN void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch);
+/* The probabilities of one block, shared by the forward and backward passes: rows
+   [i0, i0 + mb) of sequence b, head h (none of them padding), over the keys [klo, klo + nk) that
+   sa_attn_block_keys gives (nk >= 1). Writes into s (row stride p->ld_s) each row's exp(score - m)
+   over its own visible keys and 0 at the block's other keys, inv[r] = 1 / sum (0 for a row that
+   sees no key, whose s row is all 0) and lse[r] = m + log(sum) (-inf for such a row); the
+   normalised weights are s[r][j] * inv[r]. */
+SA_HIDDEN void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
+                             int32_t i0, int32_t mb, int32_t klo, int32_t nk, float *s, float *inv,
+                             float *lse);
+/* The keys a block of rows [i0, i0 + mb) of sequence b can see: returns their count (0: none)
+   and the first in *klo. */
+SA_HIDDEN int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb,
+                                     int32_t *klo);
 /* ALiBi slope of head h of n (Press et al. 2022; the BLOOM rule for n not a power of two). */
 SA_HIDDEN double sa_alibi_slope(int32_t h, int32_t n);
 

@@ -257,6 +257,7 @@ static void test_all_masked_rows(void **state)
     float bias[L * L] = {0};
     for (int j = 0; j < L; j++)
         bias[2 * L + j] = -INFINITY; /* row 2 sees nothing */
+    bias[4 * L + 1] = -INFINITY;     /* row 4 does not see key 1: its weight is exactly 0 */
     selfattn_extras e = {sizeof e, bias, 0, 0, L, w, lse};
     assert_int_equal(selfattn_forward_ex(t.layer, 1, L, x, NULL, &e, y), SELFATTN_OK);
     for (int c = 0; c < H * D; c++)
@@ -268,6 +269,8 @@ static void test_all_masked_rows(void **state)
     }
     for (int i = 0; i < L * H * D; i++)
         assert_false(isnan(y[i]));
+    for (int h = 0; h < H; h++)
+        assert_true(w[(h * L + 4) * L + 1] == 0.0f && w[(h * L + 4) * L + 0] > 0.0f);
     free(x);
     tu_layer_free(&t);
 }

@@ -7,11 +7,12 @@
 #include "../internal.h"
 #include "exp-constants.h"
 
-/* e^t for t <= ~0 (see exp-constants.h): 11 vector operations. */
+/* e^t for t <= ~0 (see exp-constants.h): 13 vector operations. */
 static inline __m256 sa_exp_avx2(__m256 t)
 {
     /* max(min, t) rather than max(t, min): maxps returns its second operand when one is NaN,
        so this order keeps a NaN argument NaN. */
+    const __m256 tiny = _mm256_cmp_ps(t, _mm256_set1_ps(SA_EXP_MIN_ARG), _CMP_LT_OQ);
     t = _mm256_max_ps(_mm256_set1_ps(SA_EXP_MIN_ARG), t);
     const __m256 magic = _mm256_set1_ps(SA_EXP_ROUND_MAGIC);
     const __m256 shifted = _mm256_fmadd_ps(t, _mm256_set1_ps(SA_EXP_LOG2E), magic);
@@ -23,7 +24,8 @@ static inline __m256 sa_exp_avx2(__m256 t)
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_C1));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SA_EXP_C0));
     const __m256i two_n = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+    /* results below FLT_MIN (and e^-inf, a key masked by a -inf bias) are exactly 0 */
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }
 
 static inline __m256i sa_tail_mask_avx2(size_t rem)

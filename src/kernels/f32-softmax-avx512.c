@@ -7,10 +7,11 @@
 #include "../internal.h"
 #include "exp-constants.h"
 
-/* e^t for t <= ~0 (see exp-constants.h): 11 vector operations. */
+/* e^t for t <= ~0 (see exp-constants.h): 12 vector operations. */
 static inline __m512 sa_exp_avx512(__m512 t)
 {
     /* vmaxps returns its second operand when one is NaN: this order keeps NaN arguments NaN. */
+    const __mmask16 tiny = _mm512_cmp_ps_mask(t, _mm512_set1_ps(SA_EXP_MIN_ARG), _CMP_LT_OQ);
     t = _mm512_max_ps(_mm512_set1_ps(SA_EXP_MIN_ARG), t);
     const __m512 magic = _mm512_set1_ps(SA_EXP_ROUND_MAGIC);
     const __m512 shifted = _mm512_fmadd_ps(t, _mm512_set1_ps(SA_EXP_LOG2E), magic);
@@ -22,7 +23,8 @@ static inline __m512 sa_exp_avx512(__m512 t)
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_C1));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SA_EXP_C0));
     const __m512i two_n = _mm512_slli_epi32(_mm512_castps_si512(shifted), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(two_n));
+    /* results below FLT_MIN (and e^-inf, a key masked by a -inf bias) are exactly 0 */
+    return _mm512_maskz_mul_ps((__mmask16)~tiny, p, _mm512_castsi512_ps(two_n));
 }
 
 /* The largest or (when scale < 0) smallest row[i], i < n: the x whose x * scale is largest. */

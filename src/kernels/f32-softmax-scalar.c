@@ -11,7 +11,7 @@ static inline float sa_expf_nonpositive(float t)
     if (t != t)
         return t;
     if (t < SA_EXP_MIN_ARG)
-        t = SA_EXP_MIN_ARG;
+        return 0.0f; /* below FLT_MIN (and e^-inf, a key masked by a -inf bias): exactly 0 */
     const float shifted = t * SA_EXP_LOG2E + SA_EXP_ROUND_MAGIC;
     const float fn = shifted - SA_EXP_ROUND_MAGIC;
     float r = t - fn * SA_EXP_LN2_HI;
