@@ -1,0 +1,51 @@
+"""selfattn: Python binding of libselfattn (transformer self-attention on the CPU).
+
+ctypes over libselfattn.so.1 and NumPy; no compiled extension. See README.md beside this package.
+
+    import numpy as np, selfattn
+    layer = selfattn.Layer(64, 4, causal=True)
+    layer.set_weights(w_q=wq, w_k=wk, w_v=wv, w_o=wo)     # [out][in], as torch.nn.Linear
+    y = layer(x)                                          # x: [batch][seq][64] float32
+
+The library is found through SELFATTN_LIBRARY (a path), then the install prefix of this
+package, then the system loader (see selfattn._lib). Functions of libselfattn 1.1 (forward_ex,
+cache, backward, float options) are used when the loaded library exports them; otherwise the
+features that need them raise UnsupportedError.
+"""
+from . import _lib
+from ._errors import (Error, NullError, InvalidError, NoMemoryError, SizeOverflowError,
+                      StateError, UnsupportedError, status_string)
+from ._layer import Layer, Cache, option_bounds, ROPE_NONE, ROPE_HALF, ROPE_ADJACENT
+from ._torch import from_torch
+
+__version__ = "1.1.0"
+
+#: path or name the library was loaded from
+library_path = _lib.path
+
+
+def version():
+    """Version string of the loaded library, e.g. "1.0.0"."""
+    return _lib.lib.selfattn_version_string().decode()
+
+
+def version_number():
+    """Version of the loaded library as major*10000 + minor*100 + patch."""
+    return int(_lib.lib.selfattn_version_number())
+
+
+def kernel_name():
+    """The softmax kernel this process uses, e.g. "f32-softmax-avx512-u64"."""
+    return _lib.lib.selfattn_kernel_name().decode()
+
+
+def has(symbol):
+    """True when the loaded library exports the C function `symbol`
+    (e.g. has("selfattn_forward_ex"))."""
+    return _lib.has(symbol)
+
+
+__all__ = ["Layer", "Cache", "from_torch", "Error", "NullError", "InvalidError",
+           "NoMemoryError", "SizeOverflowError", "StateError", "UnsupportedError",
+           "status_string", "option_bounds", "version", "version_number", "kernel_name", "has",
+           "library_path", "ROPE_NONE", "ROPE_HALF", "ROPE_ADJACENT"]

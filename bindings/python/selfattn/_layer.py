@@ -1,0 +1,644 @@
+"""selfattn.Layer and selfattn.Cache: the C handles behind Python objects."""
+import ctypes
+import math
+import operator
+import weakref
+
+import numpy as np
+
+from . import _lib
+from ._errors import (Error, InvalidError, SizeOverflowError, error_for, unsupported)
+
+_C = _lib.lib
+_F32 = np.dtype(np.float32)
+_I32 = np.dtype(np.int32)
+_I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
+_I64_MIN, _I64_MAX = -2 ** 63, 2 ** 63 - 1
+
+ROPE_NONE, ROPE_HALF, ROPE_ADJACENT = 0, 1, 2
+_ROPE_NAMES = {"none": 0, "half": 1, "neox": 1, "rotate_half": 1,
+               "adjacent": 2, "gptj": 2, "interleaved": 2}
+
+# name -> (option value, first version, converter for reading)
+_INT_OPTIONS = {
+    "n_kv_heads": (_lib.OPT_N_KV_HEADS, int),
+    "head_dim": (_lib.OPT_HEAD_DIM, int),
+    "causal": (_lib.OPT_CAUSAL, bool),
+    "out_proj": (_lib.OPT_OUT_PROJ, bool),
+    "threads": (_lib.OPT_THREADS, int),
+    "window": (_lib.OPT_WINDOW, int),
+    "rope": (_lib.OPT_ROPE, int),
+    "rope_dims": (_lib.OPT_ROPE_DIMS, int),
+    "alibi": (_lib.OPT_ALIBI, bool),
+}
+_FLOAT_OPTIONS = {"scale": _lib.FOPT_SCALE, "rope_theta": _lib.FOPT_ROPE_THETA,
+                  "softcap": _lib.FOPT_SOFTCAP}
+_WEIGHTS = {"w_q": _lib.W_Q, "w_k": _lib.W_K, "w_v": _lib.W_V, "w_o": _lib.W_O,
+            "b_q": _lib.B_Q, "b_k": _lib.B_K, "b_v": _lib.B_V, "b_o": _lib.B_O,
+            "w_qkv": _lib.W_QKV, "b_qkv": _lib.B_QKV}
+_GRAD_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+
+_known_options = {}  # option value -> bool: does the loaded library know it?
+
+
+def _check(status, function, detail=None):
+    if status:
+        raise error_for(status, function, detail)
+
+
+def _int32(value, what):
+    v = operator.index(value)
+    if not _I32_MIN <= v <= _I32_MAX:
+        raise SizeOverflowError(_lib.ERR_OVERFLOW, None, "%s = %d does not fit int32_t" % (what, v))
+    return v
+
+
+def _option_known(opt):
+    known = _known_options.get(opt)
+    if known is None:
+        lo, hi = ctypes.c_int64(), ctypes.c_int64()
+        known = _C.selfattn_option_bounds(opt, ctypes.byref(lo), ctypes.byref(hi)) == _lib.OK
+        _known_options[opt] = known
+    return known
+
+
+def option_bounds(name):
+    """(lower, upper) inclusive bounds of an integer option, e.g. option_bounds("threads")
+    (0 = default is accepted as well). UnsupportedError for an option the library lacks."""
+    opt = _INT_OPTIONS[name][0]
+    lo, hi = ctypes.c_int64(), ctypes.c_int64()
+    st = _C.selfattn_option_bounds(opt, ctypes.byref(lo), ctypes.byref(hi))
+    if st == _lib.ERR_INVALID:
+        raise unsupported("option %r" % name)
+    _check(st, "selfattn_option_bounds")
+    return lo.value, hi.value
+
+
+def _f32(a, what):
+    """a as a float32 C-contiguous ndarray: a itself when it already is one, else one copy."""
+    if type(a) is np.ndarray and a.dtype is _F32 and a.flags.c_contiguous:
+        return a
+    if a is None:
+        raise TypeError("%s: an array is required, got None" % what)
+    try:
+        return np.ascontiguousarray(a, dtype=_F32)
+    except (TypeError, ValueError) as e:
+        raise TypeError("%s: cannot convert to a float32 array: %s" % (what, e)) from None
+
+
+def _int32_array(a, n, what):
+    """[n] int32 C-contiguous array from a sequence of integers; values beyond int32 raise
+    InvalidError (they are out of any valid range); the C call checks the rest."""
+    arr = np.asarray(a)
+    if arr.shape != (n,):
+        raise ValueError("%s must have shape (%d,), got %s" % (what, n, arr.shape))
+    if arr.dtype is not _I32:
+        if arr.dtype.kind not in "iu":
+            raise TypeError("%s must hold integers, got dtype %s" % (what, arr.dtype))
+        if n and (int(arr.min()) < _I32_MIN or int(arr.max()) > _I32_MAX):
+            raise InvalidError(_lib.ERR_INVALID, None, "%s holds a value outside int32_t" % what)
+        arr = arr.astype(_I32)
+    return np.ascontiguousarray(arr)
+
+
+def _out_array(out, shape, what="out"):
+    if out is None:
+        return np.empty(shape, _F32)
+    if type(out) is not np.ndarray or out.dtype is not _F32 or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise TypeError("%s must be a writeable C-contiguous float32 numpy array" % what)
+    if out.shape != shape:
+        raise ValueError("%s must have shape %s, got %s" % (what, shape, out.shape))
+    return out
+
+
+def _split3(a, what, width, width_name):
+    """(batch, rows, was_2d) of a [batch][rows][width] or [rows][width] array."""
+    s = a.shape
+    if len(s) == 3:
+        b, n, w = s
+        two = False
+    elif len(s) == 2:
+        b, (n, w) = 1, s
+        two = True
+    else:
+        raise ValueError("%s must be [batch][len][%s] (or [len][%s]), got shape %s"
+                         % (what, width_name, width_name, s))
+    if w != width:
+        raise ValueError("%s: last dimension must be %s = %d, got %d" % (what, width_name, width, w))
+    if b > _I32_MAX or n > _I32_MAX:
+        raise SizeOverflowError(_lib.ERR_OVERFLOW, None, "%s: shape %s does not fit int32_t" % (what, s))
+    return b, n, two
+
+
+def _bias_view(bias, full):
+    """(array to keep alive, pointer, stride_batch, stride_head, stride_row) describing `bias`
+    broadcast to full = (batch, n_heads, q_len, kv_len), strides in floats, 0 where broadcast.
+    Copies only when the keys are not contiguous in memory (or dtype/sign of strides require)."""
+    b = np.asarray(bias)
+    orig = b.shape
+    if b.dtype == np.bool_:
+        raise TypeError("attn_bias is additive (float): for a boolean mask pass "
+                        "np.where(allowed, 0.0, -np.inf)")
+    if b.ndim > 4:
+        raise ValueError("attn_bias must broadcast to [batch][n_heads][q_len][kv_len] = %s, "
+                         "got shape %s" % (full, orig))
+    b = b.astype(_F32, copy=False)
+    kv = full[3]
+    if (b.ndim == 0 or b.shape[-1] == 1) and kv != 1:
+        # the C struct has no key stride: keys must be consecutive floats
+        b = np.ascontiguousarray(np.broadcast_to(b, (b.shape[:-1] if b.ndim else ()) + (kv,)))
+    ok = all(st > 0 and st % 4 == 0 for n, st in zip(b.shape, b.strides) if n != 1)
+    if not ok or (b.ndim and b.shape[-1] != 1 and b.strides[-1] != 4):
+        b = np.ascontiguousarray(b)
+    try:
+        v = np.broadcast_to(b, full)
+    except ValueError:
+        raise ValueError("attn_bias of shape %s does not broadcast to "
+                         "[batch][n_heads][q_len][kv_len] = %s" % (orig, full)) from None
+    strides = [0 if full[i] == 1 else v.strides[i] // 4 for i in range(3)]
+    return b, v.ctypes.data, strides[0], strides[1], strides[2]
+
+
+class Layer:
+    """One multi-head self-attention layer (libselfattn's selfattn_layer) with its own copy of
+    the weights.
+
+    Layer(d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False, out_proj=True,
+          threads=0, scale=None, window=None, rope=None, rope_dims=None, rope_theta=None,
+          alibi=None, softcap=None)
+
+    None leaves an option at the library default. window, rope, rope_dims, rope_theta, alibi and
+    softcap need libselfattn 1.1: with an older library they raise UnsupportedError.
+
+    Calling the layer runs it: y = layer(x) with x [batch][seq_len][d_model] (a 2-D
+    [seq_len][d_model] x is one sequence, and y is 2-D then). Inputs that are not C-contiguous
+    float32 numpy arrays are converted once (np.ascontiguousarray(x, dtype=np.float32), a copy).
+
+    Threads: any number of Python threads may call the same layer at once (the GIL is released
+    during the C call); setting options or weights, and close(), need exclusive access.
+    """
+
+    def __init__(self, d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False,
+                 out_proj=True, threads=0, scale=None, window=None, rope=None, rope_dims=None,
+                 rope_theta=None, alibi=None, softcap=None):
+        self._h = None
+        self._caches = weakref.WeakSet()
+        self._scale = None
+        d_model = _int32(d_model, "d_model")
+        n_heads = _int32(n_heads, "n_heads")
+        out = ctypes.c_void_p()
+        _check(_C.selfattn_layer_create(d_model, n_heads, ctypes.byref(out)),
+               "selfattn_layer_create", "d_model=%d, n_heads=%d" % (d_model, n_heads))
+        self._h = out.value
+        self._d_model, self._n_heads = d_model, n_heads
+        try:
+            # shape options first (they must precede any weight), ROPE_DIMS after HEAD_DIM
+            for name, value in (("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
+                                ("out_proj", None if out_proj is True else out_proj),
+                                ("causal", causal or None), ("threads", threads or None),
+                                ("window", window), ("rope", rope), ("rope_dims", rope_dims),
+                                ("alibi", alibi)):
+                if value is not None:
+                    self.set(name, value)
+            for name, value in (("scale", scale), ("rope_theta", rope_theta),
+                                ("softcap", softcap)):
+                if value is not None:
+                    self.set(name, value)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self):
+        """Release the C layer (and first any Cache bound to it). Idempotent; later calls on
+        the layer raise ValueError. Needs exclusive access (no call running on it)."""
+        for c in list(self._caches):
+            c.close()
+        h, self._h = self._h, None
+        if h is not None:
+            _C.selfattn_layer_destroy(h)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _handle(self):
+        h = self._h
+        if h is None:
+            raise ValueError("selfattn.Layer: the layer is closed")
+        return h
+
+    @property
+    def handle(self):
+        """The selfattn_layer * as an int (for calling the C library directly via ctypes)."""
+        return self._handle()
+
+    # ---- options -------------------------------------------------------------------------------
+    @property
+    def d_model(self):
+        return self._d_model
+
+    @property
+    def n_heads(self):
+        return self._n_heads
+
+    def set(self, name, value):
+        """Set an option by name: an integer option (n_kv_heads, head_dim, causal, out_proj,
+        threads, window, rope, rope_dims, alibi) with selfattn_layer_set, or a real one (scale,
+        rope_theta, softcap) with selfattn_layer_set_float (scale: selfattn_layer_set_scale)."""
+        h = self._handle()
+        if name in _FLOAT_OPTIONS:
+            value = float(value)
+            if name == "scale":
+                _check(_C.selfattn_layer_set_scale(h, value), "selfattn_layer_set_scale",
+                       "scale=%r" % value)
+                self._scale = value or None
+                return
+            if not _lib.has("selfattn_layer_set_float"):
+                raise unsupported("option %r (selfattn_layer_set_float)" % name)
+            _check(_C.selfattn_layer_set_float(h, _FLOAT_OPTIONS[name], value),
+                   "selfattn_layer_set_float", "%s=%r" % (name, value))
+            return
+        if name not in _INT_OPTIONS:
+            raise KeyError("unknown option %r" % name)
+        opt = _INT_OPTIONS[name][0]
+        if name == "rope" and isinstance(value, str):
+            try:
+                value = _ROPE_NAMES[value.lower()]
+            except KeyError:
+                raise ValueError("rope must be 0/1/2 or one of %s" % sorted(_ROPE_NAMES)) from None
+        v = operator.index(value)
+        if not _I64_MIN <= v <= _I64_MAX:
+            raise InvalidError(_lib.ERR_INVALID, "selfattn_layer_set", "%s=%d" % (name, v))
+        if not _option_known(opt):
+            raise unsupported("option %r" % name)
+        _check(_C.selfattn_layer_set(h, opt, v), "selfattn_layer_set", "%s=%d" % (name, v))
+
+    def get(self, name):
+        """The effective value of an option (defaults resolved), by name."""
+        h = self._handle()
+        if name in _FLOAT_OPTIONS:
+            if _lib.has("selfattn_layer_get_float"):
+                out = ctypes.c_double()
+                _check(_C.selfattn_layer_get_float(h, _FLOAT_OPTIONS[name], ctypes.byref(out)),
+                       "selfattn_layer_get_float", name)
+                return out.value
+            if name != "scale":
+                raise unsupported("option %r (selfattn_layer_get_float)" % name)
+            if self._scale is not None:
+                return float(np.float32(self._scale))
+            hd = self.head_dim
+            return 1.0 / math.sqrt(hd) if hd else None
+        if name not in _INT_OPTIONS:
+            raise KeyError("unknown option %r" % name)
+        opt, conv = _INT_OPTIONS[name]
+        if not _option_known(opt):
+            raise unsupported("option %r" % name)
+        out = ctypes.c_int64()
+        _check(_C.selfattn_layer_get(h, opt, ctypes.byref(out)), "selfattn_layer_get", name)
+        return conv(out.value)
+
+    def _prop(name, doc):  # noqa: N805 (builds the properties below)
+        return property(lambda self: self.get(name), lambda self, v: self.set(name, v), doc=doc)
+
+    n_kv_heads = _prop("n_kv_heads", "key/value heads (grouped-query attention); must divide n_heads")
+    head_dim = _prop("head_dim", "size of one head; 0 while undetermined")
+    causal = _prop("causal", "causal (bottom-right aligned) mask")
+    out_proj = _prop("out_proj", "apply W_O")
+    threads = _prop("threads", "worker threads one call may use (reading gives the effective count)")
+    scale = _prop("scale", "score scale (default 1/sqrt(head_dim)); setting 0 restores it")
+    window = _prop("window", "sliding window (1.1); 0 = none")
+    rope = _prop("rope", "rotary embedding (1.1): 0 none, 1 rotate-half (NeoX), 2 adjacent (GPT-J)")
+    rope_dims = _prop("rope_dims", "rotated leading dimensions of each head (1.1)")
+    rope_theta = _prop("rope_theta", "rotary base (1.1), default 10000")
+    alibi = _prop("alibi", "ALiBi position bias (1.1)")
+    softcap = _prop("softcap", "score soft cap c: s -> c*tanh(s/c) (1.1); 0 = off")
+    del _prop
+
+    def __repr__(self):
+        if self._h is None:
+            return "<selfattn.Layer (closed)>"
+        return ("selfattn.Layer(d_model=%d, n_heads=%d, n_kv_heads=%d, head_dim=%d, causal=%s, "
+                "out_proj=%s)" % (self._d_model, self._n_heads, self.n_kv_heads, self.head_dim,
+                                  self.causal, self.out_proj))
+
+    # ---- weights -------------------------------------------------------------------------------
+    def weight_shape(self, name):
+        """The shape a weight or bias must have, e.g. weight_shape("w_q") == (n_heads*head_dim,
+        d_model). None while head_dim is undetermined."""
+        hd = self.head_dim
+        if not hd:
+            return None
+        q, kv, d = self._n_heads * hd, self.n_kv_heads * hd, self._d_model
+        return {"w_q": (q, d), "w_k": (kv, d), "w_v": (kv, d), "w_o": (d, q),
+                "b_q": (q,), "b_k": (kv,), "b_v": (kv,), "b_o": (d,),
+                "w_qkv": (3 * d, d), "b_qkv": (3 * d,)}[name]
+
+    def set_weight(self, name, value):
+        """Copy one weight or bias into the layer (selfattn_layer_set_weight). name is one of
+        w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, w_qkv, b_qkv; layouts as torch.nn.Linear
+        ([out_features][in_features]). The element count is checked by the library
+        (InvalidError); a 2-D array with the right count but another shape (e.g. transposed)
+        is refused here with ValueError."""
+        h = self._handle()
+        if name not in _WEIGHTS:
+            raise KeyError("unknown weight %r (one of %s)" % (name, ", ".join(_WEIGHTS)))
+        a = _f32(value, name)
+        shape = self.weight_shape(name)
+        if shape is not None and a.size == math.prod(shape) and a.ndim > 1 and a.shape != shape:
+            raise ValueError("%s must have shape %s ([out_features][in_features]), got %s"
+                             % (name, shape, a.shape))
+        _check(_C.selfattn_layer_set_weight(h, _WEIGHTS[name], a.ctypes.data, a.size),
+               "selfattn_layer_set_weight", "%s with %d elements%s" % (
+                   name, a.size, "" if shape is None else ", expected %s" % (shape,)))
+
+    def set_weights(self, **weights):
+        """set_weights(w_q=..., w_k=..., w_v=..., w_o=..., b_q=..., ..., w_qkv=..., b_qkv=...):
+        set_weight for each given (None values are skipped), in the order given."""
+        for name, value in weights.items():
+            if name not in _WEIGHTS:
+                raise KeyError("unknown weight %r (one of %s)" % (name, ", ".join(_WEIGHTS)))
+        for name, value in weights.items():
+            if value is not None:
+                self.set_weight(name, value)
+
+    @classmethod
+    def from_torch(cls, module, **options):
+        """A Layer with the weights of a torch.nn.MultiheadAttention (see selfattn.from_torch)."""
+        from ._torch import from_torch
+        return from_torch(module, cls=cls, **options)
+
+    # ---- running -------------------------------------------------------------------------------
+    def __call__(self, x, lengths=None, attn_bias=None, return_weights=False, return_lse=False,
+                 out=None):
+        """y = layer(x, lengths=None, attn_bias=None, return_weights=False, return_lse=False)
+
+        x: [batch][seq_len][d_model] (or [seq_len][d_model]). lengths: None or [batch] valid
+        lengths (keys at or past lengths[b] masked, those query rows zero). Returns y, the shape
+        of x; or, with return_weights / return_lse (libselfattn 1.1, selfattn_forward_ex), a
+        tuple (y, weights) / (y, lse) / (y, weights, lse), weights [batch][n_heads][seq][seq],
+        lse [batch][n_heads][seq] (batch dimension dropped for a 2-D x). attn_bias (1.1): an
+        additive float bias broadcastable to [batch][n_heads][seq][seq] (-inf masks a key).
+        out: optional float32 C-contiguous array for y."""
+        h = self._h
+        if h is None:
+            self._handle()
+        if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
+            x = _f32(x, "x")
+        batch, seq, two = _split3(x, "x", self._d_model, "d_model")
+        lp = None
+        if lengths is not None:
+            lengths = _int32_array(lengths, batch, "lengths")
+            lp = lengths.ctypes.data
+        y = np.empty(x.shape, _F32) if out is None else _out_array(out, x.shape)
+        if attn_bias is None and not return_weights and not return_lse:
+            st = _C.selfattn_forward(h, batch, seq, x.ctypes.data, lp, y.ctypes.data)
+            if st:
+                raise error_for(st, "selfattn_forward")
+            return y
+        if not _lib.has("selfattn_forward_ex"):
+            raise unsupported("attn_bias/return_weights/return_lse (selfattn_forward_ex)")
+        ex, keep, extra = self._extras(batch, seq, seq, attn_bias, return_weights, return_lse, two)
+        _check(_C.selfattn_forward_ex(h, batch, seq, x.ctypes.data, lp, ctypes.addressof(ex),
+                                      y.ctypes.data), "selfattn_forward_ex")
+        return (y,) + extra if extra else y
+
+    forward = __call__
+
+    def _extras(self, batch, q_len, kv_len, attn_bias, return_weights, return_lse, two):
+        ex = _lib.Extras()
+        ex.struct_size = ctypes.sizeof(_lib.Extras)
+        keep = None
+        nh = self._n_heads
+        if attn_bias is not None:
+            keep, ex.attn_bias, ex.bias_stride_batch, ex.bias_stride_head, ex.bias_stride_row = \
+                _bias_view(attn_bias, (batch, nh, q_len, kv_len))
+        extra = ()
+        if return_weights:
+            w = np.empty((batch, nh, q_len, kv_len), _F32)
+            ex.weights = w.ctypes.data
+            extra += (w[0] if two else w,)
+        if return_lse:
+            lse = np.empty((batch, nh, q_len), _F32)
+            ex.lse = lse.ctypes.data
+            extra += (lse[0] if two else lse,)
+        return ex, keep, extra
+
+    def _qkv(self, q, k, v):
+        hd = self.head_dim
+        if not hd:
+            raise error_for(_lib.ERR_STATE, "selfattn_attend",
+                            "head_dim undetermined: d_model not divisible by n_heads and head_dim unset")
+        qw, kw = self._n_heads * hd, self.n_kv_heads * hd
+        q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
+        bq, lq, two = _split3(q, "q", qw, "n_heads*head_dim")
+        bk, lk, twok = _split3(k, "k", kw, "n_kv_heads*head_dim")
+        if v.shape != k.shape:
+            raise ValueError("v must have the shape of k %s, got %s" % (k.shape, v.shape))
+        if two != twok or bq != bk:
+            raise ValueError("q %s and k %s must have the same batch" % (q.shape, k.shape))
+        return q, k, v, bq, lq, lk, two
+
+    def attend(self, q, k, v, kv_lengths=None, attn_bias=None, return_weights=False,
+               return_lse=False, out=None):
+        """Attention alone on projected tensors (selfattn_attend; _ex for the 1.1 extras):
+        q [batch][q_len][n_heads*head_dim], k and v [batch][kv_len][n_kv_heads*head_dim] (or all
+        2-D without batch). Returns out like q, or a tuple as layer(...) does."""
+        h = self._handle()
+        q, k, v, batch, lq, lk, two = self._qkv(q, k, v)
+        lp = None
+        if kv_lengths is not None:
+            kv_lengths = _int32_array(kv_lengths, batch, "kv_lengths")
+            lp = kv_lengths.ctypes.data
+        o = _out_array(out, q.shape)
+        if attn_bias is None and not return_weights and not return_lse:
+            _check(_C.selfattn_attend(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
+                                      v.ctypes.data, lp, o.ctypes.data), "selfattn_attend")
+            return o
+        if not _lib.has("selfattn_attend_ex"):
+            raise unsupported("attn_bias/return_weights/return_lse (selfattn_attend_ex)")
+        ex, keep, extra = self._extras(batch, lq, lk, attn_bias, return_weights, return_lse, two)
+        _check(_C.selfattn_attend_ex(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
+                                     v.ctypes.data, lp, ctypes.addressof(ex), o.ctypes.data),
+               "selfattn_attend_ex")
+        return (o,) + extra if extra else o
+
+    # ---- gradients (1.1) -----------------------------------------------------------------------
+    def backward(self, x, dy, lengths=None, wrt=None):
+        """Gradients of the forward pass y = layer(x, lengths) given dy = dL/dy
+        (selfattn_backward, libselfattn 1.1). Returns a dict: "x" (dL/dx, shape of x) and the
+        weight gradients "w_q", "w_k", "w_v", "b_q", "b_k", "b_v" and, with the output
+        projection on, "w_o", "b_o" (layouts of the weights). wrt: an iterable of those names to
+        compute only some (default all)."""
+        h = self._handle()
+        if not _lib.has("selfattn_backward"):
+            raise unsupported("Layer.backward (selfattn_backward)")
+        x, dy = _f32(x, "x"), _f32(dy, "dy")
+        batch, seq, two = _split3(x, "x", self._d_model, "d_model")
+        if dy.shape != x.shape:
+            raise ValueError("dy must have the shape of x %s, got %s" % (x.shape, dy.shape))
+        lp = None
+        if lengths is not None:
+            lengths = _int32_array(lengths, batch, "lengths")
+            lp = lengths.ctypes.data
+        names = ("x",) + tuple(n for n in _GRAD_NAMES if self.out_proj or n not in ("w_o", "b_o"))
+        if wrt is None:
+            wrt = names
+        else:
+            wrt = tuple(wrt)
+            for n in wrt:
+                if n not in names:
+                    raise ValueError("wrt: %r is not one of %s" % (n, names))
+        res = {}
+        dx = None
+        if "x" in wrt:
+            dx = res["x"] = np.empty(x.shape, _F32)
+        g = None
+        if any(n != "x" for n in wrt):
+            g = _lib.Grads()
+            g.struct_size = ctypes.sizeof(_lib.Grads)
+            for n in wrt:
+                if n != "x":
+                    a = res[n] = np.empty(self.weight_shape(n), _F32)
+                    setattr(g, n, a.ctypes.data)
+        _check(_C.selfattn_backward(h, batch, seq, x.ctypes.data, lp, dy.ctypes.data,
+                                    None if dx is None else dx.ctypes.data,
+                                    None if g is None else ctypes.addressof(g)),
+               "selfattn_backward")
+        return res
+
+    def attend_backward(self, q, k, v, dout, kv_lengths=None, wrt=("q", "k", "v")):
+        """Gradients of attend(q, k, v, kv_lengths) given dout (selfattn_attend_backward,
+        libselfattn 1.1): a dict with "q", "k", "v" (those named in wrt)."""
+        h = self._handle()
+        if not _lib.has("selfattn_attend_backward"):
+            raise unsupported("Layer.attend_backward (selfattn_attend_backward)")
+        q, k, v, batch, lq, lk, two = self._qkv(q, k, v)
+        dout = _f32(dout, "dout")
+        if dout.shape != q.shape:
+            raise ValueError("dout must have the shape of q %s, got %s" % (q.shape, dout.shape))
+        lp = None
+        if kv_lengths is not None:
+            kv_lengths = _int32_array(kv_lengths, batch, "kv_lengths")
+            lp = kv_lengths.ctypes.data
+        res = {}
+        for n, like in (("q", q), ("k", k), ("v", v)):
+            if n in wrt:
+                res[n] = np.empty(like.shape, _F32)
+        for n in wrt:
+            if n not in ("q", "k", "v"):
+                raise ValueError("wrt: %r is not one of q, k, v" % (n,))
+        p = [res[n].ctypes.data if n in res else None for n in ("q", "k", "v")]
+        _check(_C.selfattn_attend_backward(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
+                                           v.ctypes.data, lp, dout.ctypes.data, *p),
+               "selfattn_attend_backward")
+        return res
+
+
+class Cache:
+    """Key/value cache for incremental decoding (selfattn_cache, libselfattn 1.1).
+
+    Cache(layer, n_seqs, capacity): room for n_seqs sequences of up to capacity positions each,
+    bound to layer (which must be causal to run; the cache keeps a reference to it, and
+    layer.close() closes the cache first). y = cache(x, n_new=None) runs the layer on new tokens,
+    x [n_seqs][max_new][d_model] (2-D [max_new][d_model] when n_seqs == 1). One call at a time
+    per cache; distinct caches of one layer may run concurrently."""
+
+    def __init__(self, layer, n_seqs, capacity):
+        self._h = None
+        if not _lib.has("selfattn_cache_create"):
+            raise unsupported("selfattn.Cache (selfattn_cache_create)")
+        n_seqs, capacity = _int32(n_seqs, "n_seqs"), _int32(capacity, "capacity")
+        out = ctypes.c_void_p()
+        _check(_C.selfattn_cache_create(layer._handle(), n_seqs, capacity, ctypes.byref(out)),
+               "selfattn_cache_create", "n_seqs=%d, capacity=%d" % (n_seqs, capacity))
+        self._h = out.value
+        self._layer, self._n_seqs, self._capacity = layer, n_seqs, capacity
+        layer._caches.add(self)
+
+    def close(self):
+        """Release the C cache. Idempotent."""
+        h, self._h = self._h, None
+        if h is not None:
+            _C.selfattn_cache_destroy(h)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _handle(self):
+        if self._h is None:
+            raise ValueError("selfattn.Cache: the cache is closed")
+        return self._h
+
+    layer = property(lambda self: self._layer)
+    n_seqs = property(lambda self: self._n_seqs)
+    capacity = property(lambda self: self._capacity)
+
+    def length(self, seq):
+        """Positions processed so far for sequence seq."""
+        out = ctypes.c_int32()
+        _check(_C.selfattn_cache_length(self._handle(), _int32(seq, "seq"), ctypes.byref(out)),
+               "selfattn_cache_length", "seq=%s" % seq)
+        return out.value
+
+    @property
+    def lengths(self):
+        """[length(s) for every sequence]."""
+        return [self.length(s) for s in range(self._n_seqs)]
+
+    def truncate(self, seq, length):
+        """Forget positions at and after length for sequence seq (-1: every sequence)."""
+        _check(_C.selfattn_cache_truncate(self._handle(), _int32(seq, "seq"),
+                                          _int32(length, "length")),
+               "selfattn_cache_truncate", "seq=%s, length=%s" % (seq, length))
+
+    def reset(self, seq=-1):
+        """truncate(seq, 0)."""
+        self.truncate(seq, 0)
+
+    def copy(self, src_seq, dst_seq):
+        """Make sequence dst_seq a copy of sequence src_seq."""
+        _check(_C.selfattn_cache_copy(self._handle(), _int32(src_seq, "src_seq"),
+                                      _int32(dst_seq, "dst_seq")),
+               "selfattn_cache_copy", "src_seq=%s, dst_seq=%s" % (src_seq, dst_seq))
+
+    def __call__(self, x, n_new=None, out=None):
+        """selfattn_forward_cached: y (shape of x) for the new tokens of each sequence; rows past
+        n_new[s] are not read and are zeros in y."""
+        h = self._handle()
+        x = _f32(x, "x")
+        if x.ndim == 2 and self._n_seqs == 1:
+            nseq, max_new, _ = _split3(x, "x", self._layer.d_model, "d_model")
+        else:
+            nseq, max_new, two = _split3(x, "x", self._layer.d_model, "d_model")
+            if two or nseq != self._n_seqs:
+                raise ValueError("x must be [n_seqs=%d][max_new][d_model], got shape %s"
+                                 % (self._n_seqs, x.shape))
+        np_ = None
+        if n_new is not None:
+            n_new = _int32_array(n_new, self._n_seqs, "n_new")
+            np_ = n_new.ctypes.data
+        y = _out_array(out, x.shape)
+        _check(_C.selfattn_forward_cached(self._layer._handle(), h, max_new, x.ctypes.data, np_,
+                                          y.ctypes.data), "selfattn_forward_cached")
+        return y
+
+    forward = __call__
