@@ -1,0 +1,2 @@
+/* selfattn_backward and selfattn_attend_backward (in progress). */
+#include "internal.h"
