@@ -115,52 +115,6 @@ static void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batc
     }
 }
 
-/* ---- Rotary embeddings of the projected Q and K (forward only) ---- */
-
-typedef struct sa_rope_job {
-    const selfattn_layer *l;
-    float *qkv;
-    size_t ld;
-    int32_t batch, seq_len;
-    const int32_t *lengths;
-    int32_t pos0; /* position of row 0 of each sequence */
-    int n_chunks;
-} sa_rope_job;
-
-/* Turns pair d of every Q and K head of one row by the angle pos * theta^(-2d/r). */
-static void sa_rope_row(const selfattn_layer *l, float *row, int64_t pos)
-{
-    const int32_t hd = l->head_dim, r = l->rope_dims != 0 ? l->rope_dims : hd;
-    const int32_t heads = l->n_heads + l->n_kv_heads; /* Q heads then K heads: contiguous */
-    const double theta = l->rope_theta != 0.0 ? l->rope_theta : 10000.0;
-    for (int32_t d = 0; d < r / 2; d++) {
-        const double angle = (double)pos * pow(theta, -2.0 * d / r);
-        const float c = (float)cos(angle), s = (float)sin(angle);
-        const int32_t i1 = l->rope == 1 ? d : 2 * d, i2 = l->rope == 1 ? d + r / 2 : 2 * d + 1;
-        for (int32_t h = 0; h < heads; h++) {
-            float *x = row + (size_t)h * hd;
-            const float a = x[i1], b = x[i2];
-            x[i1] = a * c - b * s;
-            x[i2] = a * s + b * c;
-        }
-    }
-}
-
-static void sa_rope_task(void *arg, int worker, int task)
-{
-    (void)worker;
-    const sa_rope_job *j = arg;
-    const size_t rows = (size_t)j->batch * (size_t)j->seq_len;
-    const size_t r0 = rows * (size_t)task / (size_t)j->n_chunks;
-    const size_t r1 = rows * (size_t)(task + 1) / (size_t)j->n_chunks;
-    for (size_t r = r0; r < r1; r++) {
-        const int32_t b = (int32_t)(r / (size_t)j->seq_len), t = (int32_t)(r % (size_t)j->seq_len);
-        if (j->lengths != NULL && t >= j->lengths[b])
-            continue;
-        sa_rope_row(j->l, j->qkv + r * j->ld, (int64_t)j->pos0 + t);
-    }
-}
-
 /* ---- Entry points ---- */
 
 selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, int32_t q_len,
@@ -280,10 +234,7 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
         const sa_proj in_proj = {x,   dm,           layer->w_qkv, layer->b_qkv, qkv,
                                  nqkv, batch,       seq_len,      lengths,      valid};
         sa_project(&in_proj, workers);
-        if (layer->rope != 0) {
-            sa_rope_job rj = {layer, qkv, nqkv, batch, seq_len, lengths, 0, workers};
-            sa_run_tasks(workers, workers, sa_rope_task, &rj);
-        }
+        sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
     }
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
     sa_attn_run(&a, &plan, workers, qkv + s_off);

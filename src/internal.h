@@ -248,6 +248,15 @@ typedef struct sa_proj {
 } sa_proj;
 SA_HIDDEN void sa_project(const sa_proj *p, int workers);
 
+/* ---- Rotary embeddings (rope.c) ---- */
+/* Rotates the Q and K heads (the first (n_heads + n_kv_heads) * head_dim columns of each row of
+   qkv, row stride ld) of the valid rows of a batch in place, row t of sequence b at position
+   pos0[b] + t (pos0 NULL: 0); inverse turns by the opposite angle (gradients). No-op without
+   SELFATTN_OPT_ROPE. */
+SA_HIDDEN void sa_rope_apply(const selfattn_layer *l, float *qkv, size_t ld, int32_t batch,
+                             int32_t seq_len, const int32_t *lengths, const int64_t *pos0,
+                             int inverse, int workers);
+
 /* Workers for a call of about `flops` on layer l: helpers are not worth waking for tiny calls. */
 SA_HIDDEN int sa_workers_for(const selfattn_layer *l, double flops);
 
