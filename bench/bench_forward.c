@@ -1,11 +1,19 @@
-/* End-to-end benchmarks through the public API, and the sgemm ceiling on the same shapes in the
- * same binary:
- *   forward/B/L/D/H/KV/causal/threads    selfattn_forward, GFLOP/s of the work actually needed
- *   ceiling/...                          the bare cblas_sgemm calls that forward needs
+/* End-to-end benchmarks through the public API, and the sgemm ceiling (ceiling.h: the fastest
+ * bare-BLAS formulation of the same FLOPs) in the same binary:
+ *   forward/B/L/D/H/KV/mask/threads      selfattn_forward, GFLOP/s of the work actually needed
+ *   ceiling/...                          the forward ceiling alone (label: its formulation)
  *   pair/...                             both, alternating within each iteration, with the
- *                                        medians of each and their ratio as counters: on a shared,
- *                                        noisy machine this is the ratio to quote
- *   peak_memory/65536/128/2/causal       resident-memory high-water mark of one long forward
+ *                                        medians of each and their ratio (ceiling time / forward
+ *                                        time) as counters: on a shared, noisy machine this is
+ *                                        the ratio to quote
+ *   attend_pair/1/L/H/D/mask/threads     selfattn_attend vs the attention-only ceiling, the same
+ *                                        way (ratio = ceiling time / attend time)
+ *   decode_pair/1/1/E/H/threads          one token (batch 1, seq_len 1) through selfattn_forward
+ *                                        vs its bare BLAS calls, in microseconds; here
+ *                                        ratio = forward time / ceiling time (>= 1 is slower)
+ *   peak_memory/1/65536/128/2/2/causal/1 resident-memory high-water mark of one long forward
+ * The old "same calls as the library" ceiling is gone: it needed the library's internal header
+ * and shared its choices, which is what an honest ceiling must not do.
  * Run with --smoke for a quick pass over the small shapes (CI), or through bench/report. */
 #include <math.h>
 #include <stdio.h>
@@ -118,6 +126,7 @@ static void bm_ceiling(sb_state *s, const void *arg)
     while (sb_keep_running(s))
         ce_run(ce);
     sb_counter_rate(s, "GFLOPs", ce_forward_flops(&sh) * 1e-9 * (double)sb_iterations(s));
+    sb_label(s, ce_formulation(ce));
     ce_destroy(ce);
 }
 
@@ -140,10 +149,68 @@ static double median(double *v, int n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-#define PAIR_MAX 256
+#define PAIR_MAX 4096
 
-/* Forward and ceiling alternately (which goes first alternates too, so neither always runs on
-   the other's warm caches); the ratio of the medians is read off one benchmark. */
+/* The library call of a pair, and the ceiling's; the library call returns its status. */
+typedef selfattn_status (*lib_fn)(void *ctx);
+
+/* The library and the ceiling alternately (which goes first alternates too, so neither always
+   runs on the other's warm caches); medians of each in *t_lib and *t_ceil. Returns the status of
+   the library calls (a failure ends the loop), or NOMEM when nothing ran. */
+static selfattn_status pair_loop(sb_state *s, lib_fn lib, void *ctx, ce_ctx *ce, double *t_lib,
+                                 double *t_ceil)
+{
+    static double tl[PAIR_MAX], tc[PAIR_MAX];
+    int k = 0;
+    selfattn_status st = lib(ctx); /* warm-up */
+    ce_run(ce);
+    while (st == SELFATTN_OK && sb_keep_running(s)) {
+        double a, b;
+        const double t0 = now_s();
+        if (k % 2 == 0) {
+            st = lib(ctx);
+            const double t1 = now_s();
+            ce_run(ce);
+            a = t1 - t0;
+            b = now_s() - t1;
+        } else {
+            ce_run(ce);
+            const double t1 = now_s();
+            st = lib(ctx);
+            b = t1 - t0;
+            a = now_s() - t1;
+        }
+        if (k < PAIR_MAX) {
+            tl[k] = a;
+            tc[k] = b;
+        }
+        k++;
+    }
+    if (st == SELFATTN_OK && k == 0)
+        st = SELFATTN_ERR_NOMEM;
+    if (st == SELFATTN_OK) {
+        const int m = k < PAIR_MAX ? k : PAIR_MAX;
+        *t_lib = median(tl, m);
+        *t_ceil = median(tc, m);
+    }
+    return st;
+}
+
+typedef struct fwd_call {
+    const selfattn_layer *l;
+    int batch, seq;
+    const float *x;
+    float *y;
+} fwd_call;
+
+static selfattn_status call_forward(void *p)
+{
+    const fwd_call *f = p;
+    return selfattn_forward(f->l, f->batch, f->seq, f->x, NULL, f->y);
+}
+
+/* pair/: forward and the forward ceiling; ratio = ceiling time / forward time (the fraction of
+   the ceiling the forward reaches). */
 static void bm_pair(sb_state *s, const void *arg)
 {
     const fcfg *c = arg;
@@ -152,45 +219,126 @@ static void bm_pair(sb_state *s, const void *arg)
     ce_ctx *ce = ce_create(&sh);
     const size_t n = (size_t)c->batch * c->seq * c->dm;
     float *x = filled(n, 3), *y = malloc(n * sizeof *y);
-    static double tf[PAIR_MAX], tc[PAIR_MAX];
-    int k = 0;
     selfattn_status st = SELFATTN_ERR_NOMEM;
+    double f = 0, g = 0;
     if (l && ce && x && y) {
-        st = selfattn_forward(l, c->batch, c->seq, x, NULL, y); /* warm-up */
-        ce_run(ce);
-        while (st == SELFATTN_OK && sb_keep_running(s)) {
-            double fwd, ceil;
-            const double t0 = now_s();
-            if (k % 2 == 0) {
-                st = selfattn_forward(l, c->batch, c->seq, x, NULL, y);
-                const double t1 = now_s();
-                ce_run(ce);
-                fwd = t1 - t0;
-                ceil = now_s() - t1;
-            } else {
-                ce_run(ce);
-                const double t1 = now_s();
-                st = selfattn_forward(l, c->batch, c->seq, x, NULL, y);
-                ceil = t1 - t0;
-                fwd = now_s() - t1;
-            }
-            if (k < PAIR_MAX) {
-                tf[k] = fwd;
-                tc[k] = ceil;
-            }
-            k++;
-        }
+        fwd_call call = {l, c->batch, c->seq, x, y};
+        st = pair_loop(s, call_forward, &call, ce, &f, &g);
     }
-    if (st != SELFATTN_OK || k == 0) {
-        sb_skip_with_error(s, st != SELFATTN_OK ? selfattn_status_string(st) : "no iteration");
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
     } else {
-        const int m = k < PAIR_MAX ? k : PAIR_MAX;
-        const double f = median(tf, m), g = median(tc, m), flops = ce_forward_flops(&sh);
+        const double flops = ce_forward_flops(&sh);
         sb_counter(s, "fwd_ms", f * 1e3);
         sb_counter(s, "ceil_ms", g * 1e3);
         sb_counter(s, "fwd_GFLOPs", flops / f * 1e-9);
         sb_counter(s, "ceil_GFLOPs", flops / g * 1e-9);
         sb_counter(s, "ratio", g / f);
+        sb_label(s, ce_formulation(ce));
+    }
+    free(x);
+    free(y);
+    ce_destroy(ce);
+    selfattn_layer_destroy(l);
+}
+
+/* ---- attend_pair/1/L/H/D/mask/threads: selfattn_attend vs the attention-only ceiling ------- */
+
+typedef struct acfg {
+    int seq, heads, hd, causal, threads;
+} acfg;
+
+static const int attend_shapes[][3] = {{2048, 12, 64}, {4096, 12, 64}, {4096, 8, 64}};
+static const int attend_smoke_shapes[][3] = {{512, 12, 64}};
+#define N_ATTEND 3
+static acfg acfgs[N_ATTEND * 4];
+
+static ce_shape attend_shape(const acfg *c)
+{
+    ce_shape s = {1, c->seq, c->heads * c->hd, c->heads, c->heads, c->hd, c->causal, c->threads};
+    return s;
+}
+
+typedef struct att_call {
+    const selfattn_layer *l;
+    int seq;
+    const float *q, *k, *v;
+    float *out;
+} att_call;
+
+static selfattn_status call_attend(void *p)
+{
+    const att_call *a = p;
+    return selfattn_attend(a->l, 1, a->seq, a->seq, a->q, a->k, a->v, NULL, a->out);
+}
+
+/* ratio = ceiling time / attend time, as for pair/. */
+static void bm_attend_pair(sb_state *s, const void *arg)
+{
+    const acfg *c = arg;
+    const ce_shape sh = attend_shape(c);
+    selfattn_layer *l = NULL;
+    /* attend needs no weights: d_model = H * D gives head_dim D */
+    int ok = selfattn_layer_create(c->heads * c->hd, c->heads, &l) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, c->causal) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_THREADS, c->threads) == SELFATTN_OK;
+    ce_ctx *ce = ok ? ce_create_attend(&sh) : NULL;
+    const size_t n = (size_t)c->seq * c->heads * c->hd;
+    float *q = filled(n, 11), *k = filled(n, 12), *v = filled(n, 13), *out = malloc(n * sizeof *out);
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    double f = 0, g = 0;
+    if (ok && ce && q && k && v && out) {
+        att_call call = {l, c->seq, q, k, v, out};
+        st = pair_loop(s, call_attend, &call, ce, &f, &g);
+    }
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
+    } else {
+        const double flops = ce_attend_flops(&sh);
+        sb_counter(s, "attend_ms", f * 1e3);
+        sb_counter(s, "ceil_ms", g * 1e3);
+        sb_counter(s, "attend_GFLOPs", flops / f * 1e-9);
+        sb_counter(s, "ceil_GFLOPs", flops / g * 1e-9);
+        sb_counter(s, "ratio", g / f);
+        sb_label(s, ce_formulation(ce));
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(out);
+    ce_destroy(ce);
+    selfattn_layer_destroy(l);
+}
+
+/* ---- decode_pair/1/1/E/H/threads: one token through the whole layer ----------------------- */
+
+static const int decode_shapes[][2] = {{768, 12}, {2048, 16}};
+#define N_DECODE 2
+static fcfg dcfgs[N_DECODE * 2];
+
+/* Here ratio = forward time / ceiling time (how many times slower than its bare BLAS calls the
+   forward is: 1.0 is the ceiling, larger is slower), since at this size the fixed costs of a
+   call are the point. */
+static void bm_decode_pair(sb_state *s, const void *arg)
+{
+    const fcfg *c = arg;
+    const ce_shape sh = to_shape(c);
+    selfattn_layer *l = make_layer(c);
+    ce_ctx *ce = ce_create(&sh);
+    float *x = filled((size_t)c->dm, 3), *y = malloc((size_t)c->dm * sizeof *y);
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    double f = 0, g = 0;
+    if (l && ce && x && y) {
+        fwd_call call = {l, 1, 1, x, y};
+        st = pair_loop(s, call_forward, &call, ce, &f, &g);
+    }
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
+    } else {
+        sb_counter(s, "fwd_us", f * 1e6);
+        sb_counter(s, "ceil_us", g * 1e6);
+        sb_counter(s, "ratio", f / g);
+        sb_label(s, ce_formulation(ce));
     }
     free(x);
     free(y);
@@ -257,6 +405,7 @@ static void bm_peak_memory(sb_state *s, const void *arg)
 int main(int argc, char **argv)
 {
     const int smoke = sb_smoke(argc, argv);
+    ce_quick_calibration(smoke);
     static char names[N_SHAPES * 4][3][96];
     size_t k = 0;
     for (size_t i = 0; i < N_SHAPES; i++)
@@ -286,6 +435,47 @@ int main(int argc, char **argv)
                                 kind == 2 ? (smoke ? 1 : pair_iters) : 0);
                 }
             }
+
+    /* attention alone: the long sequences (512 only in --smoke) */
+    static char anames[N_ATTEND * 4][96];
+    const int n_att = smoke ? 1 : N_ATTEND;
+    k = 0;
+    for (int i = 0; i < n_att; i++)
+        for (int causal = 0; causal <= 1; causal++)
+            for (int threads = 1; threads <= 2; threads++, k++) {
+                const int *a = smoke ? attend_smoke_shapes[i] : attend_shapes[i];
+                acfg *c = &acfgs[k];
+                c->seq = a[0];
+                c->heads = a[1];
+                c->hd = a[2];
+                c->causal = causal;
+                c->threads = threads;
+                /* about 10 GFLOP of attention per side, 3 to 40 iterations */
+                const ce_shape sh = attend_shape(c);
+                int64_t iters = (int64_t)(10e9 / ce_attend_flops(&sh));
+                iters = iters < 3 ? 3 : iters > 40 ? 40 : iters;
+                snprintf(anames[k], sizeof anames[k], "attend_pair/1/%d/%d/%d/%s/%d", c->seq,
+                         c->heads, c->hd, causal ? "causal" : "full", threads);
+                sb_register(anames[k], bm_attend_pair, c, smoke ? 1 : iters);
+            }
+
+    /* decode: one token, where the fixed costs of a call dominate */
+    static char dnames[N_DECODE * 2][96];
+    k = 0;
+    for (int i = 0; i < N_DECODE; i++)
+        for (int threads = 1; threads <= 2; threads++, k++) {
+            fcfg *c = &dcfgs[k];
+            c->batch = 1;
+            c->seq = 1;
+            c->dm = decode_shapes[i][0];
+            c->heads = c->kv_heads = decode_shapes[i][1];
+            c->causal = 0;
+            c->threads = threads;
+            snprintf(dnames[k], sizeof dnames[k], "decode_pair/1/1/%d/%d/%d", c->dm, c->heads,
+                     threads);
+            sb_register(dnames[k], bm_decode_pair, c, smoke ? 20 : 2000);
+        }
+
     if (!smoke)
         sb_register("peak_memory/1/65536/128/2/2/causal/1", bm_peak_memory, &mem_cfg, 1);
     return sb_main(argc, argv);

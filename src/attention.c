@@ -101,16 +101,21 @@ static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
 }
 
 /* Final scores of keys [lo, lo + n) of query position pos in place (s = (q.k) scale, softcap,
-   ALiBi, bias); returns their maximum (-inf when every key is masked by the bias). */
+   ALiBi, bias); returns their maximum (-inf when every key is masked by the bias). With a softcap
+   and dcap non-NULL, dcap[j] = 1 - tanh^2 (the softcap's derivative, for the backward pass). */
 static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n, int64_t pos,
-                             float slope, const float *bias_row)
+                             float slope, const float *bias_row, float *dcap)
 {
     const float scale = a->scale, cap = a->softcap;
     float m = -INFINITY;
     for (int32_t j = 0; j < n; j++) {
         float t = row[j] * scale;
-        if (cap > 0.0f)
-            t = cap * tanhf(t / cap);
+        if (cap > 0.0f) {
+            const float th = tanhf(t / cap);
+            t = cap * th;
+            if (dcap != NULL)
+                dcap[j] = 1.0f - th * th;
+        }
         if (slope != 0.0f) {
             int64_t d = pos - (lo + j);
             d = d < 0 ? -d : d;
@@ -137,6 +142,13 @@ int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb, 
 void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
                    int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse)
 {
+    sa_attn_probs_ex(a, p, b, h, i0, mb, klo, nk, s, inv, lse, NULL);
+}
+
+void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
+                      int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse,
+                      float *dcap)
+{
     const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
     const int32_t hd = a->head_dim, len = sa_kv_length(a, b), khi = klo + nk;
@@ -144,6 +156,8 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
     const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + (size_t)(h / a->group) * hd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq, kh,
                 (int)a->ldk, 0.0f, s, (int)p->ld_s);
+    if (a->softcap <= 0.0f)
+        dcap = NULL;
 
     const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
     for (int32_t r = 0; r < mb; r++) {
@@ -159,7 +173,13 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
                     ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
                     : NULL;
             const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
-            m = sa_final_scores(a, row + (lo - klo), lo, hi - lo, pos, slope, bias_row);
+            float *dc = dcap != NULL ? dcap + (size_t)r * p->ld_s : NULL;
+            if (dc != NULL) {
+                memset(dc, 0, (size_t)(lo - klo) * sizeof(float));
+                memset(dc + (hi - klo), 0, (size_t)(khi - hi) * sizeof(float));
+            }
+            m = sa_final_scores(a, row + (lo - klo), lo, hi - lo, pos, slope, bias_row,
+                                dc != NULL ? dc + (lo - klo) : NULL);
             empty = m == -INFINITY;
             if (!empty)
                 sum = softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo), 1.0f,
@@ -170,6 +190,8 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
         }
         if (empty) {
             memset(row, 0, (size_t)nk * sizeof(float));
+            if (dcap != NULL)
+                memset(dcap + (size_t)r * p->ld_s, 0, (size_t)nk * sizeof(float));
             inv[r] = 0.0f;
             lse[r] = -INFINITY;
         } else {
@@ -180,11 +202,95 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
     }
 }
 
-static void sa_attn_task(void *arg, int worker, int task)
+void sa_attn_row_keys(const sa_attn *a, int32_t b, int32_t i, int32_t *lo, int32_t *hi)
 {
-    const sa_attn_job *job = arg;
-    const sa_attn *a = job->a;
-    const sa_attn_plan *p = job->p;
+    sa_row_range(a, sa_kv_length(a, b), i, lo, hi);
+}
+
+int32_t sa_attn_key_queries(const sa_attn *a, int32_t b, int32_t k0, int32_t nk, int32_t *ilo)
+{
+    /* Both ends of a row's key range are non-decreasing in the row, so the rows that see a key of
+       [k0, k0 + nk) are one run: from the first whose range ends past k0 to the first whose
+       range starts at or past k0 + nk. */
+    const int32_t len = sa_kv_length(a, b);
+    const int32_t rows = a->pad_queries && len < a->q_len ? len : a->q_len;
+    const int32_t k1 = k0 + nk;
+    int32_t lo = 0, hi = rows, klo, khi;
+    while (lo < hi) { /* first row with khi > k0 */
+        const int32_t mid = lo + (hi - lo) / 2;
+        sa_row_range(a, len, mid, &klo, &khi);
+        if (khi > k0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    const int32_t first = lo;
+    hi = rows;
+    while (lo < hi) { /* first row with klo >= k1 */
+        const int32_t mid = lo + (hi - lo) / 2;
+        sa_row_range(a, len, mid, &klo, &khi);
+        if (klo >= k1)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    *ilo = first;
+    return lo - first;
+}
+
+void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int32_t mb, int32_t k0,
+                        int32_t nk, float *s, size_t ld, const float *lse, float *dcap)
+{
+    const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
+    const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
+    const int32_t len = sa_kv_length(a, b), k1 = k0 + nk;
+    const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
+    if (a->softcap <= 0.0f)
+        dcap = NULL;
+    for (int32_t r = 0; r < mb; r++) {
+        const int32_t i = i0 + r;
+        float *row = s + (size_t)r * ld;
+        float *dc = dcap != NULL ? dcap + (size_t)r * ld : NULL;
+        int32_t lo, hi;
+        sa_row_range(a, len, i, &lo, &hi);
+        lo = lo > k0 ? lo : k0;
+        hi = hi < k1 ? hi : k1;
+        if (hi <= lo || lse[r] == -INFINITY) {
+            memset(row, 0, (size_t)nk * sizeof(float));
+            if (dc != NULL)
+                memset(dc, 0, (size_t)nk * sizeof(float));
+            continue;
+        }
+        float m;
+        float *part = row + (lo - k0);
+        if (modified) {
+            const float *bias_row =
+                a->bias != NULL
+                    ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
+                    : NULL;
+            const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
+            sa_final_scores(a, part, lo, hi - lo, pos, slope, bias_row,
+                            dc != NULL ? dc + (lo - k0) : NULL);
+            softmax_exp(part, (size_t)(hi - lo), (size_t)(hi - lo), 1.0f, &m);
+        } else {
+            softmax_exp(part, (size_t)(hi - lo), (size_t)(hi - lo), a->scale, &m);
+        }
+        /* exp(s - lse) = exp(s - m) exp(m - lse), m <= lse: no overflow */
+        const float f = expf(m - lse[r]);
+        for (int32_t j = 0; j < hi - lo; j++)
+            part[j] *= f;
+        memset(row, 0, (size_t)(lo - k0) * sizeof(float));
+        memset(row + (hi - k0), 0, (size_t)(k1 - hi) * sizeof(float));
+        if (dc != NULL) {
+            memset(dc, 0, (size_t)(lo - k0) * sizeof(float));
+            memset(dc + (hi - k0), 0, (size_t)(k1 - hi) * sizeof(float));
+        }
+    }
+}
+
+/* Task `task` of one attention description, with one worker's scratch s. */
+static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int task)
+{
     /* Largest blocks (last rows: most keys under a causal mask) first, for balance. */
     const int per_block = a->batch * a->n_heads;
     const int32_t blk = p->n_blocks - 1 - task / per_block;
@@ -213,7 +319,6 @@ static void sa_attn_task(void *arg, int worker, int task)
         return;
     }
 
-    float *s = job->scratch + (size_t)worker * p->floats_per_worker;
     float *inv = s + (size_t)p->block * p->ld_s, *lse = inv + p->block;
     sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse);
     for (int32_t r = 0; r < mb; r++) {
@@ -242,8 +347,41 @@ static void sa_attn_task(void *arg, int worker, int task)
     }
 }
 
+static void sa_attn_task(void *arg, int worker, int task)
+{
+    const sa_attn_job *job = arg;
+    sa_attn_block(job->a, job->p, job->scratch + (size_t)worker * job->p->floats_per_worker, task);
+}
+
 void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch)
 {
     sa_attn_job job = {a, p, scratch};
     sa_run_tasks(workers, p->n_tasks, sa_attn_task, &job);
+}
+
+typedef struct sa_attn_many_job {
+    const sa_attn *a;
+    const sa_attn_plan *p;
+    int n;
+    float *scratch;
+    size_t per_worker;
+} sa_attn_many_job;
+
+static void sa_attn_many_task(void *arg, int worker, int task)
+{
+    const sa_attn_many_job *job = arg;
+    int i = 0;
+    while (task >= job->p[i].n_tasks) /* descriptions in order: few, so a scan */
+        task -= job->p[i++].n_tasks;
+    sa_attn_block(&job->a[i], &job->p[i], job->scratch + (size_t)worker * job->per_worker, task);
+}
+
+void sa_attn_run_many(const sa_attn *a, const sa_attn_plan *p, int n, int workers,
+                      float *scratch, size_t per_worker)
+{
+    int tasks = 0;
+    for (int i = 0; i < n; i++)
+        tasks += p[i].n_tasks;
+    sa_attn_many_job job = {a, p, n, scratch, per_worker};
+    sa_run_tasks(workers, tasks, sa_attn_many_task, &job);
 }

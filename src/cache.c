@@ -1,2 +1,286 @@
-/* The key/value cache and selfattn_forward_cached (in progress). */
+/* The key/value cache and selfattn_forward_cached.
+ *
+ * Keys and values are stored token-major, [seq][row][n_kv_heads * head_dim], as the projections
+ * produce them, so appending is a row copy and a sequence's keys are one strided matrix for the
+ * attention core. Without a window, position p is row p. With a window the cache is a ring of
+ * `capacity` slots, position p in slot p % capacity, and every row is stored twice, at its slot
+ * and at slot + capacity: any run of at most `capacity` consecutive positions is then one
+ * contiguous run of rows, which the core reads as it reads a plain sequence.
+ *
+ * A call projects the new rows, applies RoPE at their positions, appends K and V, runs the core
+ * once per sequence (all in one parallel region: query t of sequence s at relative position
+ * L - lo + t over keys from position lo, which leaves causality, the window and ALiBi, all
+ * functions of position differences, as they are), then the output projection. Every check and
+ * the workspace come first: a failed call changes nothing. */
+#include <string.h>
+
 #include "internal.h"
+
+struct selfattn_cache {
+    const selfattn_layer *layer;
+    int32_t n_seqs, capacity;
+    /* the layer's settings at create */
+    int32_t window, rope, rope_dims, n_kv_heads, head_dim;
+    double rope_theta;
+    size_t width;   /* n_kv_heads * head_dim */
+    size_t rows;    /* rows per sequence: capacity, or 2 * capacity for a ring */
+    int64_t *len;   /* [n_seqs] positions processed */
+    int64_t *kept;  /* [n_seqs] the first position still stored (a ring overwrites older ones) */
+    float *k, *v;   /* [n_seqs][rows][width] */
+};
+
+selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs,
+                                      int32_t capacity, selfattn_cache **out)
+{
+    SA_CHECK(layer != NULL && out != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(n_seqs >= 1 && capacity >= 1, SELFATTN_ERR_INVALID);
+    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+    const size_t width = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    const size_t rows = (size_t)capacity * (layer->window > 0 ? 2 : 1);
+    size_t per_seq;
+    SA_CHECK(sa_mul_size(rows, width, &per_seq) && per_seq <= INT32_MAX &&
+                 sa_array_bytes((size_t)n_seqs, per_seq) != 0,
+             SELFATTN_ERR_OVERFLOW);
+    const size_t bytes = sa_array_bytes((size_t)n_seqs, per_seq);
+
+    selfattn_cache *c = sa_calloc(1, sizeof *c);
+    SA_CHECK(c != NULL, SELFATTN_ERR_NOMEM);
+    c->len = sa_calloc(2 * (size_t)n_seqs, sizeof *c->len);
+    c->k = sa_malloc(bytes);
+    c->v = sa_malloc(bytes);
+    if (c->len == NULL || c->k == NULL || c->v == NULL) {
+        selfattn_cache_destroy(c);
+        return SELFATTN_ERR_NOMEM;
+    }
+    c->kept = c->len + n_seqs;
+    c->layer = layer;
+    c->n_seqs = n_seqs;
+    c->capacity = capacity;
+    c->window = layer->window;
+    c->rope = layer->rope;
+    c->rope_dims = layer->rope_dims;
+    c->rope_theta = layer->rope_theta;
+    c->n_kv_heads = layer->n_kv_heads;
+    c->head_dim = layer->head_dim;
+    c->width = width;
+    c->rows = rows;
+    *out = c;
+    return SELFATTN_OK;
+}
+
+void selfattn_cache_destroy(selfattn_cache *cache)
+{
+    if (cache == NULL)
+        return;
+    sa_free(cache->len);
+    sa_free(cache->k);
+    sa_free(cache->v);
+    sa_free(cache);
+}
+
+selfattn_status selfattn_cache_length(const selfattn_cache *cache, int32_t seq, int32_t *length)
+{
+    SA_CHECK(cache != NULL && length != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(seq >= 0 && seq < cache->n_seqs, SELFATTN_ERR_INVALID);
+    *length = (int32_t)cache->len[seq]; /* calls never take it past INT32_MAX */
+    return SELFATTN_OK;
+}
+
+/* The first position a token at position p needs. */
+static int64_t sa_cache_first_needed(const selfattn_cache *c, int64_t p)
+{
+    if (c->window <= 0)
+        return 0;
+    const int64_t f = p - c->window + 1;
+    return f > 0 ? f : 0;
+}
+
+selfattn_status selfattn_cache_truncate(selfattn_cache *cache, int32_t seq, int32_t length)
+{
+    SA_CHECK(cache != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(seq >= -1 && seq < cache->n_seqs && length >= 0, SELFATTN_ERR_INVALID);
+    const int32_t s0 = seq < 0 ? 0 : seq, s1 = seq < 0 ? cache->n_seqs : seq + 1;
+    /* check every sequence first: all or nothing */
+    for (int32_t s = s0; s < s1; s++) {
+        if (length > cache->len[s]) {
+            SA_CHECK(seq < 0, SELFATTN_ERR_INVALID); /* with -1, shorter ones stay as they are */
+            continue;
+        }
+        SA_CHECK(sa_cache_first_needed(cache, length) >= cache->kept[s] || length == 0,
+                 SELFATTN_ERR_INVALID);
+    }
+    for (int32_t s = s0; s < s1; s++)
+        if (length < cache->len[s]) {
+            cache->len[s] = length;
+            if (length == 0)
+                cache->kept[s] = 0;
+        }
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t src_seq, int32_t dst_seq)
+{
+    SA_CHECK(cache != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(src_seq >= 0 && src_seq < cache->n_seqs && dst_seq >= 0 && dst_seq < cache->n_seqs,
+             SELFATTN_ERR_INVALID);
+    if (src_seq == dst_seq)
+        return SELFATTN_OK;
+    const size_t per_seq = cache->rows * cache->width;
+    /* only the rows in use: a short prompt in a large cache copies little */
+    const int64_t used = cache->window > 0 ? (int64_t)cache->rows : cache->len[src_seq];
+    const size_t n = (size_t)used * cache->width * sizeof(float);
+    memcpy(cache->k + (size_t)dst_seq * per_seq, cache->k + (size_t)src_seq * per_seq, n);
+    memcpy(cache->v + (size_t)dst_seq * per_seq, cache->v + (size_t)src_seq * per_seq, n);
+    cache->len[dst_seq] = cache->len[src_seq];
+    cache->kept[dst_seq] = cache->kept[src_seq];
+    return SELFATTN_OK;
+}
+
+/* Stores K and V rows of position p of sequence s (twice in a ring). */
+static void sa_cache_store(selfattn_cache *c, int32_t s, int64_t p, const float *k, const float *v)
+{
+    const size_t bytes = c->width * sizeof(float);
+    const size_t base = (size_t)s * c->rows * c->width;
+    const size_t slot = c->window > 0 ? (size_t)(p % c->capacity) : (size_t)p;
+    memcpy(c->k + base + slot * c->width, k, bytes);
+    memcpy(c->v + base + slot * c->width, v, bytes);
+    if (c->window > 0) {
+        if (p - c->capacity + 1 > c->kept[s])
+            c->kept[s] = p - c->capacity + 1;
+        memcpy(c->k + base + (slot + (size_t)c->capacity) * c->width, k, bytes);
+        memcpy(c->v + base + (slot + (size_t)c->capacity) * c->width, v, bytes);
+    }
+}
+
+/* The rows holding positions [lo, lo + n) of sequence s: one contiguous run. */
+static size_t sa_cache_row(const selfattn_cache *c, int32_t s, int64_t lo)
+{
+    const size_t slot = c->window > 0 ? (size_t)(lo % c->capacity) : (size_t)lo;
+    return ((size_t)s * c->rows + slot) * c->width;
+}
+
+selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_cache *cache,
+                                        int32_t max_new, const float *x, const int32_t *n_new,
+                                        float *y)
+{
+    SA_CHECK(layer != NULL && cache != NULL && x != NULL && y != NULL, SELFATTN_ERR_NULL);
+    SA_CHECK(cache->layer == layer, SELFATTN_ERR_INVALID);
+    SA_CHECK(layer->causal, SELFATTN_ERR_STATE);
+    SA_CHECK(layer->window == cache->window && layer->rope == cache->rope &&
+                 layer->rope_dims == cache->rope_dims && layer->rope_theta == cache->rope_theta &&
+                 layer->n_kv_heads == cache->n_kv_heads && layer->head_dim == cache->head_dim,
+             SELFATTN_ERR_STATE);
+    const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (layer->out_proj ? SA_HAVE_O : 0u);
+    SA_CHECK((layer->have & need) == need, SELFATTN_ERR_STATE);
+    SA_CHECK(max_new >= 1, SELFATTN_ERR_INVALID);
+
+    const int32_t n_seqs = cache->n_seqs;
+    const size_t dm = (size_t)layer->d_model;
+    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim, nkv = cache->width;
+    const size_t nqkv = nq + 2 * nkv;
+    const size_t rows = (size_t)n_seqs * (size_t)max_new;
+    SA_CHECK(sa_array_bytes(rows, dm) != 0, SELFATTN_ERR_OVERFLOW);
+    /* n_new is read only once the sizes are known */
+    size_t valid = 0;
+    int32_t max_keys = 1;
+    for (int32_t s = 0; s < n_seqs; s++) {
+        const int32_t n = n_new != NULL ? n_new[s] : max_new;
+        SA_CHECK(n >= 0 && n <= max_new, SELFATTN_ERR_INVALID);
+        const int64_t L = cache->len[s];
+        SA_CHECK(L + n <= INT32_MAX, SELFATTN_ERR_OVERFLOW);
+        const int64_t first = sa_cache_first_needed(cache, L), keys = L + n - first;
+        SA_CHECK(keys <= cache->capacity && first >= cache->kept[s], SELFATTN_ERR_INVALID);
+        if (n > 0 && keys > max_keys)
+            max_keys = (int32_t)keys;
+        valid += (size_t)n;
+    }
+    /* every sequence's core tasks (at most heads * ceil(n / 32) each) are counted in an int */
+    SA_CHECK((int64_t)n_seqs * layer->n_heads * ((max_new + 31) / 32) <= INT32_MAX,
+             SELFATTN_ERR_OVERFLOW);
+
+    /* One attention description per sequence; the scratch of the longest. */
+    const double flops = 2.0 * (double)valid * (double)dm * (double)(nqkv + nq) +
+                         4.0 * (double)valid * max_keys * (double)nq;
+    const int workers = sa_workers_for(layer, flops);
+    size_t per_worker = 0;
+    {
+        sa_attn a;
+        sa_attn_plan p;
+        sa_attn_from_layer(&a, layer, 1, max_new, max_keys, NULL);
+        selfattn_status st = sa_attn_plan_make(&a, &p);
+        SA_CHECK(st == SELFATTN_OK, st);
+        per_worker = p.floats_per_worker;
+    }
+    /* Workspace: qkv [rows][nqkv], attn [rows][nq], the descriptions, positions, scratch. */
+    const size_t qkv_f = rows * nqkv, attn_f = layer->out_proj ? rows * nq : 0;
+    size_t total_f, s_f, desc_b;
+    SA_CHECK(sa_array_bytes(rows, nqkv) != 0 && sa_array_bytes(rows, nq) != 0 &&
+                 sa_mul_size((size_t)workers, per_worker, &s_f) &&
+                 sa_mul_size((size_t)n_seqs, sizeof(sa_attn) + sizeof(sa_attn_plan) +
+                                                 sizeof(int64_t) + sizeof(int32_t),
+                             &desc_b),
+             SELFATTN_ERR_OVERFLOW);
+    const size_t qkv_off = 0, attn_off = (qkv_f + 15) / 16 * 16;
+    const size_t s_off = attn_off + (attn_f + 15) / 16 * 16;
+    const size_t d_off = s_off + (s_f + 15) / 16 * 16;
+    SA_CHECK(sa_add_size(d_off, desc_b / sizeof(float) + 16, &total_f) &&
+                 sa_array_bytes(total_f, 1) != 0,
+             SELFATTN_ERR_OVERFLOW);
+    sa_ws *ws = sa_ws_acquire(layer->ws, sa_array_bytes(total_f, 1));
+    SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
+
+    /* Nothing fails from here on. */
+    sa_blas_init();
+    float *wsf = ws->data;
+    float *qkv = wsf + qkv_off, *attn = layer->out_proj ? wsf + attn_off : y;
+    sa_attn *desc = (sa_attn *)(void *)(wsf + d_off);
+    sa_attn_plan *plans = (sa_attn_plan *)(void *)(desc + n_seqs);
+    int64_t *pos0 = (int64_t *)(void *)(plans + n_seqs);
+    int32_t *lens = (int32_t *)(void *)(pos0 + n_seqs);
+    for (int32_t s = 0; s < n_seqs; s++) {
+        lens[s] = n_new != NULL ? n_new[s] : max_new;
+        pos0[s] = cache->len[s];
+    }
+    const sa_proj in_proj = {x, dm, layer->w_qkv, layer->b_qkv, qkv, nqkv,
+                             n_seqs, max_new, lens, valid};
+    sa_project(&in_proj, workers);
+    sa_rope_apply(layer, qkv, nqkv, n_seqs, max_new, lens, pos0, 0, workers);
+
+    int n_desc = 0;
+    for (int32_t s = 0; s < n_seqs; s++) {
+        const int32_t n = lens[s];
+        if (n == 0)
+            continue;
+        const int64_t L = cache->len[s], lo = sa_cache_first_needed(cache, L);
+        for (int32_t t = 0; t < n; t++) {
+            const float *row = qkv + ((size_t)s * max_new + t) * nqkv;
+            sa_cache_store(cache, s, L + t, row + nq, row + nq + nkv);
+        }
+        sa_attn *a = &desc[n_desc];
+        const int32_t kv_len = (int32_t)(L + n - lo);
+        sa_attn_from_layer(a, layer, 1, n, kv_len, NULL);
+        a->q = qkv + (size_t)s * max_new * nqkv;
+        a->ldq = nqkv;
+        a->k = cache->k + sa_cache_row(cache, s, lo);
+        a->v = cache->v + sa_cache_row(cache, s, lo);
+        a->ldk = a->ldv = nkv;
+        a->out = attn + (size_t)s * max_new * nq;
+        a->ldo = nq;
+        sa_attn_plan_make(a, &plans[n_desc]); /* no larger than the plan checked above */
+        n_desc++;
+        cache->len[s] = L + n;
+    }
+    sa_attn_run_many(desc, plans, n_desc, workers, wsf + s_off, per_worker);
+
+    if (layer->out_proj) {
+        const sa_proj out_proj = {attn, nq, layer->w_o, layer->b_o, y, dm,
+                                  n_seqs, max_new, lens, valid};
+        sa_project(&out_proj, workers);
+    }
+    for (int32_t s = 0; s < n_seqs; s++)
+        if (lens[s] < max_new)
+            memset(y + ((size_t)s * max_new + lens[s]) * dm, 0,
+                   (size_t)(max_new - lens[s]) * dm * sizeof(float));
+    sa_ws_release(layer->ws, ws);
+    return SELFATTN_OK;
+}

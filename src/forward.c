@@ -31,14 +31,9 @@ static void sa_blas_single_threaded(void)
 #endif
 }
 
-/* Bytes of an array of rows x width floats, or 0 on overflow. */
-static size_t sa_array_bytes(size_t rows, size_t width)
+void sa_blas_init(void)
 {
-    size_t n;
-    if (!sa_mul_size(rows, width, &n) || !sa_mul_size(n, sizeof(float), &n) ||
-        n > (size_t)PTRDIFF_MAX)
-        return 0;
-    return n;
+    pthread_once(&sa_blas_once, sa_blas_single_threaded);
 }
 
 int sa_workers_for(const selfattn_layer *l, double flops)
@@ -90,8 +85,8 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
 }
 
 /* The score description shared by forward and attend. */
-static void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int32_t q_len,
-                               int32_t kv_len, const selfattn_extras *e)
+void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int32_t q_len,
+                        int32_t kv_len, const selfattn_extras *e)
 {
     memset(a, 0, sizeof *a);
     a->batch = batch;
@@ -149,7 +144,7 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     sa_ws *ws = sa_ws_acquire(layer->ws, ws_bytes);
     SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
 
-    pthread_once(&sa_blas_once, sa_blas_single_threaded);
+    sa_blas_init();
     a.kv_lengths = kv_lengths;
     a.q = q;
     a.k = k;
@@ -219,7 +214,7 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
     sa_ws *ws = sa_ws_acquire(layer->ws, total);
     SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
 
-    pthread_once(&sa_blas_once, sa_blas_single_threaded);
+    sa_blas_init();
     float *qkv = ws->data, *attn = layer->out_proj ? qkv + attn_off : y;
     a.kv_lengths = lengths;
     a.pad_queries = 1;

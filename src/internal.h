@@ -53,6 +53,16 @@ static inline int sa_add_size(size_t a, size_t b, size_t *out)
     return 1;
 }
 
+/* Bytes of an array of rows x width floats, or 0 on overflow. */
+static inline size_t sa_array_bytes(size_t rows, size_t width)
+{
+    size_t n;
+    if (!sa_mul_size(rows, width, &n) || !sa_mul_size(n, sizeof(float), &n) ||
+        n > (size_t)PTRDIFF_MAX)
+        return 0;
+    return n;
+}
+
 /* ---- Kernels ---- */
 /* Scaled-softmax numerator over one row of scores, in place:
      m = max_{i < n_valid} row[i] * scale
@@ -229,8 +239,32 @@ SA_HIDDEN void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b,
    and the first in *klo. */
 SA_HIDDEN int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb,
                                      int32_t *klo);
+/* Several descriptions in one parallel region (the cache: one per sequence); their task counts
+   must add up to at most INT32_MAX, and per_worker is the largest floats_per_worker. */
+SA_HIDDEN void sa_attn_run_many(const sa_attn *a, const sa_attn_plan *p, int n, int workers,
+                                float *scratch, size_t per_worker);
 /* ALiBi slope of head h of n (Press et al. 2022; the BLOOM rule for n not a power of two). */
 SA_HIDDEN double sa_alibi_slope(int32_t h, int32_t n);
+
+/* ---- Attention pieces for the backward pass (attention.c) ---- */
+/* sa_attn_probs, and with a softcap and dcap non-NULL also dcap (the score block's shape) =
+   1 - tanh^2(q.k scale / c) at each row's visible keys, 0 at the block's other keys. */
+SA_HIDDEN void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
+                                int32_t i0, int32_t mb, int32_t klo, int32_t nk, float *s,
+                                float *inv, float *lse, float *dcap);
+/* The keys [*lo, *hi) that query row i of sequence b sees (*lo == *hi: none). */
+SA_HIDDEN void sa_attn_row_keys(const sa_attn *a, int32_t b, int32_t i, int32_t *lo, int32_t *hi);
+/* The query rows that see at least one key of [k0, k0 + nk) in sequence b (padding rows excluded
+   with pad_queries): returns their count (0: none), the first in *ilo. */
+SA_HIDDEN int32_t sa_attn_key_queries(const sa_attn *a, int32_t b, int32_t k0, int32_t nk,
+                                      int32_t *ilo);
+/* Normalised probabilities of a tile from each row's log-sum-exp: s holds the raw q.k of rows
+   [i0, i0 + mb) of (b, h) over keys [k0, k0 + nk) (row stride ld); on return s = exp(final score
+   - lse[r]) at each row's visible keys and 0 elsewhere (rows with lse -inf all 0). dcap as in
+   sa_attn_probs_ex (NULL: not wanted, or no softcap). */
+SA_HIDDEN void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int32_t mb,
+                                  int32_t k0, int32_t nk, float *s, size_t ld, const float *lse,
+                                  float *dcap);
 
 /* ---- Projections (project.c) ---- */
 /* out = in * w^T + bias over the valid rows of a batch: in [batch*seq_len][k], w [n][k],
@@ -256,6 +290,13 @@ SA_HIDDEN void sa_project(const sa_proj *p, int workers);
 SA_HIDDEN void sa_rope_apply(const selfattn_layer *l, float *qkv, size_t ld, int32_t batch,
                              int32_t seq_len, const int32_t *lengths, const int64_t *pos0,
                              int inverse, int workers);
+
+/* ---- Shared by the entry points (forward.c) ---- */
+/* The score description of a layer's options (and extras, NULL for none) for a call. */
+SA_HIDDEN void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch,
+                                  int32_t q_len, int32_t kv_len, const selfattn_extras *e);
+/* Makes BLAS single-threaded once per process (see forward.c). */
+SA_HIDDEN void sa_blas_init(void);
 
 /* Workers for a call of about `flops` on layer l: helpers are not worth waking for tiny calls. */
 SA_HIDDEN int sa_workers_for(const selfattn_layer *l, double flops);

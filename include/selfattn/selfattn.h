@@ -264,6 +264,67 @@ SELFATTN_API selfattn_status selfattn_attend(const selfattn_layer *layer, int32_
                                              const float *k, const float *v,
                                              const int32_t *kv_lengths, float *out);
 
+/* ---- Incremental decoding (1.1): the key/value cache ---------------------------------------- */
+/* Opaque: keys and values (after bias and RoPE) of n_seqs sequences for one causal layer, so that
+   generation runs each new token against every earlier position without recomputing them.
+   Memory, allocated once at create: n_seqs * capacity * n_kv_heads * head_dim * 2 (K and V)
+   * 4 bytes, twice that with SELFATTN_OPT_WINDOW set (a window's cache is a ring whose rows are
+   stored twice, so that any run of positions is contiguous). A cache is used by one call at a
+   time; distinct caches of one layer may run concurrently (each with the layer, which they only
+   read). */
+typedef struct selfattn_cache selfattn_cache;
+
+/* A cache for n_seqs sequences (>= 1) of up to capacity positions (>= 1) each, bound to layer,
+   which must outlive it. The layer's WINDOW, ROPE, ROPE_DIMS, ROPE_THETA, N_KV_HEADS and HEAD_DIM
+   are recorded: a later change makes selfattn_forward_cached answer SELFATTN_ERR_STATE. On success
+   *out owns the cache (selfattn_cache_destroy); on failure *out is unchanged.
+   Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (n_seqs or capacity < 1), SELFATTN_ERR_STATE
+   (head_dim undetermined), SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM. Thread-safe on a layer that
+   is not being modified. */
+SELFATTN_API selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs,
+                                                   int32_t capacity, selfattn_cache **out);
+
+/* Release a cache. NULL is a no-op. */
+SELFATTN_API void selfattn_cache_destroy(selfattn_cache *cache);
+
+/* Positions processed so far for sequence seq (the length before the next call; with a window it
+   keeps counting past capacity). Returns SELFATTN_ERR_NULL or SELFATTN_ERR_INVALID (seq out of
+   range). */
+SELFATTN_API selfattn_status selfattn_cache_length(const selfattn_cache *cache, int32_t seq,
+                                                   int32_t *length);
+
+/* Forget the positions at and after length for sequence seq (-1: every sequence; those already
+   that short are left as they are); length 0 resets (speculative decoding roll-back, a new prompt
+   in the same slot). Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (seq out of range, length < 0,
+   length above the sequence's current one, or with a window a length whose next token would need
+   positions the ring already overwrote); nothing changes then. */
+SELFATTN_API selfattn_status selfattn_cache_truncate(selfattn_cache *cache, int32_t seq,
+                                                     int32_t length);
+
+/* Make sequence dst a copy of sequence src (beam search, parallel sampling from one prompt); src ==
+   dst is a no-op. Returns SELFATTN_ERR_NULL or SELFATTN_ERR_INVALID (a sequence out of range). */
+SELFATTN_API selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t src_seq,
+                                                 int32_t dst_seq);
+
+/* Run the layer on new tokens appended to each sequence of the cache: x and y are
+   [n_seqs][max_new][d_model]; sequence s takes n_new[s] tokens (n_new NULL: max_new each; 0 leaves
+   s untouched); rows past n_new[s] are not read and are written as zeros. Token t of sequence s is
+   at position cache_length(s) + t. K and V of the new tokens (after bias and RoPE) are appended
+   to the cache, and each new token attends to every position before it and to itself (within the
+   window, if any). A prompt of n tokens followed by m single-token steps gives the same rows,
+   within float rounding, as one causal selfattn_forward over the n + m tokens.
+   Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (cache of another layer; max_new < 1; an
+   n_new[s] outside [0, max_new]; without a window, a sequence that would pass capacity; with
+   window w, min(L, w - 1) + n_new[s] > capacity for a sequence of length L),
+   SELFATTN_ERR_STATE (the layer is not causal, lacks a required weight, or changed WINDOW, ROPE,
+   ROPE_DIMS, ROPE_THETA, N_KV_HEADS or HEAD_DIM since the cache was created),
+   SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM. Any failure leaves the cache and y exactly as they
+   were. One call at a time per cache. */
+SELFATTN_API selfattn_status selfattn_forward_cached(const selfattn_layer *layer,
+                                                     selfattn_cache *cache, int32_t max_new,
+                                                     const float *x, const int32_t *n_new,
+                                                     float *y);
+
 /* ---- Extras (1.1): additive bias, attention weights, log-sum-exp ----------------------------- */
 /* The score of query i and key j is, in this order: s = (q_i . k_j) * scale; with a softcap c,
    s = c * tanh(s / c); plus the ALiBi term; plus attn_bias; keys masked by causality, window or
