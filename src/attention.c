@@ -71,12 +71,17 @@ selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
     span = sa_key_span(a, p->block);
     p->n_blocks = (int32_t)(((int64_t)a->q_len + p->block - 1) / p->block);
     p->ld_s = ((size_t)span + SA_SCORE_ALIGN - 1) / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
+    /* One query row and shared K/V heads: a task takes all the query heads of a group, so that
+       the group's keys and values are streamed once instead of once per head. */
+    p->stacked = a->stack_heads && a->q_len == 1 && a->group > 1;
+    p->rows = p->stacked ? a->group : p->block;
     size_t per;
-    if (!sa_mul_size((size_t)p->block, p->ld_s + 2, &per) ||
+    if (!sa_mul_size((size_t)p->rows, p->ld_s + 2, &per) ||
         !sa_add_size(per, SA_SCORE_ALIGN - 1, &per))
         return SELFATTN_ERR_OVERFLOW;
     p->floats_per_worker = per / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
-    const int64_t tasks = (int64_t)a->batch * a->n_heads * p->n_blocks;
+    const int64_t tasks =
+        (int64_t)a->batch * (p->stacked ? a->n_heads / a->group : a->n_heads) * p->n_blocks;
     if (p->ld_s > INT32_MAX || tasks > INT32_MAX)
         return SELFATTN_ERR_OVERFLOW; /* ld_s (a CBLAS leading dimension) and tasks are ints */
     p->n_tasks = (int)tasks;
@@ -154,14 +159,22 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
     const int32_t hd = a->head_dim, len = sa_kv_length(a, b), khi = klo + nk;
     const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
     const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + (size_t)(h / a->group) * hd;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq, kh,
-                (int)a->ldk, 0.0f, s, (int)p->ld_s);
+    if (mb == 1) /* one query row (decoding): stream K once; sgemm would pack it first */
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, hd, 1.0f, kh, (int)a->ldk, qb, 1, 0.0f, s, 1);
+    else if (p->stacked) /* rows are the group's heads, hd apart: S^T = K Q_g^T, K as the A
+                            operand, which BLAS packs a panel at a time as it streams it */
+        cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, nk, mb, hd, 1.0f, kh, (int)a->ldk, qb,
+                    hd, 0.0f, s, (int)p->ld_s);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq,
+                    kh, (int)a->ldk, 0.0f, s, (int)p->ld_s);
     if (a->softcap <= 0.0f)
         dcap = NULL;
 
-    const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
     for (int32_t r = 0; r < mb; r++) {
-        const int32_t i = i0 + r;
+        /* stacked: row r is head h + r of query i0; else query i0 + r of head h */
+        const int32_t i = p->stacked ? i0 : i0 + r, hr = p->stacked ? h + r : h;
+        const float slope = a->alibi ? (float)sa_alibi_slope(hr, a->n_heads) : 0.0f;
         float *row = s + (size_t)r * p->ld_s;
         int32_t lo, hi;
         sa_row_range(a, len, i, &lo, &hi);
@@ -170,7 +183,7 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
         if (!empty && modified) {
             const float *bias_row =
                 a->bias != NULL
-                    ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
+                    ? a->bias + b * a->bias_sb + hr * a->bias_sh + (int64_t)i * a->bias_sr
                     : NULL;
             const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
             float *dc = dcap != NULL ? dcap + (size_t)r * p->ld_s : NULL;
@@ -288,21 +301,28 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
     }
 }
 
-/* Task `task` of one attention description, with one worker's scratch s. */
+/* Task `task` of one attention description, with one worker's scratch s: the rows of one query
+   block of one head, or with stacking the one query row of every head of one group. */
 static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int task)
 {
+    const int32_t heads_per_task = p->stacked ? a->group : 1;
+    const int32_t units = a->n_heads / heads_per_task;
     /* Largest blocks (last rows: most keys under a causal mask) first, for balance. */
-    const int per_block = a->batch * a->n_heads;
+    const int per_block = a->batch * units;
     const int32_t blk = p->n_blocks - 1 - task / per_block;
-    const int32_t b = (task % per_block) / a->n_heads;
-    const int32_t h = task % a->n_heads;
+    const int32_t b = (task % per_block) / units;
+    const int32_t h = (task % units) * heads_per_task; /* the first head */
     const int32_t hd = a->head_dim;
     const int32_t len = sa_kv_length(a, b);
 
     const int32_t i0 = blk * p->block;
-    const int32_t rows = a->q_len - i0 < p->block ? a->q_len - i0 : p->block;
+    const int32_t q_rows = a->q_len - i0 < p->block ? a->q_len - i0 : p->block;
     const int32_t rows_b = a->pad_queries && len < a->q_len ? len : a->q_len;
-    const int32_t mb = rows_b - i0 < rows ? (rows_b - i0 > 0 ? rows_b - i0 : 0) : rows;
+    const int32_t q_mb = rows_b - i0 < q_rows ? (rows_b - i0 > 0 ? rows_b - i0 : 0) : q_rows;
+    /* with stacking q_len is 1: row r is head h + r, at head_row + r as well */
+    const int32_t rows = p->stacked ? heads_per_task : q_rows;
+    const int32_t mb = p->stacked ? (q_mb > 0 ? heads_per_task : 0) : q_mb;
+    const size_t ldo = p->stacked ? (size_t)hd : a->ldo;
     const size_t head_row = ((size_t)b * a->n_heads + h) * a->q_len + (size_t)i0;
     if (mb < rows) /* padding rows of this block */
         sa_empty_extras(a, head_row + (size_t)mb, rows - mb);
@@ -311,15 +331,15 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
 
     float *ob = a->out + ((size_t)b * a->q_len + i0) * a->ldo + (size_t)h * hd;
     int32_t klo;
-    const int32_t nk = sa_attn_block_keys(a, b, i0, mb, &klo);
+    const int32_t nk = sa_attn_block_keys(a, b, i0, q_mb, &klo);
     if (nk == 0) { /* no row of the block sees a key */
         for (int32_t r = 0; r < mb; r++)
-            memset(ob + (size_t)r * a->ldo, 0, (size_t)hd * sizeof(float));
+            memset(ob + (size_t)r * ldo, 0, (size_t)hd * sizeof(float));
         sa_empty_extras(a, head_row, mb);
         return;
     }
 
-    float *inv = s + (size_t)p->block * p->ld_s, *lse = inv + p->block;
+    float *inv = s + (size_t)p->rows * p->ld_s, *lse = inv + p->rows;
     sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse);
     for (int32_t r = 0; r < mb; r++) {
         if (a->lse != NULL)
@@ -334,10 +354,13 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
         }
     }
     const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + (size_t)(h / a->group) * hd;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)p->ld_s, vh,
-                (int)a->ldv, 0.0f, ob, (int)a->ldo);
+    if (mb == 1) /* one row: stream V once */
+        cblas_sgemv(CblasRowMajor, CblasTrans, nk, hd, 1.0f, vh, (int)a->ldv, s, 1, 0.0f, ob, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)p->ld_s,
+                    vh, (int)a->ldv, 0.0f, ob, (int)ldo);
     for (int32_t r = 0; r < mb; r++) {
-        float *o = ob + (size_t)r * a->ldo;
+        float *o = ob + (size_t)r * ldo;
         const float f = inv[r];
         if (f == 0.0f) /* a row that sees no key: zeros, even where V holds a NaN */
             memset(o, 0, (size_t)hd * sizeof(float));

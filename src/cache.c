@@ -207,6 +207,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         sa_attn a;
         sa_attn_plan p;
         sa_attn_from_layer(&a, layer, 1, max_new, max_keys, NULL);
+        a.stack_heads = 1;
         selfattn_status st = sa_attn_plan_make(&a, &p);
         SA_CHECK(st == SELFATTN_OK, st);
         per_worker = p.floats_per_worker;
@@ -259,6 +260,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         sa_attn *a = &desc[n_desc];
         const int32_t kv_len = (int32_t)(L + n - lo);
         sa_attn_from_layer(a, layer, 1, n, kv_len, NULL);
+        a->stack_heads = 1;
         a->q = qkv + (size_t)s * max_new * nqkv;
         a->ldq = nqkv;
         a->k = cache->k + sa_cache_row(cache, s, lo);

@@ -135,6 +135,7 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     sa_attn a;
     sa_attn_plan plan;
     sa_attn_from_layer(&a, layer, batch, q_len, kv_len, extras);
+    a.stack_heads = 1;
     st = sa_attn_plan_make(&a, &plan);
     SA_CHECK(st == SELFATTN_OK, st);
     const double flops = 4.0 * batch * (double)q_len * kv_len * (double)nq;
@@ -195,6 +196,7 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
     sa_attn a;
     sa_attn_plan plan;
     sa_attn_from_layer(&a, layer, batch, seq_len, seq_len, extras);
+    a.stack_heads = 1;
     st = sa_attn_plan_make(&a, &plan);
     SA_CHECK(st == SELFATTN_OK, st);
 

@@ -212,6 +212,8 @@ typedef struct sa_attn {
     /* optional outputs, [batch][n_heads][q_len]([kv_len]) */
     float *weights;
     float *lse;
+    /* with q_len 1, a task may take every query head of a K/V group (forward, attend, cache) */
+    int stack_heads;
 } sa_attn;
 
 /* How the core blocks a call: query blocks, the score block's row stride, and the scratch each
@@ -219,7 +221,9 @@ typedef struct sa_attn {
 typedef struct sa_attn_plan {
     int32_t block, n_blocks;
     size_t ld_s;              /* row stride of a score block */
-    size_t floats_per_worker; /* block * ld_s + 2 * block, rounded up to a multiple of 16 */
+    int stacked;              /* rows of a task are the query heads of a group (see sa_attn) */
+    int32_t rows;             /* rows of a task's score block: block, or the group when stacked */
+    size_t floats_per_worker; /* rows * ld_s + 2 * rows, rounded up to a multiple of 16 */
     int n_tasks;
 } sa_attn_plan;
 SA_HIDDEN selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p);

@@ -105,10 +105,10 @@ static double compare(const mcase *c, int batch, int heads, int q_len, int kv_le
     return mx > 0 ? err / mx : err;
 }
 
-static void run_attend_case(const mcase *c, uint64_t seed)
+static void run_attend_case(const mcase *c, uint64_t seed, int Q)
 {
     enum { B = 2, D = 8 };
-    const int Q = 9, K = 13, H = c->heads;
+    const int K = 13, H = c->heads;
     const tu_spec spec = {H * D, H, c->kv_heads, D, c->causal, 1, 0, 1, 2, 0};
     tu_layer t;
     assert_int_equal(tu_layer_make(&spec, seed, &t), SELFATTN_OK);
@@ -206,11 +206,15 @@ static void test_combinations(void **state)
                             for (int bias = 0; bias < BIAS_KINDS; bias++) {
                                 const mcase c = {4, gqa ? 2 : 4, causal, window, alibi, lengths,
                                                  bias, cap ? 1.5 : 0.0};
-                                run_attend_case(&c, 100 + (uint64_t)n);
+                                run_attend_case(&c, 100 + (uint64_t)n, 9);
+                                /* one query: a task takes a whole GQA group (stacked heads) */
+                                run_attend_case(&c, 200 + (uint64_t)n, 1);
                                 run_forward_case(&c, 300 + (uint64_t)n, n % 3, n % 5 == 0 ? 4 : 0);
                                 n++;
                             }
-    printf("  %d combinations (bias patterns: %s, %s, %s, %s, %s), attend_ex and forward_ex\n", n,
+    printf("  %d combinations (bias patterns: %s, %s, %s, %s, %s), attend_ex (9 queries and 1) and "
+           "forward_ex\n",
+           n,
            bias_names[0], bias_names[1], bias_names[2], bias_names[3], bias_names[4]);
 }
 
