@@ -27,6 +27,15 @@ double sa_alibi_slope(int32_t h, int32_t n)
     return exp2(-8.0 * (2 * (h - closest) + 1) / (2.0 * closest));
 }
 
+/* Row j of K/V head g of sequence b (strides 0: the default interleaved layout). */
+static const float *sa_attn_kv(const sa_attn *a, const float *base, size_t ld, size_t bs,
+                               size_t hs, int32_t b, int32_t g, int32_t j)
+{
+    bs = bs != 0 ? bs : (size_t)a->kv_len * ld;
+    hs = hs != 0 ? hs : (size_t)a->head_dim;
+    return base + (size_t)b * bs + (size_t)g * hs + (size_t)j * ld;
+}
+
 static int32_t sa_kv_length(const sa_attn *a, int32_t b)
 {
     return a->kv_lengths != NULL ? a->kv_lengths[b] : a->kv_len;
@@ -158,9 +167,11 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
     const int32_t hd = a->head_dim, len = sa_kv_length(a, b), khi = klo + nk;
     const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
-    const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + (size_t)(h / a->group) * hd;
-    if (mb == 1) /* one query row (decoding): stream K once; sgemm would pack it first */
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, hd, 1.0f, kh, (int)a->ldk, qb, 1, 0.0f, s, 1);
+    const float *kh = sa_attn_kv(a, a->k, a->ldk, a->k_bs, a->k_hs, b, h / a->group, klo);
+    if (mb <= SA_ROWS_MAX) /* few rows (decoding): stream K once; sgemm would pack it first.
+                              Stacked rows are the group's heads, hd apart. */
+        sa_kernels_get()->qkt((size_t)mb, (size_t)nk, (size_t)hd, qb,
+                              p->stacked ? (size_t)hd : a->ldq, kh, a->ldk, s, p->ld_s);
     else if (p->stacked) /* rows are the group's heads, hd apart: S^T = K Q_g^T, K as the A
                             operand, which BLAS packs a panel at a time as it streams it */
         cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, nk, mb, hd, 1.0f, kh, (int)a->ldk, qb,
@@ -353,9 +364,9 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
             memset(w + klo + nk, 0, (size_t)(a->kv_len - klo - nk) * sizeof(float));
         }
     }
-    const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + (size_t)(h / a->group) * hd;
-    if (mb == 1) /* one row: stream V once */
-        cblas_sgemv(CblasRowMajor, CblasTrans, nk, hd, 1.0f, vh, (int)a->ldv, s, 1, 0.0f, ob, 1);
+    const float *vh = sa_attn_kv(a, a->v, a->ldv, a->v_bs, a->v_hs, b, h / a->group, klo);
+    if (mb <= SA_ROWS_MAX) /* few rows: stream V once */
+        sa_kernels_get()->pv((size_t)mb, (size_t)nk, (size_t)hd, s, p->ld_s, vh, a->ldv, ob, ldo);
     else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)p->ld_s,
                     vh, (int)a->ldv, 0.0f, ob, (int)ldo);

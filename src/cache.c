@@ -1,8 +1,8 @@
 /* The key/value cache and selfattn_forward_cached.
  *
- * Keys and values are stored token-major, [seq][row][n_kv_heads * head_dim], as the projections
- * produce them, so appending is a row copy and a sequence's keys are one strided matrix for the
- * attention core. Without a window, position p is row p. With a window the cache is a ring of
+ * Keys and values are stored head-major, [seq][kv head][row][head_dim]: a decoding step streams
+ * each head's keys and values as one contiguous block (the core reads them through its K/V head
+ * stride), and appending a token copies one head_dim row per head. Without a window, position p is row p. With a window the cache is a ring of
  * `capacity` slots, position p in slot p % capacity, and every row is stored twice, at its slot
  * and at slot + capacity: any run of at most `capacity` consecutive positions is then one
  * contiguous run of rows, which the core reads as it reads a plain sequence.
@@ -26,7 +26,7 @@ struct selfattn_cache {
     size_t rows;    /* rows per sequence: capacity, or 2 * capacity for a ring */
     int64_t *len;   /* [n_seqs] positions processed */
     int64_t *kept;  /* [n_seqs] the first position still stored (a ring overwrites older ones) */
-    float *k, *v;   /* [n_seqs][rows][width] */
+    float *k, *v;   /* [n_seqs][n_kv_heads][rows][head_dim] */
 };
 
 selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs,
@@ -125,38 +125,49 @@ selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t src_seq, int3
              SELFATTN_ERR_INVALID);
     if (src_seq == dst_seq)
         return SELFATTN_OK;
-    const size_t per_seq = cache->rows * cache->width;
+    const size_t hd = (size_t)cache->head_dim, head = cache->rows * hd;
     /* only the rows in use: a short prompt in a large cache copies little */
     const int64_t used = cache->window > 0 ? (int64_t)cache->rows : cache->len[src_seq];
-    const size_t n = (size_t)used * cache->width * sizeof(float);
-    memcpy(cache->k + (size_t)dst_seq * per_seq, cache->k + (size_t)src_seq * per_seq, n);
-    memcpy(cache->v + (size_t)dst_seq * per_seq, cache->v + (size_t)src_seq * per_seq, n);
+    const size_t n = (size_t)used * hd * sizeof(float);
+    for (int32_t g = 0; g < cache->n_kv_heads; g++) {
+        const size_t src = ((size_t)src_seq * cache->n_kv_heads + g) * head;
+        const size_t dst = ((size_t)dst_seq * cache->n_kv_heads + g) * head;
+        memcpy(cache->k + dst, cache->k + src, n);
+        memcpy(cache->v + dst, cache->v + src, n);
+    }
     cache->len[dst_seq] = cache->len[src_seq];
     cache->kept[dst_seq] = cache->kept[src_seq];
     return SELFATTN_OK;
 }
 
-/* Stores K and V rows of position p of sequence s (twice in a ring). */
+/* Offset of row `slot` of K/V head 0 of sequence s. */
+static size_t sa_cache_at(const selfattn_cache *c, int32_t s, size_t slot)
+{
+    return ((size_t)s * (size_t)c->n_kv_heads * c->rows + slot) * (size_t)c->head_dim;
+}
+
+/* Stores the K and V rows (all heads, [n_kv_heads * head_dim] as projected) of position p of
+   sequence s (twice in a ring). */
 static void sa_cache_store(selfattn_cache *c, int32_t s, int64_t p, const float *k, const float *v)
 {
-    const size_t bytes = c->width * sizeof(float);
-    const size_t base = (size_t)s * c->rows * c->width;
+    const size_t hd = (size_t)c->head_dim, bytes = hd * sizeof(float), head = c->rows * hd;
     const size_t slot = c->window > 0 ? (size_t)(p % c->capacity) : (size_t)p;
-    memcpy(c->k + base + slot * c->width, k, bytes);
-    memcpy(c->v + base + slot * c->width, v, bytes);
-    if (c->window > 0) {
-        if (p - c->capacity + 1 > c->kept[s])
-            c->kept[s] = p - c->capacity + 1;
-        memcpy(c->k + base + (slot + (size_t)c->capacity) * c->width, k, bytes);
-        memcpy(c->v + base + (slot + (size_t)c->capacity) * c->width, v, bytes);
+    const int copies = c->window > 0 ? 2 : 1;
+    if (c->window > 0 && p - c->capacity + 1 > c->kept[s])
+        c->kept[s] = p - c->capacity + 1;
+    for (int copy = 0; copy < copies; copy++) {
+        const size_t at = sa_cache_at(c, s, slot + (size_t)copy * (size_t)c->capacity);
+        for (int32_t g = 0; g < c->n_kv_heads; g++) {
+            memcpy(c->k + at + (size_t)g * head, k + (size_t)g * hd, bytes);
+            memcpy(c->v + at + (size_t)g * head, v + (size_t)g * hd, bytes);
+        }
     }
 }
 
-/* The rows holding positions [lo, lo + n) of sequence s: one contiguous run. */
+/* Where the rows holding positions [lo, lo + n) of sequence s start: one contiguous run. */
 static size_t sa_cache_row(const selfattn_cache *c, int32_t s, int64_t lo)
 {
-    const size_t slot = c->window > 0 ? (size_t)(lo % c->capacity) : (size_t)lo;
-    return ((size_t)s * c->rows + slot) * c->width;
+    return sa_cache_at(c, s, c->window > 0 ? (size_t)(lo % c->capacity) : (size_t)lo);
 }
 
 selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_cache *cache,
@@ -265,7 +276,9 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         a->ldq = nqkv;
         a->k = cache->k + sa_cache_row(cache, s, lo);
         a->v = cache->v + sa_cache_row(cache, s, lo);
-        a->ldk = a->ldv = nkv;
+        a->ldk = a->ldv = (size_t)cache->head_dim;
+        a->k_hs = a->v_hs = cache->rows * (size_t)cache->head_dim; /* head-major */
+        a->k_bs = a->v_bs = nkv * cache->rows;
         a->out = attn + (size_t)s * max_new * nq;
         a->ldo = nq;
         sa_attn_plan_make(a, &plans[n_desc]); /* no larger than the plan checked above */

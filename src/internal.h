@@ -80,12 +80,35 @@ static inline size_t sa_array_bytes(size_t rows, size_t width)
 typedef float (*sa_f32_softmax_exp_fn)(float *row, size_t n_valid, size_t n_total, float scale,
                                        float *max_out);
 
+/* Small-M products for decoding (m <= SA_ROWS_MAX rows, e.g. the query heads of one GQA group
+   for one token), streaming each row of K or V once without packing:
+     qkt: s[r * lds + j] = sum_c q[r * ldq + c] * k[j * ldk + c]      r < m, j < n, c < d
+     pv:  o[r * ldo + c] = sum_j p[r * ldp + j] * v[j * ldv + c]      r < m, c < d, j < n */
+#define SA_ROWS_MAX 8
+typedef void (*sa_f32_qkt_fn)(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                              const float *k, size_t ldk, float *s, size_t lds);
+typedef void (*sa_f32_pv_fn)(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                             const float *v, size_t ldv, float *o, size_t ldo);
+SA_HIDDEN void sa_f32_qkt_scalar_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                    const float *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_f32_pv_scalar_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                   const float *v, size_t ldv, float *o, size_t ldo);
+#ifdef SELFATTN_HAVE_AVX2_KERNELS
+SA_HIDDEN void sa_f32_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                  const float *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_f32_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                 const float *v, size_t ldv, float *o, size_t ldo);
+#endif
+
 typedef enum sa_isa { SA_ISA_SCALAR = 0, SA_ISA_AVX2 = 1, SA_ISA_AVX512 = 2 } sa_isa;
 
 typedef struct sa_kernels {
     sa_isa isa;
     const char *softmax_name;
     sa_f32_softmax_exp_fn softmax_exp;
+    const char *rows_name;
+    sa_f32_qkt_fn qkt;
+    sa_f32_pv_fn pv;
 } sa_kernels;
 
 SA_HIDDEN float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total,
@@ -197,6 +220,9 @@ typedef struct sa_attn {
     int32_t n_heads, group, head_dim;
     const float *q, *k, *v; /* row-major, row strides ldq/ldk/ldv, q_len/kv_len rows per sequence */
     size_t ldq, ldk, ldv;
+    /* K/V strides between sequences and between K/V heads; 0 = the interleaved layout
+       (kv_len * ld, head_dim). A head-major layout has each head's rows contiguous. */
+    size_t k_bs, k_hs, v_bs, v_hs;
     float *out;
     size_t ldo;
     const int32_t *kv_lengths; /* NULL: kv_len each */

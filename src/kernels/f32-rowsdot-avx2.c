@@ -1,0 +1,118 @@
+/* AVX2+FMA small-M products for decoding: up to 8 query rows (the query heads of one GQA group
+   for one token) against n keys and values, streaming each K and V row once and packing nothing
+   (BLAS packs a whole operand first, which for M <= 8 costs more memory traffic than the product
+   itself). Compiled with -mavx2 -mfma on this file only. */
+#include <immintrin.h>
+
+#include "../internal.h"
+
+static inline float sa_hsum8(__m256 v)
+{
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* s[r][j] = q_r . k_j for rows r < M: one key at a time, M accumulators over the dimensions.
+   M is a constant at each call site below, so the row loops unroll into registers. */
+static inline __attribute__((always_inline)) void
+sa_qkt_rows(const size_t M, size_t n, size_t d, const float *q, size_t ldq, const float *k,
+            size_t ldk, float *s, size_t lds)
+{
+    const size_t d8 = d / 8 * 8;
+    for (size_t j = 0; j < n; j++) {
+        const float *kj = k + j * ldk;
+        __m256 acc[8];
+        for (size_t r = 0; r < M; r++)
+            acc[r] = _mm256_setzero_ps();
+        for (size_t c = 0; c < d8; c += 8) {
+            const __m256 kv = _mm256_loadu_ps(kj + c);
+            for (size_t r = 0; r < M; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c), kv, acc[r]);
+        }
+        for (size_t r = 0; r < M; r++) {
+            float t = sa_hsum8(acc[r]);
+            for (size_t c = d8; c < d; c++)
+                t += q[r * ldq + c] * kj[c];
+            s[r * lds + j] = t;
+        }
+    }
+}
+
+void sa_f32_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq, const float *k,
+                        size_t ldk, float *s, size_t lds)
+{
+    switch (m) {
+    case 1: sa_qkt_rows(1, n, d, q, ldq, k, ldk, s, lds); break;
+    case 2: sa_qkt_rows(2, n, d, q, ldq, k, ldk, s, lds); break;
+    case 3: sa_qkt_rows(3, n, d, q, ldq, k, ldk, s, lds); break;
+    case 4: sa_qkt_rows(4, n, d, q, ldq, k, ldk, s, lds); break;
+    case 5: sa_qkt_rows(5, n, d, q, ldq, k, ldk, s, lds); break;
+    case 6: sa_qkt_rows(6, n, d, q, ldq, k, ldk, s, lds); break;
+    case 7: sa_qkt_rows(7, n, d, q, ldq, k, ldk, s, lds); break;
+    default: sa_qkt_rows(8, n, d, q, ldq, k, ldk, s, lds); break;
+    }
+}
+
+/* o[r][c] = sum_j p[r][j] v_j[c] for columns [c0, c1), a slice of W (8 or 16) columns at a time,
+   all keys per slice: the M x W accumulators stay in registers, and each slice reads its own cache
+   lines of every V row, so V as a whole is read once. */
+static inline __attribute__((always_inline)) size_t
+sa_pv_cols(const size_t M, const size_t W, size_t c, size_t c1, size_t n, const float *p,
+           size_t ldp, const float *v, size_t ldv, float *o, size_t ldo)
+{
+    for (; c + W <= c1; c += W) {
+        __m256 acc[8][2];
+        for (size_t r = 0; r < M; r++)
+            for (size_t u = 0; u < W / 8; u++)
+                acc[r][u] = _mm256_setzero_ps();
+        for (size_t j = 0; j < n; j++) {
+            const float *vj = v + j * ldv + c;
+            __m256 vv[2];
+            for (size_t u = 0; u < W / 8; u++)
+                vv[u] = _mm256_loadu_ps(vj + 8 * u);
+            for (size_t r = 0; r < M; r++) {
+                const __m256 pj = _mm256_broadcast_ss(p + r * ldp + j);
+                for (size_t u = 0; u < W / 8; u++)
+                    acc[r][u] = _mm256_fmadd_ps(pj, vv[u], acc[r][u]);
+            }
+        }
+        for (size_t r = 0; r < M; r++)
+            for (size_t u = 0; u < W / 8; u++)
+                _mm256_storeu_ps(o + r * ldo + c + 8 * u, acc[r][u]);
+    }
+    return c;
+}
+
+static inline __attribute__((always_inline)) void
+sa_pv_rows(const size_t M, size_t n, size_t d, const float *p, size_t ldp, const float *v,
+           size_t ldv, float *o, size_t ldo)
+{
+    size_t c = 0;
+    if (M <= 4) /* 16-column slices while 2 x M accumulators fit the 16 registers */
+        c = sa_pv_cols(M, 16, c, d, n, p, ldp, v, ldv, o, ldo);
+    c = sa_pv_cols(M, 8, c, d, n, p, ldp, v, ldv, o, ldo);
+    for (; c < d; c++) /* fewer than 8 columns left */
+        for (size_t r = 0; r < M; r++) {
+            float t = 0.0f;
+            for (size_t j = 0; j < n; j++)
+                t += p[r * ldp + j] * v[j * ldv + c];
+            o[r * ldo + c] = t;
+        }
+}
+
+void sa_f32_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp, const float *v,
+                       size_t ldv, float *o, size_t ldo)
+{
+    switch (m) {
+    case 1: sa_pv_rows(1, n, d, p, ldp, v, ldv, o, ldo); break;
+    case 2: sa_pv_rows(2, n, d, p, ldp, v, ldv, o, ldo); break;
+    case 3: sa_pv_rows(3, n, d, p, ldp, v, ldv, o, ldo); break;
+    case 4: sa_pv_rows(4, n, d, p, ldp, v, ldv, o, ldo); break;
+    case 5: sa_pv_rows(5, n, d, p, ldp, v, ldv, o, ldo); break;
+    case 6: sa_pv_rows(6, n, d, p, ldp, v, ldv, o, ldo); break;
+    case 7: sa_pv_rows(7, n, d, p, ldp, v, ldv, o, ldo); break;
+    default: sa_pv_rows(8, n, d, p, ldp, v, ldv, o, ldo); break;
+    }
+}
