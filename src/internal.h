@@ -136,6 +136,7 @@ SA_HIDDEN const sa_kernels *sa_kernels_for_isa(sa_isa isa);
    or under a quarter of the sequence. `span` is the most keys one block can see. */
 #define SA_BLOCK_MAX 256
 #define SA_BLOCK_MIN 32
+#define SA_BLOCK_MAX_CAUSAL 128
 #define SA_SCORE_BUDGET_BYTES (16u << 20)
 
 static inline int32_t sa_block_rows(int32_t q_len, int32_t span, int causal)
@@ -143,6 +144,8 @@ static inline int32_t sa_block_rows(int32_t q_len, int32_t span, int causal)
     int64_t b = (int64_t)(SA_SCORE_BUDGET_BYTES / sizeof(float)) / ((int64_t)span + 16);
     if (causal && b > q_len / 4)
         b = q_len / 4;
+    if (causal && b > SA_BLOCK_MAX_CAUSAL)
+        b = SA_BLOCK_MAX_CAUSAL;
     b = b / 16 * 16;
     if (b > SA_BLOCK_MAX)
         b = SA_BLOCK_MAX;
