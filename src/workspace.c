@@ -5,6 +5,7 @@
  * buffers live until selfattn_layer_destroy. The list holds at most as many buffers as calls
  * ever ran at once on the layer. */
 #include <pthread.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -74,6 +75,9 @@ sa_ws *sa_ws_acquire(sa_ws_cache *c, size_t bytes)
         return NULL;
     }
     sa_free(w);
+    /* Fault every page in now, once: the workers that touch parts of it later (each its own
+       scratch, whenever timing first gives it a task) then never fault inside a call. */
+    memset((char *)fresh + SA_WS_HEADER, 0, bytes);
     fresh->bytes = bytes;
     fresh->next = NULL;
     fresh->data = (char *)fresh + SA_WS_HEADER;

@@ -106,11 +106,20 @@ static void check_no_faults(int n_callers, int threads)
         pthread_barrier_wait(&sync);
         clean = minor_faults() == f0 ? clean + 1 : 0;
     }
+    /* Up to 3 measured windows of 10 calls; the best counts. OpenBLAS hands its packing buffers
+       out from a shared table, and the first time two threads are inside BLAS at once one of
+       them gets a slot never used before, whose pages fault then: once, in whichever window
+       that overlap first happens. Memory the library takes or touches anew on every call would
+       fault in every window. */
     phase = 2;
-    const long f0 = minor_faults();
-    pthread_barrier_wait(&sync);
-    pthread_barrier_wait(&sync);
-    const long faults = minor_faults() - f0;
+    long faults = -1;
+    for (int window = 0; window < 3 && faults != 0; window++) {
+        const long f0 = minor_faults();
+        pthread_barrier_wait(&sync);
+        pthread_barrier_wait(&sync);
+        const long f = minor_faults() - f0;
+        faults = faults < 0 || f < faults ? f : faults;
+    }
     phase = 0;
     pthread_barrier_wait(&sync);
     for (int i = 0; i < n_callers; i++) {
