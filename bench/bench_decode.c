@@ -1,0 +1,265 @@
+/* Incremental decoding through the public API (selfattn_forward_cached):
+ *   decode/E/H/KV/ctx/threads      one token of one sequence against ctx cached positions,
+ *                                  alternating with a plain vectorised read (cblas_sasum, one
+ *                                  thread) of as many bytes as the step must read: the weights
+ *                                  (W_Q, W_K, W_V, W_O) and the cached K/V. Counters: step_us,
+ *                                  read_us, step_GBs, read_GBs, ratio = step / read time.
+ *   decode_batch/E/H/KV/ctx        8 sequences x 1 token against 1 sequence x 1 token, both at ctx
+ *                                  cached positions: ratio = time(8) / time(1).
+ *   prefill/E/H/KV/L               a prompt of L tokens through the cache against one causal
+ *                                  selfattn_forward of the same tokens: ratio = prefill / forward.
+ * Medians of alternating runs. Run with --smoke for a quick pass (small shapes). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cblas.h>
+#include <selfattn/selfattn.h>
+
+#include "shim.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static float *filled(size_t n, float a, unsigned seed)
+{
+    float *p = malloc((n ? n : 1) * sizeof *p);
+    for (size_t i = 0; p && i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = a * ((float)((seed >> 9) & 0xffff) / 32768.0f - 1.0f);
+    }
+    return p;
+}
+
+typedef struct dcfg {
+    int E, H, KV, ctx, threads, n_seqs;
+} dcfg;
+
+/* A causal layer with random nn.Linear-scaled weights. */
+static selfattn_layer *make_layer(const dcfg *c)
+{
+    const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
+    const size_t E = (size_t)c->E;
+    float *w = filled(nq * E, 1.0f / sqrtf((float)E), 11);
+    selfattn_layer *l = NULL;
+    int ok = w && selfattn_layer_create(c->E, c->H, &l) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, c->KV) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_ROPE, 1) == SELFATTN_OK &&
+             selfattn_layer_set_weight(l, SELFATTN_W_Q, w, (int64_t)(nq * E)) == SELFATTN_OK &&
+             selfattn_layer_set_weight(l, SELFATTN_W_K, w, (int64_t)(nkv * E)) == SELFATTN_OK &&
+             selfattn_layer_set_weight(l, SELFATTN_W_V, w, (int64_t)(nkv * E)) == SELFATTN_OK &&
+             selfattn_layer_set_weight(l, SELFATTN_W_O, w, (int64_t)(E * nq)) == SELFATTN_OK;
+    free(w);
+    if (!ok) {
+        selfattn_layer_destroy(l);
+        return NULL;
+    }
+    return l;
+}
+
+/* A cache of n_seqs sequences holding ctx positions each (a prompt run through the cache). */
+static selfattn_cache *filled_cache(selfattn_layer *l, const dcfg *c, int n_seqs)
+{
+    selfattn_cache *cache = NULL;
+    if (selfattn_cache_create(l, n_seqs, c->ctx + 16, &cache) != SELFATTN_OK)
+        return NULL;
+    const size_t n = (size_t)n_seqs * c->ctx * c->E;
+    float *x = filled(n, 1.0f, 5), *y = malloc(n * sizeof(float));
+    const int ok = x && y && selfattn_forward_cached(l, cache, c->ctx, x, NULL, y) == SELFATTN_OK;
+    free(x);
+    free(y);
+    if (!ok) {
+        selfattn_cache_destroy(cache);
+        return NULL;
+    }
+    return cache;
+}
+
+#define MAX_RUNS 512
+
+static void bm_decode(sb_state *s, const void *arg)
+{
+    const dcfg *c = arg;
+    selfattn_layer *l = make_layer(c);
+    selfattn_layer_set(l, SELFATTN_OPT_THREADS, c->threads);
+    selfattn_cache *cache = l ? filled_cache(l, c, 1) : NULL;
+    const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
+    /* what a step must read: the weights and the cached K and V (plus the new row) */
+    const size_t bytes = sizeof(float) * ((nq + 2 * nkv) * c->E + (size_t)c->E * nq +
+                                          2 * nkv * ((size_t)c->ctx + 1));
+    float *big = filled(bytes / sizeof(float), 1.0f, 9);
+    float *x = filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
+    static double ts[MAX_RUNS], tr[MAX_RUNS];
+    int k = 0;
+    if (!cache || !big || !x || !y) {
+        sb_skip_with_error(s, "set-up failed");
+    } else {
+        volatile float sink = 0.0f;
+        while (sb_keep_running(s)) {
+            const double t0 = now_s();
+            const selfattn_status st = selfattn_forward_cached(l, cache, 1, x, NULL, y);
+            const double t1 = now_s();
+            sink += cblas_sasum((int)(bytes / sizeof(float)), big, 1);
+            const double t2 = now_s();
+            selfattn_cache_truncate(cache, 0, c->ctx); /* the same length every step */
+            if (st != SELFATTN_OK) {
+                sb_skip_with_error(s, selfattn_status_string(st));
+                break;
+            }
+            if (k < MAX_RUNS) {
+                ts[k] = t1 - t0;
+                tr[k] = t2 - t1;
+                k++;
+            }
+        }
+        (void)sink;
+        if (k > 0) {
+            const double a = median(ts, k), b = median(tr, k);
+            sb_counter(s, "step_us", a * 1e6);
+            sb_counter(s, "read_us", b * 1e6);
+            sb_counter(s, "step_GBs", (double)bytes / a * 1e-9);
+            sb_counter(s, "read_GBs", (double)bytes / b * 1e-9);
+            sb_counter(s, "ratio", a / b);
+            sb_counter(s, "MB", (double)bytes / 1e6);
+        }
+    }
+    free(big);
+    free(x);
+    free(y);
+    selfattn_cache_destroy(cache);
+    selfattn_layer_destroy(l);
+}
+
+static void bm_decode_batch(sb_state *s, const void *arg)
+{
+    const dcfg *c = arg;
+    selfattn_layer *l = make_layer(c);
+    selfattn_cache *c1 = l ? filled_cache(l, c, 1) : NULL, *c8 = l ? filled_cache(l, c, 8) : NULL;
+    float *x = filled((size_t)8 * c->E, 1.0f, 3), *y = malloc(sizeof(float) * 8 * c->E);
+    static double t1s[MAX_RUNS], t8s[MAX_RUNS];
+    int k = 0;
+    if (!c1 || !c8 || !x || !y) {
+        sb_skip_with_error(s, "set-up failed");
+    } else {
+        while (sb_keep_running(s)) {
+            const double t0 = now_s();
+            selfattn_status st = selfattn_forward_cached(l, c1, 1, x, NULL, y);
+            const double t1 = now_s();
+            if (st == SELFATTN_OK)
+                st = selfattn_forward_cached(l, c8, 1, x, NULL, y);
+            const double t2 = now_s();
+            selfattn_cache_truncate(c1, -1, c->ctx);
+            selfattn_cache_truncate(c8, -1, c->ctx);
+            if (st != SELFATTN_OK) {
+                sb_skip_with_error(s, selfattn_status_string(st));
+                break;
+            }
+            if (k < MAX_RUNS) {
+                t1s[k] = t1 - t0;
+                t8s[k] = t2 - t1;
+                k++;
+            }
+        }
+        if (k > 0) {
+            const double a = median(t1s, k), b = median(t8s, k);
+            sb_counter(s, "one_us", a * 1e6);
+            sb_counter(s, "eight_us", b * 1e6);
+            sb_counter(s, "ratio", b / a);
+        }
+    }
+    free(x);
+    free(y);
+    selfattn_cache_destroy(c1);
+    selfattn_cache_destroy(c8);
+    selfattn_layer_destroy(l);
+}
+
+static void bm_prefill(sb_state *s, const void *arg)
+{
+    const dcfg *c = arg;
+    selfattn_layer *l = make_layer(c);
+    selfattn_cache *cache = NULL;
+    const size_t n = (size_t)c->ctx * c->E;
+    float *x = filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
+    static double tp[MAX_RUNS], tf[MAX_RUNS];
+    int k = 0;
+    if (!l || selfattn_cache_create(l, 1, c->ctx, &cache) != SELFATTN_OK || !x || !y) {
+        sb_skip_with_error(s, "set-up failed");
+    } else {
+        selfattn_forward(l, 1, c->ctx, x, NULL, y); /* warm-up */
+        while (sb_keep_running(s)) {
+            selfattn_cache_truncate(cache, 0, 0);
+            const int first = k % 2; /* which goes first alternates */
+            double t[2];
+            selfattn_status st = SELFATTN_OK;
+            for (int i = 0; i < 2; i++) {
+                const double t0 = now_s();
+                if ((i == 0) == (first == 0))
+                    st |= selfattn_forward_cached(l, cache, c->ctx, x, NULL, y);
+                else
+                    st |= selfattn_forward(l, 1, c->ctx, x, NULL, y);
+                t[(i == 0) == (first == 0) ? 0 : 1] = now_s() - t0;
+            }
+            if (st != SELFATTN_OK) {
+                sb_skip_with_error(s, "call failed");
+                break;
+            }
+            if (k < MAX_RUNS) {
+                tp[k] = t[0];
+                tf[k] = t[1];
+                k++;
+            }
+        }
+        if (k > 0) {
+            const double a = median(tp, k), b = median(tf, k);
+            sb_counter(s, "prefill_ms", a * 1e3);
+            sb_counter(s, "forward_ms", b * 1e3);
+            sb_counter(s, "ratio", a / b);
+        }
+    }
+    free(x);
+    free(y);
+    selfattn_cache_destroy(cache);
+    selfattn_layer_destroy(l);
+}
+
+int main(int argc, char **argv)
+{
+    const int smoke = sb_smoke(argc, argv);
+    static dcfg dec[8], batch[2], pre[2];
+    static char names[12][96];
+    int nd = 0, nn = 0;
+    const int ctxs[2] = {smoke ? 256 : 4096, smoke ? 512 : 16384};
+    for (int i = 0; i < 2; i++)
+        for (int t = 1; t <= 2; t++) {
+            dec[nd] = (dcfg){smoke ? 256 : 2048, 16, 4, ctxs[i], t, 1};
+            snprintf(names[nn], sizeof names[nn], "decode/%d/16/4/%d/%d", dec[nd].E, ctxs[i], t);
+            sb_register(names[nn++], bm_decode, &dec[nd++], smoke ? 3 : 41);
+        }
+    batch[0] = (dcfg){smoke ? 256 : 2048, 16, 4, smoke ? 128 : 1024, 1, 8};
+    snprintf(names[nn], sizeof names[nn], "decode_batch/%d/16/4/%d", batch[0].E, batch[0].ctx);
+    sb_register(names[nn++], bm_decode_batch, &batch[0], smoke ? 3 : 41);
+    pre[0] = (dcfg){smoke ? 256 : 2048, 16, 4, smoke ? 128 : 2048, 1, 1};
+    snprintf(names[nn], sizeof names[nn], "prefill/%d/16/4/%d", pre[0].E, pre[0].ctx);
+    sb_register(names[nn++], bm_prefill, &pre[0], smoke ? 2 : 6);
+    return sb_main(argc, argv);
+}

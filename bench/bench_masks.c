@@ -1,0 +1,183 @@
+/* What the 1.1 score options and extras cost, through the public API, each against the plain call
+ * in the same benchmark (alternating, medians):
+ *   window/L/E/H/w           causal forward with SELFATTN_OPT_WINDOW w against plain causal:
+ *                            time_ratio = causal / windowed, flop_ratio = the same for the FLOPs
+ *                            needed (projections + 4 head_dim per visible query-key pair per head),
+ *                            and their quotient (1 = the window saves all the work it skips)
+ *   bias/L/E/H               forward_ex with a [L][L] bias broadcast over batch and heads
+ *   weights/L/E/H            forward_ex returning the attention weights ([H][L][L] floats)
+ *   lse/L/E/H                forward_ex returning the log-sum-exp
+ *   alibi_softcap/L/E/H      ALiBi and a softcap (tanh per score)
+ * ratio = the option's time / the plain forward's. --smoke: small shapes, a quick pass. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <selfattn/selfattn.h>
+
+#include "shim.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static float *filled(size_t n, float a, unsigned seed)
+{
+    float *p = malloc((n ? n : 1) * sizeof *p);
+    for (size_t i = 0; p && i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = a * ((float)((seed >> 9) & 0xffff) / 32768.0f - 1.0f);
+    }
+    return p;
+}
+
+enum { K_WINDOW, K_BIAS, K_WEIGHTS, K_LSE, K_ALIBI_SOFTCAP };
+static const char *kind_names[] = {"window", "bias", "weights", "lse", "alibi_softcap"};
+
+typedef struct mcfg {
+    int kind, L, E, H, w;
+} mcfg;
+
+static selfattn_layer *make_layer(int E, int H)
+{
+    float *w = filled((size_t)E * E, 1.0f / sqrtf((float)E), 7);
+    selfattn_layer *l = NULL;
+    int ok = w && selfattn_layer_create(E, H, &l) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_THREADS, 1) == SELFATTN_OK;
+    for (int i = SELFATTN_W_Q; ok && i <= SELFATTN_W_O; i++)
+        ok = selfattn_layer_set_weight(l, (selfattn_weight)i, w, (int64_t)E * E) == SELFATTN_OK;
+    free(w);
+    if (!ok) {
+        selfattn_layer_destroy(l);
+        return NULL;
+    }
+    return l;
+}
+
+/* FLOPs a causal forward needs with window w (0: none). */
+static double causal_flops(const mcfg *c, int w)
+{
+    double pairs = 0.0;
+    for (long i = 0; i < c->L; i++)
+        pairs += (w > 0 && i + 1 > w) ? w : (double)(i + 1);
+    return 2.0 * c->L * (double)c->E * 4.0 * c->E + 4.0 * (double)c->E * pairs;
+}
+
+#define MAX_RUNS 64
+
+static void bm_option(sb_state *s, const void *arg)
+{
+    const mcfg *c = arg;
+    selfattn_layer *plain = make_layer(c->E, c->H), *opt = make_layer(c->E, c->H);
+    const size_t n = (size_t)c->L * c->E;
+    float *x = filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
+    float *bias = NULL, *weights = NULL, *lse = NULL;
+    selfattn_extras e;
+    memset(&e, 0, sizeof e);
+    e.struct_size = sizeof e;
+    int ok = plain && opt && x && y;
+    if (ok && c->kind == K_WINDOW)
+        ok = selfattn_layer_set(opt, SELFATTN_OPT_WINDOW, c->w) == SELFATTN_OK;
+    if (ok && c->kind == K_ALIBI_SOFTCAP)
+        ok = selfattn_layer_set(opt, SELFATTN_OPT_ALIBI, 1) == SELFATTN_OK &&
+             selfattn_layer_set_float(opt, SELFATTN_FOPT_SOFTCAP, 30.0) == SELFATTN_OK;
+    if (ok && c->kind == K_BIAS) {
+        bias = filled((size_t)c->L * c->L, 1.0f, 5);
+        e.attn_bias = bias;
+        e.bias_stride_row = c->L;
+        ok = bias != NULL;
+    }
+    if (ok && c->kind == K_WEIGHTS) {
+        weights = malloc(sizeof(float) * c->H * (size_t)c->L * c->L);
+        e.weights = weights;
+        ok = weights != NULL;
+    }
+    if (ok && c->kind == K_LSE) {
+        lse = malloc(sizeof(float) * c->H * (size_t)c->L);
+        e.lse = lse;
+        ok = lse != NULL;
+    }
+    static double tp[MAX_RUNS], to[MAX_RUNS];
+    int k = 0;
+    if (!ok) {
+        sb_skip_with_error(s, "set-up failed");
+    } else {
+        /* warm-up: workspaces, and the weights output's pages */
+        selfattn_status st = selfattn_forward(plain, 1, c->L, x, NULL, y);
+        st |= selfattn_forward_ex(opt, 1, c->L, x, NULL, &e, y);
+        while (st == SELFATTN_OK && sb_keep_running(s)) {
+            double t[2];
+            for (int i = 0; i < 2; i++) {
+                const int which = (i + k) % 2; /* which goes first alternates */
+                const double t0 = now_s();
+                st |= which == 0 ? selfattn_forward(plain, 1, c->L, x, NULL, y)
+                                 : selfattn_forward_ex(opt, 1, c->L, x, NULL, &e, y);
+                t[which] = now_s() - t0;
+            }
+            if (k < MAX_RUNS) {
+                tp[k] = t[0];
+                to[k] = t[1];
+                k++;
+            }
+        }
+        if (st != SELFATTN_OK)
+            sb_skip_with_error(s, "call failed");
+    }
+    if (k > 0) {
+        const double a = median(tp, k), b = median(to, k);
+        sb_counter(s, "plain_ms", a * 1e3);
+        sb_counter(s, "option_ms", b * 1e3);
+        sb_counter(s, "ratio", b / a);
+        if (c->kind == K_WINDOW) {
+            const double fr = causal_flops(c, 0) / causal_flops(c, c->w);
+            sb_counter(s, "time_ratio", a / b);
+            sb_counter(s, "flop_ratio", fr);
+            sb_counter(s, "time_over_flop_ratio", (a / b) / fr);
+        }
+    }
+    free(x);
+    free(y);
+    free(bias);
+    free(weights);
+    free(lse);
+    selfattn_layer_destroy(plain);
+    selfattn_layer_destroy(opt);
+}
+
+int main(int argc, char **argv)
+{
+    const int smoke = sb_smoke(argc, argv);
+    static mcfg cfgs[5];
+    static char names[5][96];
+    cfgs[0] = (mcfg){K_WINDOW, smoke ? 1024 : 16384, 512, 8, smoke ? 64 : 1024};
+    for (int i = 1; i < 5; i++)
+        cfgs[i] = (mcfg){i, smoke ? 256 : 2048, 768, 12, 0};
+    for (int i = 0; i < 5; i++) {
+        if (cfgs[i].kind == K_WINDOW)
+            snprintf(names[i], sizeof names[i], "%s/%d/%d/%d/%d", kind_names[cfgs[i].kind],
+                     cfgs[i].L, cfgs[i].E, cfgs[i].H, cfgs[i].w);
+        else
+            snprintf(names[i], sizeof names[i], "%s/%d/%d/%d", kind_names[cfgs[i].kind],
+                     cfgs[i].L, cfgs[i].E, cfgs[i].H);
+        sb_register(names[i], bm_option, &cfgs[i], smoke ? 1 : (i == 0 ? 3 : 7));
+    }
+    return sb_main(argc, argv);
+}

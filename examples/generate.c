@@ -1,0 +1,199 @@
+/* generate: autoregressive decoding with the key/value cache. One causal self-attention layer with
+ * rotary embeddings and grouped-query heads (random weights), a random token embedding table as
+ * both input embedding and output head, greedy decoding: a prompt is run through the cache in one
+ * call, then each step feeds the last token and picks the next. Prints the tokens, the prompt's
+ * throughput and the steps' tokens/s and GB/s (weights + cached K/V read per step).
+ *
+ *   generate [--d-model N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seqs N]
+ *            [--window N] [--threads N] [--vocab N] [--seed N]
+ *
+ * Defaults: d_model 2048, 16 heads, 4 K/V heads (Llama-style GQA), RoPE, a 512-token prompt,
+ * 64 steps, one sequence. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <selfattn/selfattn.h>
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t rng = 1;
+static uint64_t rnd_bits(void)
+{
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return rng;
+}
+
+static float rnd(float a) /* uniform in [-a, a) */
+{
+    return a * (float)((double)(rnd_bits() >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+static float *rnd_array(size_t n, float a)
+{
+    float *p = malloc((n ? n : 1) * sizeof *p);
+    if (!p) {
+        fprintf(stderr, "generate: out of memory\n");
+        exit(2);
+    }
+    for (size_t i = 0; i < n; i++)
+        p[i] = rnd(a);
+    return p;
+}
+
+#define CHECK(call)                                                                                \
+    do {                                                                                           \
+        selfattn_status st_ = (call);                                                              \
+        if (st_ != SELFATTN_OK) {                                                                  \
+            fprintf(stderr, "generate: %s: %s\n", #call, selfattn_status_string(st_));             \
+            return 2;                                                                              \
+        }                                                                                          \
+    } while (0)
+
+/* The token whose embedding has the largest dot product with y. */
+static int next_token(const float *y, const float *emb, int vocab, int dm)
+{
+    int best = 0;
+    double best_v = -INFINITY;
+    for (int t = 0; t < vocab; t++) {
+        double v = 0.0;
+        for (int i = 0; i < dm; i++)
+            v += (double)y[i] * emb[(size_t)t * dm + i];
+        if (v > best_v) {
+            best_v = v;
+            best = t;
+        }
+    }
+    return best;
+}
+
+int main(int argc, char **argv)
+{
+    int dm = 2048, heads = 16, kv_heads = 4, prompt = 512, steps = 64, seqs = 1, window = 0;
+    int threads = 0, vocab = 512;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *a = argv[i];
+        const int v = atoi(argv[i + 1]);
+        if (!strcmp(a, "--d-model"))
+            dm = v;
+        else if (!strcmp(a, "--heads"))
+            heads = v;
+        else if (!strcmp(a, "--kv-heads"))
+            kv_heads = v;
+        else if (!strcmp(a, "--prompt"))
+            prompt = v;
+        else if (!strcmp(a, "--steps"))
+            steps = v;
+        else if (!strcmp(a, "--seqs"))
+            seqs = v;
+        else if (!strcmp(a, "--window"))
+            window = v;
+        else if (!strcmp(a, "--threads"))
+            threads = v;
+        else if (!strcmp(a, "--vocab"))
+            vocab = v;
+        else if (!strcmp(a, "--seed"))
+            rng = (uint64_t)v;
+        else {
+            fprintf(stderr, "usage: generate [--d-model N] [--heads N] [--kv-heads N] [--prompt N] "
+                            "[--steps N] [--seqs N] [--window N] [--threads N] [--vocab N] "
+                            "[--seed N]\n");
+            return 2;
+        }
+    }
+    if (argc % 2 == 0 || dm < 1 || heads < 1 || dm % heads || prompt < 1 || steps < 1 ||
+        seqs < 1 || vocab < 1)
+        return 2;
+    const int hd = dm / heads;
+    const size_t nq = (size_t)heads * hd, nkv = (size_t)kv_heads * hd;
+
+    selfattn_layer *layer;
+    CHECK(selfattn_layer_create(dm, heads, &layer));
+    CHECK(selfattn_layer_set(layer, SELFATTN_OPT_N_KV_HEADS, kv_heads));
+    CHECK(selfattn_layer_set(layer, SELFATTN_OPT_CAUSAL, 1));
+    CHECK(selfattn_layer_set(layer, SELFATTN_OPT_ROPE, 1));
+    CHECK(selfattn_layer_set(layer, SELFATTN_OPT_WINDOW, window));
+    CHECK(selfattn_layer_set(layer, SELFATTN_OPT_THREADS, threads));
+    const float a = 1.0f / sqrtf((float)dm);
+    float *wq = rnd_array(nq * dm, a), *wk = rnd_array(nkv * dm, a), *wv = rnd_array(nkv * dm, a);
+    float *wo = rnd_array((size_t)dm * nq, 1.0f / sqrtf((float)nq));
+    CHECK(selfattn_layer_set_weight(layer, SELFATTN_W_Q, wq, (int64_t)(nq * dm)));
+    CHECK(selfattn_layer_set_weight(layer, SELFATTN_W_K, wk, (int64_t)(nkv * dm)));
+    CHECK(selfattn_layer_set_weight(layer, SELFATTN_W_V, wv, (int64_t)(nkv * dm)));
+    CHECK(selfattn_layer_set_weight(layer, SELFATTN_W_O, wo, (int64_t)(dm * nq)));
+    int64_t v;
+    CHECK(selfattn_layer_get(layer, SELFATTN_OPT_THREADS, &v));
+    threads = (int)v;
+
+    /* A window's cache is a ring: a call needs min(L, w - 1) + n_new rows, so the prompt (L = 0)
+       and then single steps fit in max(prompt, w) whatever the length reached. */
+    const int capacity = window > 0 ? (prompt > window ? prompt : window) : prompt + steps;
+    selfattn_cache *cache;
+    CHECK(selfattn_cache_create(layer, seqs, capacity, &cache));
+    float *emb = rnd_array((size_t)vocab * dm, 1.0f);
+    float *x = malloc(sizeof(float) * seqs * prompt * dm), *y = malloc(sizeof(float) * seqs * prompt * dm);
+    int *tokens = malloc(sizeof(int) * seqs * (prompt + steps));
+    for (int s = 0; s < seqs; s++)
+        for (int t = 0; t < prompt; t++) {
+            const int tok = (int)((rnd_bits() >> 33) % (uint64_t)vocab);
+            tokens[s * (prompt + steps) + t] = tok;
+            memcpy(x + ((size_t)s * prompt + t) * dm, emb + (size_t)tok * dm, sizeof(float) * dm);
+        }
+    double t0 = now_s();
+    CHECK(selfattn_forward_cached(layer, cache, prompt, x, NULL, y));
+    const double t_prompt = now_s() - t0;
+    for (int s = 0; s < seqs; s++)
+        tokens[s * (prompt + steps) + prompt] =
+            next_token(y + ((size_t)s * prompt + prompt - 1) * dm, emb, vocab, dm);
+
+    double t_attn = 0.0;
+    for (int k = 1; k < steps; k++) {
+        for (int s = 0; s < seqs; s++)
+            memcpy(x + (size_t)s * dm, emb + (size_t)tokens[s * (prompt + steps) + prompt + k - 1] * dm,
+                   sizeof(float) * dm);
+        t0 = now_s();
+        CHECK(selfattn_forward_cached(layer, cache, 1, x, NULL, y));
+        t_attn += now_s() - t0;
+        for (int s = 0; s < seqs; s++)
+            tokens[s * (prompt + steps) + prompt + k] = next_token(y + (size_t)s * dm, emb, vocab, dm);
+    }
+    /* bytes a step reads: the weights once, the cached K/V of every sequence */
+    int32_t len;
+    CHECK(selfattn_cache_length(cache, 0, &len));
+    const double avg_ctx = window > 0 ? fmin(window, prompt + steps / 2.0) : prompt + steps / 2.0;
+    const double step_bytes = 4.0 * ((double)(nq + 2 * nkv) * dm + (double)dm * nq +
+                                     2.0 * nkv * avg_ctx * seqs);
+    const double per_step = t_attn / (steps - 1);
+
+    printf("libselfattn %s, %s, %d thread%s\n", selfattn_version_string(), selfattn_kernel_name(),
+           threads, threads == 1 ? "" : "s");
+    printf("layer: d_model %d, %d heads, %d K/V heads, head_dim %d, RoPE, causal%s\n", dm, heads,
+           kv_heads, hd, window > 0 ? ", sliding window" : "");
+    printf("prompt: %d sequence%s x %d tokens in %.1f ms (%.0f tokens/s)\n", seqs,
+           seqs == 1 ? "" : "s", prompt, t_prompt * 1e3, seqs * prompt / t_prompt);
+    printf("decode: %d steps, %.3f ms per step: %.1f tokens/s, %.1f GB/s of weights and K/V\n",
+           steps - 1, per_step * 1e3, seqs / per_step, step_bytes / per_step * 1e-9);
+    printf("cache: sequence 0 at position %d, in a cache of %d rows\n", len, capacity);
+    printf("sequence 0, last 16 tokens:");
+    for (int k = steps - 16 > 0 ? steps - 16 : 0; k < steps; k++)
+        printf(" %d", tokens[prompt + k]);
+    printf("\n");
+    selfattn_cache_destroy(cache);
+    selfattn_layer_destroy(layer);
+    free(wq);
+    free(wk);
+    free(wv);
+    free(wo);
+    free(emb);
+    free(x);
+    free(y);
+    free(tokens);
+    return 0;
+}
