@@ -3,8 +3,8 @@
  * Many rows: each worker takes a chunk of the rows (one GEMM per run of contiguous valid rows).
  * Few rows (decoding, short prompts): the rows cannot be split usefully, so each worker takes a
  * slice of the output columns instead, i.e. of the weight matrix, which is what such a call
- * streams from memory. A single row goes through sgemv, which reads the weights once; sgemm with
- * one row packs the whole weight matrix first. */
+ * streams from memory. Up to SA_ROWS_MAX rows go through the small-M kernel, which reads the
+ * weights once; sgemm with a few rows packs the whole weight matrix first. */
 #include <cblas.h>
 
 #include "internal.h"
@@ -32,9 +32,8 @@ static void sa_project_rows(const sa_proj *p, size_t row0, size_t n_rows, size_t
 {
     float *c = p->out + row0 * p->n + c0;
     const float *w = p->w + c0 * p->k;
-    if (n_rows == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)(c1 - c0), (int)p->k, 1.0f, w, (int)p->k,
-                    p->in + row0 * p->k, 1, 0.0f, c, 1);
+    if (n_rows <= SA_ROWS_MAX) /* few rows: stream the weights once, unpacked */
+        sa_kernels_get()->qkt(n_rows, c1 - c0, p->k, p->in + row0 * p->k, p->k, w, p->k, c, p->n);
     else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_rows, (int)(c1 - c0),
                     (int)p->k, 1.0f, p->in + row0 * p->k, (int)p->k, w, (int)p->k, 0.0f, c,

@@ -14,27 +14,36 @@ static inline float sa_hsum8(__m256 v)
     return _mm_cvtss_f32(x);
 }
 
-/* s[r][j] = q_r . k_j for rows r < M: one key at a time, M accumulators over the dimensions.
-   M is a constant at each call site below, so the row loops unroll into registers. */
+/* s[r][j] = q_r . k_j for rows r < M: one key at a time, M accumulators (2 per row for M <= 4:
+   enough independent FMA chains that long rows, e.g. a projection's weight rows, are not bound by
+   FMA latency, and few enough to stay in the 16 registers) over the dimensions. M is a constant at each call site below, so the row loops unroll into registers. */
 static inline __attribute__((always_inline)) void
 sa_qkt_rows(const size_t M, size_t n, size_t d, const float *q, size_t ldq, const float *k,
             size_t ldk, float *s, size_t lds)
 {
-    const size_t d8 = d / 8 * 8;
+    const size_t d16 = d / 16 * 16, d8 = d / 8 * 8;
     for (size_t j = 0; j < n; j++) {
         const float *kj = k + j * ldk;
-        __m256 acc[8];
+        __m256 acc[8], acc2[8];
         for (size_t r = 0; r < M; r++)
-            acc[r] = _mm256_setzero_ps();
-        for (size_t c = 0; c < d8; c += 8) {
-            const __m256 kv = _mm256_loadu_ps(kj + c);
+            acc[r] = acc2[r] = _mm256_setzero_ps();
+        size_t c = 0;
+        for (; M <= 4 && c < d16; c += 16) { /* more rows: their own chains suffice */
+            const __m256 k0 = _mm256_loadu_ps(kj + c), k1 = _mm256_loadu_ps(kj + c + 8);
+            for (size_t r = 0; r < M; r++) {
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c), k0, acc[r]);
+                acc2[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c + 8), k1, acc2[r]);
+            }
+        }
+        for (; c < d8; c += 8) {
+            const __m256 k0 = _mm256_loadu_ps(kj + c);
             for (size_t r = 0; r < M; r++)
-                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c), kv, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c), k0, acc[r]);
         }
         for (size_t r = 0; r < M; r++) {
-            float t = sa_hsum8(acc[r]);
-            for (size_t c = d8; c < d; c++)
-                t += q[r * ldq + c] * kj[c];
+            float t = sa_hsum8(_mm256_add_ps(acc[r], acc2[r]));
+            for (size_t cc = d8; cc < d; cc++)
+                t += q[r * ldq + cc] * kj[cc];
             s[r * lds + j] = t;
         }
     }
