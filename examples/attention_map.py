@@ -8,7 +8,9 @@ tokens down, key tokens across) into a PNG, with the Python binding and matplotl
 --weights: a .npz with w_q, w_k, w_v, w_o ([out][in], as torch.nn.Linear), optional b_q, b_k,
 b_v, b_o, the integers d_model and n_heads, optionally n_kv_heads, tokens (strings) and x
 ([seq][d_model] inputs; without it each token gets a fixed pseudo-random embedding derived from
-its text, plus sinusoidal positions). Without --weights: random weights, d_model 64, 4 heads.
+its text, plus sinusoidal positions), and optionally the layer options the weights were trained
+with: causal, window, rope, rope_dims, alibi (integers), rope_theta, softcap (reals), as
+examples/train.c writes them. Without --weights: random weights, d_model 64, 4 heads.
 
 The weights come from the library (layer(x, return_weights=True), selfattn_forward_ex of
 libselfattn 1.1). With an older library they are computed in NumPy from the same weights, and
@@ -61,6 +63,10 @@ def load(args):
         W = {k: z[k].astype(np.float32) for k in
              ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o") if k in z}
         tokens = [str(t) for t in z["tokens"]] if "tokens" in z else None
+        opts = {k: int(z[k]) for k in ("window", "rope", "rope_dims", "alibi") if k in z}
+        opts.update({k: float(z[k]) for k in ("rope_theta", "softcap") if k in z})
+        if "causal" in z and int(z["causal"]):
+            args.causal = True
         x = z["x"].astype(np.float32) if "x" in z else None
         if tokens is None:
             tokens = SAMPLE[: (len(x) if x is not None else len(SAMPLE))]
@@ -74,10 +80,11 @@ def load(args):
         W = {n: (rng.standard_normal((d, d)) * (2.5 if n in ("w_q", "w_k") else 1.0)
                  / np.sqrt(d)).astype(np.float32) for n in ("w_q", "w_k", "w_v", "w_o")}
         tokens, x, source = SAMPLE, None, "random weights (seed %d)" % args.seed
+        opts = {}
     if x is None:
         x = np.stack([token_embedding(t, d) for t in tokens]) + positions(len(tokens), d)
         x = x.astype(np.float32)
-    return d, h, kv, W, tokens, x, source
+    return d, h, kv, W, tokens, x, source, opts
 
 
 def main():
@@ -89,10 +96,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = ap.parse_args()
 
-    d, h, kv, W, tokens, x, source = load(args)
-    layer = selfattn.Layer(d, h, n_kv_heads=kv, causal=args.causal, window=args.window)
+    d, h, kv, W, tokens, x, source, opts = load(args)
+    if args.window is not None:
+        opts["window"] = args.window
+    layer = selfattn.Layer(d, h, n_kv_heads=kv, causal=args.causal, **opts)
     layer.set_weights(**W)
-    if selfattn.has("selfattn_forward_ex"):
+    if selfattn.has("selfattn_forward_ex") or opts:
         _, w = layer(x, return_weights=True)          # [n_heads][seq][seq]
         how = "weights from libselfattn %s (selfattn_forward_ex)" % selfattn.version()
     else:
@@ -125,8 +134,10 @@ def main():
             ax.set_ylabel("query", fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="attention weight")
     mask = "causal" if args.causal else "full"
-    if args.window:
-        mask += ", window %d" % args.window
+    if opts.get("window"):
+        mask += ", window %d" % opts["window"]
+    if opts.get("rope"):
+        mask += ", RoPE"
     fig.suptitle("d_model %d, %d heads, %s attention; %s\n%s" % (d, h, mask, source, how),
                  fontsize=9)
     fig.savefig(args.output, dpi=80, bbox_inches="tight")

@@ -342,3 +342,191 @@ void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_le
     free(v);
     free(a);
 }
+
+/* ---- Gradients ---- */
+
+/* One sequence: queries i < q_valid, keys j < kv_valid; accumulates into dq, dk, dv (zeroed by
+   the caller). dS = P (dP - D), D = sum_j P_j dP_j; through the softcap c tanh(t / c) the factor
+   1 - tanh^2; through the scale, the scale. */
+static void ref_attend_bwd_seq(const ref_layer *l, const ref_opts *o, int q_len, int kv_len,
+                               const double *q, const double *k, const double *v, int q_valid,
+                               int kv_valid, const double *dout, double *dq, double *dk,
+                               double *dv)
+{
+    const int hd = l->head_dim, nq = l->n_heads * hd, nkv = l->n_kv_heads * hd;
+    const int group = l->n_heads / l->n_kv_heads;
+    double *slopes = malloc(sizeof(double) * (size_t)l->n_heads);
+    double *s = malloc(sizeof(double) * (size_t)kv_len), *raw = malloc(sizeof(double) * (size_t)kv_len);
+    double *dp = malloc(sizeof(double) * (size_t)kv_len);
+    ref_alibi_slopes(l->n_heads, slopes);
+    for (int h = 0; h < l->n_heads; h++) {
+        const int kh = h / group;
+        for (int i = 0; i < q_valid; i++) {
+            const long p = (long)kv_len - q_len + i;
+            double mx = -INFINITY;
+            for (int j = 0; j < kv_len; j++) {
+                int masked = j >= kv_valid || (l->causal && j > p);
+                if (o->window > 0)
+                    masked = masked || (l->causal ? j <= p - o->window : labs(p - j) >= o->window);
+                if (masked) {
+                    s[j] = -INFINITY;
+                    continue;
+                }
+                double t = 0.0;
+                for (int d = 0; d < hd; d++)
+                    t += q[(size_t)i * nq + h * hd + d] * k[(size_t)j * nkv + kh * hd + d];
+                t *= l->scale;
+                raw[j] = t;
+                if (o->softcap > 0)
+                    t = o->softcap * tanh(t / o->softcap);
+                if (o->alibi)
+                    t -= slopes[h] * (double)labs(p - j);
+                s[j] = t;
+                if (t > mx)
+                    mx = t;
+            }
+            if (mx == -INFINITY)
+                continue; /* sees no key: out 0 whatever q, k, v are */
+            double sum = 0.0;
+            for (int j = 0; j < kv_len; j++)
+                sum += s[j] == -INFINITY ? 0.0 : exp(s[j] - mx);
+            const double *go = dout + (size_t)i * nq + h * hd;
+            double dsum = 0.0;
+            for (int j = 0; j < kv_len; j++) {
+                if (s[j] == -INFINITY)
+                    continue;
+                s[j] = exp(s[j] - mx) / sum; /* now P */
+                double acc = 0.0;
+                for (int d = 0; d < hd; d++)
+                    acc += go[d] * v[(size_t)j * nkv + kh * hd + d];
+                dp[j] = acc;
+                dsum += s[j] * acc;
+            }
+            for (int j = 0; j < kv_len; j++) {
+                if (s[j] == -INFINITY)
+                    continue;
+                double ds = s[j] * (dp[j] - dsum);
+                if (o->softcap > 0) {
+                    const double th = tanh(raw[j] / o->softcap);
+                    ds *= 1.0 - th * th;
+                }
+                ds *= l->scale;
+                for (int d = 0; d < hd; d++) {
+                    dq[(size_t)i * nq + h * hd + d] += ds * k[(size_t)j * nkv + kh * hd + d];
+                    dk[(size_t)j * nkv + kh * hd + d] += ds * q[(size_t)i * nq + h * hd + d];
+                    dv[(size_t)j * nkv + kh * hd + d] += s[j] * go[d];
+                }
+            }
+        }
+    }
+    free(slopes);
+    free(s);
+    free(raw);
+    free(dp);
+}
+
+void ref_attend_backward(const ref_layer *l, const ref_opts *o, int batch, int q_len, int kv_len,
+                         const float *q, const float *k, const float *v, const int32_t *kv_lengths,
+                         const float *dout, double *dq, double *dk, double *dv)
+{
+    const size_t nq = (size_t)l->n_heads * l->head_dim, nkv = (size_t)l->n_kv_heads * l->head_dim;
+    const size_t qn = (size_t)batch * q_len * nq, kn = (size_t)batch * kv_len * nkv;
+    double *qd = ref_to_double(q, qn), *kd = ref_to_double(k, kn), *vd = ref_to_double(v, kn);
+    double *gd = ref_to_double(dout, qn);
+    memset(dq, 0, sizeof(double) * qn);
+    memset(dk, 0, sizeof(double) * kn);
+    memset(dv, 0, sizeof(double) * kn);
+    for (int b = 0; b < batch; b++) {
+        const size_t qo = (size_t)b * q_len * nq, ko = (size_t)b * kv_len * nkv;
+        ref_attend_bwd_seq(l, o, q_len, kv_len, qd + qo, kd + ko, vd + ko, q_len,
+                           kv_lengths ? kv_lengths[b] : kv_len, gd + qo, dq + qo, dk + ko,
+                           dv + ko);
+    }
+    free(qd);
+    free(kd);
+    free(vd);
+    free(gd);
+}
+
+void ref_backward(const ref_layer *l, const ref_opts *o, int batch, int seq_len, const float *x,
+                  const int32_t *lengths, const float *dy, double *dx, double *g[8])
+{
+    const int dm = l->d_model, hd = l->head_dim;
+    const size_t nq = (size_t)l->n_heads * hd, nkv = (size_t)l->n_kv_heads * hd;
+    const size_t L = (size_t)seq_len;
+    const float *w[3] = {l->wq, l->wk, l->wv};
+    const size_t width[3] = {nq, nkv, nkv};
+    for (int i = 0; i < 8; i++) {
+        if (!l->out_proj && (i == 3 || i == 7))
+            continue;
+        const size_t n = i < 4 ? (i == 3 ? (size_t)dm * nq : width[i] * dm)
+                               : (i == 7 ? (size_t)dm : width[i - 4]);
+        memset(g[i], 0, sizeof(double) * n);
+    }
+    double *q = calloc(L * nq, sizeof(double)), *k = calloc(L * nkv, sizeof(double));
+    double *v = calloc(L * nkv, sizeof(double)), *a = calloc(L * nq, sizeof(double));
+    double *go = calloc(L * nq, sizeof(double));
+    double *dq = calloc(L * nq, sizeof(double)), *dk = calloc(L * nkv, sizeof(double));
+    double *dv = calloc(L * nkv, sizeof(double));
+    for (int b = 0; b < batch; b++) {
+        const int len = lengths ? lengths[b] : seq_len;
+        const float *xs = x + (size_t)b * L * dm, *dys = dy + (size_t)b * L * dm;
+        double *dxs = dx + (size_t)b * L * dm;
+        memset(q, 0, sizeof(double) * L * nq);
+        memset(k, 0, sizeof(double) * L * nkv);
+        memset(v, 0, sizeof(double) * L * nkv);
+        memset(go, 0, sizeof(double) * L * nq);
+        memset(dq, 0, sizeof(double) * L * nq);
+        memset(dk, 0, sizeof(double) * L * nkv);
+        memset(dv, 0, sizeof(double) * L * nkv);
+        ref_linear(xs, len, dm, l->wq, l->bq, (int)nq, q);
+        ref_linear(xs, len, dm, l->wk, l->bk, (int)nkv, k);
+        ref_linear(xs, len, dm, l->wv, l->bv, (int)nkv, v);
+        for (int t = 0; t < len; t++) {
+            ref_rope_row(o, l->n_heads, hd, t, q + (size_t)t * nq);
+            ref_rope_row(o, l->n_kv_heads, hd, t, k + (size_t)t * nkv);
+        }
+        ref_attend_ex_seq(l, o, b, seq_len, seq_len, q, k, v, len, a, NULL, NULL);
+        for (int t = 0; t < len; t++) { /* back through W_O */
+            const float *dyr = dys + (size_t)t * dm;
+            double *gr = go + (size_t)t * nq;
+            if (!l->out_proj) {
+                for (size_t c = 0; c < nq; c++)
+                    gr[c] = dyr[c];
+                continue;
+            }
+            for (int oo = 0; oo < dm; oo++) {
+                for (size_t c = 0; c < nq; c++) {
+                    gr[c] += (double)dyr[oo] * l->wo[(size_t)oo * nq + c];
+                    g[3][(size_t)oo * nq + c] += (double)dyr[oo] * a[(size_t)t * nq + c];
+                }
+                g[7][oo] += dyr[oo];
+            }
+        }
+        ref_attend_bwd_seq(l, o, seq_len, seq_len, q, k, v, len, len, go, dq, dk, dv);
+        for (int t = 0; t < len; t++) { /* back through RoPE: the opposite angle */
+            ref_rope_row(o, l->n_heads, hd, -(double)t, dq + (size_t)t * nq);
+            ref_rope_row(o, l->n_kv_heads, hd, -(double)t, dk + (size_t)t * nkv);
+        }
+        const double *d3[3] = {dq, dk, dv};
+        memset(dxs, 0, sizeof(double) * L * dm);
+        for (int m = 0; m < 3; m++)
+            for (int t = 0; t < len; t++)
+                for (size_t c = 0; c < width[m]; c++) {
+                    const double gc = d3[m][(size_t)t * width[m] + c];
+                    g[4 + m][c] += gc;
+                    for (int i = 0; i < dm; i++) {
+                        g[m][c * dm + i] += gc * xs[(size_t)t * dm + i];
+                        dxs[(size_t)t * dm + i] += gc * w[m][c * dm + i];
+                    }
+                }
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(a);
+    free(go);
+    free(dq);
+    free(dk);
+    free(dv);
+}

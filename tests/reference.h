@@ -73,6 +73,21 @@ void ref_attend_ex(const ref_layer *l, const ref_opts *o, int batch, int q_len, 
 void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_len, const float *x,
                     const int32_t *lengths, double *y, double *weights, double *lse);
 
+/* ---- Gradients, derived by hand and computed in double (checked against finite differences of
+   ref_forward_ex / ref_attend_ex in test_backward.c). The bias of ref_opts is not supported. ---- */
+
+/* Gradients of ref_attend_ex given dout (as q): dq, dk, dv (each the shape of its input; every
+   element written). */
+void ref_attend_backward(const ref_layer *l, const ref_opts *o, int batch, int q_len, int kv_len,
+                         const float *q, const float *k, const float *v, const int32_t *kv_lengths,
+                         const float *dout, double *dq, double *dk, double *dv);
+
+/* Gradients of ref_forward_ex given dy: dx [batch][seq_len][d_model] and the weight gradients
+   g[0..7] = W_Q, W_K, W_V, W_O, B_Q, B_K, B_V, B_O in the weights' layouts (g[3], g[7] unused
+   without the output projection). Rows of padding: dx 0, dy not read. */
+void ref_backward(const ref_layer *l, const ref_opts *o, int batch, int seq_len, const float *x,
+                  const int32_t *lengths, const float *dy, double *dx, double *g[8]);
+
 /* *err = max_i |a_i - b_i| (infinite when an a_i is NaN), *ref_max = max_i |b_i|. */
 void ref_max_err(const float *a, const double *b, size_t n, double *err, double *ref_max);
 

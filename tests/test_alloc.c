@@ -1,5 +1,5 @@
 /* Allocation failure: a script of API calls (create, options, every weight and bias, forward
- * with and without lengths, attend, destroy) is run with its n-th allocation made to fail, for
+ * with and without lengths, attend, the 1.1 calls, backward and attend_backward, destroy) is run with its n-th allocation made to fail, for
  * n = 1, 2, ... until a run meets no failure. Each time the failing call must return
  * SELFATTN_ERR_NOMEM with caller outputs untouched and the handle unchanged and usable: the same
  * call is retried without the failure and the script finishes with results bit-identical to a
@@ -29,11 +29,28 @@
 #define EX_N (B * L * D + B * H * L * L + B * H * L)
 #define EX2_N (B * L * D + B * H * L * KL + B * H * L)
 
+#define NKV (KV * (D / H))
+#define BW_N (B * L * D + 2 * D * D + 2 * NKV * D + 2 * D + 2 * NKV) /* dx, then the grads */
+#define ABW_N (B * L * D + 2 * B * L * NKV)                          /* dq, dk, dv */
+
 typedef struct script_out {
     float y1[B * L * D], y2[B * L * D], att[B * L * D];
     float ex[EX_N];   /* forward_ex: y, weights, lse */
     float ex2[EX2_N]; /* attend_ex: out, weights, lse */
+    float bw[BW_N];   /* backward: dx, dW_Q, dW_K, dW_V, dW_O, db_Q, db_K, db_V, db_O */
+    float abw[ABW_N]; /* attend_backward: dq, dk, dv */
 } script_out;
+
+/* The gradients' places in o->bw. */
+static selfattn_grads script_grads(float *bw)
+{
+    float *p = bw + B * L * D;
+    selfattn_grads g = {sizeof g, p, p + D * D, p + D * D + NKV * D, p + D * D + 2 * NKV * D,
+                        p + 2 * D * D + 2 * NKV * D, p + 2 * D * D + 2 * NKV * D + D,
+                        p + 2 * D * D + 2 * NKV * D + D + NKV,
+                        p + 2 * D * D + 2 * NKV * D + D + 2 * NKV};
+    return g;
+}
 
 static float w[8][D * D];
 
@@ -104,6 +121,15 @@ static void script(script_out *o, int *failed, int *create_failed)
     selfattn_extras e2 = {sizeof e2, bias, 0, 0, KL, o->ex2 + B * L * D,
                           o->ex2 + B * L * D + B * H * L * KL};
     STEP(selfattn_attend_ex(l, B, L, KL, q, k2, v2, klens, &e2, o->ex2), o->ex2, EX2_N);
+
+    /* gradients, with RoPE, ALiBi and the softcap still on */
+    float dy[B * L * D];
+    tu_fill(&r, dy, B * L * D, -1, 1);
+    const selfattn_grads g = script_grads(o->bw);
+    STEP(selfattn_backward(l, B, L, x, lens, dy, o->bw, &g), o->bw, BW_N);
+    STEP(selfattn_attend_backward(l, B, L, L, q, k, v, lens, dy, o->abw, o->abw + B * L * D,
+                                  o->abw + B * L * D + B * L * NKV),
+         o->abw, ABW_N);
     selfattn_layer_destroy(l);
 }
 
@@ -136,7 +162,8 @@ static void test_every_allocation_fails_once(void **state)
            "handle usable, same results\n",
            n - 1);
     /* create (the layer, its workspace cache), 4 weight/bias buffers, the first forward's
-       workspace (the second forward, attend and forward_ex reuse it), the longer attend_ex's */
+       workspace (the second forward, attend and forward_ex reuse it), the longer attend_ex's,
+       the backward's (attend_backward reuses it) */
     assert_true(n - 1 >= 8);
 }
 
@@ -168,11 +195,49 @@ static void test_thread_start_failure(void **state)
     tu_layer_free(&t);
 }
 
+/* A second backward (and attend_backward) of the same or a smaller shape allocates nothing. */
+static void test_backward_steady_state(void **state)
+{
+    (void)state;
+    const tu_spec spec = {64, 4, 2, 0, 1, 1, 0, 1, 2, 0};
+    tu_layer t;
+    assert_int_equal(tu_layer_make(&spec, 5, &t), SELFATTN_OK);
+    enum { LL = 300 };
+    const size_t n = (size_t)2 * LL * 64;
+    tu_rng r = {8};
+    float *x = tu_random(&r, n, -1, 1), *dy = tu_random(&r, n, -1, 1), *dx = malloc(n * 4);
+    static float gw[4][64 * 64], gb[4][64];
+    const selfattn_grads g = {sizeof g, gw[0], gw[1], gw[2], gw[3], gb[0], gb[1], gb[2], gb[3]};
+    const int32_t lens[2] = {LL, 100};
+    assert_int_equal(selfattn_backward(t.layer, 2, LL, x, NULL, dy, dx, &g), SELFATTN_OK);
+    sa_test_fail_allocation(1);
+    assert_int_equal(selfattn_backward(t.layer, 2, LL, x, NULL, dy, dx, &g), SELFATTN_OK);
+    assert_int_equal(selfattn_backward(t.layer, 2, LL, x, lens, dy, dx, &g), SELFATTN_OK);
+    assert_int_equal(selfattn_backward(t.layer, 1, LL / 2, x, NULL, dy, dx, NULL), SELFATTN_OK);
+    assert_true(sa_test_fail_allocation(0) > 0); /* the armed failure never came */
+    /* attend_backward: q, k, v of 4 and 2 heads of 16 */
+    float *dq = malloc(n * 4), *dk = malloc(n * 4), *dv = malloc(n * 4);
+    assert_int_equal(selfattn_attend_backward(t.layer, 2, LL, LL, x, dy, dy, lens, x, dq, dk, dv),
+                     SELFATTN_OK);
+    sa_test_fail_allocation(1);
+    assert_int_equal(selfattn_attend_backward(t.layer, 2, LL, LL, x, dy, dy, lens, x, dq, dk, dv),
+                     SELFATTN_OK);
+    assert_true(sa_test_fail_allocation(0) > 0);
+    free(x);
+    free(dy);
+    free(dx);
+    free(dq);
+    free(dk);
+    free(dv);
+    tu_layer_free(&t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_thread_start_failure), /* first: before the pool has threads */
         cmocka_unit_test(test_every_allocation_fails_once),
+        cmocka_unit_test(test_backward_steady_state),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -374,6 +374,67 @@ SELFATTN_API selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int
                                                 const int32_t *kv_lengths,
                                                 const selfattn_extras *extras, float *out);
 
+/* ---- Gradients (1.1): the backward pass ------------------------------------------------------ */
+/* Where selfattn_backward writes the weight and bias gradients. Each pointer is NULL (not wanted)
+   or an output of the same layout and element count as the weight it belongs to (see the table
+   at the top: grad W_Q is [n_heads * head_dim][d_model], grad W_O [d_model][n_heads * head_dim],
+   and so on). A layer whose weights were set through W_QKV / B_QKV gets W_Q, W_K, W_V (B_Q, B_K,
+   B_V) gradients all the same: PyTorch's in_proj_weight gradient is w_q, w_k and w_v stacked.
+   With the output projection off, w_o and b_o must be NULL. */
+typedef struct selfattn_grads {
+    uint32_t struct_size; /* sizeof(selfattn_grads) as the caller compiled it: set it first */
+    float *w_q, *w_k, *w_v, *w_o;
+    float *b_q, *b_k, *b_v, *b_o;
+} selfattn_grads;
+
+/* Gradients of selfattn_forward. Given dy = dL/dy for the call
+   selfattn_forward(layer, batch, seq_len, x, lengths, y), writes dx = dL/dx
+   ([batch][seq_len][d_model]; NULL: not wanted) and the weight and bias gradients that grads asks
+   for (grads NULL: none). Outputs are overwritten, not accumulated (add them up yourself across
+   micro-batches). Every layer option is honoured: heads, GQA, causal, window, RoPE (modes 1 and
+   2, ROPE_DIMS, ROPE_THETA), ALiBi, softcap, scale, output projection on or off, and lengths.
+   The forward pass is recomputed inside (nothing is kept from the forward call), and memory stays
+   linear in seq_len: scores are recomputed block by block, never an L x L matrix (FlashAttention-2
+   style). Rows of padding (position >= lengths[b]) get dx = 0 and their dy is not read (NaN there
+   has no effect); they contribute nothing to the weight gradients. A weight gradient is a sum
+   over the batch's valid rows.
+   x and dy are [batch][seq_len][d_model]; no output may overlap an input or another output.
+   grads->struct_size below this header's sizeof(selfattn_grads) is SELFATTN_ERR_INVALID; a larger
+   one (a newer caller) is accepted when every byte past this header's struct is zero, else
+   SELFATTN_ERR_UNSUPPORTED.
+   Returns SELFATTN_ERR_NULL (layer, x or dy NULL), SELFATTN_ERR_INVALID (batch or seq_len < 1, a
+   length out of range, grads->w_o or grads->b_o non-NULL with OUT_PROJ 0, struct_size too small),
+   SELFATTN_ERR_STATE (a weight selfattn_forward needs is not set), SELFATTN_ERR_OVERFLOW,
+   SELFATTN_ERR_NOMEM, SELFATTN_ERR_UNSUPPORTED; on any of them nothing was written. The results
+   do not depend on the thread count (bit for bit). Thread-safe on a layer that is not being
+   modified; uses up to SELFATTN_OPT_THREADS threads; a call in steady state allocates nothing
+   (the workspace is kept by the layer, as for selfattn_forward). Non-finite values spread as in
+   selfattn_forward: never to another sequence of the batch, but into every weight gradient. */
+SELFATTN_API selfattn_status selfattn_backward(const selfattn_layer *layer, int32_t batch,
+                                               int32_t seq_len, const float *x,
+                                               const int32_t *lengths, const float *dy, float *dx,
+                                               const selfattn_grads *grads);
+
+/* Gradients of selfattn_attend. Given dout = dL/dout for the call
+   selfattn_attend(layer, batch, q_len, kv_len, q, k, v, kv_lengths, out), writes dq (the shape of
+   q), dk and dv (the shape of k and v), each NULL when not wanted; asking for fewer skips their
+   work. With grouped-query attention dk and dv sum over the query heads that share a key/value
+   head. Rows of dk and dv at or past kv_lengths[b] are written as zeros (and those of keys that no
+   query sees), and so are the dq rows of queries that see no key. Uses the layer's heads,
+   head_dim, causal flag, window, ALiBi, softcap and scale (q and k are taken as already rotated:
+   ROPE is not applied); needs no weights. Outputs are overwritten, not accumulated, and may not
+   overlap the inputs or each other. Returns SELFATTN_ERR_NULL (layer, q, k, v or dout NULL),
+   SELFATTN_ERR_INVALID (sizes < 1, a length out of range), SELFATTN_ERR_STATE (head_dim
+   undetermined), SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM; nothing is written then. Memory is
+   linear in the lengths; results do not depend on the thread count. Thread-safe on a layer that
+   is not being modified. */
+SELFATTN_API selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t batch,
+                                                      int32_t q_len, int32_t kv_len,
+                                                      const float *q, const float *k,
+                                                      const float *v, const int32_t *kv_lengths,
+                                                      const float *dout, float *dq, float *dk,
+                                                      float *dv);
+
 /* ---- Introspection -------------------------------------------------------------------------- */
 /* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u16", chosen once from
    the CPU's features. The environment variable SELFATTN_ISA=scalar|avx2|avx512, read once, forces

@@ -174,6 +174,199 @@ static int32_t rd_create_dim(reader *r, int32_t small_max)
     return rd_dim(&(reader){&b, 1}, small_max);
 }
 
+static double max_abs(const double *p, size_t n)
+{
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++)
+        m = fabs(p[i]) > m ? fabs(p[i]) : m;
+    return m;
+}
+
+/* Gradients match the float64 reference within 2e-3 of their own scale plus 1e-2 of the largest
+   gradient of the call (all: one scale) plus 1e-4. dQ and dK go through dS = P (dP - D), whose
+   terms cancel: their float32 error is relative to |dP| |K| (|dP| |Q|), not to the result, which
+   can be 0 exactly (a row that sees one key: P = 1, dS = 0). With the fuzzer's bounded inputs and
+   an unsaturated softmax (well_conditioned) that error stays below about 1e-2 of the largest
+   gradient (dV = P^T dO has no cancellation). */
+static void check_grad(const float *g, const double *ref, size_t n, double all)
+{
+    double err, mx;
+    ref_max_err(g, ref, n, &err, &mx);
+    CHECK(err <= 2e-3 * mx + 1e-2 * all + 1e-4);
+}
+
+/* The largest per-head norm of rows of in (n_rows x [heads][hd], row stride ld) times w^T + b
+   when w is non-NULL (projected in double), else of in itself. */
+static double max_head_norm(const float *in, size_t n_rows, size_t ld, const float *w,
+                            const float *b, int heads, int hd)
+{
+    double m = 0.0;
+    for (size_t r = 0; r < n_rows; r++)
+        for (int h = 0; h < heads; h++) {
+            double s = 0.0;
+            for (int d = 0; d < hd; d++) {
+                const size_t o = (size_t)h * hd + d;
+                double t = b != NULL ? b[o] : 0.0;
+                if (w != NULL)
+                    for (size_t i = 0; i < ld; i++)
+                        t += (double)in[r * ld + i] * w[o * ld + i];
+                else
+                    t = in[r * ld + o];
+                s += t * t;
+            }
+            m = s > m ? s : m;
+        }
+    return sqrt(m);
+}
+
+/* Gradients are compared only where the softmax is not saturated: |score| <= scale |q_h| |k_h|
+   (a bound RoPE does not change) below 30, or a softcap below 30. Past that the weights are
+   one-hot to float precision and dS = P (dP - D) is a difference of nearly equal terms of the size
+   of dP, ill-conditioned in float32 whatever the implementation. */
+static int well_conditioned(double scale, double qn, double kn, double softcap)
+{
+    return fabs(scale) * qn * kn <= 30.0 || (softcap > 0.0 && softcap <= 30.0);
+}
+
+/* selfattn_backward on the fuzzed layer. gb: bit 0 no grads, bit 1 no dx, bit 2 a struct_size
+   too small (INVALID), bit 3 ask for w_o and b_o even without the output projection (INVALID). */
+static void fz_backward(reader *r, const selfattn_layer *l, const ref_layer *shape, uint8_t gb,
+                        int small, int32_t batch, int32_t seq, const float *x,
+                        const int32_t *lens, float *const w[8], const size_t counts[8], size_t dm,
+                        size_t nq, int hostile, const ref_opts *ro, int out_proj)
+{
+    const size_t n_x = small ? (size_t)batch * (size_t)seq * dm : 1;
+    const int shapes_ok = small && nq > 0 && nq * dm <= 4096;
+    float *dy = malloc(n_x * sizeof(float)), *dx = malloc(n_x * sizeof(float));
+    for (size_t i = 0; i < n_x; i++)
+        dy[i] = rd_float(r, &hostile);
+    fill_sentinel(dx, n_x);
+    float *g[8] = {0};
+    selfattn_grads grads;
+    memset(&grads, 0, sizeof grads);
+    grads.struct_size = (gb & 4) ? (uint32_t)sizeof grads - 4 : (uint32_t)sizeof grads;
+    for (int i = 0; i < 8 && shapes_ok; i++) {
+        if ((i == 3 || i == 7) && !out_proj && !(gb & 8))
+            continue;
+        g[i] = malloc((counts[i] ? counts[i] : 1) * sizeof(float));
+        fill_sentinel(g[i], counts[i]);
+    }
+    grads.w_q = g[0];
+    grads.w_k = g[1];
+    grads.w_v = g[2];
+    grads.w_o = g[3];
+    grads.b_q = g[4];
+    grads.b_k = g[5];
+    grads.b_v = g[6];
+    grads.b_o = g[7];
+    const int use_grads = !(gb & 1), use_dx = !(gb & 2);
+    const selfattn_status st = selfattn_backward(l, batch, seq, x, lens, dy, use_dx ? dx : NULL,
+                                                 use_grads ? &grads : NULL);
+    if (!small || (use_grads && (gb & 4)) || (use_grads && !out_proj && (gb & 8) && shapes_ok))
+        CHECK(st != SELFATTN_OK);
+    if (st != SELFATTN_OK) {
+        CHECK(is_sentinel(dx, n_x));
+        for (int i = 0; i < 8; i++)
+            CHECK(g[i] == NULL || is_sentinel(g[i], counts[i]));
+    } else if (!hostile && shapes_ok && w[0] && w[1] && w[2] && (!out_proj || w[3]) &&
+               well_conditioned(shape->scale,
+                                max_head_norm(x, n_x / dm, dm, w[0], w[4], shape->n_heads,
+                                              shape->head_dim),
+                                max_head_norm(x, n_x / dm, dm, w[1], w[5], shape->n_kv_heads,
+                                              shape->head_dim),
+                                ro->softcap)) {
+        ref_layer rl = *shape;
+        rl.wq = w[0];
+        rl.wk = w[1];
+        rl.wv = w[2];
+        rl.wo = w[3];
+        rl.bq = w[4];
+        rl.bk = w[5];
+        rl.bv = w[6];
+        rl.bo = w[7];
+        ref_opts o = *ro;
+        o.bias = NULL;
+        double *rdx = malloc(n_x * sizeof(double)), *rg[8];
+        for (int i = 0; i < 8; i++)
+            rg[i] = malloc((counts[i] ? counts[i] : 1) * sizeof(double));
+        ref_backward(&rl, &o, batch, seq, x, lens, dy, rdx, rg);
+        double all = max_abs(rdx, n_x);
+        for (int i = 0; i < 8; i++)
+            if (g[i] != NULL && (out_proj || (i != 3 && i != 7))) {
+                const double m = max_abs(rg[i], counts[i]);
+                all = m > all ? m : all;
+            }
+        if (use_dx)
+            check_grad(dx, rdx, n_x, all);
+        for (int i = 0; i < 8 && use_grads; i++)
+            if (g[i] != NULL && (out_proj || (i != 3 && i != 7)))
+                check_grad(g[i], rg[i], counts[i], all);
+        free(rdx);
+        for (int i = 0; i < 8; i++)
+            free(rg[i]);
+    }
+    free(dy);
+    free(dx);
+    for (int i = 0; i < 8; i++)
+        free(g[i]);
+}
+
+/* selfattn_attend_backward on the attend call's inputs; a byte chooses which outputs. */
+static void fz_attend_backward(reader *r, const selfattn_layer *l, const ref_layer *shape,
+                               int a_small, int32_t qb, int32_t ql, int32_t kl, const float *q,
+                               const float *k, const float *v, const int32_t *kvl, size_t nqe,
+                               size_t nke, int hostile, const ref_opts *ro)
+{
+    const uint8_t which = rd(r);
+    float *go = malloc(nqe * sizeof(float));
+    for (size_t i = 0; i < nqe; i++)
+        go[i] = rd_float(r, &hostile);
+    float *d[3] = {malloc(nqe * sizeof(float)), malloc(nke * sizeof(float)),
+                   malloc(nke * sizeof(float))};
+    fill_sentinel(d[0], nqe);
+    fill_sentinel(d[1], nke);
+    fill_sentinel(d[2], nke);
+    const selfattn_status st = selfattn_attend_backward(
+        l, qb, ql, kl, q, k, v, kvl, go, (which & 1) ? NULL : d[0], (which & 2) ? NULL : d[1],
+        (which & 4) ? NULL : d[2]);
+    if (!a_small)
+        CHECK(st != SELFATTN_OK);
+    if (st != SELFATTN_OK || (which & 7) == 7) {
+        CHECK(is_sentinel(d[0], nqe) && is_sentinel(d[1], nke) && is_sentinel(d[2], nke));
+    } else if (a_small && !hostile &&
+               well_conditioned(shape->scale,
+                                max_head_norm(q, nqe / ((size_t)shape->n_heads * shape->head_dim),
+                                              (size_t)shape->n_heads * shape->head_dim, NULL,
+                                              NULL, shape->n_heads, shape->head_dim),
+                                max_head_norm(k, nke / ((size_t)shape->n_kv_heads * shape->head_dim),
+                                              (size_t)shape->n_kv_heads * shape->head_dim, NULL,
+                                              NULL, shape->n_kv_heads, shape->head_dim),
+                                ro->softcap)) {
+        const ref_layer rl = *shape;
+        ref_opts o = *ro;
+        o.bias = NULL;
+        o.rope = 0;
+        double *rd3[3] = {malloc(nqe * sizeof(double)), malloc(nke * sizeof(double)),
+                          malloc(nke * sizeof(double))};
+        ref_attend_backward(&rl, &o, qb, ql, kl, q, k, v, kvl, go, rd3[0], rd3[1], rd3[2]);
+        double all = 0.0;
+        for (int m = 0; m < 3; m++) {
+            const double mx = max_abs(rd3[m], m == 0 ? nqe : nke);
+            all = mx > all ? mx : all;
+        }
+        for (int m = 0; m < 3; m++) {
+            if (which & (1 << m))
+                CHECK(is_sentinel(d[m], m == 0 ? nqe : nke));
+            else
+                check_grad(d[m], rd3[m], m == 0 ? nqe : nke, all);
+            free(rd3[m]);
+        }
+    }
+    free(go);
+    for (int m = 0; m < 3; m++)
+        free(d[m]);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     reader r = {data, size};
@@ -221,6 +414,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     snapshot(l, opt);
     ref_opts ro = {(int)opt[5], (int)opt[8], softcap, NULL, 0, 0, 0, (int)opt[6],
                    opt[7] == opt[1] ? 0 : (int)opt[7], 0};
+    const ref_opts ro_layer = ro; /* ro is changed for the attend checks below */
     const int nkv = (int)opt[0], hd = (int)opt[1], causal = (int)opt[2], out_proj = (int)opt[3];
     const size_t nq = (size_t)n_heads * (size_t)hd, nkvd = (size_t)nkv * (size_t)hd;
     const size_t dm = (size_t)d_model;
@@ -289,10 +483,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         free(lr);
     }
     fz_extras_free(&fx);
-    free(x);
     free(y);
-    for (int i = 0; i < 8; i++)
-        free(w[i]);
 
     /* attend on the same layer (needs no weights) */
     int32_t qb, ql;
@@ -300,6 +491,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const int32_t kl = rd_dim(&r, 9);
     const int a_dims_ok = qb >= 1 && qb <= 2 && ql >= 1 && ql <= 9 && kl >= 1 && kl <= 9;
     if (a_dims_ok && (nq > 4096 || nkvd > 4096)) { /* valid but too large to fuzz: skip */
+        free(x);
+        for (int i = 0; i < 8; i++)
+            free(w[i]);
         selfattn_layer_destroy(l);
         return 0;
     }
@@ -348,10 +542,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         free(lr);
     }
     fz_extras_free(&ax);
+    free(o);
+
+    /* backward of the forward above, then of the attend */
+    ref_layer shape = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   NULL,
+                       NULL,    NULL,    NULL, NULL, NULL,   NULL,     NULL};
+    shape.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)(hd > 0 ? hd : 1));
+    const uint8_t gb = rd(&r);
+    fz_backward(&r, l, &shape, gb, small, batch, seq, x, use_len && batch <= 3 ? lens : NULL, w,
+                counts, dm, nq, hostile, &ro_layer, out_proj);
+    fz_attend_backward(&r, l, &shape, a_small, qb, ql, kl, q, k, v,
+                       use_kvl && qb <= 2 ? kvl : NULL, nqe, nke, a_hostile, &ro);
+    free(x);
+    for (int i = 0; i < 8; i++)
+        free(w[i]);
     free(q);
     free(k);
     free(v);
-    free(o);
     selfattn_layer_destroy(l);
     return 0;
 }

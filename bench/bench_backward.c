@@ -1,0 +1,406 @@
+/* Benchmarks of the backward pass through the public API:
+ *   bwd_pair/B/L/E/H/mask/threads   selfattn_backward (dx and every weight gradient) and
+ *                                   selfattn_forward alternating within each iteration; medians
+ *                                   of each and ratio = backward time / forward time
+ *   bwd_ceiling/B/L/E/H/mask/threads  selfattn_backward against the bare sgemm calls a
+ *                                   recomputing FlashAttention-2 backward needs, on warm buffers:
+ *                                   in projection, dO = dY W_O, dW_O, dW_QKV, dX, and per head and
+ *                                   query block S = Q K^T, O = S V (the forward), S = Q K^T,
+ *                                   dP = dO V^T, dV += S^T dO, dK += dP^T Q, dQ = dP K, with no
+ *                                   softmax or elementwise work, future blocks skipped under a
+ *                                   causal mask; ratio = ceiling time / backward time (the
+ *                                   fraction of the ceiling reached). The library recomputes
+ *                                   S = Q K^T and dP = dO V^T once more than this ceiling (its
+ *                                   two passes own disjoint outputs, for determinism without
+ *                                   atomics): attention FLOPs 16 vs 14 units of L^2 H D.
+ *   bwd_peak_memory/1/65536/128/2/causal/2   resident high-water mark of one causal backward
+ *                                   and of one forward of the same shape, and their ratio
+ * Run with --smoke for a quick pass (small shapes). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cblas.h>
+#include <selfattn/selfattn.h>
+
+#include "shim.h"
+
+typedef struct bcfg {
+    int batch, seq, dm, heads, causal, threads;
+} bcfg;
+
+static float *filled(size_t n, unsigned seed, float amp)
+{
+    float *p = malloc(n * sizeof *p);
+    if (!p)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = amp * ((float)((seed >> 9) & 0xffff) / 65536.0f - 0.5f);
+    }
+    return p;
+}
+
+static selfattn_layer *make_layer(const bcfg *c)
+{
+    const size_t dm = (size_t)c->dm;
+    float *w = filled(4 * dm * dm + 4 * dm, 7, 2.0f / sqrtf((float)dm));
+    selfattn_layer *l = NULL;
+    int ok = w && selfattn_layer_create(c->dm, c->heads, &l) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, c->causal) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_THREADS, c->threads) == SELFATTN_OK;
+    const selfattn_weight which[8] = {SELFATTN_W_Q, SELFATTN_W_K, SELFATTN_W_V, SELFATTN_W_O,
+                                      SELFATTN_B_Q, SELFATTN_B_K, SELFATTN_B_V, SELFATTN_B_O};
+    for (int i = 0; ok && i < 8; i++)
+        ok = selfattn_layer_set_weight(l, which[i], w + (i < 4 ? i * dm * dm : 4 * dm * dm),
+                                       (int64_t)(i < 4 ? dm * dm : dm)) == SELFATTN_OK;
+    free(w);
+    if (!ok) {
+        selfattn_layer_destroy(l);
+        return NULL;
+    }
+    return l;
+}
+
+/* Everything one backward call needs, allocated and touched once. */
+typedef struct bwd_ctx {
+    const bcfg *c;
+    selfattn_layer *l;
+    float *x, *y, *dy, *dx, *g[8];
+    selfattn_grads grads;
+} bwd_ctx;
+
+static int bwd_ctx_make(bwd_ctx *b, const bcfg *c)
+{
+    memset(b, 0, sizeof *b);
+    b->c = c;
+    const size_t n = (size_t)c->batch * c->seq * c->dm, dm = (size_t)c->dm;
+    b->l = make_layer(c);
+    b->x = filled(n, 3, 2.0f);
+    b->dy = filled(n, 5, 0.02f);
+    b->y = calloc(n, sizeof(float));
+    b->dx = calloc(n, sizeof(float));
+    int ok = b->l && b->x && b->dy && b->y && b->dx;
+    for (int i = 0; i < 8; i++) {
+        b->g[i] = calloc(i < 4 ? dm * dm : dm, sizeof(float));
+        ok = ok && b->g[i];
+    }
+    selfattn_grads g = {sizeof g, b->g[0], b->g[1], b->g[2], b->g[3],
+                        b->g[4],  b->g[5], b->g[6], b->g[7]};
+    b->grads = g;
+    return ok;
+}
+
+static void bwd_ctx_free(bwd_ctx *b)
+{
+    selfattn_layer_destroy(b->l);
+    free(b->x);
+    free(b->y);
+    free(b->dy);
+    free(b->dx);
+    for (int i = 0; i < 8; i++)
+        free(b->g[i]);
+}
+
+static selfattn_status run_backward(const bwd_ctx *b)
+{
+    return selfattn_backward(b->l, b->c->batch, b->c->seq, b->x, NULL, b->dy, b->dx, &b->grads);
+}
+
+static selfattn_status run_forward(const bwd_ctx *b)
+{
+    return selfattn_forward(b->l, b->c->batch, b->c->seq, b->x, NULL, b->y);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* FLOPs of the attention part: units of 2 L^2 H D (one L x L x D product per head), halved
+   (plus the diagonal) under a causal mask. */
+static double attn_unit(const bcfg *c)
+{
+    const double pairs = c->causal ? 0.5 * c->seq * (c->seq + 1.0) : (double)c->seq * c->seq;
+    return 2.0 * c->batch * pairs * c->dm;
+}
+
+/* The projections of a backward: QKV = X W^T, dO = dY W_O, dW_O, dW_QKV, dX. */
+static double proj_flops(const bcfg *c)
+{
+    const double rows = (double)c->batch * c->seq, dm = c->dm;
+    return 2.0 * rows * dm * dm * (3 + 1 + 1 + 3 + 3);
+}
+
+/* ---- The bare-sgemm ceiling ---- */
+typedef struct ceil_ctx {
+    const bcfg *c;
+    int hd, bq;
+    float *x, *w, *qkv, *dqkv, *dy, *wo, *dwo, *dwqkv, *dx, *attn, *dattn;
+    float *q, *k, *v, *o, *dout, *dq, *dk, *dv; /* per head [H][L][hd] */
+    float *s, *dp;                             /* one block: bq x L */
+} ceil_ctx;
+
+static int ceil_make(ceil_ctx *e, const bcfg *c)
+{
+    memset(e, 0, sizeof *e);
+    e->c = c;
+    e->hd = c->dm / c->heads;
+    e->bq = 256;
+    const size_t L = (size_t)c->seq, dm = (size_t)c->dm, hl = (size_t)c->heads * L * e->hd;
+    float **bufs[] = {&e->x, &e->w, &e->qkv, &e->dqkv, &e->dy, &e->wo, &e->dwo, &e->dwqkv, &e->dx,
+                      &e->attn, &e->dattn, &e->q, &e->k, &e->v, &e->o, &e->dout, &e->dq, &e->dk,
+                      &e->dv, &e->s, &e->dp};
+    const size_t sizes[] = {L * dm, 3 * dm * dm, L * 3 * dm, L * 3 * dm, L * dm, dm * dm, dm * dm,
+                            3 * dm * dm, L * dm, L * dm, L * dm, hl, hl, hl, hl, hl, hl, hl, hl,
+                            (size_t)e->bq * L, (size_t)e->bq * L};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        *bufs[i] = filled(sizes[i], 11 + (unsigned)i, 0.1f);
+        if (!*bufs[i])
+            return 0;
+    }
+    return 1;
+}
+
+static void ceil_free(ceil_ctx *e)
+{
+    float *bufs[] = {e->x,    e->w,     e->qkv, e->dqkv, e->dy, e->wo, e->dwo,
+                     e->dwqkv, e->dx,   e->attn, e->dattn, e->q, e->k,  e->v,
+                     e->o,    e->dout, e->dq,  e->dk,   e->dv, e->s,  e->dp};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        free(bufs[i]);
+}
+
+static void ceil_run(const ceil_ctx *e)
+{
+    const int L = e->c->seq, dm = e->c->dm, hd = e->hd;
+    const CBLAS_LAYOUT R = CblasRowMajor;
+    const CBLAS_TRANSPOSE N = CblasNoTrans, T = CblasTrans;
+    cblas_sgemm(R, N, T, L, 3 * dm, dm, 1, e->x, dm, e->w, dm, 0, e->qkv, 3 * dm);
+    cblas_sgemm(R, N, N, L, dm, dm, 1, e->dy, dm, e->wo, dm, 0, e->dattn, dm);
+    for (int h = 0; h < e->c->heads; h++) {
+        const size_t off = (size_t)h * L * hd;
+        const float *q = e->q + off, *k = e->k + off, *v = e->v + off, *go = e->dout + off;
+        float *o = e->o + off, *dq = e->dq + off, *dk = e->dk + off, *dv = e->dv + off;
+        for (int i0 = 0; i0 < L; i0 += e->bq) {
+            const int mb = L - i0 < e->bq ? L - i0 : e->bq;
+            const int nk = e->c->causal ? i0 + mb : L;
+            const float *qb = q + (size_t)i0 * hd, *gb = go + (size_t)i0 * hd;
+            cblas_sgemm(R, N, T, mb, nk, hd, 1, qb, hd, k, hd, 0, e->s, nk);
+            cblas_sgemm(R, N, N, mb, hd, nk, 1, e->s, nk, v, hd, 0, o + (size_t)i0 * hd, hd);
+            cblas_sgemm(R, N, T, mb, nk, hd, 1, qb, hd, k, hd, 0, e->s, nk);
+            cblas_sgemm(R, N, T, mb, nk, hd, 1, gb, hd, v, hd, 0, e->dp, nk);
+            cblas_sgemm(R, T, N, nk, hd, mb, 1, e->s, nk, gb, hd, i0 > 0, dv, hd);
+            cblas_sgemm(R, T, N, nk, hd, mb, 1, e->dp, nk, qb, hd, i0 > 0, dk, hd);
+            cblas_sgemm(R, N, N, mb, hd, nk, 1, e->dp, nk, k, hd, 0, dq + (size_t)i0 * hd, hd);
+        }
+    }
+    cblas_sgemm(R, T, N, dm, dm, L, 1, e->dy, dm, e->attn, dm, 0, e->dwo, dm);
+    cblas_sgemm(R, T, N, 3 * dm, dm, L, 1, e->dqkv, 3 * dm, e->x, dm, 0, e->dwqkv, dm);
+    cblas_sgemm(R, N, N, L, dm, 3 * dm, 1, e->dqkv, 3 * dm, e->w, dm, 0, e->dx, dm);
+}
+
+#define PAIR_MAX 256
+
+/* a and b alternately (which goes first alternates too); medians in *ta, *tb. */
+typedef void (*side_fn)(const void *ctx, selfattn_status *st);
+
+static selfattn_status alternate(sb_state *s, side_fn fa, const void *ca, side_fn fb,
+                                 const void *cb, double *ta, double *tb)
+{
+    static double va[PAIR_MAX], vb[PAIR_MAX];
+    selfattn_status st = SELFATTN_OK;
+    fa(ca, &st); /* warm-up */
+    fb(cb, &st);
+    int k = 0;
+    while (st == SELFATTN_OK && sb_keep_running(s)) {
+        const double t0 = now_s();
+        if (k % 2 == 0) {
+            fa(ca, &st);
+            const double t1 = now_s();
+            fb(cb, &st);
+            va[k % PAIR_MAX] = t1 - t0;
+            vb[k % PAIR_MAX] = now_s() - t1;
+        } else {
+            fb(cb, &st);
+            const double t1 = now_s();
+            fa(ca, &st);
+            vb[k % PAIR_MAX] = t1 - t0;
+            va[k % PAIR_MAX] = now_s() - t1;
+        }
+        k++;
+    }
+    if (st == SELFATTN_OK && k == 0)
+        st = SELFATTN_ERR_NOMEM;
+    if (st == SELFATTN_OK) {
+        const int m = k < PAIR_MAX ? k : PAIR_MAX;
+        *ta = median(va, m);
+        *tb = median(vb, m);
+    }
+    return st;
+}
+
+static void side_backward(const void *ctx, selfattn_status *st)
+{
+    const selfattn_status r = run_backward(ctx);
+    if (r != SELFATTN_OK)
+        *st = r;
+}
+
+static void side_forward(const void *ctx, selfattn_status *st)
+{
+    const selfattn_status r = run_forward(ctx);
+    if (r != SELFATTN_OK)
+        *st = r;
+}
+
+static void side_ceiling(const void *ctx, selfattn_status *st)
+{
+    (void)st;
+    ceil_run(ctx);
+}
+
+static void bm_pair(sb_state *s, const void *arg)
+{
+    const bcfg *c = arg;
+    bwd_ctx b;
+    double tb = 0, tf = 0;
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    if (bwd_ctx_make(&b, c))
+        st = alternate(s, side_backward, &b, side_forward, &b, &tb, &tf);
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
+    } else {
+        sb_counter(s, "bwd_ms", tb * 1e3);
+        sb_counter(s, "fwd_ms", tf * 1e3);
+        sb_counter(s, "ratio", tb / tf);
+        sb_counter(s, "bwd_GFLOPs", (proj_flops(c) + 16 * attn_unit(c)) / tb * 1e-9);
+        sb_label(s, "ratio = backward / forward");
+    }
+    bwd_ctx_free(&b);
+}
+
+static void bm_ceiling(sb_state *s, const void *arg)
+{
+    const bcfg *c = arg;
+    bwd_ctx b;
+    ceil_ctx e;
+    double tb = 0, tc = 0;
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    const int ok = bwd_ctx_make(&b, c) && ceil_make(&e, c);
+    if (ok)
+        st = alternate(s, side_backward, &b, side_ceiling, &e, &tb, &tc);
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
+    } else {
+        sb_counter(s, "bwd_ms", tb * 1e3);
+        sb_counter(s, "ceil_ms", tc * 1e3);
+        sb_counter(s, "ratio", tc / tb);
+        sb_counter(s, "ceil_GFLOPs", (proj_flops(c) + 14 * attn_unit(c)) / tc * 1e-9);
+        sb_label(s, "ratio = ceiling / backward");
+    }
+    bwd_ctx_free(&b);
+    ceil_free(&e);
+}
+
+/* Resident high-water mark, after resetting it through /proc/self/clear_refs. */
+static double vm_hwm_mib(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kib = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "VmHWM:", 6) == 0)
+            kib = strtod(line + 6, NULL);
+    if (f)
+        fclose(f);
+    return kib / 1024.0;
+}
+
+static void reset_hwm(void)
+{
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (f) {
+        fputs("5", f);
+        fclose(f);
+    }
+}
+
+static const bcfg mem_cfg = {1, 65536, 128, 2, 1, 2};
+
+static void bm_peak_memory(sb_state *s, const void *arg)
+{
+    const bcfg *c = arg;
+    bwd_ctx b;
+    double base = 0, fwd = 0, bwd = 0;
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    if (bwd_ctx_make(&b, c)) {
+        while (sb_keep_running(s)) {
+            sb_pause(s);
+            reset_hwm();
+            base = vm_hwm_mib();
+            st = run_forward(&b);
+            fwd = vm_hwm_mib();
+            /* a fresh layer: the forward's cached workspace does not count for the backward */
+            selfattn_layer_destroy(b.l);
+            b.l = make_layer(c);
+            reset_hwm();
+            sb_resume(s);
+            if (st == SELFATTN_OK)
+                st = b.l != NULL ? run_backward(&b) : SELFATTN_ERR_NOMEM;
+            sb_pause(s);
+            bwd = vm_hwm_mib();
+            sb_resume(s);
+        }
+    }
+    if (st != SELFATTN_OK)
+        sb_skip_with_error(s, selfattn_status_string(st));
+    sb_counter(s, "inputs_MiB", base);
+    sb_counter(s, "fwd_peak_MiB", fwd);
+    sb_counter(s, "bwd_peak_MiB", bwd);
+    sb_counter(s, "fwd_extra_MiB", fwd - base);
+    sb_counter(s, "bwd_extra_MiB", bwd - base);
+    sb_counter(s, "ratio", (bwd - base) / (fwd - base));
+    sb_counter(s, "LxL_MiB", (double)c->seq * c->seq * c->heads * 4.0 / 1048576.0);
+    bwd_ctx_free(&b);
+}
+
+static bcfg cfgs[4];
+
+int main(int argc, char **argv)
+{
+    const int smoke = sb_smoke(argc, argv);
+#ifdef SELFATTN_HAVE_OPENBLAS
+    openblas_set_num_threads(1); /* the ceiling calls BLAS single-threaded, as the library does */
+#endif
+    static char names[8][96];
+    int k = 0;
+    for (int causal = 0; causal <= 1; causal++) {
+        bcfg *c = &cfgs[causal];
+        *c = (bcfg){1, smoke ? 256 : 2048, 768, 12, causal, 1};
+        const char *mask = causal ? "causal" : "full";
+        snprintf(names[k], sizeof names[k], "bwd_pair/1/%d/768/12/%s/1", c->seq, mask);
+        sb_register(names[k++], bm_pair, c, smoke ? 1 : 15);
+        snprintf(names[k], sizeof names[k], "bwd_ceiling/1/%d/768/12/%s/1", c->seq, mask);
+        sb_register(names[k++], bm_ceiling, c, smoke ? 1 : 15);
+    }
+    if (!smoke)
+        sb_register("bwd_peak_memory/1/65536/128/2/causal/2", bm_peak_memory, &mem_cfg, 1);
+    return sb_main(argc, argv);
+}
