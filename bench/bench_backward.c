@@ -114,25 +114,6 @@ static selfattn_status run_forward(const bwd_ctx *b)
     return selfattn_forward(b->l, b->c->batch, b->c->seq, b->x, NULL, b->y);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* FLOPs of the attention part: units of 2 L^2 H D (one L x L x D product per head), halved
    (plus the diagonal) under a causal mask. */
 static double attn_unit(const bcfg *c)
@@ -230,19 +211,19 @@ static selfattn_status alternate(sb_state *s, side_fn fa, const void *ca, side_f
     fb(cb, &st);
     int k = 0;
     while (st == SELFATTN_OK && sb_keep_running(s)) {
-        const double t0 = now_s();
+        const double t0 = sb_now_s();
         if (k % 2 == 0) {
             fa(ca, &st);
-            const double t1 = now_s();
+            const double t1 = sb_now_s();
             fb(cb, &st);
             va[k % PAIR_MAX] = t1 - t0;
-            vb[k % PAIR_MAX] = now_s() - t1;
+            vb[k % PAIR_MAX] = sb_now_s() - t1;
         } else {
             fb(cb, &st);
-            const double t1 = now_s();
+            const double t1 = sb_now_s();
             fa(ca, &st);
             vb[k % PAIR_MAX] = t1 - t0;
-            va[k % PAIR_MAX] = now_s() - t1;
+            va[k % PAIR_MAX] = sb_now_s() - t1;
         }
         k++;
     }
@@ -250,8 +231,8 @@ static selfattn_status alternate(sb_state *s, side_fn fa, const void *ca, side_f
         st = SELFATTN_ERR_NOMEM;
     if (st == SELFATTN_OK) {
         const int m = k < PAIR_MAX ? k : PAIR_MAX;
-        *ta = median(va, m);
-        *tb = median(vb, m);
+        *ta = sb_median(va, m);
+        *tb = sb_median(vb, m);
     }
     return st;
 }

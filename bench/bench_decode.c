@@ -21,25 +21,6 @@
 
 #include "shim.h"
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 static float *filled(size_t n, float a, unsigned seed)
 {
     float *p = malloc((n ? n : 1) * sizeof *p);
@@ -116,11 +97,11 @@ static void bm_decode(sb_state *s, const void *arg)
     } else {
         volatile float sink = 0.0f;
         while (sb_keep_running(s)) {
-            const double t0 = now_s();
+            const double t0 = sb_now_s();
             const selfattn_status st = selfattn_forward_cached(l, cache, 1, x, NULL, y);
-            const double t1 = now_s();
+            const double t1 = sb_now_s();
             sink += cblas_sasum((int)(bytes / sizeof(float)), big, 1);
-            const double t2 = now_s();
+            const double t2 = sb_now_s();
             selfattn_cache_truncate(cache, 0, c->ctx); /* the same length every step */
             if (st != SELFATTN_OK) {
                 sb_skip_with_error(s, selfattn_status_string(st));
@@ -134,7 +115,7 @@ static void bm_decode(sb_state *s, const void *arg)
         }
         (void)sink;
         if (k > 0) {
-            const double a = median(ts, k), b = median(tr, k);
+            const double a = sb_median(ts, k), b = sb_median(tr, k);
             sb_counter(s, "step_us", a * 1e6);
             sb_counter(s, "read_us", b * 1e6);
             sb_counter(s, "step_GBs", (double)bytes / a * 1e-9);
@@ -168,14 +149,14 @@ static void bm_decode_batch(sb_state *s, const void *arg)
     } else {
         while (sb_keep_running(s)) {
             sink += cblas_sasum((int)n_flush, flush, 1);
-            const double t0 = now_s();
+            const double t0 = sb_now_s();
             selfattn_status st = selfattn_forward_cached(l, c1, 1, x, NULL, y);
-            const double t1 = now_s();
+            const double t1 = sb_now_s();
             sink += cblas_sasum((int)n_flush, flush, 1);
-            const double t1b = now_s();
+            const double t1b = sb_now_s();
             if (st == SELFATTN_OK)
                 st = selfattn_forward_cached(l, c8, 1, x, NULL, y);
-            const double t2 = now_s();
+            const double t2 = sb_now_s();
             selfattn_cache_truncate(c1, -1, c->ctx);
             selfattn_cache_truncate(c8, -1, c->ctx);
             if (st != SELFATTN_OK) {
@@ -189,7 +170,7 @@ static void bm_decode_batch(sb_state *s, const void *arg)
             }
         }
         if (k > 0) {
-            const double a = median(t1s, k), b = median(t8s, k);
+            const double a = sb_median(t1s, k), b = sb_median(t8s, k);
             sb_counter(s, "one_us", a * 1e6);
             sb_counter(s, "eight_us", b * 1e6);
             sb_counter(s, "ratio", b / a);
@@ -223,12 +204,12 @@ static void bm_prefill(sb_state *s, const void *arg)
             double t[2];
             selfattn_status st = SELFATTN_OK;
             for (int i = 0; i < 2; i++) {
-                const double t0 = now_s();
+                const double t0 = sb_now_s();
                 if ((i == 0) == (first == 0))
                     st |= selfattn_forward_cached(l, cache, c->ctx, x, NULL, y);
                 else
                     st |= selfattn_forward(l, 1, c->ctx, x, NULL, y);
-                t[(i == 0) == (first == 0) ? 0 : 1] = now_s() - t0;
+                t[(i == 0) == (first == 0) ? 0 : 1] = sb_now_s() - t0;
             }
             if (st != SELFATTN_OK) {
                 sb_skip_with_error(s, "call failed");
@@ -241,7 +222,7 @@ static void bm_prefill(sb_state *s, const void *arg)
             }
         }
         if (k > 0) {
-            const double a = median(tp, k), b = median(tf, k);
+            const double a = sb_median(tp, k), b = sb_median(tf, k);
             sb_counter(s, "prefill_ms", a * 1e3);
             sb_counter(s, "forward_ms", b * 1e3);
             sb_counter(s, "ratio", a / b);

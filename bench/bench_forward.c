@@ -130,25 +130,6 @@ static void bm_ceiling(sb_state *s, const void *arg)
     ce_destroy(ce);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 #define PAIR_MAX 4096
 
 /* The library call of a pair, and the ceiling's; the library call returns its status. */
@@ -166,19 +147,19 @@ static selfattn_status pair_loop(sb_state *s, lib_fn lib, void *ctx, ce_ctx *ce,
     ce_run(ce);
     while (st == SELFATTN_OK && sb_keep_running(s)) {
         double a, b;
-        const double t0 = now_s();
+        const double t0 = sb_now_s();
         if (k % 2 == 0) {
             st = lib(ctx);
-            const double t1 = now_s();
+            const double t1 = sb_now_s();
             ce_run(ce);
             a = t1 - t0;
-            b = now_s() - t1;
+            b = sb_now_s() - t1;
         } else {
             ce_run(ce);
-            const double t1 = now_s();
+            const double t1 = sb_now_s();
             st = lib(ctx);
             b = t1 - t0;
-            a = now_s() - t1;
+            a = sb_now_s() - t1;
         }
         if (k < PAIR_MAX) {
             tl[k] = a;
@@ -190,8 +171,8 @@ static selfattn_status pair_loop(sb_state *s, lib_fn lib, void *ctx, ce_ctx *ce,
         st = SELFATTN_ERR_NOMEM;
     if (st == SELFATTN_OK) {
         const int m = k < PAIR_MAX ? k : PAIR_MAX;
-        *t_lib = median(tl, m);
-        *t_ceil = median(tc, m);
+        *t_lib = sb_median(tl, m);
+        *t_ceil = sb_median(tc, m);
     }
     return st;
 }

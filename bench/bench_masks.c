@@ -19,25 +19,6 @@
 
 #include "shim.h"
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 static float *filled(size_t n, float a, unsigned seed)
 {
     float *p = malloc((n ? n : 1) * sizeof *p);
@@ -127,10 +108,10 @@ static void bm_option(sb_state *s, const void *arg)
             double t[2];
             for (int i = 0; i < 2; i++) {
                 const int which = (i + k) % 2; /* which goes first alternates */
-                const double t0 = now_s();
+                const double t0 = sb_now_s();
                 st |= which == 0 ? selfattn_forward(plain, 1, c->L, x, NULL, y)
                                  : selfattn_forward_ex(opt, 1, c->L, x, NULL, &e, y);
-                t[which] = now_s() - t0;
+                t[which] = sb_now_s() - t0;
             }
             if (k < MAX_RUNS) {
                 tp[k] = t[0];
@@ -142,7 +123,7 @@ static void bm_option(sb_state *s, const void *arg)
             sb_skip_with_error(s, "call failed");
     }
     if (k > 0) {
-        const double a = median(tp, k), b = median(to, k);
+        const double a = sb_median(tp, k), b = sb_median(to, k);
         sb_counter(s, "plain_ms", a * 1e3);
         sb_counter(s, "option_ms", b * 1e3);
         sb_counter(s, "ratio", b / a);

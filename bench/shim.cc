@@ -1,6 +1,9 @@
 // The C shim over Google Benchmark (see shim.h).
 #include "shim.h"
 
+#include <algorithm>
+#include <chrono>
+
 #include <cstring>
 
 #include <benchmark/benchmark.h>
@@ -96,3 +99,15 @@ int sb_main(int argc, char **argv)
 }
 
 } // extern "C"
+
+double sb_now_s(void)
+{
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+double sb_median(double *v, int n)
+{
+    std::sort(v, v + n);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}

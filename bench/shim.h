@@ -35,6 +35,11 @@ void sb_register(const char *name, sb_fn fn, const void *arg, int64_t iterations
    --benchmark_min_time and returns 1; else returns 0. */
 int sb_smoke(int argc, char **argv);
 
+/* Timing helpers for benchmarks that time pairs of calls themselves: a monotonic clock in
+   seconds, and the median of n values (sorts v in place). */
+double sb_now_s(void);
+double sb_median(double *v, int n);
+
 /* Initialises Google Benchmark from the command line and runs the registered benchmarks. */
 int sb_main(int argc, char **argv);
 
