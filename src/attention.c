@@ -396,7 +396,6 @@ void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *sc
 typedef struct sa_attn_many_job {
     const sa_attn *a;
     const sa_attn_plan *p;
-    int n;
     float *scratch;
     size_t per_worker;
 } sa_attn_many_job;
@@ -416,6 +415,6 @@ void sa_attn_run_many(const sa_attn *a, const sa_attn_plan *p, int n, int worker
     int tasks = 0;
     for (int i = 0; i < n; i++)
         tasks += p[i].n_tasks;
-    sa_attn_many_job job = {a, p, n, scratch, per_worker};
+    sa_attn_many_job job = {a, p, scratch, per_worker};
     sa_run_tasks(workers, tasks, sa_attn_many_task, &job);
 }

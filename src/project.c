@@ -98,9 +98,9 @@ void sa_project(const sa_proj *p, int workers)
     sa_proj_job job = {p, 1, 1};
     if (p->valid_rows == 0)
         return;
-    if (p->valid_rows >= (size_t)workers * SA_ROWS_PER_WORKER_MIN)
-        job.row_chunks = workers;
-    else if (p->n >= (size_t)workers * SA_COLS_PER_SLICE_MIN)
+    /* few rows and enough columns: split the columns; otherwise the rows */
+    if (p->valid_rows < (size_t)workers * SA_ROWS_PER_WORKER_MIN &&
+        p->n >= (size_t)workers * SA_COLS_PER_SLICE_MIN)
         job.col_chunks = workers;
     else
         job.row_chunks = workers;
