@@ -209,19 +209,27 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
     SA_CHECK((int64_t)n_seqs * layer->n_heads * ((max_new + 31) / 32) <= INT32_MAX,
              SELFATTN_ERR_OVERFLOW);
 
-    /* One attention description per sequence; the scratch of the longest. */
+    /* One attention description per sequence. */
     const double flops = 2.0 * (double)valid * (double)dm * (double)(nqkv + nq) +
                          4.0 * (double)valid * max_keys * (double)nq;
     const int workers = sa_workers_for(layer, flops);
+    /* The scratch a worker needs: the most any sequence's plan asks for (not simply the plan of
+       the longest: a one-token sequence's task takes a whole GQA group, a taller block). */
     size_t per_worker = 0;
-    {
+    for (int32_t s = 0; s < n_seqs; s++) {
+        const int32_t n = n_new != NULL ? n_new[s] : max_new;
+        if (n == 0)
+            continue;
+        const int64_t L = cache->len[s];
         sa_attn a;
         sa_attn_plan p;
-        sa_attn_from_layer(&a, layer, 1, max_new, max_keys, NULL);
+        sa_attn_from_layer(&a, layer, 1, n, (int32_t)(L + n - sa_cache_first_needed(cache, L)),
+                           NULL);
         a.stack_heads = 1;
         selfattn_status st = sa_attn_plan_make(&a, &p);
         SA_CHECK(st == SELFATTN_OK, st);
-        per_worker = p.floats_per_worker;
+        if (p.floats_per_worker > per_worker)
+            per_worker = p.floats_per_worker;
     }
     /* Workspace: qkv [rows][nqkv], attn [rows][nq], the descriptions, positions, scratch. */
     const size_t qkv_f = rows * nqkv, attn_f = layer->out_proj ? rows * nq : 0;
@@ -281,7 +289,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         a->k_bs = a->v_bs = nkv * cache->rows;
         a->out = attn + (size_t)s * max_new * nq;
         a->ldo = nq;
-        sa_attn_plan_make(a, &plans[n_desc]); /* no larger than the plan checked above */
+        sa_attn_plan_make(a, &plans[n_desc]); /* made, and checked, above */
         n_desc++;
         cache->len[s] = L + n;
     }

@@ -39,6 +39,7 @@ typedef struct script_out {
     float ex2[EX2_N]; /* attend_ex: out, weights, lse */
     float bw[BW_N];   /* backward: dx, dW_Q, dW_K, dW_V, dW_O, db_Q, db_K, db_V, db_O */
     float abw[ABW_N]; /* attend_backward: dq, dk, dv */
+    float cached[B * L * D], cached2[B * D]; /* forward_cached: a prompt, then one step */
 } script_out;
 
 /* The gradients' places in o->bw. */
@@ -130,6 +131,20 @@ static void script(script_out *o, int *failed, int *create_failed)
     STEP(selfattn_attend_backward(l, B, L, L, q, k, v, lens, dy, o->abw, o->abw + B * L * D,
                                   o->abw + B * L * D + B * L * NKV),
          o->abw, ABW_N);
+
+    /* the cache: create (its allocations), a prompt and a step */
+    selfattn_cache *c = NULL;
+    const selfattn_status cs = selfattn_cache_create(l, B, 2 * L, &c);
+    if (cs != SELFATTN_OK) {
+        assert_int_equal(cs, SELFATTN_ERR_NOMEM);
+        assert_null(c); /* *out unchanged */
+        (*failed)++;
+        sa_test_fail_allocation(0);
+        assert_int_equal(selfattn_cache_create(l, B, 2 * L, &c), SELFATTN_OK);
+    }
+    STEP(selfattn_forward_cached(l, c, L, x, NULL, o->cached), o->cached, B * L * D);
+    STEP(selfattn_forward_cached(l, c, 1, x, NULL, o->cached2), o->cached2, B * D);
+    selfattn_cache_destroy(c);
     selfattn_layer_destroy(l);
 }
 
@@ -163,8 +178,9 @@ static void test_every_allocation_fails_once(void **state)
            n - 1);
     /* create (the layer, its workspace cache), 4 weight/bias buffers, the first forward's
        workspace (the second forward, attend and forward_ex reuse it), the longer attend_ex's,
-       the backward's (attend_backward reuses it) */
-    assert_true(n - 1 >= 8);
+       the backward's (attend_backward reuses it), the cache's 4 (handle, lengths, K, V; its
+       calls reuse the layer's workspace) */
+    assert_true(n - 1 >= 12);
 }
 
 /* When helper threads cannot be started, the calling thread does all the tasks: the call still

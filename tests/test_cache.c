@@ -139,6 +139,9 @@ static void test_steps_equal_one_forward(void **state)
         {"window 3, ring of 7, ALiBi", 4, 4, 0, 0, 3, 1, 0, 7},
         {"ALiBi, softcap 2", 4, 4, 0, 0, 0, 1, 2.0, 29},
         {"window 6, rope 2, softcap", 4, 2, 2, 6, 6, 0, 1.0, 12},
+        /* one-token sequences beside longer ones: a one-token task takes the whole group of 8
+           heads, more rows than the longer sequences' blocks (found by the fuzzer) */
+        {"MQA, 8 heads per K/V head", 8, 1, 1, 0, 0, 0, 0, 29},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         run_case(&cases[i], 70 + i);

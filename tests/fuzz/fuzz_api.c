@@ -367,6 +367,92 @@ static void fz_attend_backward(reader *r, const selfattn_layer *l, const ref_lay
         free(d[m]);
 }
 
+/* A cache on the fuzzed layer and a sequence of cache operations from the bytes, checked against a
+   model of the lengths written from the API text: which calls must fail (and with which status),
+   that failures change nothing, and the lengths after each call. */
+static void fz_cache(reader *r, selfattn_layer *l, int ready, int d_model)
+{
+    const int32_t n_seqs = 1 + rd(r) % 3, cap = 1 + rd(r) % 12;
+    int64_t win;
+    CHECK(selfattn_layer_get(l, SELFATTN_OPT_WINDOW, &win) == SELFATTN_OK);
+    selfattn_cache *c = NULL;
+    const selfattn_status cs = selfattn_cache_create(l, n_seqs, cap, &c);
+    if (cs != SELFATTN_OK) {
+        CHECK(c == NULL);
+        return;
+    }
+    int64_t len[3] = {0, 0, 0}, kept[3] = {0, 0, 0}; /* kept: the first position still stored */
+    const int n_ops = rd(r) % 10;
+    for (int op = 0; op < n_ops; op++) {
+        const uint8_t kind = rd(r) % 4, a = rd(r), b = rd(r);
+        const int32_t seq = (int32_t)(a % 5) - 1; /* -1 .. 3: 3 (and 2 for fewer) out of range */
+        if (kind == 0) { /* forward_cached */
+            const int32_t max_new = 1 + b % 4;
+            int32_t n_new[3];
+            int bad = 0, over = 0;
+            for (int s = 0; s < n_seqs; s++) {
+                n_new[s] = (int32_t)(rd(r) % (max_new + 2)) - (rd(r) == 0xFF ? 1 : 0);
+                bad |= n_new[s] < 0 || n_new[s] > max_new;
+                const int64_t first = win > 0 && len[s] - win + 1 > 0 ? len[s] - win + 1 : 0;
+                over |= len[s] + n_new[s] - first > cap || first < kept[s];
+            }
+            const size_t n = (size_t)n_seqs * (size_t)max_new * (size_t)d_model;
+            float *x = malloc(n * sizeof(float)), *y = malloc(n * sizeof(float));
+            for (size_t i = 0; i < n; i++)
+                x[i] = ((float)(i % 7) - 3.0f) * 0.125f;
+            fill_sentinel(y, n);
+            const selfattn_status st = selfattn_forward_cached(l, c, max_new, x, n_new, y);
+            const selfattn_status want = !ready ? SELFATTN_ERR_STATE
+                                         : bad || over ? SELFATTN_ERR_INVALID
+                                                       : SELFATTN_OK;
+            CHECK(st == want);
+            if (st != SELFATTN_OK) {
+                CHECK(is_sentinel(y, n));
+            } else {
+                for (int s = 0; s < n_seqs; s++) {
+                    len[s] += n_new[s];
+                    if (win > 0 && len[s] - cap > kept[s])
+                        kept[s] = len[s] - cap; /* the ring overwrote the older positions */
+                }
+            }
+            free(x);
+            free(y);
+        } else if (kind == 1) { /* truncate */
+            const int32_t to = (int32_t)(b % 16) - 1;
+            int want_ok = seq < n_seqs && to >= 0;
+            for (int s = seq < 0 ? 0 : seq; want_ok && s < (seq < 0 ? n_seqs : seq + 1); s++) {
+                if (to > len[s]) {
+                    want_ok = seq < 0;
+                    continue;
+                }
+                const int64_t first = win > 0 && to - win + 1 > 0 ? to - win + 1 : 0;
+                want_ok = to == 0 || first >= kept[s];
+            }
+            const selfattn_status st = selfattn_cache_truncate(c, seq, to);
+            CHECK(st == (want_ok ? SELFATTN_OK : SELFATTN_ERR_INVALID));
+            for (int s = 0; want_ok && s < n_seqs; s++)
+                if ((seq < 0 || s == seq) && to < len[s]) {
+                    len[s] = to;
+                    if (to == 0)
+                        kept[s] = 0;
+                }
+        } else if (kind == 2) { /* copy */
+            const int32_t dst = (int32_t)(b % 4);
+            const int ok = seq >= 0 && seq < n_seqs && dst < n_seqs;
+            CHECK(selfattn_cache_copy(c, seq, dst) == (ok ? SELFATTN_OK : SELFATTN_ERR_INVALID));
+            if (ok) {
+                len[dst] = len[seq];
+                kept[dst] = kept[seq];
+            }
+        }
+        for (int s = 0; s < n_seqs; s++) { /* the lengths agree with the model after every call */
+            int32_t got;
+            CHECK(selfattn_cache_length(c, s, &got) == SELFATTN_OK && got == len[s]);
+        }
+    }
+    selfattn_cache_destroy(c);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     reader r = {data, size};
@@ -553,6 +639,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 counts, dm, nq, hostile, &ro_layer, out_proj);
     fz_attend_backward(&r, l, &shape, a_small, qb, ql, kl, q, k, v,
                        use_kvl && qb <= 2 ? kvl : NULL, nqe, nke, a_hostile, &ro);
+    if (hd > 0 && d_model <= 64) {
+        const int weights_ok = w[0] && w[1] && w[2] && (w[3] || !out_proj);
+        fz_cache(&r, l, causal && weights_ok, d_model);
+    }
     free(x);
     for (int i = 0; i < 8; i++)
         free(w[i]);
