@@ -13,6 +13,7 @@
 #include <cblas.h>
 
 #include "internal.h"
+#include "kernels/exp-constants.h"
 
 #define SA_SCORE_ALIGN 16 /* floats: score rows start on 64-byte boundaries */
 
@@ -265,7 +266,7 @@ int32_t sa_attn_key_queries(const sa_attn *a, int32_t b, int32_t k0, int32_t nk,
 void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int32_t mb, int32_t k0,
                         int32_t nk, float *s, size_t ld, const float *lse, float *dcap)
 {
-    const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
+    const sa_kernels *kern = sa_kernels_get();
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
     const int32_t len = sa_kv_length(a, b), k1 = k0 + nk;
     const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
@@ -285,8 +286,8 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
                 memset(dc, 0, (size_t)nk * sizeof(float));
             continue;
         }
-        float m;
         float *part = row + (lo - k0);
+        float scale = a->scale;
         if (modified) {
             const float *bias_row =
                 a->bias != NULL
@@ -295,14 +296,23 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
             const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
             sa_final_scores(a, part, lo, hi - lo, pos, slope, bias_row,
                             dc != NULL ? dc + (lo - k0) : NULL);
-            softmax_exp(part, (size_t)(hi - lo), (size_t)(hi - lo), 1.0f, &m);
-        } else {
-            softmax_exp(part, (size_t)(hi - lo), (size_t)(hi - lo), a->scale, &m);
+            scale = 1.0f;
         }
-        /* exp(s - lse) = exp(s - m) exp(m - lse), m <= lse: no overflow */
-        const float f = expf(m - lse[r]);
-        for (int32_t j = 0; j < hi - lo; j++)
-            part[j] *= f;
+        if (fabsf(lse[r]) < SA_EXP_EXACT_MAX_FROM) {
+            /* One exp per score, straight from the row's log-sum-exp (no max pass, no rescale
+               pass): s scale - lse <= 0 up to half an ulp of lse (<= 2^-5 here), the same
+               error that lse's rounding puts into exp(s - m) exp(m - lse). */
+            kern->expsub(part, (size_t)(hi - lo), scale, lse[r]);
+        } else {
+            /* Huge scores: half an ulp of lse could push exp out of range, so subtract the
+               tile's own maximum exactly (the softmax kernel's exact-max path) and rescale by
+               exp(m - lse), m <= lse: no overflow. */
+            float m;
+            kern->softmax_exp(part, (size_t)(hi - lo), (size_t)(hi - lo), scale, &m);
+            const float f = expf(m - lse[r]);
+            for (int32_t j = 0; j < hi - lo; j++)
+                part[j] *= f;
+        }
         memset(row, 0, (size_t)(lo - k0) * sizeof(float));
         memset(row + (hi - k0), 0, (size_t)(k1 - hi) * sizeof(float));
         if (dc != NULL) {

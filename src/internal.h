@@ -100,6 +100,26 @@ SA_HIDDEN void sa_f32_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, s
                                  const float *v, size_t ldv, float *o, size_t ldo);
 #endif
 
+/* Row kernels of the softmax backward (f32-dsoftmax-*.c; the AVX2 ones serve AVX-512 CPUs):
+     dot:     sum_j a[j] b[j], j < n, summed in an order that depends on n alone
+     dscores: dp[j] = p[j] (dp[j] - d) mul (times dc[j] when dc != NULL), j < n
+     expsub:  row[j] = e^(row[j] scale - sub), j < n, for row[j] scale <= sub (up to rounding)
+              and |sub| < SA_EXP_EXACT_MAX_FROM; results below FLT_MIN are exactly 0 */
+typedef float (*sa_f32_dot_fn)(const float *a, const float *b, size_t n);
+typedef void (*sa_f32_dscores_fn)(const float *p, float *dp, const float *dc, size_t n, float d,
+                                  float mul);
+typedef void (*sa_f32_expsub_fn)(float *row, size_t n, float scale, float sub);
+SA_HIDDEN float sa_f32_dot_scalar(const float *a, const float *b, size_t n);
+SA_HIDDEN void sa_f32_dscores_scalar(const float *p, float *dp, const float *dc, size_t n, float d,
+                                     float mul);
+SA_HIDDEN void sa_f32_expsub_scalar(float *row, size_t n, float scale, float sub);
+#ifdef SELFATTN_HAVE_AVX2_KERNELS
+SA_HIDDEN float sa_f32_dot_avx2(const float *a, const float *b, size_t n);
+SA_HIDDEN void sa_f32_dscores_avx2(const float *p, float *dp, const float *dc, size_t n, float d,
+                                   float mul);
+SA_HIDDEN void sa_f32_expsub_avx2(float *row, size_t n, float scale, float sub);
+#endif
+
 typedef enum sa_isa { SA_ISA_SCALAR = 0, SA_ISA_AVX2 = 1, SA_ISA_AVX512 = 2 } sa_isa;
 
 typedef struct sa_kernels {
@@ -109,6 +129,9 @@ typedef struct sa_kernels {
     const char *rows_name;
     sa_f32_qkt_fn qkt;
     sa_f32_pv_fn pv;
+    sa_f32_dot_fn dot; /* the softmax backward's row kernels */
+    sa_f32_dscores_fn dscores;
+    sa_f32_expsub_fn expsub;
 } sa_kernels;
 
 SA_HIDDEN float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total,

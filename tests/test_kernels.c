@@ -174,6 +174,85 @@ static int setup_avx512(void **s)
     return 0;
 }
 
+/* The decoding and backward row kernels of one ISA against float64: small-M products
+   (qkt, pv) for 1..8 rows, lengths around the vector widths, strided rows; the softmax
+   backward's dot, dscores and expsub. Bounds: a float32 sum of n products errs by at most about
+   n * 2^-24 * sum |terms| (Higham, sec. 3.1), so 1e-5 * sum |terms| holds for n <= ~160 and
+   typical sums far beyond; the exp is the softmax kernels' (2e-6 relative). */
+static void test_row_kernels(void **state)
+{
+    const sa_isa isa = (sa_isa)(intptr_t)*state;
+    const sa_kernels *k = sa_kernels_for_isa(isa);
+    if (k == NULL)
+        skip();
+    tu_rng r = {99 + (uint64_t)isa};
+    static const size_t ns[] = {1, 3, 7, 8, 9, 15, 16, 17, 33, 64, 100, 128, 257};
+    for (size_t m = 1; m <= SA_ROWS_MAX; m++)
+        for (size_t in = 0; in < sizeof ns / sizeof ns[0]; in += 2)
+            for (size_t id = 0; id < sizeof ns / sizeof ns[0]; id++) {
+                const size_t n = ns[in], d = ns[id], ldq = d + 3, ldk = d + 5, lds = n + 2;
+                float *q = tu_random(&r, m * ldq, -1, 1), *kk = tu_random(&r, n * ldk, -1, 1);
+                float *sc = tu_random(&r, m * lds, -1, 1), *o = tu_random(&r, m * ldq, -1, 1);
+                k->qkt(m, n, d, q, ldq, kk, ldk, sc, lds);
+                k->pv(m, n, d, sc, lds, kk, ldk, o, ldq);
+                for (size_t i = 0; i < m; i++) {
+                    for (size_t j = 0; j < n; j++) {
+                        double want = 0, mag = 0;
+                        for (size_t c = 0; c < d; c++) {
+                            want += (double)q[i * ldq + c] * kk[j * ldk + c];
+                            mag += fabs((double)q[i * ldq + c] * kk[j * ldk + c]);
+                        }
+                        assert_true(fabs(sc[i * lds + j] - want) <= 1e-5 * mag + 1e-30);
+                    }
+                    for (size_t c = 0; c < d; c++) {
+                        double want = 0, mag = 0;
+                        for (size_t j = 0; j < n; j++) {
+                            want += (double)sc[i * lds + j] * kk[j * ldk + c];
+                            mag += fabs((double)sc[i * lds + j] * kk[j * ldk + c]);
+                        }
+                        assert_true(fabs(o[i * ldq + c] - want) <= 1e-5 * mag + 1e-30);
+                    }
+                }
+                free(q);
+                free(kk);
+                free(sc);
+                free(o);
+            }
+    for (size_t in = 0; in < sizeof ns / sizeof ns[0]; in++) {
+        const size_t n = ns[in];
+        float *a = tu_random(&r, n, -1, 1), *b = tu_random(&r, n, -1, 1);
+        float *dp = tu_random(&r, n, -1, 1), *dc = tu_random(&r, n, 0, 1), *dp0 = malloc(n * 4);
+        memcpy(dp0, dp, n * sizeof(float));
+        double want = 0, mag = 0;
+        for (size_t j = 0; j < n; j++) {
+            want += (double)a[j] * b[j];
+            mag += fabs((double)a[j] * b[j]);
+        }
+        assert_true(fabs(k->dot(a, b, n) - want) <= 1e-5 * mag);
+        for (int with_dc = 0; with_dc <= 1; with_dc++) {
+            memcpy(dp, dp0, n * sizeof(float));
+            k->dscores(a, dp, with_dc ? dc : NULL, n, 0.25f, 0.125f);
+            for (size_t j = 0; j < n; j++) {
+                const double w = (double)a[j] * (dp0[j] - 0.25) * 0.125 * (with_dc ? dc[j] : 1.0);
+                assert_true(fabs(dp[j] - w) <= 1e-6 * (fabs(w) + 1e-3));
+            }
+        }
+        /* expsub: e^(x scale - sub) for sub at or above every x scale */
+        const float scale = 0.3f, sub = 0.5f;
+        memcpy(dp, a, n * sizeof(float));
+        k->expsub(dp, n, scale, sub);
+        for (size_t j = 0; j < n; j++) {
+            const double w = exp((double)a[j] * scale - sub);
+            assert_true(fabs(dp[j] - w) <= 2e-6 * w);
+        }
+        free(a);
+        free(b);
+        free(dp);
+        free(dc);
+        free(dp0);
+    }
+}
+
 /* The chosen kernel is the best one the CPU supports unless SELFATTN_ISA lowers it. */
 static void test_dispatch(void **state)
 {
@@ -197,6 +276,9 @@ int main(void)
         cmocka_unit_test_setup(test_isa, setup_scalar),
         cmocka_unit_test_setup(test_isa, setup_avx2),
         cmocka_unit_test_setup(test_isa, setup_avx512),
+        cmocka_unit_test_setup(test_row_kernels, setup_scalar),
+        cmocka_unit_test_setup(test_row_kernels, setup_avx2),
+        cmocka_unit_test_setup(test_row_kernels, setup_avx512),
         cmocka_unit_test(test_dispatch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -5,14 +5,7 @@
 #include <immintrin.h>
 
 #include "../internal.h"
-
-static inline float sa_hsum8(__m256 v)
-{
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
+#include "exp-avx2.h"
 
 /* s[r][j] = q_r . k_j for rows r < M: one key at a time, M accumulators (2 per row for M <= 4:
    enough independent FMA chains that long rows, e.g. a projection's weight rows, are not bound by
@@ -41,7 +34,7 @@ sa_qkt_rows(const size_t M, size_t n, size_t d, const float *q, size_t ldq, cons
                 acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c), k0, acc[r]);
         }
         for (size_t r = 0; r < M; r++) {
-            float t = sa_hsum8(_mm256_add_ps(acc[r], acc2[r]));
+            float t = sa_hsum_avx2(_mm256_add_ps(acc[r], acc2[r]));
             for (size_t cc = d8; cc < d; cc++)
                 t += q[r * ldq + cc] * kj[cc];
             s[r * lds + j] = t;
