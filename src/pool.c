@@ -41,6 +41,13 @@ static struct {
 
 static pthread_once_t sa_pool_once = PTHREAD_ONCE_INIT;
 
+/* Jobs posted so far: an idle helper watches it for a short while before it sleeps, so that the
+   next phase of a call (a forward posts three or four in a row) finds it awake instead of paying
+   a wake-up each time. 4000 pauses (~0.1 ms) after the last job, then the condition variable: an
+   idle process still uses no CPU. */
+static atomic_uint sa_pool_posted;
+#define SA_POOL_SPIN 4000
+
 static void sa_pool_prepare(void)
 {
     pthread_mutex_lock(&sa_pool.mu);
@@ -85,7 +92,19 @@ static void *sa_pool_main(void *arg)
             break;
         sa_job *job = sa_pool.jobs;
         if (job == NULL) {
-            pthread_cond_wait(&sa_pool.work, &sa_pool.mu);
+            const unsigned seen = atomic_load_explicit(&sa_pool_posted, memory_order_relaxed);
+            pthread_mutex_unlock(&sa_pool.mu);
+            int spins = 0;
+            while (spins < SA_POOL_SPIN &&
+                   atomic_load_explicit(&sa_pool_posted, memory_order_relaxed) == seen) {
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#endif
+                spins++;
+            }
+            pthread_mutex_lock(&sa_pool.mu);
+            if (spins == SA_POOL_SPIN && sa_pool.jobs == NULL && !sa_pool.shutdown)
+                pthread_cond_wait(&sa_pool.work, &sa_pool.mu);
             continue;
         }
         const int id = ++job->joined;
@@ -131,6 +150,7 @@ void sa_pool_run(int n_workers, sa_job_fn fn, void *ctx)
         while (*tail != NULL)
             tail = &(*tail)->next;
         *tail = &job;
+        atomic_fetch_add_explicit(&sa_pool_posted, 1, memory_order_relaxed);
         if (job.slots == 1)
             pthread_cond_signal(&sa_pool.work);
         else
