@@ -36,9 +36,9 @@ void sa_blas_init(void)
     pthread_once(&sa_blas_once, sa_blas_single_threaded);
 }
 
-/* Below about this much work waking a pool helper (tens of microseconds) costs more than it
-   saves: a one-token forward at d_model 768 (~6 MFLOP, ~0.2 ms) still gains from a second thread
-   with the pool), a tiny test-sized call does not. */
+/* Below about this much work handing tasks to a pool helper costs more than it saves: a
+   one-token forward at d_model 768 (~6 MFLOP, ~0.2 ms) still gains from a second thread, a tiny
+   test-sized call does not. */
 #define SA_PARALLEL_MIN_FLOPS 2e6
 
 int sa_workers_for(const selfattn_layer *l, double flops)
