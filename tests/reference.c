@@ -207,6 +207,33 @@ void ref_rope_row(const ref_opts *o, int n_heads, int head_dim, double pos, doub
     }
 }
 
+/* The final score of query row i (position p) of sequence b and key j for head h, as the API
+   text orders it: (q . k) scale, softcap, ALiBi, bias; -inf when causality, the window or the
+   length masks the key. *raw (when non-NULL) gets (q . k) scale. */
+static double ref_score(const ref_layer *l, const ref_opts *o, double slope, int b, int h, int i,
+                        long p, int j, int kv_valid, const double *qi, const double *kj,
+                        double *raw)
+{
+    int masked = j >= kv_valid || (l->causal && j > p);
+    if (o->window > 0)
+        masked = masked || (l->causal ? j <= p - o->window : labs(p - j) >= o->window);
+    if (masked)
+        return -INFINITY;
+    double t = 0.0;
+    for (int d = 0; d < l->head_dim; d++)
+        t += qi[d] * kj[d];
+    t *= l->scale;
+    if (raw != NULL)
+        *raw = t;
+    if (o->softcap > 0)
+        t = o->softcap * tanh(t / o->softcap);
+    if (o->alibi)
+        t -= slope * (double)labs(p - j);
+    if (o->bias)
+        t += o->bias[b * o->sb + h * o->sh + (int64_t)i * o->sr + j];
+    return t;
+}
+
 /* One sequence b, from double tensors of that sequence. */
 static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int q_len, int kv_len,
                               const double *q, const double *k, const double *v, int kv_valid,
@@ -223,26 +250,10 @@ static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int 
             const long p = (long)kv_len - q_len + i;
             double mx = -INFINITY;
             for (int j = 0; j < kv_len; j++) {
-                int masked = j >= kv_valid || (l->causal && j > p);
-                if (o->window > 0)
-                    masked = masked || (l->causal ? j <= p - o->window : labs(p - j) >= o->window);
-                if (masked) {
-                    s[j] = -INFINITY;
-                    continue;
-                }
-                double t = 0.0;
-                for (int d = 0; d < hd; d++)
-                    t += q[(size_t)i * nq + h * hd + d] * k[(size_t)j * nkv + kh * hd + d];
-                t *= l->scale;
-                if (o->softcap > 0)
-                    t = o->softcap * tanh(t / o->softcap);
-                if (o->alibi)
-                    t -= slopes[h] * (double)labs(p - j);
-                if (o->bias)
-                    t += o->bias[b * o->sb + h * o->sh + (int64_t)i * o->sr + j];
-                s[j] = t;
-                if (t > mx)
-                    mx = t;
+                s[j] = ref_score(l, o, slopes[h], b, h, i, p, j, kv_valid,
+                                 q + (size_t)i * nq + h * hd, k + (size_t)j * nkv + kh * hd, NULL);
+                if (s[j] > mx)
+                    mx = s[j];
             }
             double *orow = out + (size_t)i * nq + h * hd;
             double *wrow = weights ? weights + ((size_t)h * q_len + i) * kv_len : NULL;
@@ -358,6 +369,8 @@ static void ref_attend_bwd_seq(const ref_layer *l, const ref_opts *o, int q_len,
     double *slopes = malloc(sizeof(double) * (size_t)l->n_heads);
     double *s = malloc(sizeof(double) * (size_t)kv_len), *raw = malloc(sizeof(double) * (size_t)kv_len);
     double *dp = malloc(sizeof(double) * (size_t)kv_len);
+    ref_opts o_nobias = *o; /* the backward entry points take no bias */
+    o_nobias.bias = NULL;
     ref_alibi_slopes(l->n_heads, slopes);
     for (int h = 0; h < l->n_heads; h++) {
         const int kh = h / group;
@@ -365,25 +378,11 @@ static void ref_attend_bwd_seq(const ref_layer *l, const ref_opts *o, int q_len,
             const long p = (long)kv_len - q_len + i;
             double mx = -INFINITY;
             for (int j = 0; j < kv_len; j++) {
-                int masked = j >= kv_valid || (l->causal && j > p);
-                if (o->window > 0)
-                    masked = masked || (l->causal ? j <= p - o->window : labs(p - j) >= o->window);
-                if (masked) {
-                    s[j] = -INFINITY;
-                    continue;
-                }
-                double t = 0.0;
-                for (int d = 0; d < hd; d++)
-                    t += q[(size_t)i * nq + h * hd + d] * k[(size_t)j * nkv + kh * hd + d];
-                t *= l->scale;
-                raw[j] = t;
-                if (o->softcap > 0)
-                    t = o->softcap * tanh(t / o->softcap);
-                if (o->alibi)
-                    t -= slopes[h] * (double)labs(p - j);
-                s[j] = t;
-                if (t > mx)
-                    mx = t;
+                s[j] = ref_score(l, &o_nobias, slopes[h], 0, h, i, p, j, kv_valid,
+                                 q + (size_t)i * nq + h * hd, k + (size_t)j * nkv + kh * hd,
+                                 &raw[j]);
+                if (s[j] > mx)
+                    mx = s[j];
             }
             if (mx == -INFINITY)
                 continue; /* sees no key: out 0 whatever q, k, v are */
