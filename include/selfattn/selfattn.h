@@ -251,8 +251,8 @@ SELFATTN_API selfattn_status selfattn_forward(const selfattn_layer *layer, int32
                                               const int32_t *lengths, float *y);
 
 /* Attention alone on already projected tensors (for callers that project themselves, e.g. with
-   rotary embeddings). Uses the layer's n_heads, n_kv_heads, head_dim, causal flag and scale;
-   needs no weights. q and out are [batch][q_len][n_heads * head_dim]; k and v are
+   rotary embeddings). Uses the layer's n_heads, n_kv_heads, head_dim, causal flag and scale
+   (and, 1.1, its WINDOW, ALIBI and SOFTCAP; not ROPE: q and k come rotated); needs no weights. q and out are [batch][q_len][n_heads * head_dim]; k and v are
    [batch][kv_len][n_kv_heads * head_dim]; out must not overlap the inputs. kv_lengths is NULL or
    [batch] valid key counts in [0, kv_len]. Every query row is computed (rows that can see no key
    are zeros). Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (sizes < 1, a length out of range),
