@@ -121,16 +121,20 @@ static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
 static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n, int64_t pos,
                              float slope, const float *bias_row, float *dcap)
 {
-    const float scale = a->scale, cap = a->softcap;
+    const float cap = a->softcap;
+    float scale = a->scale;
+    if (cap > 0.0f) { /* the kernel applies the scale and the cap (a tanh per score) */
+        sa_kernels_get()->softcap(row, (size_t)n, scale, cap);
+        scale = 1.0f;
+        if (dcap != NULL)
+            for (int32_t j = 0; j < n; j++) {
+                const float th = row[j] / cap;
+                dcap[j] = 1.0f - th * th;
+            }
+    }
     float m = -INFINITY;
     for (int32_t j = 0; j < n; j++) {
         float t = row[j] * scale;
-        if (cap > 0.0f) {
-            const float th = tanhf(t / cap);
-            t = cap * th;
-            if (dcap != NULL)
-                dcap[j] = 1.0f - th * th;
-        }
         if (slope != 0.0f) {
             int64_t d = pos - (lo + j);
             d = d < 0 ? -d : d;

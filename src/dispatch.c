@@ -9,12 +9,14 @@
 static const sa_kernels sa_kernels_scalar = {
     SA_ISA_SCALAR,          "f32-softmax-scalar-u1", sa_f32_softmax_exp_scalar_u1,
     "f32-rowsdot-scalar-g8", sa_f32_qkt_scalar_g8,   sa_f32_pv_scalar_g8,
-    sa_f32_dot_scalar,       sa_f32_dscores_scalar,  sa_f32_expsub_scalar};
+    sa_f32_dot_scalar,       sa_f32_dscores_scalar,  sa_f32_expsub_scalar,
+    sa_f32_softcap_scalar};
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
 static const sa_kernels sa_kernels_avx2 = {
     SA_ISA_AVX2,          "f32-softmax-avx2-u32", sa_f32_softmax_exp_avx2_u32,
     "f32-rowsdot-avx2-g8", sa_f32_qkt_avx2_g8,    sa_f32_pv_avx2_g8,
-    sa_f32_dot_avx2,       sa_f32_dscores_avx2,   sa_f32_expsub_avx2};
+    sa_f32_dot_avx2,       sa_f32_dscores_avx2,   sa_f32_expsub_avx2,
+    sa_f32_softcap_avx2};
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
 /* the small-M products are memory-bound and the backward's row kernels a small part of the
@@ -22,7 +24,8 @@ static const sa_kernels sa_kernels_avx2 = {
 static const sa_kernels sa_kernels_avx512 = {
     SA_ISA_AVX512,        "f32-softmax-avx512-u64", sa_f32_softmax_exp_avx512_u64,
     "f32-rowsdot-avx2-g8", sa_f32_qkt_avx2_g8,      sa_f32_pv_avx2_g8,
-    sa_f32_dot_avx2,       sa_f32_dscores_avx2,     sa_f32_expsub_avx2};
+    sa_f32_dot_avx2,       sa_f32_dscores_avx2,     sa_f32_expsub_avx2,
+    sa_f32_softcap_avx2};
 #endif
 
 static pthread_once_t sa_probe_once = PTHREAD_ONCE_INIT;

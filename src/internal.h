@@ -109,15 +109,19 @@ typedef float (*sa_f32_dot_fn)(const float *a, const float *b, size_t n);
 typedef void (*sa_f32_dscores_fn)(const float *p, float *dp, const float *dc, size_t n, float d,
                                   float mul);
 typedef void (*sa_f32_expsub_fn)(float *row, size_t n, float scale, float sub);
+/* softcap: row[j] = cap tanh(row[j] scale / cap), j < n (cap > 0) */
+typedef void (*sa_f32_softcap_fn)(float *row, size_t n, float scale, float cap);
 SA_HIDDEN float sa_f32_dot_scalar(const float *a, const float *b, size_t n);
 SA_HIDDEN void sa_f32_dscores_scalar(const float *p, float *dp, const float *dc, size_t n, float d,
                                      float mul);
 SA_HIDDEN void sa_f32_expsub_scalar(float *row, size_t n, float scale, float sub);
+SA_HIDDEN void sa_f32_softcap_scalar(float *row, size_t n, float scale, float cap);
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
 SA_HIDDEN float sa_f32_dot_avx2(const float *a, const float *b, size_t n);
 SA_HIDDEN void sa_f32_dscores_avx2(const float *p, float *dp, const float *dc, size_t n, float d,
                                    float mul);
 SA_HIDDEN void sa_f32_expsub_avx2(float *row, size_t n, float scale, float sub);
+SA_HIDDEN void sa_f32_softcap_avx2(float *row, size_t n, float scale, float cap);
 #endif
 
 typedef enum sa_isa { SA_ISA_SCALAR = 0, SA_ISA_AVX2 = 1, SA_ISA_AVX512 = 2 } sa_isa;
@@ -132,6 +136,7 @@ typedef struct sa_kernels {
     sa_f32_dot_fn dot; /* the softmax backward's row kernels */
     sa_f32_dscores_fn dscores;
     sa_f32_expsub_fn expsub;
+    sa_f32_softcap_fn softcap; /* the scores' softcap (forward and backward) */
 } sa_kernels;
 
 SA_HIDDEN float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total,

@@ -176,7 +176,7 @@ static int setup_avx512(void **s)
 
 /* The decoding and backward row kernels of one ISA against float64: small-M products
    (qkt, pv) for 1..8 rows, lengths around the vector widths, strided rows; the softmax
-   backward's dot, dscores and expsub. Bounds: a float32 sum of n products errs by at most about
+   backward's dot, dscores and expsub; the scores' softcap. Bounds: a float32 sum of n products errs by at most about
    n * 2^-24 * sum |terms| (Higham, sec. 3.1), so 1e-5 * sum |terms| holds for n <= ~160 and
    typical sums far beyond; the exp is the softmax kernels' (2e-6 relative). */
 static void test_row_kernels(void **state)
@@ -244,6 +244,16 @@ static void test_row_kernels(void **state)
         for (size_t j = 0; j < n; j++) {
             const double w = exp((double)a[j] * scale - sub);
             assert_true(fabs(dp[j] - w) <= 2e-6 * w);
+        }
+        /* softcap: cap tanh(x scale / cap), x over +-20 (beyond the cap and near 0) */
+        for (size_t j = 0; j < n; j++)
+            dp[j] = a[j] * (j % 3 == 0 ? 20.0f : j % 3 == 1 ? 1.0f : 1e-3f);
+        memcpy(dp0, dp, n * sizeof(float));
+        k->softcap(dp, n, 0.7f, 5.0f);
+        for (size_t j = 0; j < n; j++) {
+            /* the exp's 1.3e-7, times at most 1.9 (f32-dsoftmax-avx2.c), plus float rounding */
+            const double w = 5.0 * tanh((double)dp0[j] * 0.7 / 5.0);
+            assert_true(fabs(dp[j] - w) <= 5e-7 * fabs(w) + 1e-12);
         }
         free(a);
         free(b);

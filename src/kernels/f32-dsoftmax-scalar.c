@@ -6,7 +6,10 @@
  *            backward dS = P o (dP - D), with the score scale (and the softcap's derivative);
  *   expsub:  row[j] = e^(row[j] scale - sub): a tile's probabilities straight from each row's
  *            log-sum-exp, one exp per score (the caller guarantees row[j] scale <= sub up to
- *            rounding, and |sub| < SA_EXP_EXACT_MAX_FROM so that rounding stays tiny). */
+ *            rounding, and |sub| < SA_EXP_EXACT_MAX_FROM so that rounding stays tiny);
+ *   softcap: row[j] = cap tanh(row[j] scale / cap) (Gemma 2's softcapping of the scores; here
+ *            with libm's tanhf, the reference). */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -41,4 +44,10 @@ void sa_f32_expsub_scalar(float *row, size_t n, float scale, float sub)
     const double sd = (double)scale, ud = (double)sub;
     for (size_t j = 0; j < n; j++)
         row[j] = sa_expf_nonpositive((float)((double)row[j] * sd - ud));
+}
+
+void sa_f32_softcap_scalar(float *row, size_t n, float scale, float cap)
+{
+    for (size_t j = 0; j < n; j++)
+        row[j] = cap * tanhf(row[j] * scale / cap);
 }
