@@ -57,19 +57,18 @@ void sa_f32_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq
     }
 }
 
-/* o[r][c] = sum_j p[r][j] v_j[c] for columns [c0, c1), a slice of W (8 or 16) columns at a time,
-   all keys per slice: the M x W accumulators stay in registers, and each slice reads its own cache
-   lines of every V row, so V as a whole is read once. */
+/* o[r][c] (+)= sum_{j0 <= j < j1} p[r][j] v_j[c] for columns [c, c1), a slice of W (8 or 16)
+   columns at a time: the M x W accumulators stay in registers (loaded from o unless `first`). */
 static inline __attribute__((always_inline)) size_t
-sa_pv_cols(const size_t M, const size_t W, size_t c, size_t c1, size_t n, const float *p,
-           size_t ldp, const float *v, size_t ldv, float *o, size_t ldo)
+sa_pv_cols(const size_t M, const size_t W, size_t c, size_t c1, size_t j0, size_t j1, int first,
+           const float *p, size_t ldp, const float *v, size_t ldv, float *o, size_t ldo)
 {
     for (; c + W <= c1; c += W) {
         __m256 acc[8][2];
         for (size_t r = 0; r < M; r++)
             for (size_t u = 0; u < W / 8; u++)
-                acc[r][u] = _mm256_setzero_ps();
-        for (size_t j = 0; j < n; j++) {
+                acc[r][u] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + r * ldo + c + 8 * u);
+        for (size_t j = j0; j < j1; j++) {
             const float *vj = v + j * ldv + c;
             __m256 vv[2];
             for (size_t u = 0; u < W / 8; u++)
@@ -87,21 +86,32 @@ sa_pv_cols(const size_t M, const size_t W, size_t c, size_t c1, size_t n, const 
     return c;
 }
 
+/* Keys in blocks of SA_PV_KEYS: the first slice of a block reads its V rows from memory in order,
+   the other slices find them in L2 (a slice per pass over all keys would stream V as many strided
+   passes, 64 bytes of every row at a time, which the prefetchers follow poorly). */
+#define SA_PV_KEYS 256
+
 static inline __attribute__((always_inline)) void
 sa_pv_rows(const size_t M, size_t n, size_t d, const float *p, size_t ldp, const float *v,
            size_t ldv, float *o, size_t ldo)
 {
-    size_t c = 0;
-    if (M <= 4) /* 16-column slices while 2 x M accumulators fit the 16 registers */
-        c = sa_pv_cols(M, 16, c, d, n, p, ldp, v, ldv, o, ldo);
-    c = sa_pv_cols(M, 8, c, d, n, p, ldp, v, ldv, o, ldo);
-    for (; c < d; c++) /* fewer than 8 columns left */
-        for (size_t r = 0; r < M; r++) {
-            float t = 0.0f;
-            for (size_t j = 0; j < n; j++)
-                t += p[r * ldp + j] * v[j * ldv + c];
-            o[r * ldo + c] = t;
-        }
+    for (size_t j0 = 0; j0 < n || j0 == 0; j0 += SA_PV_KEYS) {
+        const size_t j1 = n - j0 < SA_PV_KEYS ? n : j0 + SA_PV_KEYS;
+        const int first = j0 == 0;
+        size_t c = 0;
+        if (M <= 4) /* 16-column slices while 2 x M accumulators fit the 16 registers */
+            c = sa_pv_cols(M, 16, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
+        c = sa_pv_cols(M, 8, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
+        for (; c < d; c++) /* fewer than 8 columns left */
+            for (size_t r = 0; r < M; r++) {
+                float t = first ? 0.0f : o[r * ldo + c];
+                for (size_t j = j0; j < j1; j++)
+                    t += p[r * ldp + j] * v[j * ldv + c];
+                o[r * ldo + c] = t;
+            }
+        if (j1 >= n)
+            break;
+    }
 }
 
 void sa_f32_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp, const float *v,
