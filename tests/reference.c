@@ -305,6 +305,25 @@ void ref_attend_ex(const ref_layer *l, const ref_opts *o, int batch, int q_len, 
     free(vd);
 }
 
+/* Q, K, V of the first len rows of one sequence (rows past it zero), RoPE at positions 0.. */
+static void ref_project_seq(const ref_layer *l, const ref_opts *o, const float *xs, int len,
+                            int seq_len, double *q, double *k, double *v)
+{
+    const int dm = l->d_model, hd = l->head_dim;
+    const size_t L = (size_t)seq_len, nq = (size_t)l->n_heads * hd;
+    const size_t nkv = (size_t)l->n_kv_heads * hd;
+    memset(q, 0, sizeof(double) * L * nq);
+    memset(k, 0, sizeof(double) * L * nkv);
+    memset(v, 0, sizeof(double) * L * nkv);
+    ref_linear(xs, len, dm, l->wq, l->bq, (int)nq, q);
+    ref_linear(xs, len, dm, l->wk, l->bk, (int)nkv, k);
+    ref_linear(xs, len, dm, l->wv, l->bv, (int)nkv, v);
+    for (int t = 0; t < len; t++) {
+        ref_rope_row(o, l->n_heads, hd, t, q + (size_t)t * nq);
+        ref_rope_row(o, l->n_kv_heads, hd, t, k + (size_t)t * nkv);
+    }
+}
+
 void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_len, const float *x,
                     const int32_t *lengths, double *y, double *weights, double *lse)
 {
@@ -316,16 +335,7 @@ void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_le
     for (int b = 0; b < batch; b++) {
         const int len = lengths ? lengths[b] : seq_len;
         const float *xs = x + (size_t)b * L * dm;
-        memset(q, 0, sizeof(double) * L * nq);
-        memset(k, 0, sizeof(double) * L * nkv);
-        memset(v, 0, sizeof(double) * L * nkv);
-        ref_linear(xs, len, dm, l->wq, l->bq, (int)nq, q);
-        ref_linear(xs, len, dm, l->wk, l->bk, (int)nkv, k);
-        ref_linear(xs, len, dm, l->wv, l->bv, (int)nkv, v);
-        for (int t = 0; t < len; t++) {
-            ref_rope_row(o, l->n_heads, hd, t, q + (size_t)t * nq);
-            ref_rope_row(o, l->n_kv_heads, hd, t, k + (size_t)t * nkv);
-        }
+        ref_project_seq(l, o, xs, len, seq_len, q, k, v);
         const size_t hr = (size_t)b * l->n_heads * L;
         double *wb = weights ? weights + hr * L : NULL, *lb = lse ? lse + hr : NULL;
         ref_attend_ex_seq(l, o, b, seq_len, seq_len, q, k, v, len, a, wb, lb);
@@ -471,20 +481,11 @@ void ref_backward(const ref_layer *l, const ref_opts *o, int batch, int seq_len,
         const int len = lengths ? lengths[b] : seq_len;
         const float *xs = x + (size_t)b * L * dm, *dys = dy + (size_t)b * L * dm;
         double *dxs = dx + (size_t)b * L * dm;
-        memset(q, 0, sizeof(double) * L * nq);
-        memset(k, 0, sizeof(double) * L * nkv);
-        memset(v, 0, sizeof(double) * L * nkv);
+        ref_project_seq(l, o, xs, len, seq_len, q, k, v);
         memset(go, 0, sizeof(double) * L * nq);
         memset(dq, 0, sizeof(double) * L * nq);
         memset(dk, 0, sizeof(double) * L * nkv);
         memset(dv, 0, sizeof(double) * L * nkv);
-        ref_linear(xs, len, dm, l->wq, l->bq, (int)nq, q);
-        ref_linear(xs, len, dm, l->wk, l->bk, (int)nkv, k);
-        ref_linear(xs, len, dm, l->wv, l->bv, (int)nkv, v);
-        for (int t = 0; t < len; t++) {
-            ref_rope_row(o, l->n_heads, hd, t, q + (size_t)t * nq);
-            ref_rope_row(o, l->n_kv_heads, hd, t, k + (size_t)t * nkv);
-        }
         ref_attend_ex_seq(l, o, b, seq_len, seq_len, q, k, v, len, a, NULL, NULL);
         for (int t = 0; t < len; t++) { /* back through W_O */
             const float *dyr = dys + (size_t)t * dm;
