@@ -191,8 +191,10 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
     const size_t nqkv = nq + 2 * nkv;
     const size_t rows = (size_t)n_seqs * (size_t)max_new;
     SA_CHECK(sa_array_bytes(rows, dm) != 0, SELFATTN_ERR_OVERFLOW);
-    /* n_new is read only once the sizes are known */
-    size_t valid = 0;
+    /* n_new is read only once the sizes are known. Per sequence: the checks, then the scratch a
+       worker needs for its plan (the most any sequence's plan asks for, not simply the plan of
+       the longest: a one-token sequence's task takes a whole GQA group, a taller block). */
+    size_t valid = 0, per_worker = 0;
     int32_t max_keys = 1;
     for (int32_t s = 0; s < n_seqs; s++) {
         const int32_t n = n_new != NULL ? n_new[s] : max_new;
@@ -201,9 +203,19 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         SA_CHECK(L + n <= INT32_MAX, SELFATTN_ERR_OVERFLOW);
         const int64_t first = sa_cache_first_needed(cache, L), keys = L + n - first;
         SA_CHECK(keys <= cache->capacity && first >= cache->kept[s], SELFATTN_ERR_INVALID);
-        if (n > 0 && keys > max_keys)
-            max_keys = (int32_t)keys;
         valid += (size_t)n;
+        if (n == 0)
+            continue;
+        if (keys > max_keys)
+            max_keys = (int32_t)keys;
+        sa_attn a;
+        sa_attn_plan p;
+        sa_attn_from_layer(&a, layer, 1, n, (int32_t)keys, NULL);
+        a.stack_heads = 1;
+        const selfattn_status st = sa_attn_plan_make(&a, &p);
+        SA_CHECK(st == SELFATTN_OK, st);
+        if (p.floats_per_worker > per_worker)
+            per_worker = p.floats_per_worker;
     }
     /* every sequence's core tasks (at most heads * ceil(n / 32) each) are counted in an int */
     SA_CHECK((int64_t)n_seqs * layer->n_heads * ((max_new + 31) / 32) <= INT32_MAX,
@@ -213,24 +225,6 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
     const double flops = 2.0 * (double)valid * (double)dm * (double)(nqkv + nq) +
                          4.0 * (double)valid * max_keys * (double)nq;
     const int workers = sa_workers_for(layer, flops);
-    /* The scratch a worker needs: the most any sequence's plan asks for (not simply the plan of
-       the longest: a one-token sequence's task takes a whole GQA group, a taller block). */
-    size_t per_worker = 0;
-    for (int32_t s = 0; s < n_seqs; s++) {
-        const int32_t n = n_new != NULL ? n_new[s] : max_new;
-        if (n == 0)
-            continue;
-        const int64_t L = cache->len[s];
-        sa_attn a;
-        sa_attn_plan p;
-        sa_attn_from_layer(&a, layer, 1, n, (int32_t)(L + n - sa_cache_first_needed(cache, L)),
-                           NULL);
-        a.stack_heads = 1;
-        selfattn_status st = sa_attn_plan_make(&a, &p);
-        SA_CHECK(st == SELFATTN_OK, st);
-        if (p.floats_per_worker > per_worker)
-            per_worker = p.floats_per_worker;
-    }
     /* Workspace: qkv [rows][nqkv], attn [rows][nq], the descriptions, positions, scratch. */
     const size_t qkv_f = rows * nqkv, attn_f = layer->out_proj ? rows * nq : 0;
     size_t total_f, s_f, desc_b;
