@@ -3,29 +3,34 @@
  *
  * Nothing is kept from the forward call, so the layer's backward first recomputes what it needs
  * (Q, K, V of the valid rows, RoPE) and the attention backward recomputes the probabilities block
- * by block with the forward's own core (attention.c). Two passes over the attention, each a list
- * of tasks whose outputs are disjoint, so no two workers ever add into the same float and each
- * output is summed in one fixed order:
+ * by block with the forward's own core (attention.c). Every task's outputs are disjoint from every
+ * other's, so no two workers ever add into the same float and each output is summed in one fixed
+ * order. Two schemes, chosen by the shapes alone (never by the thread count):
+ *   single pass (at least BW_ONEPASS_MIN_TASKS (sequence, key/value head) pairs): the forward
+ *      core writes O and each row's log-sum-exp; then one task per (sequence, key/value head)
+ *      takes D = rowsum(dO o O) of its rows and walks its key blocks in order: for every query
+ *      head of the GQA group and every chunk of the query rows that see the block, P of the tile
+ *      from the row's lse (sa_attn_tile_probs), dV += P^T dO, dP = dO V^T,
+ *      dS = P o (dP - D) (times the softcap's derivative and the scale), dK += dS^T Q and
+ *      dQ += dS K. The task owns its heads' dQ, so dQ is summed over key blocks in their order:
+ *      7 attention products of L^2 D per head, as a recomputing FlashAttention-2 backward.
+ *   two passes (fewer pairs, where one task per pair would leave workers idle):
  *   A. one task per (sequence, query head, query block), as the forward: P over every key the
  *      block sees (sa_attn_probs_ex), each row's log-sum-exp, O = P V (the layer only: dW_O
- *      needs it), dP = dO V^T, D = rowsum(P o dP) (which is FlashAttention-2's rowsum(dO o O),
- *      taken from the same dP so that a row with all its weight on one key gets dS = 0 exactly),
- *      dS = P o (dP - D) (times the softcap's derivative and the scale) and dQ = dS K;
- *   B. one task per (sequence, key/value head, key block): for every query head of the GQA group
- *      and every chunk of the query rows that see the block, P of the tile from the row's lse
- *      (sa_attn_tile_probs), dV += P^T dO, dP = dO V^T, dS as above, dK += dS^T Q.
+ *      needs it), dP = dO V^T, D = rowsum(P o dP) (which is rowsum(dO o O), taken from the same
+ *      dP), dS and dQ = dS K;
+ *   B. one task per (sequence, key/value head, key block): the single pass's work on one key
+ *      block without dQ. 8 attention products (4 per pass).
  * ALiBi and masks add constants to the scores: no gradient flows through them. The layer then
  * goes back through RoPE (the opposite angle) and the projections; the weight gradients are sums
  * over rows, split over workers by output rows (fixed blocks of weight rows), never by input
  * rows, and the row-split products use fixed chunks of rows, so the partition of every GEMM is a
  * function of the shapes alone.
  *
- * Cost: 8 attention products of L^2 D per head (4 per pass) against the 7 of a recomputing
- * FlashAttention-2 backward, which gets deterministic dQ only through ordered accumulation across
- * key blocks. The elementwise work runs through the kernel table's row kernels (dot, dscores,
- * expsub: SIMD where the CPU has it): pass A applies 1/sum to its products rather than
- * normalising its score block, and takes each row's D and dS while the row is in L1; pass B gets
- * its probabilities with one exp per score from the stored log-sum-exp. */
+ * The elementwise work runs through the kernel table's row kernels (dot, dscores, expsub: SIMD
+ * where the CPU has it): pass A applies 1/sum to its products rather than normalising its score
+ * block, and takes each row's D and dS while the row is in L1; tiles get their probabilities with
+ * one exp per score from the stored log-sum-exp. */
 #include <math.h>
 #include <string.h>
 
@@ -43,6 +48,9 @@
    products; the scratch is nbuf x 512 x 256 floats per worker, at most 1.5 MiB). */
 #define BW_KEY_BLOCK 256 /* keys per task of pass B */
 #define BW_Q_CHUNK 512   /* query rows per tile of pass B */
+/* The single pass has one task per (sequence, key/value head): used when there are at least this
+   many, a rule on the shapes alone, so the thread count never changes which pass runs. */
+#define BW_ONEPASS_MIN_TASKS 4
 #define BW_ALIGN 16      /* floats: buffers start on 64-byte boundaries */
 
 static size_t bw_round(size_t n)
@@ -65,6 +73,8 @@ typedef struct bw_attn {
     int nbuf;          /* score-shaped buffers: P, dP and, with a softcap, its derivative */
     size_t per_worker; /* scratch floats per worker */
     int tasks_b;
+    int onepass;  /* the single pass (bw_pass_kv) rather than passes A and B */
+    int tasks_kv; /* its tasks: batch x key/value heads */
     float *scratch;
 } bw_attn;
 
@@ -88,6 +98,8 @@ static selfattn_status bw_attn_plan(bw_attn *w)
     const int64_t tasks = (int64_t)a->batch * (a->n_heads / a->group) * w->n_kblocks;
     SA_CHECK(tasks <= INT32_MAX, SELFATTN_ERR_OVERFLOW);
     w->tasks_b = (int)tasks;
+    w->tasks_kv = a->batch * (a->n_heads / a->group); /* <= tasks */
+    w->onepass = w->tasks_kv >= BW_ONEPASS_MIN_TASKS;
     return SELFATTN_OK;
 }
 
@@ -216,15 +228,14 @@ static void bw_pass_a(void *arg, int worker, int task)
             memset(dqb + (size_t)r * w->lddq, 0, (size_t)hd * sizeof(float));
 }
 
-/* Pass B: one (sequence, key/value head, key block). */
-static void bw_pass_b(void *arg, int worker, int task)
+/* One key block kb of (sequence b, key/value head g): for every query head of the group and every
+   chunk of the query rows that see the block, P of the tile from the row's lse, dV += P^T dO,
+   dP = dO V^T, dS, dK += dS^T Q and, with with_dq, dQ += dS K (dQ's rows hold the sum over the
+   earlier key blocks: the caller runs a head's key blocks in order). */
+static void bw_key_block(const bw_attn *w, int worker, int32_t b, int32_t g, int32_t kb,
+                         int with_dq)
 {
-    const bw_attn *w = arg;
     const sa_attn *a = &w->a;
-    const int32_t n_kv = a->n_heads / a->group;
-    const int per_block = a->batch * n_kv;
-    const int32_t kb = task / per_block; /* under a causal mask the first blocks are the largest */
-    const int32_t b = (task % per_block) / n_kv, g = task % n_kv;
     const int32_t hd = a->head_dim, len = bw_kv_length(a, b);
     const int32_t k0 = kb * w->kblock;
     const int32_t nkb = a->kv_len - k0 < w->kblock ? a->kv_len - k0 : w->kblock;
@@ -232,6 +243,7 @@ static void bw_pass_b(void *arg, int worker, int task)
     const size_t krow0 = (size_t)b * a->kv_len + (size_t)k0;
     float *dkb = w->dk != NULL ? w->dk + krow0 * w->lddk + (size_t)g * hd : NULL;
     float *dvb = w->dv != NULL ? w->dv + krow0 * w->lddv + (size_t)g * hd : NULL;
+    float *dq = with_dq ? w->dq : NULL;
     int32_t done = 0; /* rows of dkb/dvb written so far */
 
     int32_t ilo;
@@ -240,6 +252,7 @@ static void bw_pass_b(void *arg, int worker, int task)
         const size_t area = (size_t)w->qchunk * w->ld_t;
         float *s = w->scratch + (size_t)worker * w->per_worker, *dp = s + area;
         float *dc = w->nbuf == 3 ? dp + area : NULL;
+        const int need_ds = dkb != NULL || dq != NULL;
         const float *kh = a->k + krow0 * a->ldk + (size_t)g * hd;
         const float *vh = a->v + krow0 * a->ldv + (size_t)g * hd;
         for (int32_t t = 0; t < a->group; t++) {
@@ -254,17 +267,22 @@ static void bw_pass_b(void *arg, int worker, int task)
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, nvis, hd, 1.0f, qb,
                             (int)a->ldq, kh, (int)a->ldk, 0.0f, s, (int)w->ld_t);
                 sa_attn_tile_probs(a, b, h, c0, mc, k0, nvis, s, w->ld_t, w->lse + hr,
-                                   dkb != NULL ? dc : NULL);
+                                   need_ds ? dc : NULL);
                 if (dvb != NULL)
                     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nvis, hd, mc, 1.0f, s,
                                 (int)w->ld_t, dob, (int)w->lddo, beta, dvb, (int)w->lddv);
-                if (dkb != NULL) {
+                if (need_ds) {
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, nvis, hd, 1.0f, dob,
                                 (int)w->lddo, vh, (int)a->ldv, 0.0f, dp, (int)w->ld_t);
                     bw_dscores(a, b, c0, mc, k0, nvis, s, dp, dc, w->ld_t, w->dsum + hr, NULL);
+                }
+                if (dkb != NULL)
                     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nvis, hd, mc, 1.0f, dp,
                                 (int)w->ld_t, qb, (int)a->ldq, beta, dkb, (int)w->lddk);
-                }
+                if (dq != NULL)
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mc, hd, nvis, 1.0f, dp,
+                                (int)w->ld_t, kh, (int)a->ldk, 1.0f,
+                                dq + qrow0 * w->lddq + (size_t)h * hd, (int)w->lddq);
                 done = nvis;
             }
         }
@@ -278,11 +296,57 @@ static void bw_pass_b(void *arg, int worker, int task)
     }
 }
 
+/* Pass B: one (sequence, key/value head, key block). */
+static void bw_pass_b(void *arg, int worker, int task)
+{
+    const bw_attn *w = arg;
+    const int32_t n_kv = w->a.n_heads / w->a.group;
+    const int per_block = w->a.batch * n_kv;
+    /* under a causal mask the first blocks are the largest */
+    bw_key_block(w, worker, (task % per_block) / n_kv, task % n_kv, task / per_block, 0);
+}
+
+/* The single pass: one (sequence, key/value head), its key blocks in order. D = rowsum(dO o O)
+   of the group's rows first (the forward has written O and lse), dQ from zero. */
+static void bw_pass_kv(void *arg, int worker, int task)
+{
+    const bw_attn *w = arg;
+    const sa_attn *a = &w->a;
+    const int32_t n_kv = a->n_heads / a->group;
+    const int32_t b = task / n_kv, g = task % n_kv, hd = a->head_dim, len = bw_kv_length(a, b);
+    const int32_t rows_b = a->pad_queries && len < a->q_len ? len : a->q_len;
+    const sa_f32_dot_fn dot = sa_kernels_get()->dot;
+    for (int32_t t = 0; t < a->group; t++) {
+        const int32_t h = g * a->group + t;
+        const size_t hr = ((size_t)b * a->n_heads + h) * a->q_len;
+        for (int32_t i = 0; i < rows_b; i++) {
+            const size_t row = (size_t)b * a->q_len + (size_t)i;
+            w->dsum[hr + (size_t)i] =
+                w->lse[hr + (size_t)i] == -INFINITY
+                    ? 0.0f
+                    : dot(w->dout + row * w->lddo + (size_t)h * hd,
+                          a->out + row * a->ldo + (size_t)h * hd, (size_t)hd);
+            if (w->dq != NULL)
+                memset(w->dq + row * w->lddq + (size_t)h * hd, 0, (size_t)hd * sizeof(float));
+        }
+    }
+    for (int32_t kb = 0; kb < w->n_kblocks; kb++)
+        bw_key_block(w, worker, b, g, kb, 1);
+}
+
 static void bw_attn_run(bw_attn *w, int workers)
 {
-    sa_run_tasks(workers, w->plan.n_tasks, bw_pass_a, w);
-    if (w->dk != NULL || w->dv != NULL)
-        sa_run_tasks(workers, w->tasks_b, bw_pass_b, w);
+    if (!w->onepass) {
+        sa_run_tasks(workers, w->plan.n_tasks, bw_pass_a, w);
+        if (w->dk != NULL || w->dv != NULL)
+            sa_run_tasks(workers, w->tasks_b, bw_pass_b, w);
+        return;
+    }
+    w->a.lse = w->lse; /* the forward: O and each row's log-sum-exp */
+    sa_attn_run(&w->a, &w->plan, workers, w->scratch);
+    w->a.lse = NULL;
+    if (w->dout != NULL && (w->dq != NULL || w->dk != NULL || w->dv != NULL))
+        sa_run_tasks(workers, w->tasks_kv, bw_pass_kv, w);
 }
 
 /* ---- Products over the valid rows of a batch ---------------------------------------------- */
@@ -502,15 +566,16 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     sa_attn_from_layer(&w.a, layer, batch, q_len, kv_len, NULL);
     st = bw_attn_plan(&w);
     SA_CHECK(st == SELFATTN_OK, st);
-    /* pass A's products and pass B's (twice pass A's when keys are wanted) */
+    /* the forward and the single pass, or pass A's products and pass B's */
     const double flops = 2.0 * batch * (double)q_len * kv_len * (double)nq *
-                         (dk != NULL || dv != NULL ? 7.0 : 3.0);
+                         (dk != NULL || dv != NULL ? 7.0 : 4.0);
     const int workers = sa_workers_for(layer, flops);
     size_t scratch;
     SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
-    const size_t parts[3] = {head_rows, head_rows, scratch};
-    size_t off[3], bytes;
-    SA_CHECK(bw_layout(parts, 3, off, &bytes), SELFATTN_ERR_OVERFLOW);
+    /* lse, D, scratch and, for the single pass, O (D = rowsum(dO o O) needs it) */
+    const size_t parts[4] = {head_rows, head_rows, scratch, w.onepass ? q_rows * nq : 0};
+    size_t off[4], bytes;
+    SA_CHECK(bw_layout(parts, 4, off, &bytes), SELFATTN_ERR_OVERFLOW);
     sa_ws *ws = sa_ws_acquire(layer->ws, bytes);
     SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
 
@@ -522,7 +587,7 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     w.a.v = v;
     w.a.ldq = w.a.ldo = nq;
     w.a.ldk = w.a.ldv = nkv;
-    w.a.out = NULL; /* O itself is not needed: D comes from P and dP */
+    w.a.out = w.onepass ? base + off[3] : NULL; /* passes A and B take D from P and dP */
     w.lse = base + off[0];
     w.dsum = base + off[1];
     w.scratch = base + off[2];

@@ -431,7 +431,8 @@ static void test_combinations(void **state)
                   worst);
 }
 
-/* Longer sequences: several query blocks, key blocks and query chunks per task. */
+/* Longer sequences: several query blocks, key blocks and query chunks per task, through passes A
+   and B (fewer than 4 tasks of batch x key/value heads) and the single pass. */
 static void test_multiblock(void **state)
 {
     (void)state;
@@ -442,6 +443,9 @@ static void test_multiblock(void **state)
         {2, 2, 8, 0, 0, 0, 1, 2, 4, 0, 0, 1, 0, 2, 5.0, 0.0, 0.0, 1, 560},
         {2, 1, 8, 4, 1, 150, 0, 0, 0, 1, 1, 0, 0, 2, 0.0, 0.0, 0.0, 2, 400},
         {2, 2, 8, 0, 0, 70, 1, 0, 0, 1, 0, 1, 1, 2, 0.0, 0.0, 0.0, 1, 300},
+        /* batch x key/value heads >= 4: the single pass (dQ summed over key blocks in order) */
+        {4, 4, 8, 0, 1, 0, 0, 1, 0, 1, 1, 1, 0, 2, 0.0, 0.0, 0.0, 1, 600},
+        {4, 2, 8, 4, 0, 150, 1, 0, 0, 1, 1, 0, 0, 2, 3.0, 0.0, 0.0, 2, 560},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         run_layer_case(&cases[i], 500 + i);
