@@ -13,6 +13,13 @@
  *                                   does these same 7 attention products (each 2 L^2 H D FLOPs);
  *                                   shapes with fewer than 4 (sequence, key/value head) pairs take
  *                                   two passes and 8.
+ *   bwd_train_pair/B/L/E/H/mask/threads   selfattn_backward_train and selfattn_forward_train (the
+ *                                   kept-activation pair of 1.2) alternating; ratio = backward /
+ *                                   forward, fwd_plain_ms a plain selfattn_forward in the same run
+ *   bwd_train_ceiling/B/L/E/H/mask/threads  selfattn_backward_train against the bare sgemm calls
+ *                                   of a backward that keeps Q, K, V, O and lse: the ceiling
+ *                                   above without the input projection and the forward's two
+ *                                   attention products (8 projection and 5 attention products)
  *   bwd_peak_memory/1/65536/128/2/causal/2   resident high-water mark of one causal backward
  *                                   and of one forward of the same shape, and their ratio
  * Run with --smoke for a quick pass (small shapes). */
@@ -70,6 +77,8 @@ typedef struct bwd_ctx {
     selfattn_layer *l;
     float *x, *y, *dy, *dx, *g[8];
     selfattn_grads grads;
+    void *state; /* the train state, for the 1.2 pair */
+    size_t state_bytes;
 } bwd_ctx;
 
 static int bwd_ctx_make(bwd_ctx *b, const bcfg *c)
@@ -90,7 +99,9 @@ static int bwd_ctx_make(bwd_ctx *b, const bcfg *c)
     selfattn_grads g = {sizeof g, b->g[0], b->g[1], b->g[2], b->g[3],
                         b->g[4],  b->g[5], b->g[6], b->g[7]};
     b->grads = g;
-    return ok;
+    if (ok && selfattn_train_state_size(b->l, c->batch, c->seq, &b->state_bytes) == SELFATTN_OK)
+        b->state = calloc(1, b->state_bytes);
+    return ok && b->state != NULL;
 }
 
 static void bwd_ctx_free(bwd_ctx *b)
@@ -100,6 +111,7 @@ static void bwd_ctx_free(bwd_ctx *b)
     free(b->y);
     free(b->dy);
     free(b->dx);
+    free(b->state);
     for (int i = 0; i < 8; i++)
         free(b->g[i]);
 }
@@ -112,6 +124,18 @@ static selfattn_status run_backward(const bwd_ctx *b)
 static selfattn_status run_forward(const bwd_ctx *b)
 {
     return selfattn_forward(b->l, b->c->batch, b->c->seq, b->x, NULL, b->y);
+}
+
+static selfattn_status run_forward_train(const bwd_ctx *b)
+{
+    return selfattn_forward_train(b->l, b->c->batch, b->c->seq, b->x, NULL, b->y, b->state,
+                                  b->state_bytes);
+}
+
+static selfattn_status run_backward_train(const bwd_ctx *b)
+{
+    return selfattn_backward_train(b->l, b->c->batch, b->c->seq, b->x, NULL, b->dy, b->dx,
+                                   &b->grads, b->state, b->state_bytes);
 }
 
 /* FLOPs of one attention product: 2 L^2 H D (an L x L x D product per head), halved (plus the
@@ -133,6 +157,7 @@ static double proj_flops(const bcfg *c)
 typedef struct ceil_ctx {
     const bcfg *c;
     int hd, bq;
+    int kept; /* Q, K, V, O and lse kept from the forward: no input projection, no S V */
     float *x, *w, *qkv, *dqkv, *dy, *wo, *dwo, *dwqkv, *dx, *attn, *dattn;
     float *q, *k, *v, *o, *dout, *dq, *dk, *dv; /* per head [H][L][hd] */
     float *s, *dp;                             /* one block: bq x L */
@@ -173,7 +198,8 @@ static void ceil_run(const ceil_ctx *e)
     const int L = e->c->seq, dm = e->c->dm, hd = e->hd;
     const CBLAS_LAYOUT R = CblasRowMajor;
     const CBLAS_TRANSPOSE N = CblasNoTrans, T = CblasTrans;
-    cblas_sgemm(R, N, T, L, 3 * dm, dm, 1, e->x, dm, e->w, dm, 0, e->qkv, 3 * dm);
+    if (!e->kept)
+        cblas_sgemm(R, N, T, L, 3 * dm, dm, 1, e->x, dm, e->w, dm, 0, e->qkv, 3 * dm);
     cblas_sgemm(R, N, N, L, dm, dm, 1, e->dy, dm, e->wo, dm, 0, e->dattn, dm);
     for (int h = 0; h < e->c->heads; h++) {
         const size_t off = (size_t)h * L * hd;
@@ -183,8 +209,10 @@ static void ceil_run(const ceil_ctx *e)
             const int mb = L - i0 < e->bq ? L - i0 : e->bq;
             const int nk = e->c->causal ? i0 + mb : L;
             const float *qb = q + (size_t)i0 * hd, *gb = go + (size_t)i0 * hd;
-            cblas_sgemm(R, N, T, mb, nk, hd, 1, qb, hd, k, hd, 0, e->s, nk);
-            cblas_sgemm(R, N, N, mb, hd, nk, 1, e->s, nk, v, hd, 0, o + (size_t)i0 * hd, hd);
+            if (!e->kept) {
+                cblas_sgemm(R, N, T, mb, nk, hd, 1, qb, hd, k, hd, 0, e->s, nk);
+                cblas_sgemm(R, N, N, mb, hd, nk, 1, e->s, nk, v, hd, 0, o + (size_t)i0 * hd, hd);
+            }
             cblas_sgemm(R, N, T, mb, nk, hd, 1, qb, hd, k, hd, 0, e->s, nk);
             cblas_sgemm(R, N, T, mb, nk, hd, 1, gb, hd, v, hd, 0, e->dp, nk);
             cblas_sgemm(R, T, N, nk, hd, mb, 1, e->s, nk, gb, hd, i0 > 0, dv, hd);
@@ -251,6 +279,20 @@ static void side_forward(const void *ctx, selfattn_status *st)
         *st = r;
 }
 
+static void side_backward_train(const void *ctx, selfattn_status *st)
+{
+    const selfattn_status r = run_backward_train(ctx);
+    if (r != SELFATTN_OK)
+        *st = r;
+}
+
+static void side_forward_train(const void *ctx, selfattn_status *st)
+{
+    const selfattn_status r = run_forward_train(ctx);
+    if (r != SELFATTN_OK)
+        *st = r;
+}
+
 static void side_ceiling(const void *ctx, selfattn_status *st)
 {
     (void)st;
@@ -295,6 +337,63 @@ static void bm_ceiling(sb_state *s, const void *arg)
         sb_counter(s, "ratio", tc / tb);
         sb_counter(s, "ceil_GFLOPs", (proj_flops(c) + 7 * attn_unit(c)) / tc * 1e-9);
         sb_label(s, "ratio = ceiling / backward");
+    }
+    bwd_ctx_free(&b);
+    ceil_free(&e);
+}
+
+/* The 1.2 pair: forward_train and backward_train alternating (the forward refills the state the
+   backward reads, as a training loop does), and a plain forward timed after them. */
+static void bm_train_pair(sb_state *s, const void *arg)
+{
+    const bcfg *c = arg;
+    bwd_ctx b;
+    double tb = 0, tf = 0, tp = 0;
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    if (bwd_ctx_make(&b, c)) {
+        st = alternate(s, side_forward_train, &b, side_backward_train, &b, &tf, &tb);
+        /* the plain forward on the same buffers, for reference: the median of 7 calls */
+        double t[7];
+        for (int i = 0; i < 7 && st == SELFATTN_OK; i++) {
+            const double t0 = sb_now_s();
+            st = run_forward(&b);
+            t[i] = sb_now_s() - t0;
+        }
+        if (st == SELFATTN_OK)
+            tp = sb_median(t, 7);
+    }
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
+    } else {
+        sb_counter(s, "bwd_ms", tb * 1e3);
+        sb_counter(s, "fwd_train_ms", tf * 1e3);
+        sb_counter(s, "fwd_plain_ms", tp * 1e3);
+        sb_counter(s, "ratio", tb / tf);
+        sb_counter(s, "bwd_GFLOPs", (proj_flops(c) * 8.0 / 11.0 + 5 * attn_unit(c)) / tb * 1e-9);
+        sb_label(s, "ratio = backward_train / forward_train");
+    }
+    bwd_ctx_free(&b);
+}
+
+static void bm_train_ceiling(sb_state *s, const void *arg)
+{
+    const bcfg *c = arg;
+    bwd_ctx b;
+    ceil_ctx e;
+    double tb = 0, tc = 0;
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    const int ok = bwd_ctx_make(&b, c) && ceil_make(&e, c) && run_forward_train(&b) == SELFATTN_OK;
+    e.kept = 1;
+    if (ok)
+        st = alternate(s, side_backward_train, &b, side_ceiling, &e, &tb, &tc);
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
+    } else {
+        sb_counter(s, "bwd_ms", tb * 1e3);
+        sb_counter(s, "ceil_ms", tc * 1e3);
+        sb_counter(s, "ratio", tc / tb);
+        sb_counter(s, "ceil_GFLOPs", (proj_flops(c) * 8.0 / 11.0 + 5 * attn_unit(c)) / tc * 1e-9);
+        sb_label(s, "ratio = ceiling / backward_train");
     }
     bwd_ctx_free(&b);
     ceil_free(&e);
@@ -370,7 +469,7 @@ int main(int argc, char **argv)
 #ifdef SELFATTN_HAVE_OPENBLAS
     openblas_set_num_threads(1); /* the ceiling calls BLAS single-threaded, as the library does */
 #endif
-    static char names[8][96];
+    static char names[16][96];
     int k = 0;
     for (int causal = 0; causal <= 1; causal++) {
         bcfg *c = &cfgs[causal];
@@ -380,6 +479,10 @@ int main(int argc, char **argv)
         sb_register(names[k++], bm_pair, c, smoke ? 1 : 15);
         snprintf(names[k], sizeof names[k], "bwd_ceiling/1/%d/768/12/%s/1", c->seq, mask);
         sb_register(names[k++], bm_ceiling, c, smoke ? 1 : 15);
+        snprintf(names[k], sizeof names[k], "bwd_train_pair/1/%d/768/12/%s/1", c->seq, mask);
+        sb_register(names[k++], bm_train_pair, c, smoke ? 1 : 15);
+        snprintf(names[k], sizeof names[k], "bwd_train_ceiling/1/%d/768/12/%s/1", c->seq, mask);
+        sb_register(names[k++], bm_train_ceiling, c, smoke ? 1 : 15);
     }
     if (!smoke)
         sb_register("bwd_peak_memory/1/65536/128/2/causal/2", bm_peak_memory, &mem_cfg, 1);

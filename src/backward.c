@@ -75,6 +75,7 @@ typedef struct bw_attn {
     int tasks_b;
     int onepass;  /* the single pass (bw_pass_kv) rather than passes A and B */
     int tasks_kv; /* its tasks: batch x key/value heads */
+    int have_forward; /* O and lse are given (training state): the single pass skips its forward */
     float *scratch;
 } bw_attn;
 
@@ -342,9 +343,11 @@ static void bw_attn_run(bw_attn *w, int workers)
             sa_run_tasks(workers, w->tasks_b, bw_pass_b, w);
         return;
     }
-    w->a.lse = w->lse; /* the forward: O and each row's log-sum-exp */
-    sa_attn_run(&w->a, &w->plan, workers, w->scratch);
-    w->a.lse = NULL;
+    if (!w->have_forward) { /* the forward: O and each row's log-sum-exp */
+        w->a.lse = w->lse;
+        sa_attn_run(&w->a, &w->plan, workers, w->scratch);
+        w->a.lse = NULL;
+    }
     if (w->dout != NULL && (w->dq != NULL || w->dk != NULL || w->dv != NULL))
         sa_run_tasks(workers, w->tasks_kv, bw_pass_kv, w);
 }
@@ -522,21 +525,6 @@ static selfattn_status bw_check_grads(const selfattn_grads *g, const selfattn_la
     return SELFATTN_OK;
 }
 
-/* Offsets of consecutive 64-byte aligned parts of a workspace, in floats; 0 on overflow. */
-static int bw_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes)
-{
-    size_t at = 0;
-    for (int i = 0; i < n; i++) {
-        off[i] = at;
-        size_t sz;
-        if (!sa_add_size(floats[i], BW_ALIGN - 1, &sz) || !sa_add_size(at, sz / BW_ALIGN * BW_ALIGN, &at))
-            return 0;
-    }
-    if (!sa_mul_size(at, sizeof(float), total_bytes) || *total_bytes > (size_t)PTRDIFF_MAX)
-        return 0;
-    return 1;
-}
-
 /* ---- Entry points ---------------------------------------------------------------------------- */
 
 selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t batch, int32_t q_len,
@@ -575,7 +563,7 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     /* lse, D, scratch and, for the single pass, O (D = rowsum(dO o O) needs it) */
     const size_t parts[4] = {head_rows, head_rows, scratch, w.onepass ? q_rows * nq : 0};
     size_t off[4], bytes;
-    SA_CHECK(bw_layout(parts, 4, off, &bytes), SELFATTN_ERR_OVERFLOW);
+    SA_CHECK(sa_ws_layout(parts, 4, off, &bytes), SELFATTN_ERR_OVERFLOW);
     sa_ws *ws = sa_ws_acquire(layer->ws, bytes);
     SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
 
@@ -602,9 +590,9 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     return SELFATTN_OK;
 }
 
-selfattn_status selfattn_backward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
-                                  const float *x, const int32_t *lengths, const float *dy,
-                                  float *dx, const selfattn_grads *grads)
+selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                            const float *x, const int32_t *lengths, const float *dy, float *dx,
+                            const selfattn_grads *grads, const sa_kept *kept)
 {
     SA_CHECK(layer != NULL && x != NULL && dy != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
@@ -646,43 +634,54 @@ selfattn_status selfattn_backward(const selfattn_layer *layer, int32_t batch, in
     w.a.kv_lengths = lengths;
     st = bw_attn_plan(&w);
     SA_CHECK(st == SELFATTN_OK, st);
-    /* recomputed projections, dO, weight gradients and dx; the attention: forward, pass A, B */
+    /* recomputed projections, dO, weight gradients and dx; the attention: forward and backward */
     const double flops = 2.0 * (double)valid * (double)dm * (double)(3 * nqkv + 2 * nq) +
-                         16.0 * (double)valid * seq_len * (double)nq;
+                         14.0 * (double)valid * seq_len * (double)nq;
     const int workers = sa_workers_for(layer, flops);
 
-    /* qkv, dqkv, O, dO (unless dy is dO), lse, D, scratch */
+    /* qkv and O (unless kept), dqkv, dO (unless dy is dO), lse (unless kept for the single
+       pass), D, scratch */
     size_t scratch;
     SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
-    const size_t parts[7] = {rows * nqkv,        want_qkv ? rows * nqkv : 0, rows * nq,
-                             layer->out_proj ? rows * nq : 0, head_rows, head_rows, scratch};
+    const int own_lse = kept == NULL || !w.onepass;
+    const size_t parts[7] = {kept == NULL ? rows * nqkv : 0,
+                             want_qkv ? rows * nqkv : 0,
+                             kept == NULL ? rows * nq : 0,
+                             layer->out_proj ? rows * nq : 0,
+                             own_lse ? head_rows : 0,
+                             head_rows,
+                             scratch};
     size_t off[7], bytes;
-    SA_CHECK(bw_layout(parts, 7, off, &bytes), SELFATTN_ERR_OVERFLOW);
+    SA_CHECK(sa_ws_layout(parts, 7, off, &bytes), SELFATTN_ERR_OVERFLOW);
     sa_ws *ws = sa_ws_acquire(layer->ws, bytes);
     SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
 
     sa_blas_init();
     float *base = ws->data;
-    float *qkv = base + off[0], *dqkv = base + off[1], *attn = base + off[2];
+    /* kept arrays are only read: O through a.out, lse through w.lse by the single pass, which
+       skips its forward then (passes A and B recompute the lse into the workspace) */
+    float *qkv = kept != NULL ? (float *)kept->qkv : base + off[0], *dqkv = base + off[1];
+    float *attn = kept != NULL ? (float *)kept->o : base + off[2];
     float *dattn = layer->out_proj ? base + off[3] : (float *)dy;
-    if (valid > 0) {
+    if (valid > 0 && kept == NULL) {
         const bw_rows in_proj = {x,  dm,   layer->w_qkv, dm,    1,      layer->b_qkv,
                                  qkv, nqkv, nqkv,        dm,    batch,  seq_len, lengths};
         bw_rows_run(&in_proj, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
-        if (layer->out_proj && want_qkv) {
-            const bw_rows d_out = {dy,    dm, layer->w_o, nq,    0,      NULL,
-                                   dattn, nq, nq,         dm,    batch,  seq_len, lengths};
-            bw_rows_run(&d_out, workers);
-        }
+    }
+    if (valid > 0 && layer->out_proj && want_qkv) {
+        const bw_rows d_out = {dy,    dm, layer->w_o, nq,    0,      NULL,
+                               dattn, nq, nq,         dm,    batch,  seq_len, lengths};
+        bw_rows_run(&d_out, workers);
     }
     w.a.q = qkv;
     w.a.k = qkv + nq;
     w.a.v = qkv + nq + nkv;
     w.a.ldq = w.a.ldk = w.a.ldv = nqkv;
-    w.a.out = attn;
+    w.a.out = kept != NULL && !w.onepass ? NULL : attn;
     w.a.ldo = nq;
-    w.lse = base + off[4];
+    w.lse = own_lse ? base + off[4] : (float *)kept->lse;
+    w.have_forward = kept != NULL;
     w.dsum = base + off[5];
     w.scratch = base + off[6];
     w.dout = dattn;
@@ -692,7 +691,7 @@ selfattn_status selfattn_backward(const selfattn_layer *layer, int32_t batch, in
     w.dv = want_v ? dqkv + nq + nkv : NULL;
     w.lddq = w.lddk = w.lddv = nqkv;
     if (valid > 0) {
-        if (want_qkv || want_o) {
+        if (want_qkv || (want_o && kept == NULL)) {
             if (!want_qkv) { /* O alone: the forward */
                 w.dq = w.dk = w.dv = NULL;
                 w.dout = NULL;
@@ -731,4 +730,11 @@ selfattn_status selfattn_backward(const selfattn_layer *layer, int32_t batch, in
     }
     sa_ws_release(layer->ws, ws);
     return SELFATTN_OK;
+}
+
+selfattn_status selfattn_backward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                  const float *x, const int32_t *lengths, const float *dy,
+                                  float *dx, const selfattn_grads *grads)
+{
+    return sa_backward(layer, batch, seq_len, x, lengths, dy, dx, grads, NULL);
 }

@@ -225,9 +225,9 @@ selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch, int3
     return selfattn_attend_ex(layer, batch, q_len, kv_len, q, k, v, kv_lengths, NULL, out);
 }
 
-selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
-                                    const float *x, const int32_t *lengths,
-                                    const selfattn_extras *extras, float *y)
+selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                           const float *x, const int32_t *lengths, const selfattn_extras *extras,
+                           float *y, const sa_keep *keep)
 {
     SA_CHECK(layer != NULL && x != NULL && y != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
@@ -239,7 +239,8 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t nqkv = nq + 2 * nkv;
     const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
-    SA_CHECK(sa_array_bytes(rows, dm) != 0, SELFATTN_ERR_OVERFLOW);
+    SA_CHECK(sa_array_bytes(rows, dm) != 0 && sa_array_bytes(rows, nqkv) != 0,
+             SELFATTN_ERR_OVERFLOW);
     selfattn_status st = sa_check_extras(extras, layer, batch, seq_len, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
@@ -260,29 +261,25 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
     st = sa_attn_plan_make(&a, &plan);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    /* One workspace: qkv [rows][nqkv], attn [rows][nq] (unless y takes it), scores per worker. */
-    const size_t qkv_bytes = sa_array_bytes(rows, nqkv);
-    const size_t attn_bytes = layer->out_proj ? sa_array_bytes(rows, nq) : 0;
-    const size_t s_bytes = sa_array_bytes((size_t)workers, plan.floats_per_worker);
-    SA_CHECK(qkv_bytes != 0 && s_bytes != 0 && (attn_bytes != 0 || !layer->out_proj),
-             SELFATTN_ERR_OVERFLOW);
-    /* Each part starts on a 64-byte (16-float) boundary; every size is below PTRDIFF_MAX, so
-       the padded offsets (in floats) cannot wrap. */
-    const size_t attn_off = (qkv_bytes / sizeof(float) + 15) / 16 * 16;
-    const size_t s_off = attn_off + (attn_bytes / sizeof(float) + 15) / 16 * 16;
-    /* head-major K and V (2 * rows * nkv floats) after the scores, for longer sequences */
+    /* One workspace: qkv [rows][nqkv] and attn [rows][nq] (unless the training state keeps them
+       or, for attn, y takes it), the scores per worker, then head-major K and V for longer
+       sequences. */
     const int headmajor = seq_len >= SA_HEADMAJOR_MIN_Q;
-    const size_t kvh_off = s_off + (s_bytes / sizeof(float) + 15) / 16 * 16;
-    size_t total;
-    SA_CHECK(sa_add_size(kvh_off * sizeof(float), headmajor ? 2 * (qkv_bytes / nqkv) * nkv : 0,
-                         &total) &&
-                 total <= (size_t)PTRDIFF_MAX,
+    size_t s_floats;
+    SA_CHECK(sa_mul_size((size_t)workers, plan.floats_per_worker, &s_floats),
              SELFATTN_ERR_OVERFLOW);
+    const size_t parts[4] = {keep != NULL ? 0 : rows * nqkv,
+                             keep == NULL && layer->out_proj ? rows * nq : 0, s_floats,
+                             headmajor ? 2 * rows * nkv : 0};
+    size_t off[4], total;
+    SA_CHECK(sa_ws_layout(parts, 4, off, &total), SELFATTN_ERR_OVERFLOW);
     sa_ws *ws = sa_ws_acquire(layer->ws, total);
     SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
 
     sa_blas_init();
-    float *qkv = ws->data, *attn = layer->out_proj ? qkv + attn_off : y;
+    float *wsf = ws->data;
+    float *qkv = keep != NULL ? keep->qkv : wsf + off[0];
+    float *attn = keep != NULL ? keep->o : layer->out_proj ? wsf + off[1] : y;
     a.kv_lengths = lengths;
     a.pad_queries = 1;
     a.q = qkv;
@@ -291,6 +288,8 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
     a.ldq = a.ldk = a.ldv = nqkv;
     a.out = attn;
     a.ldo = nq;
+    if (keep != NULL)
+        a.lse = keep->lse;
 
     if (valid > 0) {
         const sa_proj in_proj = {x,   dm,           layer->w_qkv, layer->b_qkv, qkv,
@@ -300,16 +299,22 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
         if (headmajor) {
             const sa_kv_copy c = {qkv + nq, qkv + nq + nkv, nqkv, batch, seq_len,
                                   layer->n_kv_heads, layer->head_dim, lengths,
-                                  qkv + kvh_off, qkv + kvh_off + rows * nkv};
+                                  wsf + off[3], wsf + off[3] + rows * nkv};
             sa_use_headmajor(&a, &c, workers);
         }
     }
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
-    sa_attn_run(&a, &plan, workers, qkv + s_off);
+    sa_attn_run(&a, &plan, workers, wsf + off[2]);
     if (valid > 0 && layer->out_proj) {
         const sa_proj out_proj = {attn, nq, layer->w_o, layer->b_o, y, dm, batch,
                                   seq_len, lengths, valid};
         sa_project(&out_proj, workers);
+    } else if (attn != y) { /* kept O without an output projection: y is O */
+        for (int32_t b = 0; b < batch; b++) {
+            const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;
+            memcpy(y + (size_t)b * seq_len * dm, attn + (size_t)b * seq_len * nq,
+                   len * nq * sizeof(float));
+        }
     }
     /* Padding rows are zeros. */
     for (int32_t b = 0; b < batch; b++) {
@@ -320,6 +325,13 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
     }
     sa_ws_release(layer->ws, ws);
     return SELFATTN_OK;
+}
+
+selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                    const float *x, const int32_t *lengths,
+                                    const selfattn_extras *extras, float *y)
+{
+    return sa_forward(layer, batch, seq_len, x, lengths, extras, y, NULL);
 }
 
 selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,

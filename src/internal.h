@@ -210,6 +210,11 @@ SA_HIDDEN void sa_ws_cache_destroy(sa_ws_cache *c);
 /* A buffer of at least `bytes` for the caller's sole use, or NULL (out of memory). */
 SA_HIDDEN sa_ws *sa_ws_acquire(sa_ws_cache *c, size_t bytes);
 SA_HIDDEN void sa_ws_release(sa_ws_cache *c, sa_ws *w); /* NULL is a no-op */
+/* Offsets (in floats) of n consecutive parts of floats[i] floats each, every part starting on a
+   64-byte boundary (SA_WS_ALIGN floats) from the start, and the bytes of the whole; 0 when the
+   whole would not fit in PTRDIFF_MAX bytes. */
+#define SA_WS_ALIGN 16
+SA_HIDDEN int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes);
 
 /* ---- The layer ---- */
 enum { SA_HAVE_Q = 1u, SA_HAVE_K = 2u, SA_HAVE_V = 4u, SA_HAVE_O = 8u };
@@ -236,6 +241,10 @@ struct selfattn_layer {
     float *w_o;          /* [d_model][nq] or NULL */
     float *b_o;          /* [d_model] or NULL (all zero) */
     sa_ws_cache *ws;     /* workspaces of forward/attend calls: mutable through a const layer */
+    /* What a training state remembers of the layer that filled it: a serial number unique in the
+       process (layers at a reused address differ) and a count of the changes to its weights and
+       to the options that change its results (not THREADS). */
+    uint64_t serial, version;
 };
 
 /* Number of worker threads a call on this layer uses. */
@@ -356,6 +365,24 @@ SA_HIDDEN void sa_rope_apply(const selfattn_layer *l, float *qkv, size_t ld, int
 /* The score description of a layer's options (and extras, NULL for none) for a call. */
 SA_HIDDEN void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch,
                                   int32_t q_len, int32_t kv_len, const selfattn_extras *e);
+/* selfattn_forward_ex, and with keep non-NULL (training) Q, K, V after RoPE ([rows][nq + 2 nkv]),
+   the attention output before the output projection ([rows][nq]) and each row's log-sum-exp
+   ([batch][n_heads][seq_len]) are written there, the valid rows only (lse: every row). */
+typedef struct sa_keep {
+    float *qkv, *o, *lse;
+} sa_keep;
+SA_HIDDEN selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                     const float *x, const int32_t *lengths,
+                                     const selfattn_extras *extras, float *y, const sa_keep *keep);
+/* selfattn_backward, and with kept non-NULL (from sa_forward's keep for the same call) Q, K, V, O
+   and lse are read from there instead of recomputed. */
+typedef struct sa_kept {
+    const float *qkv, *o, *lse;
+} sa_kept;
+SA_HIDDEN selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                      const float *x, const int32_t *lengths, const float *dy,
+                                      float *dx, const selfattn_grads *grads,
+                                      const sa_kept *kept);
 /* Makes BLAS single-threaded once per process (see forward.c). */
 SA_HIDDEN void sa_blas_init(void);
 

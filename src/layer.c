@@ -78,6 +78,8 @@ selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads, selfattn
     l->n_kv_heads = n_heads;
     l->head_dim = head_dim;
     l->out_proj = 1;
+    static _Atomic uint64_t serials;
+    l->serial = ++serials;
     *out = l;
     return SELFATTN_OK;
 }
@@ -221,6 +223,8 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
         layer->alibi = (int32_t)value;
         break;
     }
+    if (opt != SELFATTN_OPT_THREADS)
+        layer->version++;
     return SELFATTN_OK;
 }
 
@@ -264,6 +268,7 @@ selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, float scale)
     SA_CHECK(layer != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(isfinite(scale), SELFATTN_ERR_INVALID);
     layer->scale_opt = scale;
+    layer->version++;
     return SELFATTN_OK;
 }
 
@@ -276,14 +281,17 @@ selfattn_status selfattn_layer_set_float(selfattn_layer *layer, selfattn_float_o
     case SELFATTN_FOPT_SCALE:
         SA_CHECK(fabs(value) <= FLT_MAX, SELFATTN_ERR_INVALID);
         layer->scale_opt = (float)value;
+        layer->version++;
         return SELFATTN_OK;
     case SELFATTN_FOPT_ROPE_THETA:
         SA_CHECK(value >= 0.0, SELFATTN_ERR_INVALID);
         layer->rope_theta = value;
+        layer->version++;
         return SELFATTN_OK;
     case SELFATTN_FOPT_SOFTCAP:
         SA_CHECK(value >= 0.0 && value <= FLT_MAX, SELFATTN_ERR_INVALID);
         layer->softcap = (float)value;
+        layer->version++;
         return SELFATTN_OK;
     }
     return SELFATTN_ERR_INVALID;
@@ -389,5 +397,6 @@ selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight
     memcpy(*buf + first * width, data, elems * sizeof(float));
     layer->have |= have_bits;
     layer->weights_set = 1;
+    layer->version++;
     return SELFATTN_OK;
 }

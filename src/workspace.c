@@ -93,3 +93,18 @@ void sa_ws_release(sa_ws_cache *c, sa_ws *w)
     c->free = w;
     pthread_mutex_unlock(&c->mu);
 }
+
+int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes)
+{
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        off[i] = at;
+        size_t sz;
+        if (!sa_add_size(floats[i], SA_WS_ALIGN - 1, &sz) ||
+            !sa_add_size(at, sz / SA_WS_ALIGN * SA_WS_ALIGN, &at))
+            return 0;
+    }
+    if (!sa_mul_size(at, sizeof(float), total_bytes) || *total_bytes > (size_t)PTRDIFF_MAX)
+        return 0;
+    return 1;
+}

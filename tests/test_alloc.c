@@ -1,5 +1,6 @@
 /* Allocation failure: a script of API calls (create, options, every weight and bias, forward
- * with and without lengths, attend, the 1.1 calls, backward and attend_backward, destroy) is run with its n-th allocation made to fail, for
+ * with and without lengths, attend, the 1.1 calls, backward and attend_backward, the 1.2 train
+ * state calls, destroy) is run with its n-th allocation made to fail, for
  * n = 1, 2, ... until a run meets no failure. Each time the failing call must return
  * SELFATTN_ERR_NOMEM with caller outputs untouched and the handle unchanged and usable: the same
  * call is retried without the failure and the script finishes with results bit-identical to a
@@ -39,6 +40,7 @@ typedef struct script_out {
     float ex2[EX2_N]; /* attend_ex: out, weights, lse */
     float bw[BW_N];   /* backward: dx, dW_Q, dW_K, dW_V, dW_O, db_Q, db_K, db_V, db_O */
     float abw[ABW_N]; /* attend_backward: dq, dk, dv */
+    float ty[B * L * D], tbw[BW_N]; /* forward_train, backward_train */
     float cached[B * L * D], cached2[B * D]; /* forward_cached: a prompt, then one step */
 } script_out;
 
@@ -131,6 +133,17 @@ static void script(script_out *o, int *failed, int *create_failed)
     STEP(selfattn_attend_backward(l, B, L, L, q, k, v, lens, dy, o->abw, o->abw + B * L * D,
                                   o->abw + B * L * D + B * L * NKV),
          o->abw, ABW_N);
+
+    /* 1.2: the same gradients through a train state */
+    static float train_state[16384];
+    size_t state_bytes = 0;
+    assert_int_equal(selfattn_train_state_size(l, B, L, &state_bytes), SELFATTN_OK);
+    assert_true(state_bytes <= sizeof train_state);
+    STEP(selfattn_forward_train(l, B, L, x, lens, o->ty, train_state, state_bytes), o->ty,
+         B * L * D);
+    const selfattn_grads tg = script_grads(o->tbw);
+    STEP(selfattn_backward_train(l, B, L, x, lens, dy, o->tbw, &tg, train_state, state_bytes),
+         o->tbw, BW_N);
 
     /* the cache: create (its allocations), a prompt and a step */
     selfattn_cache *c = NULL;

@@ -175,6 +175,35 @@ static void run_layer_case(const bcase *c, uint64_t seed)
     for (int b = 0; lp != NULL && b < c->batch; b++)
         for (size_t e = (size_t)lp[b] * dm; e < (size_t)c->seq * dm; e++)
             assert_true(lib.dx[(size_t)b * c->seq * dm + e] == 0.0f);
+
+    /* The same through the kept activations: y bit for bit as selfattn_forward's, gradients
+       against the same reference. */
+    size_t state_bytes = 0;
+    assert_int_equal(selfattn_train_state_size(t.layer, c->batch, c->seq, &state_bytes),
+                     SELFATTN_OK);
+    void *state = malloc(state_bytes);
+    float *y = malloc(sizeof(float) * n_x), *y_train = malloc(sizeof(float) * n_x);
+    assert_int_equal(selfattn_forward(t.layer, c->batch, c->seq, x, lp, y), SELFATTN_OK);
+    assert_int_equal(selfattn_forward_train(t.layer, c->batch, c->seq, x, lp, y_train, state,
+                                            state_bytes),
+                     SELFATTN_OK);
+    assert_memory_equal(y_train, y, sizeof(float) * n_x);
+    bufs kept;
+    bufs_make(&kept, &t.ref, n_x);
+    assert_int_equal(selfattn_backward_train(t.layer, c->batch, c->seq, x, lp, dy, kept.dx,
+                                             &kept.grads, state, state_bytes),
+                     SELFATTN_OK);
+    expect_close("dx (train)", kept.dx, rdx, n_x);
+    for (int i = 0; i < 8; i++)
+        if (n[i])
+            expect_close(gnames[i], kept.g[i], rg[i], n[i]);
+    for (int b = 0; lp != NULL && b < c->batch; b++)
+        for (size_t e = (size_t)lp[b] * dm; e < (size_t)c->seq * dm; e++)
+            assert_true(kept.dx[(size_t)b * c->seq * dm + e] == 0.0f);
+    bufs_free(&kept);
+    free(state);
+    free(y);
+    free(y_train);
     free(x);
     free(dy);
     free(rdx);
@@ -801,6 +830,152 @@ static void test_errors(void **state)
     tu_layer_free(&t);
 }
 
+/* The train state: exact statuses, nothing written on failure, and a state refused once it no
+   longer describes the call (another layer, shapes or lengths, or the layer changed since). */
+static void test_train_state(void **state)
+{
+    (void)state;
+    const bcase c = {2, 2, 4, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0.0, 0.0, 0.0, 2, 5};
+    tu_layer t, other;
+    ref_opts o;
+    make_layer(&c, 3, &t, &o);
+    make_layer(&c, 3, &other, &o); /* the same weights, another layer */
+    const int dm = t.ref.d_model;
+    const size_t n_x = (size_t)2 * 5 * dm;
+    tu_rng r = {4};
+    float *x = tu_random(&r, n_x, -1, 1), *dy = tu_random(&r, n_x, -1, 1);
+    float *y = malloc(sizeof(float) * n_x);
+    size_t n[8];
+    grad_sizes(&t.ref, n);
+    bufs b, first;
+    bufs_make(&b, &t.ref, n_x);
+    bufs_make(&first, &t.ref, n_x);
+    selfattn_layer *l = t.layer;
+    const int32_t lens[2] = {5, 3}, lens2[2] = {5, 2}, bad[2] = {6, 1};
+
+    size_t bytes = 0;
+    assert_int_equal(selfattn_train_state_size(NULL, 2, 5, &bytes), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_train_state_size(l, 2, 5, NULL), SELFATTN_ERR_NULL);
+    assert_int_equal(selfattn_train_state_size(l, 0, 5, &bytes), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_train_state_size(l, 2, -1, &bytes), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_train_state_size(l, INT32_MAX, INT32_MAX, &bytes),
+                     SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(bytes, 0);
+    assert_int_equal(selfattn_train_state_size(l, 2, 5, &bytes), SELFATTN_OK);
+    /* at least Q, K, V, O and the lse in floats */
+    assert_true(bytes >= sizeof(float) * (2 * 5 * (4 * 8) + 2 * 2 * 5));
+    unsigned char *st = malloc(bytes + 8), *copy = malloc(bytes + 8);
+    memset(st, 0xA5, bytes + 8);
+    memcpy(copy, st, bytes + 8);
+#define STATE_AND_Y_UNTOUCHED(call, status)                                                        \
+    do {                                                                                           \
+        fill(y, n_x, SENT);                                                                        \
+        assert_int_equal((call), (status));                                                        \
+        assert_true(all_equal(y, n_x, SENT));                                                      \
+        assert_memory_equal(st, copy, bytes + 8);                                                  \
+    } while (0)
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(NULL, 2, 5, x, lens, y, st, bytes),
+                          SELFATTN_ERR_NULL);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(l, 2, 5, NULL, lens, y, st, bytes),
+                          SELFATTN_ERR_NULL);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(l, 2, 5, x, lens, y, NULL, bytes),
+                          SELFATTN_ERR_NULL);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(l, 2, 5, x, lens, y, st, bytes - 1),
+                          SELFATTN_ERR_INVALID);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(l, 2, 5, x, lens, y, st + 4, bytes),
+                          SELFATTN_ERR_INVALID);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(l, 2, 5, x, bad, y, st, bytes),
+                          SELFATTN_ERR_INVALID);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(l, 0, 5, x, lens, y, st, bytes),
+                          SELFATTN_ERR_INVALID);
+    selfattn_layer *bare = NULL;
+    assert_int_equal(selfattn_layer_create(dm, 2, &bare), SELFATTN_OK);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(bare, 2, 5, x, lens, y, st, bytes),
+                          SELFATTN_ERR_STATE);
+    selfattn_layer_destroy(bare);
+
+#define UNTOUCHED(call, status)                                                                    \
+    do {                                                                                           \
+        assert_int_equal((call), (status));                                                        \
+        assert_true(all_equal(b.dx, n_x, SENT));                                                   \
+        for (int i_ = 0; i_ < 8; i_++)                                                             \
+            assert_true(all_equal(b.g[i_], n[i_], SENT));                                          \
+    } while (0)
+    /* never filled */
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    assert_int_equal(selfattn_forward_train(l, 2, 5, x, lens, y, st, bytes), SELFATTN_OK);
+    assert_int_equal(
+        selfattn_backward_train(l, 2, 5, x, lens, dy, first.dx, &first.grads, st, bytes),
+        SELFATTN_OK);
+    /* a failed forward_train leaves the state usable as it was */
+    memcpy(copy, st, bytes + 8);
+    STATE_AND_Y_UNTOUCHED(selfattn_forward_train(l, 2, 5, x, bad, y, st, bytes),
+                          SELFATTN_ERR_INVALID);
+    UNTOUCHED(selfattn_backward_train(NULL, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_NULL);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, NULL, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_NULL);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, NULL, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_NULL);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, NULL, bytes),
+              SELFATTN_ERR_NULL);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes - 1),
+              SELFATTN_ERR_INVALID);
+    UNTOUCHED(selfattn_backward_train(l, 0, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_INVALID);
+    /* another call's shapes or lengths, another layer */
+    UNTOUCHED(selfattn_backward_train(l, 1, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    UNTOUCHED(selfattn_backward_train(l, 2, 4, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, NULL, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens2, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    UNTOUCHED(selfattn_backward_train(other.layer, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    /* a bad grads struct: the backward's own check */
+    b.grads.struct_size = 4;
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_INVALID);
+    b.grads.struct_size = sizeof b.grads;
+    /* the state is only read, and THREADS changes nothing: the same bits again */
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 2), SELFATTN_OK);
+    assert_int_equal(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+                     SELFATTN_OK);
+    assert_memory_equal(b.dx, first.dx, sizeof(float) * n_x);
+    for (int i = 0; i < 8; i++)
+        assert_memory_equal(b.g[i], first.g[i], sizeof(float) * n[i]);
+    for (int i = 0; i < 8; i++)
+        fill(b.g[i], n[i], SENT);
+    fill(b.dx, n_x, SENT);
+    /* a weight set again (even to the same values) or an option changed: STATE */
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, t.w[0], (int64_t)n[0]),
+                     SELFATTN_OK);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    assert_int_equal(selfattn_forward_train(l, 2, 5, x, lens, y, st, bytes), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, 0.0), SELFATTN_OK);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+    assert_int_equal(selfattn_forward_train(l, 2, 5, x, lens, y, st, bytes), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE);
+#undef UNTOUCHED
+#undef STATE_AND_Y_UNTOUCHED
+    free(st);
+    free(copy);
+    free(x);
+    free(dy);
+    free(y);
+    bufs_free(&b);
+    bufs_free(&first);
+    tu_layer_free(&t);
+    tu_layer_free(&other);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -814,6 +989,7 @@ int main(void)
         cmocka_unit_test(test_partial),
         cmocka_unit_test(test_attend_empty_rows),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_train_state),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

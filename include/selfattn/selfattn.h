@@ -66,7 +66,7 @@ extern "C" {
 /* ---- Version -------------------------------------------------------------------------------- */
 /* Same major version = ABI compatible. A changed signature gets a new name (_v2), never an edit. */
 #define SELFATTN_VERSION_MAJOR 1
-#define SELFATTN_VERSION_MINOR 1
+#define SELFATTN_VERSION_MINOR 2
 #define SELFATTN_VERSION_PATCH 0
 #define SELFATTN_VERSION_NUMBER \
     (SELFATTN_VERSION_MAJOR * 10000 + SELFATTN_VERSION_MINOR * 100 + SELFATTN_VERSION_PATCH)
@@ -434,6 +434,48 @@ SELFATTN_API selfattn_status selfattn_attend_backward(const selfattn_layer *laye
                                                       const float *v, const int32_t *kv_lengths,
                                                       const float *dout, float *dq, float *dk,
                                                       float *dv);
+
+/* ---- Training with kept activations (1.2: this library's addition to the 1.1 contract) ------ */
+/* selfattn_backward recomputes the forward (nothing is kept between calls). A training loop that
+   can spare the memory keeps the forward's activations instead, in a buffer it owns (the "train
+   state"): selfattn_forward_train is selfattn_forward that also fills it, and
+   selfattn_backward_train is selfattn_backward that reads it instead of recomputing the input
+   projection and the attention's forward (about 2.3x the forward's work rather than 3.2x at
+   seq_len 2048, d_model 768). Results match selfattn_backward to rounding.
+
+   The state holds Q, K and V after RoPE, the attention output before the output projection and
+   each row's log-sum-exp: (batch * seq_len * (2 n_heads + 2 n_kv_heads) * head_dim +
+   batch * n_heads * seq_len) floats plus a small header, linear in seq_len.
+   selfattn_train_state_size gives its bytes for (batch, seq_len) on this layer in *bytes;
+   returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (batch or seq_len < 1), SELFATTN_ERR_STATE
+   (head_dim undetermined), SELFATTN_ERR_OVERFLOW. */
+SELFATTN_API selfattn_status selfattn_train_state_size(const selfattn_layer *layer, int32_t batch,
+                                                       int32_t seq_len, size_t *bytes);
+
+/* selfattn_forward(layer, batch, seq_len, x, lengths, y), and fills state (state_bytes long, at
+   least selfattn_train_state_size, 8-byte aligned: malloc's is) for selfattn_backward_train of
+   the same call. Returns what selfattn_forward returns, and SELFATTN_ERR_NULL (state NULL),
+   SELFATTN_ERR_INVALID (state_bytes too small or state misaligned); on any error neither y nor
+   state was written. A state serves one call at a time; it holds no pointer and no resource (free
+   or reuse it freely). */
+SELFATTN_API selfattn_status selfattn_forward_train(const selfattn_layer *layer, int32_t batch,
+                                                    int32_t seq_len, const float *x,
+                                                    const int32_t *lengths, float *y, void *state,
+                                                    size_t state_bytes);
+
+/* selfattn_backward(layer, batch, seq_len, x, lengths, dy, dx, grads) for the call whose
+   selfattn_forward_train filled state: x must be the same values (it is read for the weight
+   gradients, and not checked against the state). Returns what selfattn_backward returns, and
+   SELFATTN_ERR_NULL (state NULL), SELFATTN_ERR_INVALID (state_bytes too small or state
+   misaligned), SELFATTN_ERR_STATE (state was not filled by selfattn_forward_train on this layer
+   with this batch, seq_len and lengths (both NULL or equal), or the layer's weights or options
+   other than THREADS changed since); nothing is written then. The state is only read: one state
+   may serve several backward calls (different dy). Results do not depend on the thread count. */
+SELFATTN_API selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t batch,
+                                                     int32_t seq_len, const float *x,
+                                                     const int32_t *lengths, const float *dy,
+                                                     float *dx, const selfattn_grads *grads,
+                                                     const void *state, size_t state_bytes);
 
 /* ---- Introspection -------------------------------------------------------------------------- */
 /* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u16", chosen once from

@@ -1,0 +1,124 @@
+/* Training with kept activations: selfattn_train_state_size, selfattn_forward_train and
+ * selfattn_backward_train. The forward keeps what the backward would otherwise recompute (Q, K and
+ * V after RoPE, the attention output before the output projection and each row's log-sum-exp) in
+ * a buffer the caller owns, so the backward skips the input projection and the attention's
+ * forward: 8 projection and 5 attention products instead of 11 and 7.
+ *
+ * The buffer starts with a header that ties it to the call that filled it: the layer (its serial
+ * number and the count of its changes), batch, seq_len and the lengths. selfattn_backward_train
+ * refuses a state whose header does not match its own call (SELFATTN_ERR_STATE), so a state
+ * filled by another layer, for other shapes, or before the layer's weights or options changed is
+ * never used. Layout (each part on a 64-byte boundary from the start of the buffer):
+ *   header, lengths [batch] | qkv [batch * seq_len][nq + 2 nkv] | O [batch * seq_len][nq] |
+ *   lse [batch][n_heads][seq_len] */
+#include <stdint.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define SA_TRAIN_MAGIC 0x31534e4152544153ull /* "SATRANS1" */
+
+typedef struct sa_train_header {
+    uint64_t magic;
+    uint64_t serial, version; /* the layer's, at the forward */
+    int32_t batch, seq_len;
+    int32_t has_lengths;
+    int32_t pad_;
+} sa_train_header;
+
+typedef struct sa_train_layout {
+    size_t off[4]; /* floats: header and lengths, qkv, O, lse */
+    size_t bytes;
+} sa_train_layout;
+
+static selfattn_status sa_train_plan(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                     sa_train_layout *t)
+{
+    SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
+    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
+    const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
+    size_t head_rows;
+    SA_CHECK(sa_array_bytes(rows, nq + 2 * nkv) != 0 &&
+                 sa_mul_size(rows, (size_t)layer->n_heads, &head_rows),
+             SELFATTN_ERR_OVERFLOW);
+    const size_t parts[4] = {(sizeof(sa_train_header) + (size_t)batch * sizeof(int32_t) + 3) / 4,
+                             rows * (nq + 2 * nkv), rows * nq, head_rows};
+    SA_CHECK(sa_ws_layout(parts, 4, t->off, &t->bytes), SELFATTN_ERR_OVERFLOW);
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_train_state_size(const selfattn_layer *layer, int32_t batch,
+                                          int32_t seq_len, size_t *bytes)
+{
+    SA_CHECK(layer != NULL && bytes != NULL, SELFATTN_ERR_NULL);
+    sa_train_layout t;
+    const selfattn_status st = sa_train_plan(layer, batch, seq_len, &t);
+    SA_CHECK(st == SELFATTN_OK, st);
+    *bytes = t.bytes;
+    return SELFATTN_OK;
+}
+
+/* The state's size and alignment for this call. */
+static selfattn_status sa_train_check_buffer(const selfattn_layer *layer, int32_t batch,
+                                             int32_t seq_len, const void *state,
+                                             size_t state_bytes, sa_train_layout *t)
+{
+    const selfattn_status st = sa_train_plan(layer, batch, seq_len, t);
+    SA_CHECK(st == SELFATTN_OK, st);
+    SA_CHECK(state_bytes >= t->bytes && (uintptr_t)state % sizeof(uint64_t) == 0,
+             SELFATTN_ERR_INVALID);
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_forward_train(const selfattn_layer *layer, int32_t batch,
+                                       int32_t seq_len, const float *x, const int32_t *lengths,
+                                       float *y, void *state, size_t state_bytes)
+{
+    SA_CHECK(layer != NULL && x != NULL && y != NULL && state != NULL, SELFATTN_ERR_NULL);
+    sa_train_layout t;
+    selfattn_status st = sa_train_check_buffer(layer, batch, seq_len, state, state_bytes, &t);
+    SA_CHECK(st == SELFATTN_OK, st);
+    float *base = state;
+    const sa_keep keep = {base + t.off[1], base + t.off[2], base + t.off[3]};
+    /* checks everything before its first write: on failure the state is as it was */
+    st = sa_forward(layer, batch, seq_len, x, lengths, NULL, y, &keep);
+    SA_CHECK(st == SELFATTN_OK, st);
+    sa_train_header h;
+    memset(&h, 0, sizeof h);
+    h.magic = SA_TRAIN_MAGIC;
+    h.serial = layer->serial;
+    h.version = layer->version;
+    h.batch = batch;
+    h.seq_len = seq_len;
+    h.has_lengths = lengths != NULL;
+    memcpy(state, &h, sizeof h);
+    if (lengths != NULL)
+        memcpy((char *)state + sizeof h, lengths, (size_t)batch * sizeof(int32_t));
+    return SELFATTN_OK;
+}
+
+selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t batch,
+                                        int32_t seq_len, const float *x, const int32_t *lengths,
+                                        const float *dy, float *dx, const selfattn_grads *grads,
+                                        const void *state, size_t state_bytes)
+{
+    SA_CHECK(layer != NULL && x != NULL && dy != NULL && state != NULL, SELFATTN_ERR_NULL);
+    sa_train_layout t;
+    selfattn_status st = sa_train_check_buffer(layer, batch, seq_len, state, state_bytes, &t);
+    SA_CHECK(st == SELFATTN_OK, st);
+    sa_train_header h;
+    memcpy(&h, state, sizeof h);
+    SA_CHECK(h.magic == SA_TRAIN_MAGIC && h.serial == layer->serial &&
+                 h.version == layer->version && h.batch == batch && h.seq_len == seq_len &&
+                 h.has_lengths == (lengths != NULL),
+             SELFATTN_ERR_STATE);
+    if (lengths != NULL)
+        SA_CHECK(memcmp((const char *)state + sizeof h, lengths,
+                        (size_t)batch * sizeof(int32_t)) == 0,
+                 SELFATTN_ERR_STATE);
+    const float *base = state;
+    const sa_kept kept = {base + t.off[1], base + t.off[2], base + t.off[3]};
+    return sa_backward(layer, batch, seq_len, x, lengths, dy, dx, grads, &kept);
+}
