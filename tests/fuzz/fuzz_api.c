@@ -228,8 +228,30 @@ static int well_conditioned(double scale, double qn, double kn, double softcap)
     return fabs(scale) * qn * kn <= 30.0 || (softcap > 0.0 && softcap <= 30.0);
 }
 
+/* selfattn_forward_train then selfattn_backward_train (1.2): the status of the first that fails. */
+static selfattn_status fz_train(const selfattn_layer *l, int32_t batch, int32_t seq,
+                                const float *x, const int32_t *lens, const float *dy, float *dx,
+                                const selfattn_grads *grads, size_t n_x)
+{
+    size_t bytes = 0;
+    selfattn_status st = selfattn_train_state_size(l, batch, seq, &bytes);
+    if (st != SELFATTN_OK)
+        return st;
+    if (bytes > ((size_t)64 << 20)) /* wide heads over a small d_model: not worth the memory */
+        return selfattn_backward(l, batch, seq, x, lens, dy, dx, grads);
+    void *state = malloc(bytes);
+    float *y = malloc(n_x * sizeof(float));
+    st = selfattn_forward_train(l, batch, seq, x, lens, y, state, bytes);
+    if (st == SELFATTN_OK)
+        st = selfattn_backward_train(l, batch, seq, x, lens, dy, dx, grads, state, bytes);
+    free(state);
+    free(y);
+    return st;
+}
+
 /* selfattn_backward on the fuzzed layer. gb: bit 0 no grads, bit 1 no dx, bit 2 a struct_size
-   too small (INVALID), bit 3 ask for w_o and b_o even without the output projection (INVALID). */
+   too small (INVALID), bit 3 ask for w_o and b_o even without the output projection (INVALID),
+   bit 4 through the train state (forward_train, backward_train) when the shapes are small. */
 static void fz_backward(reader *r, const selfattn_layer *l, const ref_layer *shape, uint8_t gb,
                         int small, int32_t batch, int32_t seq, const float *x,
                         const int32_t *lens, float *const w[8], const size_t counts[8], size_t dm,
@@ -260,8 +282,12 @@ static void fz_backward(reader *r, const selfattn_layer *l, const ref_layer *sha
     grads.b_v = g[6];
     grads.b_o = g[7];
     const int use_grads = !(gb & 1), use_dx = !(gb & 2);
-    const selfattn_status st = selfattn_backward(l, batch, seq, x, lens, dy, use_dx ? dx : NULL,
-                                                 use_grads ? &grads : NULL);
+    const selfattn_status st =
+        (gb & 16) && small
+            ? fz_train(l, batch, seq, x, lens, dy, use_dx ? dx : NULL, use_grads ? &grads : NULL,
+                       n_x)
+            : selfattn_backward(l, batch, seq, x, lens, dy, use_dx ? dx : NULL,
+                                use_grads ? &grads : NULL);
     if (!small || (use_grads && (gb & 4)) || (use_grads && !out_proj && (gb & 8) && shapes_ok))
         CHECK(st != SELFATTN_OK);
     if (st != SELFATTN_OK) {
