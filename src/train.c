@@ -106,14 +106,18 @@ selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t bat
 {
     SA_CHECK(layer != NULL && x != NULL && dy != NULL && state != NULL, SELFATTN_ERR_NULL);
     sa_train_layout t;
-    selfattn_status st = sa_train_check_buffer(layer, batch, seq_len, state, state_bytes, &t);
+    selfattn_status st = sa_train_plan(layer, batch, seq_len, &t);
     SA_CHECK(st == SELFATTN_OK, st);
+    /* the header first: a state of another call is STATE whatever its size */
+    SA_CHECK(state_bytes >= sizeof(sa_train_header) && (uintptr_t)state % sizeof(uint64_t) == 0,
+             SELFATTN_ERR_INVALID);
     sa_train_header h;
     memcpy(&h, state, sizeof h);
     SA_CHECK(h.magic == SA_TRAIN_MAGIC && h.serial == layer->serial &&
                  h.version == layer->version && h.batch == batch && h.seq_len == seq_len &&
                  h.has_lengths == (lengths != NULL),
              SELFATTN_ERR_STATE);
+    SA_CHECK(state_bytes >= t.bytes, SELFATTN_ERR_INVALID);
     if (lengths != NULL)
         SA_CHECK(memcmp((const char *)state + sizeof h, lengths,
                         (size_t)batch * sizeof(int32_t)) == 0,

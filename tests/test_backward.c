@@ -929,6 +929,10 @@ static void test_train_state(void **state)
               SELFATTN_ERR_STATE);
     UNTOUCHED(selfattn_backward_train(l, 2, 4, x, lens, dy, b.dx, &b.grads, st, bytes),
               SELFATTN_ERR_STATE);
+    UNTOUCHED(selfattn_backward_train(l, 2, 6, x, lens, dy, b.dx, &b.grads, st, bytes),
+              SELFATTN_ERR_STATE); /* larger than the state: still another call's state */
+    UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, 16),
+              SELFATTN_ERR_INVALID);
     UNTOUCHED(selfattn_backward_train(l, 2, 5, x, NULL, dy, b.dx, &b.grads, st, bytes),
               SELFATTN_ERR_STATE);
     UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens2, dy, b.dx, &b.grads, st, bytes),

@@ -10,15 +10,17 @@ ctypes over libselfattn.so.1 and NumPy; no compiled extension. See README.md bes
 The library is found through SELFATTN_LIBRARY (a path), then the install prefix of this
 package, then the system loader (see selfattn._lib). Functions of libselfattn 1.1 (forward_ex,
 cache, backward, float options) are used when the loaded library exports them; otherwise the
-features that need them raise UnsupportedError.
+features that need them raise UnsupportedError. Those of libselfattn 1.2 (selfattn_forward_train,
+selfattn_backward_train) likewise: Layer.forward_train(x) returns (y, TrainState), and
+Layer.backward_train(x, dy, state) the gradients of Layer.backward without recomputing the forward.
 """
 from . import _lib
 from ._errors import (Error, NullError, InvalidError, NoMemoryError, SizeOverflowError,
                       StateError, UnsupportedError, status_string)
-from ._layer import Layer, Cache, option_bounds, ROPE_NONE, ROPE_HALF, ROPE_ADJACENT
+from ._layer import Layer, Cache, TrainState, option_bounds, ROPE_NONE, ROPE_HALF, ROPE_ADJACENT
 from ._torch import from_torch
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 #: path or name the library was loaded from
 library_path = _lib.path
@@ -45,7 +47,7 @@ def has(symbol):
     return _lib.has(symbol)
 
 
-__all__ = ["Layer", "Cache", "from_torch", "Error", "NullError", "InvalidError",
+__all__ = ["Layer", "Cache", "TrainState", "from_torch", "Error", "NullError", "InvalidError",
            "NoMemoryError", "SizeOverflowError", "StateError", "UnsupportedError",
            "status_string", "option_bounds", "version", "version_number", "kernel_name", "has",
            "library_path", "ROPE_NONE", "ROPE_HALF", "ROPE_ADJACENT"]

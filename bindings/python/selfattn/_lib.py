@@ -20,6 +20,7 @@ SONAME = "libselfattn.so.1"
 c_int32, c_int64, c_uint32, c_float, c_double = (
     ctypes.c_int32, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_double)
 c_void_p, c_char_p, c_int = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+c_size_t = ctypes.c_size_t
 
 
 def _prefix_candidates():
@@ -112,11 +113,17 @@ _DECLS_1_1 = {
     "selfattn_attend_backward": (c_int, [_P, c_int32, c_int32, c_int32, _P, _P, _P, _P, _P,
                                          _P, _P, _P]),
 }
+# ---- Version 1.2 (selfattn.h, "Training with kept activations"): declared only when exported ---
+_DECLS_1_2 = {
+    "selfattn_train_state_size": (c_int, [_P, c_int32, c_int32, ctypes.POINTER(c_size_t)]),
+    "selfattn_forward_train": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P, c_size_t]),
+    "selfattn_backward_train": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P, _P, _P, c_size_t]),
+}
 
 for _name, (_res, _args) in _DECLS_1_0.items():
     _f = getattr(lib, _name)  # AttributeError here means this is not libselfattn 1.x
     _f.restype, _f.argtypes = _res, _args
-for _name, (_res, _args) in _DECLS_1_1.items():
+for _name, (_res, _args) in list(_DECLS_1_1.items()) + list(_DECLS_1_2.items()):
     if hasattr(lib, _name):
         _f = getattr(lib, _name)
         _f.restype, _f.argtypes = _res, _args

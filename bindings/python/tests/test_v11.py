@@ -9,25 +9,11 @@ import selfattn
 from selfattn import InvalidError, StateError, _lib
 from selfattn._layer import _bias_view
 import reference as ref
-from conftest import TOL, make_layer, needs, needs_option, option_known
+from conftest import (GRAD_TOL, TOL, check_grads, grad_problem, make_layer, needs, needs_option,
+                      numeric_grads, option_known, ref_opts)
 
 WEIGHT_ATOL = 2e-5   # softmax probabilities: max abs error
 LSE_TOL = 1e-4       # log-sum-exp: abs error <= LSE_TOL * max(1, |lse|); -inf exactly
-GRAD_TOL = 2e-4      # gradients: max abs error <= GRAD_TOL * the largest reference gradient
-
-
-def ref_opts(layer):
-    """reference.forward keyword arguments reproducing the layer's options."""
-    def get(name, default):
-        try:
-            return layer.get(name)
-        except selfattn.UnsupportedError:
-            return default
-    return dict(n_kv_heads=layer.n_kv_heads, head_dim=layer.head_dim, causal=layer.causal,
-                out_proj=layer.out_proj, scale=layer.get("scale"), window=get("window", 0),
-                rope_mode=get("rope", 0), rope_dims=get("rope_dims", None),
-                rope_theta=get("rope_theta", 10000.0), alibi=get("alibi", False),
-                softcap=get("softcap", 0.0))
 
 
 def check_lse(got, want):
@@ -350,23 +336,6 @@ def test_layer_close_closes_its_caches(rng):
 
 
 # ---- gradients ---------------------------------------------------------------------------------
-def numeric_grads(f, params, eps=1e-6):
-    """Central differences of the float64 scalar f(params) for every element of every param."""
-    g = {}
-    for name, p in params.items():
-        gp = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            old = p[i]
-            p[i] = old + eps
-            fp = f(params)
-            p[i] = old - eps
-            fm = f(params)
-            p[i] = old
-            gp[i] = (fp - fm) / (2 * eps)
-        g[name] = gp
-    return g
-
-
 GRAD_CASES = [
     pytest.param({"causal": True, "n_kv_heads": 1}, [5, 3], id="causal-gqa-len"),
     pytest.param({"out_proj": False}, None, id="no-out-proj"),
@@ -380,35 +349,9 @@ GRAD_CASES = [
 @pytest.mark.parametrize("opts,lengths", GRAD_CASES)
 def test_backward_matches_finite_differences(rng, opts, lengths):
     layer, W = make_layer(rng, 8, 2, **opts)
-    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
-    dy = rng.standard_normal((2, 5, 8))
-    ro = ref_opts(layer)
-    dy_ref = dy.copy()
-    dy_c = dy.astype(np.float32)
-    if lengths is not None:
-        for b, n in enumerate(lengths):
-            dy_ref[b, n:] = 0.0
-            dy_c[b, n:] = np.nan                             # padding rows of dy are not read
-    params = {"x": x.astype(np.float64)}
-    params.update({k: v.astype(np.float64) for k, v in W.items()})
-
-    def f(p):
-        y, _, _ = ref.forward(p["x"], p, 2, lengths=lengths, **ro)
-        return float(np.sum(y * dy_ref))
-
-    want = numeric_grads(f, params)
+    x, dy_c, want = grad_problem(rng, layer, W, lengths)
     got = layer.backward(x, dy_c, lengths)
-    assert set(got) == set(want)
-    assert ("w_o" in got) == layer.out_proj
-    # one scale for all: some gradients are exactly zero (b_k: softmax ignores a constant shift)
-    norm = max(np.max(np.abs(g)) for g in want.values())
-    for name in want:
-        assert got[name].shape == want[name].shape, name
-        assert np.all(np.isfinite(got[name])), name
-        assert np.max(np.abs(got[name] - want[name])) <= GRAD_TOL * norm, name
-    if lengths is not None:
-        for b, n in enumerate(lengths):
-            assert not np.any(got["x"][b, n:])
+    check_grads(got, want, layer, lengths)
     sub = layer.backward(x, dy_c, lengths, wrt=("w_q",))
     assert list(sub) == ["w_q"]
     np.testing.assert_array_equal(sub["w_q"], got["w_q"])
