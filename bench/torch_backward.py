@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Training step time of one self-attention layer, 1 thread: PyTorch's nn.MultiheadAttention
 (forward + backward: dx and every weight gradient) against libselfattn through its Python
-binding (layer(x), then layer.backward(x, dy): the library recomputes the forward inside its
-backward, so this is what a training step costs with it). Also checks that both give the same
-gradients.
+binding, two ways: "recompute" is layer(x) then layer.backward(x, dy) (the backward recomputes the
+forward inside), "kept" is layer.forward_train(x) then layer.backward_train(x, dy, state) (1.2:
+the forward keeps Q, K, V, O and lse, as PyTorch's autograd keeps its activations). Also checks
+that the gradients agree.
 
     SELFATTN_LIBRARY=build/libselfattn.so.1 PYTHONPATH=bindings/python \\
         /usr/bin/python3 bench/torch_backward.py [--lengths 512 2048] [--causal] [--repeats 7]
@@ -43,7 +44,9 @@ def main():
                       w_o=W["w_o"], b_o=W["b_o"])
     print("d_model %d, %d heads, batch 1, %s, 1 thread; torch %s, libselfattn %s" %
           (d, h, "causal" if args.causal else "full", torch.__version__, selfattn.version()))
-    print("%6s %12s %12s %8s   %s" % ("L", "torch ms", "selfattn ms", "ratio", "max rel. diff of grads"))
+    kept = selfattn.has("selfattn_backward_train")
+    print("%6s %10s %14s %10s %11s %10s   %s" % ("L", "torch ms", "recompute ms", "speed-up",
+                                                "kept ms", "speed-up", "max rel. diff of grads"))
     for L in args.lengths:
         rng = np.random.default_rng(L)
         x = rng.standard_normal((1, L, d)).astype(np.float32)
@@ -62,24 +65,34 @@ def main():
             layer(x)
             return layer.backward(x, dy)
 
-        tt, tl = [], []
-        torch_step()
-        g = lib_step()
+        def kept_step():
+            _, state = layer.forward_train(x)
+            return layer.backward_train(x, dy, state)
+
+        steps = [torch_step, lib_step] + ([kept_step] if kept else [])
+        times = [[] for _ in steps]
+        results = [f() for f in steps]  # warm-up
         for i in range(args.repeats):
-            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            # every order in turn, so that a noisy machine slows each alike
+            order = list(range(len(steps)))
+            order = order[i % len(order):] + order[:i % len(order)]
+            for which in order:
                 t0 = time.perf_counter()
-                if which == 0:
-                    torch_step()
-                else:
-                    g = lib_step()
-                (tt if which == 0 else tl).append(time.perf_counter() - t0)
+                results[which] = steps[which]()
+                times[which].append(time.perf_counter() - t0)
+        g = results[1]
         ref = {"x": xt.grad.numpy()[0],
                "w_qkv": mha.in_proj_weight.grad.numpy(), "w_o": mha.out_proj.weight.grad.numpy()}
         mine = {"x": g["x"][0] if g["x"].ndim == 3 else g["x"],
                 "w_qkv": np.concatenate([g["w_q"], g["w_k"], g["w_v"]]), "w_o": g["w_o"]}
         diff = max(float(np.abs(mine[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
-        mt, ml = statistics.median(tt) * 1e3, statistics.median(tl) * 1e3
-        print("%6d %12.1f %12.1f %8.2f   %.1e" % (L, mt, ml, ml / mt, diff))
+        if kept:
+            gk = results[2]
+            diff = max(diff, float(np.abs(gk["x"] - g["x"]).max() / np.abs(g["x"]).max()))
+        med = [statistics.median(t) * 1e3 for t in times]
+        mk = med[2] if kept else float("nan")
+        print("%6d %10.1f %14.1f %9.2fx %11.1f %9.2fx   %.1e" %
+              (L, med[0], med[1], med[0] / med[1], mk, med[0] / mk, diff))
 
 
 if __name__ == "__main__":

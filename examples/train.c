@@ -1,10 +1,12 @@
-/* Training one self-attention layer with selfattn_backward: a causal layer with rotary position
+/* Training one self-attention layer with selfattn_forward_train and selfattn_backward_train (the
+ * forward keeps its activations in a train state the backward reads; --recompute uses
+ * selfattn_forward and selfattn_backward instead, which recomputes them): a causal layer with rotary position
  * embeddings learns to copy the token K_BACK positions back. Tokens are one-hot-ish random
  * embeddings; the loss is the mean squared error between y at position t and the embedding of the
  * token at t - K_BACK. The optimiser (Adam, or plain SGD with --sgd) is written here: the library
  * gives the gradients, the caller owns the weights and the update.
  *
- *     example-train [--sgd] [--lr RATE] [--steps N] [--out FILE.npz]
+ *     example-train [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz]
  *
  * At the end the learned weights are saved as an uncompressed .npz (a zip of .npy files, written
  * here without any library) with the keys examples/attention_map.py reads: w_q, w_k, w_v, w_o,
@@ -288,12 +290,14 @@ static double loss_and_grad(const float *y, const float *target, const int *tok,
 
 int main(int argc, char **argv)
 {
-    int steps = 600, use_sgd = 0;
+    int steps = 600, use_sgd = 0, recompute = 0;
     double lr = 0.0; /* 0: 1e-2 for Adam (3e-3 in the second half), 20 for SGD */
     const char *out = "train.npz";
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--sgd") == 0)
             use_sgd = 1;
+        else if (strcmp(argv[i], "--recompute") == 0)
+            recompute = 1;
         else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc)
             steps = atoi(argv[++i]);
         else if (strcmp(argv[i], "--lr") == 0 && i + 1 < argc)
@@ -301,7 +305,9 @@ int main(int argc, char **argv)
         else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc)
             out = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--sgd] [--lr RATE] [--steps N] [--out FILE.npz]\n", argv[0]);
+            fprintf(stderr,
+                    "usage: %s [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -332,19 +338,31 @@ int main(int argc, char **argv)
     selfattn_grads g = {sizeof g,           params[P_WQ].g, params[P_WK].g, params[P_WV].g,
                         params[P_WO].g,     params[P_BQ].g, params[P_BK].g, params[P_BV].g,
                         params[P_BO].g};
+    size_t state_bytes = 0; /* the train state: Q, K, V, O and lse of one batch */
+    CHECK(selfattn_train_state_size(layer, BATCH, SEQ, &state_bytes));
+    void *state = recompute ? NULL : malloc(state_bytes);
     printf("copy the token %d back: %d tokens, d_model %d, %d heads, causal, RoPE; %s, batch %d x "
-           "%d\n",
-           K_BACK, VOCAB, DM, HEADS, use_sgd ? "SGD" : "Adam", BATCH, SEQ);
+           "%d; %s\n",
+           K_BACK, VOCAB, DM, HEADS, use_sgd ? "SGD" : "Adam", BATCH, SEQ,
+           recompute ? "the backward recomputes the forward"
+                     : "the forward keeps its activations for the backward");
     double loss = 0, acc = 0, first = -1;
     for (int step = 1; step <= steps; step++) {
         for (int p = 0; p < N_PARAMS; p++) /* the layer keeps a copy of the weights */
             CHECK(selfattn_layer_set_weight(layer, which[p], params[p].w, (int64_t)params[p].n));
         make_batch(tok, x, target);
-        CHECK(selfattn_forward(layer, BATCH, SEQ, x, NULL, y));
+        if (recompute)
+            CHECK(selfattn_forward(layer, BATCH, SEQ, x, NULL, y));
+        else
+            CHECK(selfattn_forward_train(layer, BATCH, SEQ, x, NULL, y, state, state_bytes));
         loss = loss_and_grad(y, target, tok, dy, &acc);
         if (first < 0)
             first = loss;
-        CHECK(selfattn_backward(layer, BATCH, SEQ, x, NULL, dy, NULL, &g));
+        if (recompute)
+            CHECK(selfattn_backward(layer, BATCH, SEQ, x, NULL, dy, NULL, &g));
+        else
+            CHECK(selfattn_backward_train(layer, BATCH, SEQ, x, NULL, dy, NULL, &g, state,
+                                          state_bytes));
         if (use_sgd)
             sgd_step(lr > 0 ? lr : 20.0);
         else
@@ -366,6 +384,7 @@ int main(int argc, char **argv)
            "map.png draws the attention)\n",
            out, out);
     selfattn_layer_destroy(layer);
+    free(state);
     for (int p = 0; p < N_PARAMS; p++) {
         free(params[p].w);
         free(params[p].g);
