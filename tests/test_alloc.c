@@ -224,7 +224,8 @@ static void test_thread_start_failure(void **state)
     tu_layer_free(&t);
 }
 
-/* A second backward (and attend_backward) of the same or a smaller shape allocates nothing. */
+/* A second backward (and attend_backward, and the train state's pair) of the same or a smaller
+   shape allocates nothing. */
 static void test_backward_steady_state(void **state)
 {
     (void)state;
@@ -252,6 +253,19 @@ static void test_backward_steady_state(void **state)
     assert_int_equal(selfattn_attend_backward(t.layer, 2, LL, LL, x, dy, dy, lens, x, dq, dk, dv),
                      SELFATTN_OK);
     assert_true(sa_test_fail_allocation(0) > 0);
+    /* the train state's pair (1.2): after the first, nothing allocated */
+    size_t bytes = 0;
+    assert_int_equal(selfattn_train_state_size(t.layer, 2, LL, &bytes), SELFATTN_OK);
+    void *st = malloc(bytes);
+    assert_int_equal(selfattn_forward_train(t.layer, 2, LL, x, lens, dq, st, bytes), SELFATTN_OK);
+    assert_int_equal(selfattn_backward_train(t.layer, 2, LL, x, lens, dy, dx, &g, st, bytes),
+                     SELFATTN_OK);
+    sa_test_fail_allocation(1);
+    assert_int_equal(selfattn_forward_train(t.layer, 2, LL, x, lens, dq, st, bytes), SELFATTN_OK);
+    assert_int_equal(selfattn_backward_train(t.layer, 2, LL, x, lens, dy, dx, &g, st, bytes),
+                     SELFATTN_OK);
+    assert_true(sa_test_fail_allocation(0) > 0);
+    free(st);
     free(x);
     free(dy);
     free(dx);

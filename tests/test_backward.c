@@ -598,6 +598,33 @@ static void test_threads_identical(void **state)
             assert_memory_equal(ak, bk, sizeof(float) * n_k);
             assert_memory_equal(av, bv, sizeof(float) * n_k);
         }
+    /* the train state's backward: the same bits with 1, 2 and 3 threads (the state filled with 1) */
+    assert_int_equal(selfattn_layer_set(t.layer, SELFATTN_OPT_THREADS, 1), SELFATTN_OK);
+    size_t bytes = 0;
+    assert_int_equal(selfattn_train_state_size(t.layer, 2, c.seq, &bytes), SELFATTN_OK);
+    void *st = malloc(bytes);
+    float *y = malloc(sizeof(float) * n_x);
+    assert_int_equal(selfattn_forward_train(t.layer, 2, c.seq, x, lens, y, st, bytes), SELFATTN_OK);
+    bufs kref;
+    bufs_make(&kref, &t.ref, n_x);
+    assert_int_equal(
+        selfattn_backward_train(t.layer, 2, c.seq, x, lens, dy, kref.dx, &kref.grads, st, bytes),
+        SELFATTN_OK);
+    for (int threads = 2; threads <= 3; threads++) {
+        assert_int_equal(selfattn_layer_set(t.layer, SELFATTN_OPT_THREADS, threads), SELFATTN_OK);
+        bufs run;
+        bufs_make(&run, &t.ref, n_x);
+        assert_int_equal(
+            selfattn_backward_train(t.layer, 2, c.seq, x, lens, dy, run.dx, &run.grads, st, bytes),
+            SELFATTN_OK);
+        assert_memory_equal(run.dx, kref.dx, sizeof(float) * n_x);
+        for (int i = 0; i < 8; i++)
+            assert_memory_equal(run.g[i], kref.g[i], sizeof(float) * n[i]);
+        bufs_free(&run);
+    }
+    bufs_free(&kref);
+    free(st);
+    free(y);
     assert_int_equal(selfattn_layer_set(t.layer, SELFATTN_OPT_THREADS, 1), SELFATTN_OK);
     free(x);
     free(dy);
