@@ -393,7 +393,8 @@ typedef struct selfattn_grads {
    for (grads NULL: none). Outputs are overwritten, not accumulated (add them up yourself across
    micro-batches). Every layer option is honoured: heads, GQA, causal, window, RoPE (modes 1 and
    2, ROPE_DIMS, ROPE_THETA), ALiBi, softcap, scale, output projection on or off, and lengths.
-   The forward pass is recomputed inside (nothing is kept from the forward call), and memory stays
+   The forward pass is recomputed inside (nothing is kept from the forward call; see
+   selfattn_backward_train for a backward that reads kept activations), and memory stays
    linear in seq_len: scores are recomputed block by block, never an L x L matrix (FlashAttention-2
    style). Rows of padding (position >= lengths[b]) get dx = 0 and their dy is not read (NaN there
    has no effect); they contribute nothing to the weight gradients. A weight gradient is a sum
