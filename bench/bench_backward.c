@@ -36,6 +36,7 @@
 
 typedef struct bcfg {
     int batch, seq, dm, heads, causal, threads;
+    int kept; /* the 1.2 train state's pair instead of forward / backward */
 } bcfg;
 
 static float *filled(size_t n, unsigned seed, float amp)
@@ -299,22 +300,46 @@ static void side_ceiling(const void *ctx, selfattn_status *st)
     ceil_run(ctx);
 }
 
+/* The attention and projection FLOPs of the backward c describes: with kept activations no input
+   projection (8 of the 11 projection products) and no forward (5 of the 7 attention products). */
+static double bwd_flops(const bcfg *c)
+{
+    return c->kept ? proj_flops(c) * 8.0 / 11.0 + 5 * attn_unit(c)
+                   : proj_flops(c) + 7 * attn_unit(c);
+}
+
+/* The backward and its own forward alternating: selfattn_backward and selfattn_forward, or (kept)
+   selfattn_backward_train and selfattn_forward_train, the forward refilling the state the backward
+   reads as a training loop does, and then a plain forward for reference (median of 7 calls). */
 static void bm_pair(sb_state *s, const void *arg)
 {
     const bcfg *c = arg;
     bwd_ctx b;
-    double tb = 0, tf = 0;
+    double tb = 0, tf = 0, tp = 0;
     selfattn_status st = SELFATTN_ERR_NOMEM;
-    if (bwd_ctx_make(&b, c))
-        st = alternate(s, side_backward, &b, side_forward, &b, &tb, &tf);
+    if (bwd_ctx_make(&b, c) && run_forward_train(&b) == SELFATTN_OK) { /* a state to start */
+        st = alternate(s, c->kept ? side_backward_train : side_backward, &b,
+                       c->kept ? side_forward_train : side_forward, &b, &tb, &tf);
+        double t[7];
+        for (int i = 0; i < 7 && st == SELFATTN_OK && c->kept; i++) {
+            const double t0 = sb_now_s();
+            st = run_forward(&b);
+            t[i] = sb_now_s() - t0;
+        }
+        if (st == SELFATTN_OK && c->kept)
+            tp = sb_median(t, 7);
+    }
     if (st != SELFATTN_OK) {
         sb_skip_with_error(s, selfattn_status_string(st));
     } else {
         sb_counter(s, "bwd_ms", tb * 1e3);
-        sb_counter(s, "fwd_ms", tf * 1e3);
+        sb_counter(s, c->kept ? "fwd_train_ms" : "fwd_ms", tf * 1e3);
+        if (c->kept)
+            sb_counter(s, "fwd_plain_ms", tp * 1e3);
         sb_counter(s, "ratio", tb / tf);
-        sb_counter(s, "bwd_GFLOPs", (proj_flops(c) + 7 * attn_unit(c)) / tb * 1e-9);
-        sb_label(s, "ratio = backward / forward");
+        sb_counter(s, "bwd_GFLOPs", bwd_flops(c) / tb * 1e-9);
+        sb_label(s, c->kept ? "ratio = backward_train / forward_train"
+                            : "ratio = backward / forward");
     }
     bwd_ctx_free(&b);
 }
@@ -326,74 +351,19 @@ static void bm_ceiling(sb_state *s, const void *arg)
     ceil_ctx e;
     double tb = 0, tc = 0;
     selfattn_status st = SELFATTN_ERR_NOMEM;
-    const int ok = bwd_ctx_make(&b, c) && ceil_make(&e, c);
-    if (ok)
-        st = alternate(s, side_backward, &b, side_ceiling, &e, &tb, &tc);
-    if (st != SELFATTN_OK) {
-        sb_skip_with_error(s, selfattn_status_string(st));
-    } else {
-        sb_counter(s, "bwd_ms", tb * 1e3);
-        sb_counter(s, "ceil_ms", tc * 1e3);
-        sb_counter(s, "ratio", tc / tb);
-        sb_counter(s, "ceil_GFLOPs", (proj_flops(c) + 7 * attn_unit(c)) / tc * 1e-9);
-        sb_label(s, "ratio = ceiling / backward");
-    }
-    bwd_ctx_free(&b);
-    ceil_free(&e);
-}
-
-/* The 1.2 pair: forward_train and backward_train alternating (the forward refills the state the
-   backward reads, as a training loop does), and a plain forward timed after them. */
-static void bm_train_pair(sb_state *s, const void *arg)
-{
-    const bcfg *c = arg;
-    bwd_ctx b;
-    double tb = 0, tf = 0, tp = 0;
-    selfattn_status st = SELFATTN_ERR_NOMEM;
-    if (bwd_ctx_make(&b, c)) {
-        st = alternate(s, side_forward_train, &b, side_backward_train, &b, &tf, &tb);
-        /* the plain forward on the same buffers, for reference: the median of 7 calls */
-        double t[7];
-        for (int i = 0; i < 7 && st == SELFATTN_OK; i++) {
-            const double t0 = sb_now_s();
-            st = run_forward(&b);
-            t[i] = sb_now_s() - t0;
-        }
-        if (st == SELFATTN_OK)
-            tp = sb_median(t, 7);
-    }
-    if (st != SELFATTN_OK) {
-        sb_skip_with_error(s, selfattn_status_string(st));
-    } else {
-        sb_counter(s, "bwd_ms", tb * 1e3);
-        sb_counter(s, "fwd_train_ms", tf * 1e3);
-        sb_counter(s, "fwd_plain_ms", tp * 1e3);
-        sb_counter(s, "ratio", tb / tf);
-        sb_counter(s, "bwd_GFLOPs", (proj_flops(c) * 8.0 / 11.0 + 5 * attn_unit(c)) / tb * 1e-9);
-        sb_label(s, "ratio = backward_train / forward_train");
-    }
-    bwd_ctx_free(&b);
-}
-
-static void bm_train_ceiling(sb_state *s, const void *arg)
-{
-    const bcfg *c = arg;
-    bwd_ctx b;
-    ceil_ctx e;
-    double tb = 0, tc = 0;
-    selfattn_status st = SELFATTN_ERR_NOMEM;
     const int ok = bwd_ctx_make(&b, c) && ceil_make(&e, c) && run_forward_train(&b) == SELFATTN_OK;
-    e.kept = 1;
+    e.kept = c->kept;
     if (ok)
-        st = alternate(s, side_backward_train, &b, side_ceiling, &e, &tb, &tc);
+        st = alternate(s, c->kept ? side_backward_train : side_backward, &b, side_ceiling, &e, &tb,
+                       &tc);
     if (st != SELFATTN_OK) {
         sb_skip_with_error(s, selfattn_status_string(st));
     } else {
         sb_counter(s, "bwd_ms", tb * 1e3);
         sb_counter(s, "ceil_ms", tc * 1e3);
         sb_counter(s, "ratio", tc / tb);
-        sb_counter(s, "ceil_GFLOPs", (proj_flops(c) * 8.0 / 11.0 + 5 * attn_unit(c)) / tc * 1e-9);
-        sb_label(s, "ratio = ceiling / backward_train");
+        sb_counter(s, "ceil_GFLOPs", bwd_flops(c) / tc * 1e-9);
+        sb_label(s, "ratio = ceiling / backward");
     }
     bwd_ctx_free(&b);
     ceil_free(&e);
@@ -422,7 +392,7 @@ static void reset_hwm(void)
     }
 }
 
-static const bcfg mem_cfg = {1, 65536, 128, 2, 1, 2};
+static const bcfg mem_cfg = {1, 65536, 128, 2, 1, 2, 0};
 
 static void bm_peak_memory(sb_state *s, const void *arg)
 {
@@ -471,18 +441,15 @@ int main(int argc, char **argv)
 #endif
     static char names[16][96];
     int k = 0;
-    for (int causal = 0; causal <= 1; causal++) {
-        bcfg *c = &cfgs[causal];
-        *c = (bcfg){1, smoke ? 256 : 2048, 768, 12, causal, 1};
-        const char *mask = causal ? "causal" : "full";
-        snprintf(names[k], sizeof names[k], "bwd_pair/1/%d/768/12/%s/1", c->seq, mask);
+    for (int i = 0; i < 4; i++) {
+        const int causal = i % 2, kept = i / 2;
+        bcfg *c = &cfgs[i];
+        *c = (bcfg){1, smoke ? 256 : 2048, 768, 12, causal, 1, kept};
+        const char *mask = causal ? "causal" : "full", *kind = kept ? "bwd_train" : "bwd";
+        snprintf(names[k], sizeof names[k], "%s_pair/1/%d/768/12/%s/1", kind, c->seq, mask);
         sb_register(names[k++], bm_pair, c, smoke ? 1 : 15);
-        snprintf(names[k], sizeof names[k], "bwd_ceiling/1/%d/768/12/%s/1", c->seq, mask);
+        snprintf(names[k], sizeof names[k], "%s_ceiling/1/%d/768/12/%s/1", kind, c->seq, mask);
         sb_register(names[k++], bm_ceiling, c, smoke ? 1 : 15);
-        snprintf(names[k], sizeof names[k], "bwd_train_pair/1/%d/768/12/%s/1", c->seq, mask);
-        sb_register(names[k++], bm_train_pair, c, smoke ? 1 : 15);
-        snprintf(names[k], sizeof names[k], "bwd_train_ceiling/1/%d/768/12/%s/1", c->seq, mask);
-        sb_register(names[k++], bm_train_ceiling, c, smoke ? 1 : 15);
     }
     if (!smoke)
         sb_register("bwd_peak_memory/1/65536/128/2/causal/2", bm_peak_memory, &mem_cfg, 1);
