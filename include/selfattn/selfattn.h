@@ -48,6 +48,7 @@
 #ifndef SELFATTN_SELFATTN_H
 #define SELFATTN_SELFATTN_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
