@@ -643,7 +643,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
        pass), D, scratch */
     size_t scratch;
     SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
-    const int own_lse = kept == NULL || !w.onepass;
+    const int own_lse = !(kept != NULL && w.onepass);
     const size_t parts[7] = {kept == NULL ? rows * nqkv : 0,
                              want_qkv ? rows * nqkv : 0,
                              kept == NULL ? rows * nq : 0,
@@ -680,7 +680,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     w.a.ldq = w.a.ldk = w.a.ldv = nqkv;
     w.a.out = kept != NULL && !w.onepass ? NULL : attn;
     w.a.ldo = nq;
-    w.lse = own_lse ? base + off[4] : (float *)kept->lse;
+    w.lse = kept != NULL && w.onepass ? (float *)kept->lse : base + off[4];
     w.have_forward = kept != NULL;
     w.dsum = base + off[5];
     w.scratch = base + off[6];
