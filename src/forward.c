@@ -309,7 +309,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
         const sa_proj out_proj = {attn, nq, layer->w_o, layer->b_o, y, dm, batch,
                                   seq_len, lengths, valid};
         sa_project(&out_proj, workers);
-    } else if (attn != y) { /* kept O without an output projection: y is O */
+    } else if (!layer->out_proj && attn != y) { /* kept O without an output projection: y is O */
         for (int32_t b = 0; b < batch; b++) {
             const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;
             memcpy(y + (size_t)b * seq_len * dm, attn + (size_t)b * seq_len * nq,
