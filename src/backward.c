@@ -503,24 +503,13 @@ static void bw_wgrad_task(void *arg, int worker, int task)
 
 /* ---- Checks ---------------------------------------------------------------------------------- */
 
-static selfattn_status bw_check_lengths(const int32_t *lengths, int32_t batch, int32_t max)
-{
-    if (lengths == NULL)
-        return SELFATTN_OK;
-    for (int32_t b = 0; b < batch; b++)
-        SA_CHECK(lengths[b] >= 0 && lengths[b] <= max, SELFATTN_ERR_INVALID);
-    return SELFATTN_OK;
-}
-
 /* The 1.1 layout of selfattn_grads, as for selfattn_extras. */
 static selfattn_status bw_check_grads(const selfattn_grads *g, const selfattn_layer *l)
 {
     if (g == NULL)
         return SELFATTN_OK;
-    SA_CHECK(g->struct_size >= sizeof(selfattn_grads), SELFATTN_ERR_INVALID);
-    const unsigned char *bytes = (const unsigned char *)g;
-    for (size_t i = sizeof(selfattn_grads); i < g->struct_size; i++)
-        SA_CHECK(bytes[i] == 0, SELFATTN_ERR_UNSUPPORTED);
+    const selfattn_status st = sa_check_struct_size(g, g->struct_size, sizeof(selfattn_grads));
+    SA_CHECK(st == SELFATTN_OK, st);
     SA_CHECK(l->out_proj || (g->w_o == NULL && g->b_o == NULL), SELFATTN_ERR_INVALID);
     return SELFATTN_OK;
 }
@@ -544,7 +533,7 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
                  sa_array_bytes((size_t)batch * (size_t)kv_len, nkv) != 0 &&
                  sa_mul_size(q_rows, (size_t)layer->n_heads, &head_rows),
              SELFATTN_ERR_OVERFLOW);
-    selfattn_status st = bw_check_lengths(kv_lengths, batch, kv_len);
+    selfattn_status st = sa_check_lengths(kv_lengths, batch, kv_len);
     SA_CHECK(st == SELFATTN_OK, st);
     if (dq == NULL && dk == NULL && dv == NULL)
         return SELFATTN_OK;
@@ -611,7 +600,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
                  sa_mul_size(rows, (size_t)layer->n_heads, &head_rows) &&
                  rows / BW_ROW_CHUNK < (size_t)INT32_MAX,
              SELFATTN_ERR_OVERFLOW);
-    st = bw_check_lengths(lengths, batch, seq_len);
+    st = sa_check_lengths(lengths, batch, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
 
     const selfattn_grads none = {sizeof none, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
@@ -624,9 +613,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
         return SELFATTN_OK;
     const int want_qkv = want_q || want_k || want_v;
 
-    size_t valid = 0;
-    for (int32_t b = 0; b < batch; b++)
-        valid += lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;
+    const size_t valid = sa_valid_rows(lengths, batch, seq_len);
     bw_attn w;
     memset(&w, 0, sizeof w);
     sa_attn_from_layer(&w.a, layer, batch, seq_len, seq_len, NULL);
@@ -721,12 +708,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
                                   dx,   dm,   dm,           nqkv,  batch,   seq_len, lengths};
             bw_rows_run(&d_in, workers);
         }
-        for (int32_t b = 0; b < batch; b++) { /* padding rows */
-            const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;
-            if (len < (size_t)seq_len)
-                memset(dx + ((size_t)b * seq_len + len) * dm, 0,
-                       ((size_t)seq_len - len) * dm * sizeof(float));
-        }
+        sa_zero_padding(dx, dm, lengths, batch, seq_len);
     }
     sa_ws_release(layer->ws, ws);
     return SELFATTN_OK;

@@ -294,10 +294,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
                                   n_seqs, max_new, lens, valid};
         sa_project(&out_proj, workers);
     }
-    for (int32_t s = 0; s < n_seqs; s++)
-        if (lens[s] < max_new)
-            memset(y + ((size_t)s * max_new + lens[s]) * dm, 0,
-                   (size_t)(max_new - lens[s]) * dm * sizeof(float));
+    sa_zero_padding(y, dm, lens, n_seqs, max_new);
     sa_ws_release(layer->ws, ws);
     return SELFATTN_OK;
 }

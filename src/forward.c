@@ -48,12 +48,40 @@ int sa_workers_for(const selfattn_layer *l, double flops)
     return sa_layer_threads(l);
 }
 
-static selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max)
+selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max)
 {
     if (lengths == NULL)
         return SELFATTN_OK;
     for (int32_t b = 0; b < batch; b++)
         SA_CHECK(lengths[b] >= 0 && lengths[b] <= max, SELFATTN_ERR_INVALID);
+    return SELFATTN_OK;
+}
+
+size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t seq_len)
+{
+    if (lengths == NULL)
+        return (size_t)batch * (size_t)seq_len;
+    size_t valid = 0;
+    for (int32_t b = 0; b < batch; b++)
+        valid += (size_t)lengths[b];
+    return valid;
+}
+
+void sa_zero_padding(float *out, size_t width, const int32_t *lengths, int32_t batch,
+                     int32_t seq_len)
+{
+    for (int32_t b = 0; lengths != NULL && b < batch; b++)
+        if (lengths[b] < seq_len)
+            memset(out + ((size_t)b * seq_len + (size_t)lengths[b]) * width, 0,
+                   (size_t)(seq_len - lengths[b]) * width * sizeof(float));
+}
+
+selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known)
+{
+    SA_CHECK(struct_size >= known, SELFATTN_ERR_INVALID);
+    const unsigned char *bytes = s;
+    for (size_t i = known; i < struct_size; i++)
+        SA_CHECK(bytes[i] == 0, SELFATTN_ERR_UNSUPPORTED);
     return SELFATTN_OK;
 }
 
@@ -64,10 +92,8 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
 {
     if (e == NULL)
         return SELFATTN_OK;
-    SA_CHECK(e->struct_size >= sizeof(selfattn_extras), SELFATTN_ERR_INVALID);
-    const unsigned char *bytes = (const unsigned char *)e;
-    for (size_t i = sizeof(selfattn_extras); i < e->struct_size; i++)
-        SA_CHECK(bytes[i] == 0, SELFATTN_ERR_UNSUPPORTED);
+    const selfattn_status st = sa_check_struct_size(e, e->struct_size, sizeof(selfattn_extras));
+    SA_CHECK(st == SELFATTN_OK, st);
     size_t rows; /* of weights and lse: batch * n_heads * q_len */
     SA_CHECK(sa_mul_size((size_t)batch, (size_t)l->n_heads, &rows) &&
                  sa_mul_size(rows, (size_t)q_len, &rows),
@@ -247,9 +273,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     st = sa_check_lengths(lengths, batch, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    size_t valid = 0;
-    for (int32_t b = 0; b < batch; b++)
-        valid += lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;
+    const size_t valid = sa_valid_rows(lengths, batch, seq_len);
     const double flops = 2.0 * (double)valid * (double)dm * (double)(nqkv + nq) +
                          4.0 * (double)valid * seq_len * (double)nq;
     const int workers = sa_workers_for(layer, flops);
@@ -316,13 +340,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
                    len * nq * sizeof(float));
         }
     }
-    /* Padding rows are zeros. */
-    for (int32_t b = 0; b < batch; b++) {
-        const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;
-        if (len < (size_t)seq_len)
-            memset(y + ((size_t)b * seq_len + len) * dm, 0,
-                   ((size_t)seq_len - len) * dm * sizeof(float));
-    }
+    sa_zero_padding(y, dm, lengths, batch, seq_len);
     sa_ws_release(layer->ws, ws);
     return SELFATTN_OK;
 }

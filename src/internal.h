@@ -383,6 +383,18 @@ SA_HIDDEN selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch
                                       const float *x, const int32_t *lengths, const float *dy,
                                       float *dx, const selfattn_grads *grads,
                                       const sa_kept *kept);
+/* Argument helpers of the entry points over a batch (forward.c):
+   lengths NULL, or each in [0, max] (SELFATTN_ERR_INVALID otherwise); */
+SA_HIDDEN selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max);
+/* the rows of a batch that are not padding (batch * seq_len without lengths); */
+SA_HIDDEN size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t seq_len);
+/* zeros in the padding rows (t >= lengths[b]) of out [batch][seq_len][width]; */
+SA_HIDDEN void sa_zero_padding(float *out, size_t width, const int32_t *lengths, int32_t batch,
+                               int32_t seq_len);
+/* the struct_size rule of the 1.1 structs (selfattn_extras, selfattn_grads): below `known` bytes
+   (this header's sizeof) SELFATTN_ERR_INVALID, a larger one only when every byte past `known`
+   is zero (SELFATTN_ERR_UNSUPPORTED otherwise). */
+SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known);
 /* Makes BLAS single-threaded once per process (see forward.c). */
 SA_HIDDEN void sa_blas_init(void);
 
