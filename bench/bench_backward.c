@@ -226,78 +226,39 @@ static void ceil_run(const ceil_ctx *e)
     cblas_sgemm(R, N, N, L, dm, 3 * dm, 1, e->dqkv, 3 * dm, e->w, dm, 0, e->dx, dm);
 }
 
-#define PAIR_MAX 256
-
-/* a and b alternately (which goes first alternates too); medians in *ta, *tb. */
-typedef void (*side_fn)(const void *ctx, selfattn_status *st);
-
-static selfattn_status alternate(sb_state *s, side_fn fa, const void *ca, side_fn fb,
-                                 const void *cb, double *ta, double *tb)
+/* Each side of a pair, for sb_alternate: a call's status (0: SELFATTN_OK). */
+static int side_backward(void *ctx)
 {
-    static double va[PAIR_MAX], vb[PAIR_MAX];
-    selfattn_status st = SELFATTN_OK;
-    fa(ca, &st); /* warm-up */
-    fb(cb, &st);
-    int k = 0;
-    while (st == SELFATTN_OK && sb_keep_running(s)) {
-        const double t0 = sb_now_s();
-        if (k % 2 == 0) {
-            fa(ca, &st);
-            const double t1 = sb_now_s();
-            fb(cb, &st);
-            va[k % PAIR_MAX] = t1 - t0;
-            vb[k % PAIR_MAX] = sb_now_s() - t1;
-        } else {
-            fb(cb, &st);
-            const double t1 = sb_now_s();
-            fa(ca, &st);
-            vb[k % PAIR_MAX] = t1 - t0;
-            va[k % PAIR_MAX] = sb_now_s() - t1;
-        }
-        k++;
-    }
-    if (st == SELFATTN_OK && k == 0)
-        st = SELFATTN_ERR_NOMEM;
-    if (st == SELFATTN_OK) {
-        const int m = k < PAIR_MAX ? k : PAIR_MAX;
-        *ta = sb_median(va, m);
-        *tb = sb_median(vb, m);
-    }
-    return st;
+    return (int)run_backward(ctx);
 }
 
-static void side_backward(const void *ctx, selfattn_status *st)
+static int side_forward(void *ctx)
 {
-    const selfattn_status r = run_backward(ctx);
-    if (r != SELFATTN_OK)
-        *st = r;
+    return (int)run_forward(ctx);
 }
 
-static void side_forward(const void *ctx, selfattn_status *st)
+static int side_backward_train(void *ctx)
 {
-    const selfattn_status r = run_forward(ctx);
-    if (r != SELFATTN_OK)
-        *st = r;
+    return (int)run_backward_train(ctx);
 }
 
-static void side_backward_train(const void *ctx, selfattn_status *st)
+static int side_forward_train(void *ctx)
 {
-    const selfattn_status r = run_backward_train(ctx);
-    if (r != SELFATTN_OK)
-        *st = r;
+    return (int)run_forward_train(ctx);
 }
 
-static void side_forward_train(const void *ctx, selfattn_status *st)
+static int side_ceiling(void *ctx)
 {
-    const selfattn_status r = run_forward_train(ctx);
-    if (r != SELFATTN_OK)
-        *st = r;
-}
-
-static void side_ceiling(const void *ctx, selfattn_status *st)
-{
-    (void)st;
     ceil_run(ctx);
+    return 0;
+}
+
+/* The library's status of a pair (NOMEM when nothing ran). */
+static selfattn_status alternate(sb_state *s, sb_call_fn fa, void *ca, sb_call_fn fb, void *cb,
+                                 double *ta, double *tb)
+{
+    const int st = sb_alternate(s, fa, ca, fb, cb, ta, tb);
+    return st < 0 ? SELFATTN_ERR_NOMEM : (selfattn_status)st;
 }
 
 /* The attention and projection FLOPs of the backward c describes: with kept activations no input
@@ -369,29 +330,6 @@ static void bm_ceiling(sb_state *s, const void *arg)
     ceil_free(&e);
 }
 
-/* Resident high-water mark, after resetting it through /proc/self/clear_refs. */
-static double vm_hwm_mib(void)
-{
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    double kib = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "VmHWM:", 6) == 0)
-            kib = strtod(line + 6, NULL);
-    if (f)
-        fclose(f);
-    return kib / 1024.0;
-}
-
-static void reset_hwm(void)
-{
-    FILE *f = fopen("/proc/self/clear_refs", "w");
-    if (f) {
-        fputs("5", f);
-        fclose(f);
-    }
-}
-
 static const bcfg mem_cfg = {1, 65536, 128, 2, 1, 2, 0};
 
 static void bm_peak_memory(sb_state *s, const void *arg)
@@ -403,19 +341,19 @@ static void bm_peak_memory(sb_state *s, const void *arg)
     if (bwd_ctx_make(&b, c)) {
         while (sb_keep_running(s)) {
             sb_pause(s);
-            reset_hwm();
-            base = vm_hwm_mib();
+            sb_reset_peak_rss();
+            base = sb_peak_rss_mib();
             st = run_forward(&b);
-            fwd = vm_hwm_mib();
+            fwd = sb_peak_rss_mib();
             /* a fresh layer: the forward's cached workspace does not count for the backward */
             selfattn_layer_destroy(b.l);
             b.l = make_layer(c);
-            reset_hwm();
+            sb_reset_peak_rss();
             sb_resume(s);
             if (st == SELFATTN_OK)
                 st = b.l != NULL ? run_backward(&b) : SELFATTN_ERR_NOMEM;
             sb_pause(s);
-            bwd = vm_hwm_mib();
+            bwd = sb_peak_rss_mib();
             sb_resume(s);
         }
     }

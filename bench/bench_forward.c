@@ -130,51 +130,19 @@ static void bm_ceiling(sb_state *s, const void *arg)
     ce_destroy(ce);
 }
 
-#define PAIR_MAX 4096
+static int run_ceiling(void *ce)
+{
+    ce_run(ce);
+    return 0;
+}
 
-/* The library call of a pair, and the ceiling's; the library call returns its status. */
-typedef selfattn_status (*lib_fn)(void *ctx);
-
-/* The library and the ceiling alternately (which goes first alternates too, so neither always
-   runs on the other's warm caches); medians of each in *t_lib and *t_ceil. Returns the status of
-   the library calls (a failure ends the loop), or NOMEM when nothing ran. */
-static selfattn_status pair_loop(sb_state *s, lib_fn lib, void *ctx, ce_ctx *ce, double *t_lib,
+/* The library call of a pair (returning its status) and the ceiling side by side (sb_alternate);
+   medians in *t_lib and *t_ceil. Returns the library's status, or NOMEM when nothing ran. */
+static selfattn_status pair_loop(sb_state *s, sb_call_fn lib, void *ctx, ce_ctx *ce, double *t_lib,
                                  double *t_ceil)
 {
-    static double tl[PAIR_MAX], tc[PAIR_MAX];
-    int k = 0;
-    selfattn_status st = lib(ctx); /* warm-up */
-    ce_run(ce);
-    while (st == SELFATTN_OK && sb_keep_running(s)) {
-        double a, b;
-        const double t0 = sb_now_s();
-        if (k % 2 == 0) {
-            st = lib(ctx);
-            const double t1 = sb_now_s();
-            ce_run(ce);
-            a = t1 - t0;
-            b = sb_now_s() - t1;
-        } else {
-            ce_run(ce);
-            const double t1 = sb_now_s();
-            st = lib(ctx);
-            b = t1 - t0;
-            a = sb_now_s() - t1;
-        }
-        if (k < PAIR_MAX) {
-            tl[k] = a;
-            tc[k] = b;
-        }
-        k++;
-    }
-    if (st == SELFATTN_OK && k == 0)
-        st = SELFATTN_ERR_NOMEM;
-    if (st == SELFATTN_OK) {
-        const int m = k < PAIR_MAX ? k : PAIR_MAX;
-        *t_lib = sb_median(tl, m);
-        *t_ceil = sb_median(tc, m);
-    }
-    return st;
+    const int st = sb_alternate(s, lib, ctx, run_ceiling, ce, t_lib, t_ceil);
+    return st < 0 ? SELFATTN_ERR_NOMEM : (selfattn_status)st;
 }
 
 typedef struct fwd_call {
@@ -184,7 +152,7 @@ typedef struct fwd_call {
     float *y;
 } fwd_call;
 
-static selfattn_status call_forward(void *p)
+static int call_forward(void *p)
 {
     const fwd_call *f = p;
     return selfattn_forward(f->l, f->batch, f->seq, f->x, NULL, f->y);
@@ -247,7 +215,7 @@ typedef struct att_call {
     float *out;
 } att_call;
 
-static selfattn_status call_attend(void *p)
+static int call_attend(void *p)
 {
     const att_call *a = p;
     return selfattn_attend(a->l, 1, a->seq, a->seq, a->q, a->k, a->v, NULL, a->out);
@@ -327,29 +295,6 @@ static void bm_decode_pair(sb_state *s, const void *arg)
     selfattn_layer_destroy(l);
 }
 
-/* Resident high-water mark (VmHWM), after resetting it through /proc/self/clear_refs. */
-static double vm_hwm_mib(void)
-{
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    double kib = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "VmHWM:", 6) == 0)
-            kib = strtod(line + 6, NULL);
-    if (f)
-        fclose(f);
-    return kib / 1024.0;
-}
-
-static void reset_hwm(void)
-{
-    FILE *f = fopen("/proc/self/clear_refs", "w");
-    if (f) {
-        fputs("5", f);
-        fclose(f);
-    }
-}
-
 static const fcfg mem_cfg = {1, 65536, 128, 2, 2, 1, 1};
 
 static void bm_peak_memory(sb_state *s, const void *arg)
@@ -363,12 +308,12 @@ static void bm_peak_memory(sb_state *s, const void *arg)
     if (l && x && y) {
         while (sb_keep_running(s)) {
             sb_pause(s);
-            reset_hwm();
-            base = vm_hwm_mib();
+            sb_reset_peak_rss();
+            base = sb_peak_rss_mib();
             sb_resume(s);
             st = selfattn_forward(l, c->batch, c->seq, x, NULL, y);
             sb_pause(s);
-            peak = vm_hwm_mib();
+            peak = sb_peak_rss_mib();
             sb_resume(s);
         }
     }

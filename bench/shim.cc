@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <benchmark/benchmark.h>
@@ -110,4 +112,59 @@ double sb_median(double *v, int n)
 {
     std::sort(v, v + n);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+int sb_alternate(sb_state *s, sb_call_fn a, void *ca, sb_call_fn b, void *cb, double *ta,
+                 double *tb)
+{
+    enum { PAIRS = 4096 };
+    static double va[PAIRS], vb[PAIRS];
+    int st = a(ca);
+    if (st == 0)
+        st = b(cb);
+    int k = 0;
+    while (st == 0 && sb_keep_running(s)) {
+        const int a_first = k % 2 == 0;
+        const double t0 = sb_now_s();
+        st = a_first ? a(ca) : b(cb);
+        const double t1 = sb_now_s();
+        if (st == 0)
+            st = a_first ? b(cb) : a(ca);
+        const double t2 = sb_now_s();
+        if (k < PAIRS) {
+            va[k] = a_first ? t1 - t0 : t2 - t1;
+            vb[k] = a_first ? t2 - t1 : t1 - t0;
+        }
+        k++;
+    }
+    if (st != 0)
+        return st;
+    if (k == 0)
+        return -1;
+    const int m = k < PAIRS ? k : PAIRS;
+    *ta = sb_median(va, m);
+    *tb = sb_median(vb, m);
+    return 0;
+}
+
+double sb_peak_rss_mib(void)
+{
+    FILE *f = std::fopen("/proc/self/status", "r");
+    char line[256];
+    double kib = -1;
+    while (f && std::fgets(line, sizeof line, f))
+        if (std::strncmp(line, "VmHWM:", 6) == 0)
+            kib = std::strtod(line + 6, nullptr);
+    if (f)
+        std::fclose(f);
+    return kib < 0 ? -1.0 : kib / 1024.0;
+}
+
+void sb_reset_peak_rss(void)
+{
+    FILE *f = std::fopen("/proc/self/clear_refs", "w");
+    if (f) {
+        std::fputs("5", f);
+        std::fclose(f);
+    }
 }

@@ -40,6 +40,19 @@ int sb_smoke(int argc, char **argv);
 double sb_now_s(void);
 double sb_median(double *v, int n);
 
+/* A pair measured side by side: a(ca) and b(cb) each once as a warm-up, then in turn while the
+   benchmark runs, which goes first alternating so that neither always runs on the other's warm
+   caches; a call returning non-zero ends the loop. Medians of each (over the first 4096 pairs)
+   in *ta and *tb. Returns 0, the first non-zero a call returned, or -1 when no pair ran. */
+typedef int (*sb_call_fn)(void *ctx);
+int sb_alternate(sb_state *s, sb_call_fn a, void *ca, sb_call_fn b, void *cb, double *ta,
+                 double *tb);
+
+/* The process's resident high-water mark in MiB (VmHWM; -1 where /proc cannot tell), and its
+   reset (through /proc/self/clear_refs). */
+double sb_peak_rss_mib(void);
+void sb_reset_peak_rss(void);
+
 /* Initialises Google Benchmark from the command line and runs the registered benchmarks. */
 int sb_main(int argc, char **argv);
 
