@@ -133,6 +133,47 @@ static void bufs_free(bufs *b)
 
 static const char *gnames[8] = {"dW_Q", "dW_K", "dW_V", "dW_O", "db_Q", "db_K", "db_V", "db_O"};
 
+/* dx and every asked-for gradient of b against the float64 reference (n[i] 0: not there). */
+static void expect_grads_close(const char *dx_name, const bufs *b, const double *rdx,
+                               double *const rg[8], size_t n_x, const size_t n[8])
+{
+    expect_close(dx_name, b->dx, rdx, n_x);
+    for (int i = 0; i < 8; i++)
+        if (n[i])
+            expect_close(gnames[i], b->g[i], rg[i], n[i]);
+}
+
+/* The same bits in dx and every gradient. */
+static void expect_same_bits(const bufs *a, const bufs *b, size_t n_x, const size_t n[8])
+{
+    assert_memory_equal(a->dx, b->dx, sizeof(float) * n_x);
+    for (int i = 0; i < 8; i++)
+        assert_memory_equal(a->g[i], b->g[i], sizeof(float) * n[i]);
+}
+
+/* Rows of padding (t >= lens[b]) of dx [batch][seq][dm] are exactly 0. */
+static void expect_padding_zero(const float *dx, const int32_t *lens, int batch, int seq, int dm)
+{
+    for (int b = 0; lens != NULL && b < batch; b++)
+        for (size_t e = (size_t)lens[b] * dm; e < (size_t)seq * dm; e++)
+            assert_true(dx[(size_t)b * seq * dm + e] == 0.0f);
+}
+
+/* The gradients through a train state of its own (forward_train, then backward_train) into out;
+   the forward's y into y. */
+static void train_backward(const selfattn_layer *l, int batch, int seq, const float *x,
+                           const int32_t *lens, const float *dy, float *y, bufs *out)
+{
+    size_t bytes = 0;
+    assert_int_equal(selfattn_train_state_size(l, batch, seq, &bytes), SELFATTN_OK);
+    void *st = malloc(bytes);
+    assert_int_equal(selfattn_forward_train(l, batch, seq, x, lens, y, st, bytes), SELFATTN_OK);
+    assert_int_equal(
+        selfattn_backward_train(l, batch, seq, x, lens, dy, out->dx, &out->grads, st, bytes),
+        SELFATTN_OK);
+    free(st);
+}
+
 static const int32_t *case_lengths(const bcase *c, int32_t *lens)
 {
     if (!c->lengths)
@@ -167,41 +208,20 @@ static void run_layer_case(const bcase *c, uint64_t seed)
     for (int i = 0; i < 8; i++)
         rg[i] = malloc(sizeof(double) * (n[i] ? n[i] : 1));
     ref_backward(&t.ref, &o, c->batch, c->seq, x, lp, dy, rdx, rg);
-    expect_close("dx", lib.dx, rdx, n_x);
-    for (int i = 0; i < 8; i++)
-        if (n[i])
-            expect_close(gnames[i], lib.g[i], rg[i], n[i]);
-    /* padding rows: exactly 0 */
-    for (int b = 0; lp != NULL && b < c->batch; b++)
-        for (size_t e = (size_t)lp[b] * dm; e < (size_t)c->seq * dm; e++)
-            assert_true(lib.dx[(size_t)b * c->seq * dm + e] == 0.0f);
+    expect_grads_close("dx", &lib, rdx, rg, n_x, n);
+    expect_padding_zero(lib.dx, lp, c->batch, c->seq, dm); /* exactly 0 */
 
     /* The same through the kept activations: y bit for bit as selfattn_forward's, gradients
        against the same reference. */
-    size_t state_bytes = 0;
-    assert_int_equal(selfattn_train_state_size(t.layer, c->batch, c->seq, &state_bytes),
-                     SELFATTN_OK);
-    void *state = malloc(state_bytes);
     float *y = malloc(sizeof(float) * n_x), *y_train = malloc(sizeof(float) * n_x);
     assert_int_equal(selfattn_forward(t.layer, c->batch, c->seq, x, lp, y), SELFATTN_OK);
-    assert_int_equal(selfattn_forward_train(t.layer, c->batch, c->seq, x, lp, y_train, state,
-                                            state_bytes),
-                     SELFATTN_OK);
-    assert_memory_equal(y_train, y, sizeof(float) * n_x);
     bufs kept;
     bufs_make(&kept, &t.ref, n_x);
-    assert_int_equal(selfattn_backward_train(t.layer, c->batch, c->seq, x, lp, dy, kept.dx,
-                                             &kept.grads, state, state_bytes),
-                     SELFATTN_OK);
-    expect_close("dx (train)", kept.dx, rdx, n_x);
-    for (int i = 0; i < 8; i++)
-        if (n[i])
-            expect_close(gnames[i], kept.g[i], rg[i], n[i]);
-    for (int b = 0; lp != NULL && b < c->batch; b++)
-        for (size_t e = (size_t)lp[b] * dm; e < (size_t)c->seq * dm; e++)
-            assert_true(kept.dx[(size_t)b * c->seq * dm + e] == 0.0f);
+    train_backward(t.layer, c->batch, c->seq, x, lp, dy, y_train, &kept);
+    assert_memory_equal(y_train, y, sizeof(float) * n_x);
+    expect_grads_close("dx (train)", &kept, rdx, rg, n_x, n);
+    expect_padding_zero(kept.dx, lp, c->batch, c->seq, dm);
     bufs_free(&kept);
-    free(state);
     free(y);
     free(y_train);
     free(x);
@@ -529,37 +549,23 @@ static void test_padding(void **state)
             dy[(size_t)b * c.seq * dm + e] = NAN;
     assert_int_equal(selfattn_backward(t.layer, 3, c.seq, x, lens, dy, b2.dx, &b2.grads),
                      SELFATTN_OK);
-    assert_memory_equal(a.dx, b2.dx, sizeof(float) * n_x);
     size_t n[8];
     grad_sizes(&t.ref, n);
-    for (int i = 0; i < 8; i++)
-        assert_memory_equal(a.g[i], b2.g[i], sizeof(float) * n[i]);
-    for (int b = 1; b < 3; b++)
-        for (size_t e = (size_t)lens[b] * dm; e < (size_t)c.seq * dm; e++)
-            assert_true(a.dx[(size_t)b * c.seq * dm + e] == 0.0f);
+    expect_same_bits(&a, &b2, n_x, n);
+    expect_padding_zero(a.dx, lens, 3, c.seq, dm);
     /* the same through the train state, NaN dy and x in the padding rows: the same gradients to
        rounding (they take another path), dx 0 in the padding rows */
-    size_t bytes = 0;
-    assert_int_equal(selfattn_train_state_size(t.layer, 3, c.seq, &bytes), SELFATTN_OK);
-    void *st = malloc(bytes);
     float *y = malloc(sizeof(float) * n_x);
-    assert_int_equal(selfattn_forward_train(t.layer, 3, c.seq, x, lens, y, st, bytes),
-                     SELFATTN_OK);
     bufs k;
     bufs_make(&k, &t.ref, n_x);
-    assert_int_equal(
-        selfattn_backward_train(t.layer, 3, c.seq, x, lens, dy, k.dx, &k.grads, st, bytes),
-        SELFATTN_OK);
+    train_backward(t.layer, 3, c.seq, x, lens, dy, y, &k);
     for (size_t e = 0; e < n_x; e++)
         assert_true(fabsf(k.dx[e] - a.dx[e]) <= 1e-5f);
     for (int i = 0; i < 8; i++)
         for (size_t e = 0; e < n[i]; e++)
             assert_true(fabsf(k.g[i][e] - a.g[i][e]) <= 1e-5f);
-    for (int b = 1; b < 3; b++)
-        for (size_t e = (size_t)lens[b] * dm; e < (size_t)c.seq * dm; e++)
-            assert_true(k.dx[(size_t)b * c.seq * dm + e] == 0.0f);
+    expect_padding_zero(k.dx, lens, 3, c.seq, dm);
     bufs_free(&k);
-    free(st);
     free(y);
     /* every sequence empty: dx all 0, weight gradients all 0 */
     const int32_t zero[3] = {0, 0, 0};
@@ -611,9 +617,7 @@ static void test_threads_identical(void **state)
             assert_int_equal(
                 selfattn_backward(t.layer, 2, c.seq, x, lens, dy, run.dx, &run.grads),
                 SELFATTN_OK);
-            assert_memory_equal(run.dx, ref.dx, sizeof(float) * n_x);
-            for (int i = 0; i < 8; i++)
-                assert_memory_equal(run.g[i], ref.g[i], sizeof(float) * n[i]);
+            expect_same_bits(&run, &ref, n_x, n);
             bufs_free(&run);
             assert_int_equal(
                 selfattn_attend_backward(t.layer, 2, 700, 700, q, k, v, lens, go, bq, bk, bv),
@@ -641,9 +645,7 @@ static void test_threads_identical(void **state)
         assert_int_equal(
             selfattn_backward_train(t.layer, 2, c.seq, x, lens, dy, run.dx, &run.grads, st, bytes),
             SELFATTN_OK);
-        assert_memory_equal(run.dx, kref.dx, sizeof(float) * n_x);
-        for (int i = 0; i < 8; i++)
-            assert_memory_equal(run.g[i], kref.g[i], sizeof(float) * n[i]);
+        expect_same_bits(&run, &kref, n_x, n);
         bufs_free(&run);
     }
     bufs_free(&kref);
@@ -999,9 +1001,7 @@ static void test_train_state(void **state)
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 2), SELFATTN_OK);
     assert_int_equal(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
                      SELFATTN_OK);
-    assert_memory_equal(b.dx, first.dx, sizeof(float) * n_x);
-    for (int i = 0; i < 8; i++)
-        assert_memory_equal(b.g[i], first.g[i], sizeof(float) * n[i]);
+    expect_same_bits(&b, &first, n_x, n);
     for (int i = 0; i < 8; i++)
         fill(b.g[i], n[i], SENT);
     fill(b.dx, n_x, SENT);
