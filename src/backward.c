@@ -551,10 +551,10 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
     /* lse, D, scratch and, for the single pass, O (D = rowsum(dO o O) needs it) */
     const size_t parts[4] = {head_rows, head_rows, scratch, w.onepass ? q_rows * nq : 0};
-    size_t off[4], bytes;
-    SA_CHECK(sa_ws_layout(parts, 4, off, &bytes), SELFATTN_ERR_OVERFLOW);
-    sa_ws *ws = sa_ws_acquire(layer->ws, bytes);
-    SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
+    size_t off[4];
+    sa_ws *ws;
+    st = sa_ws_acquire_parts(layer->ws, parts, 4, off, &ws);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
     float *base = ws->data;
@@ -638,10 +638,10 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
                              own_lse ? head_rows : 0,
                              head_rows,
                              scratch};
-    size_t off[7], bytes;
-    SA_CHECK(sa_ws_layout(parts, 7, off, &bytes), SELFATTN_ERR_OVERFLOW);
-    sa_ws *ws = sa_ws_acquire(layer->ws, bytes);
-    SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
+    size_t off[7];
+    sa_ws *ws;
+    st = sa_ws_acquire_parts(layer->ws, parts, 7, off, &ws);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
     float *base = ws->data;

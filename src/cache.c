@@ -226,28 +226,25 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
                          4.0 * (double)valid * max_keys * (double)nq;
     const int workers = sa_workers_for(layer, flops);
     /* Workspace: qkv [rows][nqkv], attn [rows][nq], the descriptions, positions, scratch. */
-    const size_t qkv_f = rows * nqkv, attn_f = layer->out_proj ? rows * nq : 0;
-    size_t total_f, s_f, desc_b;
+    size_t s_f, desc_b;
     SA_CHECK(sa_array_bytes(rows, nqkv) != 0 && sa_array_bytes(rows, nq) != 0 &&
                  sa_mul_size((size_t)workers, per_worker, &s_f) &&
                  sa_mul_size((size_t)n_seqs, sizeof(sa_attn) + sizeof(sa_attn_plan) +
                                                  sizeof(int64_t) + sizeof(int32_t),
                              &desc_b),
              SELFATTN_ERR_OVERFLOW);
-    const size_t qkv_off = 0, attn_off = (qkv_f + 15) / 16 * 16;
-    const size_t s_off = attn_off + (attn_f + 15) / 16 * 16;
-    const size_t d_off = s_off + (s_f + 15) / 16 * 16;
-    SA_CHECK(sa_add_size(d_off, desc_b / sizeof(float) + 16, &total_f) &&
-                 sa_array_bytes(total_f, 1) != 0,
-             SELFATTN_ERR_OVERFLOW);
-    sa_ws *ws = sa_ws_acquire(layer->ws, sa_array_bytes(total_f, 1));
-    SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
+    const size_t parts[4] = {rows * nqkv, layer->out_proj ? rows * nq : 0, s_f,
+                             (desc_b + sizeof(float) - 1) / sizeof(float)};
+    size_t off[4];
+    sa_ws *ws;
+    const selfattn_status st = sa_ws_acquire_parts(layer->ws, parts, 4, off, &ws);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     /* Nothing fails from here on. */
     sa_blas_init();
     float *wsf = ws->data;
-    float *qkv = wsf + qkv_off, *attn = layer->out_proj ? wsf + attn_off : y;
-    sa_attn *desc = (sa_attn *)(void *)(wsf + d_off);
+    float *qkv = wsf + off[0], *attn = layer->out_proj ? wsf + off[1] : y;
+    sa_attn *desc = (sa_attn *)(void *)(wsf + off[3]);
     sa_attn_plan *plans = (sa_attn_plan *)(void *)(desc + n_seqs);
     int64_t *pos0 = (int64_t *)(void *)(plans + n_seqs);
     int32_t *lens = (int32_t *)(void *)(pos0 + n_seqs);
@@ -287,7 +284,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         n_desc++;
         cache->len[s] = L + n;
     }
-    sa_attn_run_many(desc, plans, n_desc, workers, wsf + s_off, per_worker);
+    sa_attn_run_many(desc, plans, n_desc, workers, wsf + off[2], per_worker);
 
     if (layer->out_proj) {
         const sa_proj out_proj = {attn, nq, layer->w_o, layer->b_o, y, dm,

@@ -213,16 +213,15 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     const int workers = sa_workers_for(layer, flops);
     /* scores per worker, then (enough queries to be GEMM-bound) head-major copies of K and V */
     const int headmajor = q_len >= SA_HEADMAJOR_MIN_Q;
-    const size_t s_bytes = sa_array_bytes((size_t)workers, plan.floats_per_worker);
-    const size_t kv_bytes = sa_array_bytes((size_t)batch * (size_t)kv_len, nkv);
-    const size_t kvh_off = (s_bytes / sizeof(float) + 15) / 16 * 16;
-    size_t ws_bytes;
-    SA_CHECK(s_bytes != 0 &&
-                 sa_add_size(kvh_off * sizeof(float), headmajor ? 2 * kv_bytes : 0, &ws_bytes) &&
-                 ws_bytes <= (size_t)PTRDIFF_MAX,
+    size_t s_floats;
+    SA_CHECK(sa_mul_size((size_t)workers, plan.floats_per_worker, &s_floats),
              SELFATTN_ERR_OVERFLOW);
-    sa_ws *ws = sa_ws_acquire(layer->ws, ws_bytes);
-    SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
+    const size_t kv_floats = (size_t)batch * (size_t)kv_len * nkv; /* addressable: checked */
+    const size_t parts[3] = {s_floats, headmajor ? kv_floats : 0, headmajor ? kv_floats : 0};
+    size_t off[3];
+    sa_ws *ws;
+    st = sa_ws_acquire_parts(layer->ws, parts, 3, off, &ws);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
     a.kv_lengths = kv_lengths;
@@ -234,12 +233,11 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     a.out = out;
     float *wsf = ws->data;
     if (headmajor) {
-        const size_t kv_f = kv_bytes / sizeof(float);
         const sa_kv_copy c = {k,       v, nkv, batch, kv_len, layer->n_kv_heads, layer->head_dim,
-                              kv_lengths, wsf + kvh_off, wsf + kvh_off + kv_f};
+                              kv_lengths, wsf + off[1], wsf + off[2]};
         sa_use_headmajor(&a, &c, workers);
     }
-    sa_attn_run(&a, &plan, workers, wsf);
+    sa_attn_run(&a, &plan, workers, wsf + off[0]);
     sa_ws_release(layer->ws, ws);
     return SELFATTN_OK;
 }
@@ -295,10 +293,10 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     const size_t parts[4] = {keep != NULL ? 0 : rows * nqkv,
                              keep == NULL && layer->out_proj ? rows * nq : 0, s_floats,
                              headmajor ? 2 * rows * nkv : 0};
-    size_t off[4], total;
-    SA_CHECK(sa_ws_layout(parts, 4, off, &total), SELFATTN_ERR_OVERFLOW);
-    sa_ws *ws = sa_ws_acquire(layer->ws, total);
-    SA_CHECK(ws != NULL, SELFATTN_ERR_NOMEM);
+    size_t off[4];
+    sa_ws *ws;
+    st = sa_ws_acquire_parts(layer->ws, parts, 4, off, &ws);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
     float *wsf = ws->data;

@@ -215,6 +215,10 @@ SA_HIDDEN void sa_ws_release(sa_ws_cache *c, sa_ws *w); /* NULL is a no-op */
    whole would not fit in PTRDIFF_MAX bytes. */
 #define SA_WS_ALIGN 16
 SA_HIDDEN int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes);
+/* sa_ws_layout, then a workspace of the whole from the cache into *ws: SELFATTN_OK,
+   SELFATTN_ERR_OVERFLOW or SELFATTN_ERR_NOMEM. */
+SA_HIDDEN selfattn_status sa_ws_acquire_parts(sa_ws_cache *c, const size_t *floats, int n,
+                                              size_t *off, sa_ws **ws);
 
 /* ---- The layer ---- */
 enum { SA_HAVE_Q = 1u, SA_HAVE_K = 2u, SA_HAVE_V = 4u, SA_HAVE_O = 8u };

@@ -108,3 +108,13 @@ int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes)
         return 0;
     return 1;
 }
+
+selfattn_status sa_ws_acquire_parts(sa_ws_cache *c, const size_t *floats, int n, size_t *off,
+                                    sa_ws **ws)
+{
+    size_t bytes;
+    SA_CHECK(sa_ws_layout(floats, n, off, &bytes), SELFATTN_ERR_OVERFLOW);
+    *ws = sa_ws_acquire(c, bytes);
+    SA_CHECK(*ws != NULL, SELFATTN_ERR_NOMEM);
+    return SELFATTN_OK;
+}
