@@ -160,7 +160,43 @@ def _bias_view(bias, full):
     return b, v.ctypes.data, strides[0], strides[1], strides[2]
 
 
-class Layer:
+class _Handle:
+    """The lifetime Layer and Cache share: the C handle in _h, released by close() (idempotent;
+    also at garbage collection and at the end of a with block) through the class's _destroy;
+    _handle() gives it, or raises ValueError once closed."""
+
+    _what = "handle"
+
+    @staticmethod
+    def _destroy(h):
+        raise NotImplementedError
+
+    def close(self):
+        """Release the C object. Idempotent."""
+        h, self._h = self._h, None
+        if h is not None:
+            self._destroy(h)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _handle(self):
+        h = self._h
+        if h is None:
+            raise ValueError("selfattn.%s: the %s is closed" % (self._what, self._what.lower()))
+        return h
+
+
+class Layer(_Handle):
     """One multi-head self-attention layer (libselfattn's selfattn_layer) with its own copy of
     the weights.
 
@@ -210,32 +246,18 @@ class Layer:
             raise
 
     # ---- lifetime ------------------------------------------------------------------------------
+    _what = "Layer"
+
+    @staticmethod
+    def _destroy(h):
+        _C.selfattn_layer_destroy(h)
+
     def close(self):
         """Release the C layer (and first any Cache bound to it). Idempotent; later calls on
         the layer raise ValueError. Needs exclusive access (no call running on it)."""
         for c in list(self._caches):
             c.close()
-        h, self._h = self._h, None
-        if h is not None:
-            _C.selfattn_layer_destroy(h)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _handle(self):
-        h = self._h
-        if h is None:
-            raise ValueError("selfattn.Layer: the layer is closed")
-        return h
+        _Handle.close(self)
 
     @property
     def handle(self):
@@ -644,7 +666,7 @@ class TrainState:
             self.batch, self.seq_len, self.nbytes)
 
 
-class Cache:
+class Cache(_Handle):
     """Key/value cache for incremental decoding (selfattn_cache, libselfattn 1.1).
 
     Cache(layer, n_seqs, capacity): room for n_seqs sequences of up to capacity positions each,
@@ -665,28 +687,11 @@ class Cache:
         self._layer, self._n_seqs, self._capacity = layer, n_seqs, capacity
         layer._caches.add(self)
 
-    def close(self):
-        """Release the C cache. Idempotent."""
-        h, self._h = self._h, None
-        if h is not None:
-            _C.selfattn_cache_destroy(h)
+    _what = "Cache"
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _handle(self):
-        if self._h is None:
-            raise ValueError("selfattn.Cache: the cache is closed")
-        return self._h
+    @staticmethod
+    def _destroy(h):
+        _C.selfattn_cache_destroy(h)
 
     layer = property(lambda self: self._layer)
     n_seqs = property(lambda self: self._n_seqs)
