@@ -603,15 +603,12 @@ class Layer(_Handle):
             raise TypeError("state must be the TrainState of Layer.forward_train, got %s"
                             % type(state).__name__)
         res, args, keep = self._grad_args(x, dy, lengths, wrt)
-        if (args[0], args[1]) != (state.batch, state.seq_len):
-            # the library would answer INVALID (state too small) or STATE depending on sizes
-            raise error_for(_lib.ERR_STATE, "selfattn_backward_train",
-                            "the state was made for batch=%d, seq_len=%d, not %d, %d"
-                            % (state.batch, state.seq_len, args[0], args[1]))
+        # the library checks the state's header (layer, batch, seq_len, lengths) before its size
         st = _C.selfattn_backward_train(h, *args, state._ptr, state._capacity)
         _check(st, "selfattn_backward_train",
-               "the state was not made by forward_train on this layer with these lengths, or "
-               "the layer changed since" if st == _lib.ERR_STATE else None)
+               "the state (batch=%d, seq_len=%d) was not made by forward_train on this layer with "
+               "this batch, seq_len and lengths, or the layer changed since"
+               % (state.batch, state.seq_len) if st == _lib.ERR_STATE else None)
         return res
 
     def attend_backward(self, q, k, v, dout, kv_lengths=None, wrt=("q", "k", "v")):
