@@ -57,6 +57,26 @@ static float *make_bias(tu_rng *r, int kind, int batch, int heads, int q, int k,
     return bias;
 }
 
+/* Extras asking for everything: the case's bias pattern drawn from r (none for BIAS_NONE), and
+   room for the weights and lse of batch x heads x q rows over k keys. */
+static void extras_make(selfattn_extras *e, tu_rng *r, int kind, int batch, int heads, int q, int k)
+{
+    memset(e, 0, sizeof *e);
+    e->struct_size = sizeof *e;
+    if (kind != BIAS_NONE)
+        e->attn_bias = make_bias(r, kind, batch, heads, q, k, &e->bias_stride_batch,
+                                 &e->bias_stride_head, &e->bias_stride_row);
+    e->weights = malloc(sizeof(float) * (size_t)batch * heads * q * k);
+    e->lse = malloc(sizeof(float) * (size_t)batch * heads * q);
+}
+
+static void extras_free(selfattn_extras *e)
+{
+    free((void *)e->attn_bias);
+    free(e->weights);
+    free(e->lse);
+}
+
 static int visible(const mcase *c, int len, int q_len, int kv_len, int i, int j)
 {
     const long p = (long)kv_len - q_len + i;
@@ -119,30 +139,22 @@ static void run_attend_case(const mcase *c, uint64_t seed, int Q)
     float *v = tu_random(&r, B * K * nkv, -1, 1);
     const int32_t lens[B] = {K, 6};
     selfattn_extras e;
-    memset(&e, 0, sizeof e);
-    e.struct_size = sizeof e;
-    float *bias = c->bias != BIAS_NONE ? make_bias(&r, c->bias, B, H, Q, K, &e.bias_stride_batch,
-                                                   &e.bias_stride_head, &e.bias_stride_row)
-                                       : NULL;
-    e.attn_bias = bias;
+    extras_make(&e, &r, c->bias, B, H, Q, K);
     float *out = malloc(sizeof(float) * B * Q * nq);
-    e.weights = malloc(sizeof(float) * B * H * Q * K);
-    e.lse = malloc(sizeof(float) * B * H * Q);
     double *yr = malloc(sizeof(double) * B * Q * nq), *wr = malloc(sizeof(double) * B * H * Q * K);
     double *lr = malloc(sizeof(double) * B * H * Q);
     const int32_t *lp = c->lengths ? lens : NULL;
     assert_int_equal(selfattn_attend_ex(t.layer, B, Q, K, q, k, v, lp, &e, out), SELFATTN_OK);
-    ref_opts o = {c->window, c->alibi, c->softcap, bias, e.bias_stride_batch, e.bias_stride_head,
-                  e.bias_stride_row, 0, 0, 0};
+    ref_opts o = {
+        c->window,          c->alibi,          c->softcap, e.attn_bias, e.bias_stride_batch,
+        e.bias_stride_head, e.bias_stride_row, 0,          0,           0};
     ref_attend_ex(&t.ref, &o, B, Q, K, q, k, v, lp, yr, wr, lr);
     compare(c, B, H, Q, K, lp, out, yr, B * Q * nq, e.weights, wr, e.lse, lr);
     free(q);
     free(k);
     free(v);
-    free(bias);
     free(out);
-    free(e.weights);
-    free(e.lse);
+    extras_free(&e);
     free(yr);
     free(wr);
     free(lr);
@@ -163,28 +175,20 @@ static void run_forward_case(const mcase *c, uint64_t seed, int rope, int rope_d
     float *x = tu_random(&r, (size_t)B * L * dm, -1.5f, 1.5f);
     const int32_t lens[B] = {L, 4};
     selfattn_extras e;
-    memset(&e, 0, sizeof e);
-    e.struct_size = sizeof e;
-    float *bias = c->bias != BIAS_NONE ? make_bias(&r, c->bias, B, H, L, L, &e.bias_stride_batch,
-                                                   &e.bias_stride_head, &e.bias_stride_row)
-                                       : NULL;
-    e.attn_bias = bias;
+    extras_make(&e, &r, c->bias, B, H, L, L);
     float *y = malloc(sizeof(float) * B * L * dm);
-    e.weights = malloc(sizeof(float) * B * H * L * L);
-    e.lse = malloc(sizeof(float) * B * H * L);
     double *yr = malloc(sizeof(double) * B * L * dm), *wr = malloc(sizeof(double) * B * H * L * L);
     double *lr = malloc(sizeof(double) * B * H * L);
     const int32_t *lp = c->lengths ? lens : NULL;
     assert_int_equal(selfattn_forward_ex(t.layer, B, L, x, lp, &e, y), SELFATTN_OK);
-    ref_opts o = {c->window, c->alibi, c->softcap, bias, e.bias_stride_batch, e.bias_stride_head,
-                  e.bias_stride_row, rope, rope_dims, 0};
+    ref_opts o = {
+        c->window,          c->alibi,          c->softcap, e.attn_bias, e.bias_stride_batch,
+        e.bias_stride_head, e.bias_stride_row, rope,       rope_dims,   0};
     ref_forward_ex(&t.ref, &o, B, L, x, lp, yr, wr, lr);
     compare(c, B, H, L, L, lp, y, yr, (size_t)B * L * dm, e.weights, wr, e.lse, lr);
     free(x);
-    free(bias);
     free(y);
-    free(e.weights);
-    free(e.lse);
+    extras_free(&e);
     free(yr);
     free(wr);
     free(lr);
