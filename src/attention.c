@@ -55,6 +55,10 @@ static void sa_row_range(const sa_attn *a, int32_t len, int32_t i, int32_t *lo, 
         if (!a->causal && p + a->window < h)
             h = p + a->window;
     }
+    /* An empty range sits at or below len: a block's key span runs from its first row's lo to
+       its last row's hi, and must never take in keys at or past the length. */
+    if (l > len)
+        l = len;
     if (h < l)
         h = l;
     *lo = (int32_t)l;
