@@ -218,7 +218,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
             per_worker = p.floats_per_worker;
     }
     /* every sequence's core tasks (at most heads * ceil(n / 32) each) are counted in an int */
-    SA_CHECK((int64_t)n_seqs * layer->n_heads * ((max_new + 31) / 32) <= INT32_MAX,
+    SA_CHECK((int64_t)n_seqs * layer->n_heads * (((int64_t)max_new + 31) / 32) <= INT32_MAX,
              SELFATTN_ERR_OVERFLOW);
 
     /* One attention description per sequence. */

@@ -272,6 +272,13 @@ selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, float scale)
     return SELFATTN_OK;
 }
 
+/* A finite double that a float option can hold: within float range, and not a non-zero value
+   that would narrow to 0 (which means "default" or "off"). */
+static int sa_float_exact_enough(double value)
+{
+    return fabs(value) <= FLT_MAX && (value == 0.0 || (float)value != 0.0f);
+}
+
 selfattn_status selfattn_layer_set_float(selfattn_layer *layer, selfattn_float_option opt,
                                          double value)
 {
@@ -279,7 +286,7 @@ selfattn_status selfattn_layer_set_float(selfattn_layer *layer, selfattn_float_o
     SA_CHECK(isfinite(value), SELFATTN_ERR_INVALID);
     switch (opt) {
     case SELFATTN_FOPT_SCALE:
-        SA_CHECK(fabs(value) <= FLT_MAX, SELFATTN_ERR_INVALID);
+        SA_CHECK(sa_float_exact_enough(value), SELFATTN_ERR_INVALID);
         layer->scale_opt = (float)value;
         layer->version++;
         return SELFATTN_OK;
@@ -289,7 +296,7 @@ selfattn_status selfattn_layer_set_float(selfattn_layer *layer, selfattn_float_o
         layer->version++;
         return SELFATTN_OK;
     case SELFATTN_FOPT_SOFTCAP:
-        SA_CHECK(value >= 0.0 && value <= FLT_MAX, SELFATTN_ERR_INVALID);
+        SA_CHECK(value >= 0.0 && sa_float_exact_enough(value), SELFATTN_ERR_INVALID);
         layer->softcap = (float)value;
         layer->version++;
         return SELFATTN_OK;

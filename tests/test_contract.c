@@ -419,6 +419,152 @@ static void test_attend_errors(void **state)
     selfattn_layer_destroy(l);
 }
 
+/* Every entry point that takes a count, at the extremes (INT32_MAX counts whose products need
+   2^62 elements and more, INT64_MAX element counts, SIZE_MAX byte counts): an exact status, no
+   output written, and (run under UBSan in CI) no signed overflow on the way. The buffers are
+   small: each call must fail before it reads or writes them. */
+static void test_extreme_sizes(void **state)
+{
+    (void)state;
+    const int32_t M = INT32_MAX;
+    selfattn_layer *l = full_layer();
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    float in[4 * D], out[4 * D], out2[4 * D], out3[4 * D];
+    fill_sentinel(in, 4 * D);
+    fill_sentinel(out, 4 * D);
+    fill_sentinel(out2, 4 * D);
+    fill_sentinel(out3, 4 * D);
+    uint64_t st_buf[64];
+    memset(st_buf, 0, sizeof st_buf);
+    size_t bytes = 12345;
+    selfattn_extras e;
+    memset(&e, 0, sizeof e);
+    e.struct_size = sizeof e;
+    selfattn_cache *c = NULL, *const marker = (selfattn_cache *)&marker;
+
+    /* layer shape and weights */
+    selfattn_layer *l2 = NULL;
+    assert_int_equal(selfattn_layer_create(M, 1, &l2), SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_layer_create(M, M, &l2), SELFATTN_ERR_OVERFLOW);
+    assert_null(l2);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, wq, INT64_MAX),
+                     SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, wq, INT64_MIN),
+                     SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, INT64_MAX), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, INT64_MIN), SELFATTN_ERR_INVALID);
+
+    /* whole-batch calls: rows * width overflows */
+    assert_int_equal(selfattn_forward(l, M, M, in, NULL, out), SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_forward_ex(l, M, M, in, NULL, &e, out), SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_attend(l, M, M, M, in, in, in, NULL, out), SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_attend_ex(l, M, M, M, in, in, in, NULL, &e, out),
+                     SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_attend_backward(l, M, M, M, in, in, in, NULL, in, out, out2, out3),
+                     SELFATTN_ERR_OVERFLOW);
+    /* one query over 2^31 - 1 keys: the score row does not fit a CBLAS int leading dimension */
+    assert_int_equal(selfattn_attend_backward(l, 1, 1, M, in, in, in, NULL, in, out, out2, out3),
+                     SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_backward(l, M, M, in, NULL, in, out, NULL), SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_train_state_size(l, M, M, &bytes), SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(bytes, 12345);
+    assert_int_equal(selfattn_forward_train(l, M, M, in, NULL, out, st_buf, SIZE_MAX),
+                     SELFATTN_ERR_OVERFLOW);
+    assert_int_equal(selfattn_backward_train(l, M, M, in, NULL, in, out, NULL, st_buf, SIZE_MAX),
+                     SELFATTN_ERR_OVERFLOW);
+
+    /* the cache */
+    c = marker;
+    assert_int_equal(selfattn_cache_create(l, M, M, &c), SELFATTN_ERR_OVERFLOW);
+    assert_ptr_equal(c, marker);
+    assert_int_equal(selfattn_cache_create(l, 64, 1, &c), SELFATTN_OK);
+    int32_t len = -7;
+    assert_int_equal(selfattn_cache_length(c, M, &len), SELFATTN_ERR_INVALID);
+    assert_int_equal(len, -7);
+    assert_int_equal(selfattn_cache_truncate(c, M, 0), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_cache_truncate(c, 0, M), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_cache_copy(c, M, 0), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_cache_copy(c, 0, M), SELFATTN_ERR_INVALID);
+    int32_t n_new[64];
+    memset(n_new, 0, sizeof n_new);
+    /* max_new 2^31 - 1 with no token taken: the core's task count (64 sequences x 4 heads x
+       2^26 blocks) does not fit an int (it once overflowed computing ceil(max_new / 32)) */
+    assert_int_equal(selfattn_forward_cached(l, c, M, in, n_new, out), SELFATTN_ERR_OVERFLOW);
+    n_new[0] = M; /* past the capacity of 1 */
+    assert_int_equal(selfattn_forward_cached(l, c, M, in, n_new, out), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_forward_cached(l, c, M, in, NULL, out), SELFATTN_ERR_INVALID);
+    assert_int_equal(selfattn_cache_length(c, 0, &len), SELFATTN_OK);
+    assert_int_equal(len, 0);
+    selfattn_cache_destroy(c);
+
+    assert_sentinel(out, 4 * D);
+    assert_sentinel(out2, 4 * D);
+    assert_sentinel(out3, 4 * D);
+    selfattn_layer_destroy(l);
+}
+
+/* One sequence with max_new 2^31 - 1 and no token taken: the sizes fit, the workspace cannot be
+   had (NOMEM). The task count's ceil(max_new / 32) once overflowed int here (UBSan). Needs the
+   kernel to refuse a ~400 GiB allocation: skipped under overcommit mode 1. */
+static void test_cache_huge_max_new(void **state)
+{
+    (void)state;
+    FILE *f = fopen("/proc/sys/vm/overcommit_memory", "r");
+    int mode = -1;
+    if (f) {
+        if (fscanf(f, "%d", &mode) != 1)
+            mode = -1;
+        fclose(f);
+    }
+    if (mode == 1) {
+        printf("  overcommit_memory=1: an impossible allocation would succeed; skipped\n");
+        skip();
+    }
+    selfattn_layer *l = full_layer();
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    selfattn_cache *c;
+    assert_int_equal(selfattn_cache_create(l, 1, 4, &c), SELFATTN_OK);
+    float x[D], y[D];
+    fill_sentinel(x, D);
+    fill_sentinel(y, D);
+    const int32_t n_new[1] = {0};
+    assert_int_equal(selfattn_forward_cached(l, c, INT32_MAX, x, n_new, y), SELFATTN_ERR_NOMEM);
+    assert_sentinel(y, D);
+    selfattn_cache_destroy(c);
+    selfattn_layer_destroy(l);
+}
+
+/* Float options are stored as float: a non-zero value that would narrow to 0 ("default" for
+   SCALE, "off" for SOFTCAP) or past FLT_MAX is INVALID and changes nothing; a tiny value that
+   survives (a subnormal float) is taken and read back as stored. */
+static void test_float_option_narrowing(void **state)
+{
+    (void)state;
+    selfattn_layer *l = full_layer();
+    double v = 0;
+    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SCALE, 0.5), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, 2.0), SELFATTN_OK);
+    const double bad[] = {1e-60, -1e-60, 1e-46, 1e39, -1e300};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SCALE, bad[i]),
+                         SELFATTN_ERR_INVALID);
+        assert_int_equal(selfattn_layer_get_float(l, SELFATTN_FOPT_SCALE, &v), SELFATTN_OK);
+        assert_true(v == 0.5);
+        assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, bad[i]),
+                         SELFATTN_ERR_INVALID);
+        assert_int_equal(selfattn_layer_get_float(l, SELFATTN_FOPT_SOFTCAP, &v), SELFATTN_OK);
+        assert_true(v == 2.0);
+    }
+    const double tiny = 1e-40; /* a subnormal float, not 0 */
+    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SCALE, tiny), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_get_float(l, SELFATTN_FOPT_SCALE, &v), SELFATTN_OK);
+    assert_true(v == (double)(float)tiny && v != 0.0);
+    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, tiny), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_get_float(l, SELFATTN_FOPT_SOFTCAP, &v), SELFATTN_OK);
+    assert_true(v == (double)(float)tiny && v != 0.0);
+    selfattn_layer_destroy(l);
+}
+
 int main(void)
 {
     fill_weights();
@@ -430,6 +576,9 @@ int main(void)
         cmocka_unit_test(test_forward_errors),
         cmocka_unit_test(test_forward_nomem),
         cmocka_unit_test(test_attend_errors),
+        cmocka_unit_test(test_extreme_sizes),
+        cmocka_unit_test(test_cache_huge_max_new),
+        cmocka_unit_test(test_float_option_narrowing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

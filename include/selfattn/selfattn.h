@@ -212,6 +212,9 @@ SELFATTN_API selfattn_status selfattn_layer_set_weight(selfattn_layer *layer,
 
 /* Set a real-valued option (1.1). Non-finite or out-of-range values (a negative softcap, a
    theta <= 0 other than 0) give SELFATTN_ERR_INVALID and change nothing; 0 restores the default.
+   SCALE and SOFTCAP are kept as float: a value beyond FLT_MAX, or a non-zero value so small that
+   it would round to the float 0 (which means "default" or "off"), is SELFATTN_ERR_INVALID too;
+   any other value is stored rounded to float, and selfattn_layer_get_float reads that back.
    Returns SELFATTN_ERR_NULL (layer NULL), SELFATTN_ERR_INVALID (unknown option or bad value).
    Requires exclusive access to the layer. */
 SELFATTN_API selfattn_status selfattn_layer_set_float(selfattn_layer *layer,
