@@ -4,7 +4,10 @@
  *   - no crash, no sanitizer report (built with ASan + UBSan);
  *   - a failing call leaves caller outputs and the handle's options untouched;
  *   - when forward/attend succeed on finite, moderate inputs, the output matches the float64
- *     reference within 1e-4 of its scale (plus a tiny absolute floor) and holds no NaN.
+ *     reference within 1e-4 of its scale (plus a tiny absolute floor) and holds no NaN;
+ *   - NaN is planted wherever the header says nothing is read (x and dy rows of padding, K and V
+ *     rows past kv_lengths, bias elements at masked keys, cache rows past n_new): a call on
+ *     otherwise moderate input still gives finite outputs that match the reference.
  * Build: cmake -DCMAKE_C_COMPILER=clang -DSELFATTN_BUILD_FUZZ=ON (see tests/CMakeLists.txt). */
 #include <math.h>
 #include <stdint.h>
@@ -140,6 +143,54 @@ static void check_close(const float *y, const double *ref, size_t n)
     CHECK(err <= 1e-4 * mx + 1e-6);
 }
 
+/* ---- NaN where the header says nothing is read: a call that succeeds on otherwise moderate
+   input must still give finite outputs (checked against the reference, which never reads those
+   elements either). ---- */
+/* lens NULL, or each of lens[0 .. batch) in [0, max]: the call can succeed */
+static int lens_valid(const int32_t *lens, int32_t batch, int32_t max)
+{
+    for (int32_t b = 0; lens != NULL && b < batch; b++)
+        if (lens[b] < 0 || lens[b] > max)
+            return 0;
+    return 1;
+}
+
+/* NaN in rows [lens[b], rows) of each sequence of t [batch][rows][width] */
+static void plant_rows(float *t, int32_t batch, int32_t rows, size_t width, const int32_t *lens)
+{
+    for (int32_t b = 0; lens != NULL && b < batch; b++)
+        for (size_t e = (size_t)lens[b] * width; e < (size_t)rows * width; e++)
+            t[(size_t)b * rows * width + e] = NAN;
+}
+
+/* The header's visibility rule: query i (at position kv_len - q_len + i) and key j. */
+static int key_masked(int causal, int window, int32_t q_len, int32_t kv_len, int32_t valid,
+                      int32_t i, int32_t j)
+{
+    const long p = (long)kv_len - q_len + i;
+    if (j >= valid || (causal && j > p))
+        return 1;
+    return window > 0 && (causal ? p - j >= window : labs(p - j) >= window);
+}
+
+/* NaN at the elements of a [q_len][kv_len] bias (broadcast over batch and heads) that no
+   sequence reads: masked keys, and with pad_queries rows of padding. */
+static void plant_bias(float *bias, int32_t q_len, int32_t kv_len, int32_t batch,
+                       const int32_t *lens, int causal, int window, int pad_queries)
+{
+    for (int32_t i = 0; bias != NULL && i < q_len; i++)
+        for (int32_t j = 0; j < kv_len; j++) {
+            int read = 0;
+            for (int32_t b = 0; b < batch && !read; b++) {
+                const int32_t valid = lens != NULL ? lens[b] : kv_len;
+                read = !(pad_queries && i >= valid) &&
+                       !key_masked(causal, window, q_len, kv_len, valid, i, j);
+            }
+            if (!read)
+                bias[(size_t)i * kv_len + j] = NAN;
+        }
+}
+
 static int32_t rd_dim(reader *r, int32_t small_max)
 {
     const uint8_t b = rd(r);
@@ -262,6 +313,8 @@ static void fz_backward(reader *r, const selfattn_layer *l, const ref_layer *sha
     float *dy = malloc(n_x * sizeof(float)), *dx = malloc(n_x * sizeof(float));
     for (size_t i = 0; i < n_x; i++)
         dy[i] = rd_float(r, &hostile);
+    if (small && lens_valid(lens, batch, seq)) /* dy of padding rows is not read */
+        plant_rows(dy, batch, seq, dm, lens);
     fill_sentinel(dx, n_x);
     float *g[8] = {0};
     selfattn_grads grads;
@@ -396,7 +449,7 @@ static void fz_attend_backward(reader *r, const selfattn_layer *l, const ref_lay
 /* A cache on the fuzzed layer and a sequence of cache operations from the bytes, checked against a
    model of the lengths written from the API text: which calls must fail (and with which status),
    that failures change nothing, and the lengths after each call. */
-static void fz_cache(reader *r, selfattn_layer *l, int ready, int d_model)
+static void fz_cache(reader *r, selfattn_layer *l, int ready, int d_model, int hostile)
 {
     const int32_t n_seqs = 1 + rd(r) % 3, cap = 1 + rd(r) % 12;
     int64_t win;
@@ -426,6 +479,8 @@ static void fz_cache(reader *r, selfattn_layer *l, int ready, int d_model)
             float *x = malloc(n * sizeof(float)), *y = malloc(n * sizeof(float));
             for (size_t i = 0; i < n; i++)
                 x[i] = ((float)(i % 7) - 3.0f) * 0.125f;
+            if (!bad) /* rows past n_new[s] are not read */
+                plant_rows(x, n_seqs, max_new, (size_t)d_model, n_new);
             fill_sentinel(y, n);
             const selfattn_status st = selfattn_forward_cached(l, c, max_new, x, n_new, y);
             const selfattn_status want = !ready ? SELFATTN_ERR_STATE
@@ -435,6 +490,8 @@ static void fz_cache(reader *r, selfattn_layer *l, int ready, int d_model)
             if (st != SELFATTN_OK) {
                 CHECK(is_sentinel(y, n));
             } else {
+                for (size_t i = 0; !hostile && i < n; i++)
+                    CHECK(isfinite(y[i]));
                 for (int s = 0; s < n_seqs; s++) {
                     len[s] += n_new[s];
                     if (win > 0 && len[s] - cap > kept[s])
@@ -569,6 +626,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const size_t f_rows = small ? (size_t)batch * (size_t)n_heads * (size_t)seq : 0;
     fz_extras fx;
     fz_extras_make(&r, &fx, small && n_heads <= 6, f_rows, seq, seq, &hostile);
+    const int32_t *f_lens = use_len && batch <= 3 ? lens : NULL;
+    if (small && lens_valid(f_lens, batch, seq)) { /* padding rows and masked bias: not read */
+        plant_rows(x, batch, seq, dm, f_lens);
+        plant_bias(fx.bias, seq, seq, batch, f_lens, causal, ro.window, 1);
+    }
     const int use_fx = fx.e.struct_size != sizeof fx.e || fx.bias || fx.weights || fx.lse;
     /* with invalid or overflowing sizes x and y are tiny: the call must fail before using them */
     const selfattn_status fs = selfattn_forward_ex(
@@ -627,6 +689,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const size_t a_rows = a_small ? (size_t)qb * (size_t)n_heads * (size_t)ql : 0;
     fz_extras ax;
     fz_extras_make(&r, &ax, a_small && n_heads <= 6, a_rows, ql, kl, &a_hostile);
+    const int32_t *a_lens = use_kvl && qb <= 2 ? kvl : NULL;
+    if (a_small && lens_valid(a_lens, qb, kl)) { /* keys past the lengths, masked bias */
+        plant_rows(k, qb, kl, nkvd, a_lens);
+        plant_rows(v, qb, kl, nkvd, a_lens);
+        plant_bias(ax.bias, ql, kl, qb, a_lens, causal, ro.window, 0);
+    }
     const int use_ax = ax.e.struct_size != sizeof ax.e || ax.bias || ax.weights || ax.lse;
     const selfattn_status as = selfattn_attend_ex(l, qb, ql, kl, q, k, v,
                                                   use_kvl && qb <= 2 ? kvl : NULL,
@@ -667,7 +735,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                        use_kvl && qb <= 2 ? kvl : NULL, nqe, nke, a_hostile, &ro);
     if (hd > 0 && d_model <= 64) {
         const int weights_ok = w[0] && w[1] && w[2] && (w[3] || !out_proj);
-        fz_cache(&r, l, causal && weights_ok, d_model);
+        fz_cache(&r, l, causal && weights_ok, d_model, hostile);
     }
     free(x);
     for (int i = 0; i < 8; i++)
