@@ -15,7 +15,6 @@
 #include "internal.h"
 #include "kernels/exp-constants.h"
 
-#define SA_SCORE_ALIGN 16 /* floats: score rows start on 64-byte boundaries */
 
 double sa_alibi_slope(int32_t h, int32_t n)
 {
@@ -37,10 +36,6 @@ static const float *sa_attn_kv(const sa_attn *a, const float *base, size_t ld, s
     return base + (size_t)b * bs + (size_t)g * hs + (size_t)j * ld;
 }
 
-static int32_t sa_kv_length(const sa_attn *a, int32_t b)
-{
-    return a->kv_lengths != NULL ? a->kv_lengths[b] : a->kv_len;
-}
 
 /* The keys [*lo, *hi) that query row i sees in a sequence of len keys (empty: *lo == *hi). */
 static void sa_row_range(const sa_attn *a, int32_t len, int32_t i, int32_t *lo, int32_t *hi)
@@ -84,16 +79,16 @@ selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
     p->block = sa_block_rows(a->q_len, (int32_t)span, a->causal);
     span = sa_key_span(a, p->block);
     p->n_blocks = (int32_t)(((int64_t)a->q_len + p->block - 1) / p->block);
-    p->ld_s = ((size_t)span + SA_SCORE_ALIGN - 1) / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
+    p->ld_s = ((size_t)span + SA_ALIGN_FLOATS - 1) / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
     /* One query row and shared K/V heads: a task takes all the query heads of a group, so that
        the group's keys and values are streamed once instead of once per head. */
     p->stacked = a->stack_heads && a->q_len == 1 && a->group > 1;
     p->rows = p->stacked ? a->group : p->block;
     size_t per;
     if (!sa_mul_size((size_t)p->rows, p->ld_s + 2, &per) ||
-        !sa_add_size(per, SA_SCORE_ALIGN - 1, &per))
+        !sa_add_size(per, SA_ALIGN_FLOATS - 1, &per))
         return SELFATTN_ERR_OVERFLOW;
-    p->floats_per_worker = per / SA_SCORE_ALIGN * SA_SCORE_ALIGN;
+    p->floats_per_worker = per / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
     const int64_t tasks =
         (int64_t)a->batch * (p->stacked ? a->n_heads / a->group : a->n_heads) * p->n_blocks;
     if (p->ld_s > INT32_MAX || tasks > INT32_MAX)
@@ -155,7 +150,7 @@ static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n
 int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb, int32_t *klo)
 {
     int32_t lo, hi, unused;
-    const int32_t len = sa_kv_length(a, b);
+    const int32_t len = sa_attn_kv_length(a, b);
     sa_row_range(a, len, i0, &lo, &unused);
     sa_row_range(a, len, i0 + mb - 1, &unused, &hi);
     *klo = lo;
@@ -174,7 +169,7 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
 {
     const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
-    const int32_t hd = a->head_dim, len = sa_kv_length(a, b), khi = klo + nk;
+    const int32_t hd = a->head_dim, len = sa_attn_kv_length(a, b), khi = klo + nk;
     const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
     const float *kh = sa_attn_kv(a, a->k, a->ldk, a->k_bs, a->k_hs, b, h / a->group, klo);
     if (mb <= SA_ROWS_MAX) /* few rows (decoding): stream K once; sgemm would pack it first.
@@ -237,7 +232,7 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
 
 void sa_attn_row_keys(const sa_attn *a, int32_t b, int32_t i, int32_t *lo, int32_t *hi)
 {
-    sa_row_range(a, sa_kv_length(a, b), i, lo, hi);
+    sa_row_range(a, sa_attn_kv_length(a, b), i, lo, hi);
 }
 
 int32_t sa_attn_key_queries(const sa_attn *a, int32_t b, int32_t k0, int32_t nk, int32_t *ilo)
@@ -245,8 +240,8 @@ int32_t sa_attn_key_queries(const sa_attn *a, int32_t b, int32_t k0, int32_t nk,
     /* Both ends of a row's key range are non-decreasing in the row, so the rows that see a key of
        [k0, k0 + nk) are one run: from the first whose range ends past k0 to the first whose
        range starts at or past k0 + nk. */
-    const int32_t len = sa_kv_length(a, b);
-    const int32_t rows = a->pad_queries && len < a->q_len ? len : a->q_len;
+    const int32_t len = sa_attn_kv_length(a, b);
+    const int32_t rows = sa_attn_query_rows(a, b);
     const int32_t k1 = k0 + nk;
     int32_t lo = 0, hi = rows, klo, khi;
     while (lo < hi) { /* first row with khi > k0 */
@@ -276,7 +271,7 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
 {
     const sa_kernels *kern = sa_kernels_get();
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
-    const int32_t len = sa_kv_length(a, b), k1 = k0 + nk;
+    const int32_t len = sa_attn_kv_length(a, b), k1 = k0 + nk;
     const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
     if (a->softcap <= 0.0f)
         dcap = NULL;
@@ -336,18 +331,9 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
 {
     const int32_t heads_per_task = p->stacked ? a->group : 1;
     const int32_t units = a->n_heads / heads_per_task;
-    /* Largest blocks (last rows: most keys under a causal mask) first, for balance. */
-    const int per_block = a->batch * units;
-    const int32_t blk = p->n_blocks - 1 - task / per_block;
-    const int32_t b = (task % per_block) / units;
-    const int32_t h = (task % units) * heads_per_task; /* the first head */
-    const int32_t hd = a->head_dim;
-    const int32_t len = sa_kv_length(a, b);
-
-    const int32_t i0 = blk * p->block;
-    const int32_t q_rows = a->q_len - i0 < p->block ? a->q_len - i0 : p->block;
-    const int32_t rows_b = a->pad_queries && len < a->q_len ? len : a->q_len;
-    const int32_t q_mb = rows_b - i0 < q_rows ? (rows_b - i0 > 0 ? rows_b - i0 : 0) : q_rows;
+    const sa_attn_task_tile tile = sa_attn_tile_of(a, p, units, task);
+    const int32_t b = tile.b, h = tile.unit * heads_per_task; /* the first head */
+    const int32_t hd = a->head_dim, i0 = tile.i0, q_rows = tile.rows, q_mb = tile.valid;
     /* with stacking q_len is 1: row r is head h + r, at head_row + r as well */
     const int32_t rows = p->stacked ? heads_per_task : q_rows;
     const int32_t mb = p->stacked ? (q_mb > 0 ? heads_per_task : 0) : q_mb;

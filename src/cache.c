@@ -252,9 +252,11 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         lens[s] = n_new != NULL ? n_new[s] : max_new;
         pos0[s] = cache->len[s];
     }
-    const sa_proj in_proj = {x, dm, layer->w_qkv, layer->b_qkv, qkv, nqkv,
-                             n_seqs, max_new, lens, valid};
-    sa_project(&in_proj, workers);
+    const sa_rows rows_new = {.batch = n_seqs, .seq_len = max_new, .lengths = lens};
+    const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv, .ld_w = dm,
+                                .w_is_linear = 1, .bias = layer->b_qkv, .out = qkv,
+                                .ld_out = nqkv, .n = nqkv, .rows = rows_new, .valid_rows = valid};
+    sa_rowprod_run(&in_proj, workers);
     sa_rope_apply(layer, qkv, nqkv, n_seqs, max_new, lens, pos0, 0, workers);
 
     int n_desc = 0;
@@ -287,9 +289,11 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
     sa_attn_run_many(desc, plans, n_desc, workers, wsf + off[2], per_worker);
 
     if (layer->out_proj) {
-        const sa_proj out_proj = {attn, nq, layer->w_o, layer->b_o, y, dm,
-                                  n_seqs, max_new, lens, valid};
-        sa_project(&out_proj, workers);
+        const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,
+                                     .ld_w = nq, .w_is_linear = 1, .bias = layer->b_o, .out = y,
+                                     .ld_out = dm, .n = dm, .rows = rows_new,
+                                     .valid_rows = valid};
+        sa_rowprod_run(&out_proj, workers);
     }
     sa_zero_padding(y, dm, lens, n_seqs, max_new);
     sa_ws_release(layer->ws, ws);

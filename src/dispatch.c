@@ -7,25 +7,43 @@
 #include "internal.h"
 
 static const sa_kernels sa_kernels_scalar = {
-    SA_ISA_SCALAR,          "f32-softmax-scalar-u1", sa_f32_softmax_exp_scalar_u1,
-    "f32-rowsdot-scalar-g8", sa_f32_qkt_scalar_g8,   sa_f32_pv_scalar_g8,
-    sa_f32_dot_scalar,       sa_f32_dscores_scalar,  sa_f32_expsub_scalar,
-    sa_f32_softcap_scalar};
+    .isa = SA_ISA_SCALAR,
+    .softmax_name = "f32-softmax-scalar-u1",
+    .softmax_exp = sa_f32_softmax_exp_scalar_u1,
+    .qkt = sa_f32_qkt_scalar_g8,
+    .pv = sa_f32_pv_scalar_g8,
+    .dot = sa_f32_dot_scalar,
+    .dscores = sa_f32_dscores_scalar,
+    .expsub = sa_f32_expsub_scalar,
+    .softcap = sa_f32_softcap_scalar,
+};
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
 static const sa_kernels sa_kernels_avx2 = {
-    SA_ISA_AVX2,          "f32-softmax-avx2-u32", sa_f32_softmax_exp_avx2_u32,
-    "f32-rowsdot-avx2-g8", sa_f32_qkt_avx2_g8,    sa_f32_pv_avx2_g8,
-    sa_f32_dot_avx2,       sa_f32_dscores_avx2,   sa_f32_expsub_avx2,
-    sa_f32_softcap_avx2};
+    .isa = SA_ISA_AVX2,
+    .softmax_name = "f32-softmax-avx2-u32",
+    .softmax_exp = sa_f32_softmax_exp_avx2_u32,
+    .qkt = sa_f32_qkt_avx2_g8,
+    .pv = sa_f32_pv_avx2_g8,
+    .dot = sa_f32_dot_avx2,
+    .dscores = sa_f32_dscores_avx2,
+    .expsub = sa_f32_expsub_avx2,
+    .softcap = sa_f32_softcap_avx2,
+};
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
 /* the small-M products are memory-bound and the backward's row kernels a small part of the
    time: the AVX2 ones serve AVX-512 CPUs as well */
 static const sa_kernels sa_kernels_avx512 = {
-    SA_ISA_AVX512,        "f32-softmax-avx512-u64", sa_f32_softmax_exp_avx512_u64,
-    "f32-rowsdot-avx2-g8", sa_f32_qkt_avx2_g8,      sa_f32_pv_avx2_g8,
-    sa_f32_dot_avx2,       sa_f32_dscores_avx2,     sa_f32_expsub_avx2,
-    sa_f32_softcap_avx2};
+    .isa = SA_ISA_AVX512,
+    .softmax_name = "f32-softmax-avx512-u64",
+    .softmax_exp = sa_f32_softmax_exp_avx512_u64,
+    .qkt = sa_f32_qkt_avx2_g8,
+    .pv = sa_f32_pv_avx2_g8,
+    .dot = sa_f32_dot_avx2,
+    .dscores = sa_f32_dscores_avx2,
+    .expsub = sa_f32_expsub_avx2,
+    .softcap = sa_f32_softcap_avx2,
+};
 #endif
 
 static pthread_once_t sa_probe_once = PTHREAD_ONCE_INIT;

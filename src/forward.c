@@ -9,81 +9,11 @@
  * a caller buffer, and the workspace is taken from the layer's cache before anything is written,
  * so a failed call writes nothing. */
 #include <math.h>
-#include <pthread.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include <cblas.h>
 
 #include "internal.h"
-
-static pthread_once_t sa_blas_once = PTHREAD_ONCE_INIT;
-
-/* All parallel work is done by the library's workers, each calling BLAS on its own shapes; a
-   multi-threaded OpenBLAS would start its own threads inside each call and oversubscribe the
-   cores (and serialise concurrent callers on its level-3 lock). */
-static void sa_blas_single_threaded(void)
-{
-#ifdef SELFATTN_HAVE_OPENBLAS
-    const char *env = getenv("SELFATTN_BLAS_THREADS");
-    if (env == NULL || strcmp(env, "keep") != 0)
-        openblas_set_num_threads(1);
-#endif
-}
-
-void sa_blas_init(void)
-{
-    pthread_once(&sa_blas_once, sa_blas_single_threaded);
-}
-
-/* Below about this much work handing tasks to a pool helper costs more than it saves: a
-   one-token forward at d_model 768 (~6 MFLOP, ~0.2 ms) still gains from a second thread, a tiny
-   test-sized call does not. */
-#define SA_PARALLEL_MIN_FLOPS 2e6
-
-int sa_workers_for(const selfattn_layer *l, double flops)
-{
-    if (flops < SA_PARALLEL_MIN_FLOPS)
-        return 1;
-    return sa_layer_threads(l);
-}
-
-selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max)
-{
-    if (lengths == NULL)
-        return SELFATTN_OK;
-    for (int32_t b = 0; b < batch; b++)
-        SA_CHECK(lengths[b] >= 0 && lengths[b] <= max, SELFATTN_ERR_INVALID);
-    return SELFATTN_OK;
-}
-
-size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t seq_len)
-{
-    if (lengths == NULL)
-        return (size_t)batch * (size_t)seq_len;
-    size_t valid = 0;
-    for (int32_t b = 0; b < batch; b++)
-        valid += (size_t)lengths[b];
-    return valid;
-}
-
-void sa_zero_padding(float *out, size_t width, const int32_t *lengths, int32_t batch,
-                     int32_t seq_len)
-{
-    for (int32_t b = 0; lengths != NULL && b < batch; b++)
-        if (lengths[b] < seq_len)
-            memset(out + ((size_t)b * seq_len + (size_t)lengths[b]) * width, 0,
-                   (size_t)(seq_len - lengths[b]) * width * sizeof(float));
-}
-
-selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known)
-{
-    SA_CHECK(struct_size >= known, SELFATTN_ERR_INVALID);
-    const unsigned char *bytes = s;
-    for (size_t i = known; i < struct_size; i++)
-        SA_CHECK(bytes[i] == 0, SELFATTN_ERR_UNSUPPORTED);
-    return SELFATTN_OK;
-}
 
 /* The 1.1 layout of selfattn_extras: what this library knows. A newer caller's larger struct is
    accepted when every byte past it is zero. */
@@ -112,32 +42,6 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
         SA_CHECK(last < (double)PTRDIFF_MAX / (double)sizeof(float) / 2, SELFATTN_ERR_OVERFLOW);
     }
     return SELFATTN_OK;
-}
-
-/* The score description shared by forward and attend. */
-void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int32_t q_len,
-                        int32_t kv_len, const selfattn_extras *e)
-{
-    memset(a, 0, sizeof *a);
-    a->batch = batch;
-    a->q_len = q_len;
-    a->kv_len = kv_len;
-    a->n_heads = l->n_heads;
-    a->group = l->n_heads / l->n_kv_heads;
-    a->head_dim = l->head_dim;
-    a->scale = sa_layer_scale(l);
-    a->softcap = l->softcap;
-    a->alibi = l->alibi;
-    a->causal = l->causal;
-    a->window = l->window;
-    if (e != NULL) {
-        a->bias = e->attn_bias;
-        a->bias_sb = e->bias_stride_batch;
-        a->bias_sh = e->bias_stride_head;
-        a->bias_sr = e->bias_stride_row;
-        a->weights = e->weights;
-        a->lse = e->lse;
-    }
 }
 
 /* ---- K and V in head-major layout ---- */
@@ -272,6 +176,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     SA_CHECK(st == SELFATTN_OK, st);
 
     const size_t valid = sa_valid_rows(lengths, batch, seq_len);
+    const sa_rows batch_rows = {.batch = batch, .seq_len = seq_len, .lengths = lengths};
     const double flops = 2.0 * (double)valid * (double)dm * (double)(nqkv + nq) +
                          4.0 * (double)valid * seq_len * (double)nq;
     const int workers = sa_workers_for(layer, flops);
@@ -314,9 +219,11 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
         a.lse = keep->lse;
 
     if (valid > 0) {
-        const sa_proj in_proj = {x,   dm,           layer->w_qkv, layer->b_qkv, qkv,
-                                 nqkv, batch,       seq_len,      lengths,      valid};
-        sa_project(&in_proj, workers);
+        const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv,
+                                    .ld_w = dm, .w_is_linear = 1, .bias = layer->b_qkv,
+                                    .out = qkv, .ld_out = nqkv, .n = nqkv, .rows = batch_rows,
+                                    .valid_rows = valid};
+        sa_rowprod_run(&in_proj, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
         if (headmajor) {
             const sa_kv_copy c = {qkv + nq, qkv + nq + nkv, nqkv, batch, seq_len,
@@ -328,9 +235,11 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
     sa_attn_run(&a, &plan, workers, wsf + off[2]);
     if (valid > 0 && layer->out_proj) {
-        const sa_proj out_proj = {attn, nq, layer->w_o, layer->b_o, y, dm, batch,
-                                  seq_len, lengths, valid};
-        sa_project(&out_proj, workers);
+        const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,
+                                     .ld_w = nq, .w_is_linear = 1, .bias = layer->b_o, .out = y,
+                                     .ld_out = dm, .n = dm, .rows = batch_rows,
+                                     .valid_rows = valid};
+        sa_rowprod_run(&out_proj, workers);
     } else if (!layer->out_proj && attn != y) { /* kept O without an output projection: y is O */
         for (int32_t b = 0; b < batch; b++) {
             const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;

@@ -7,22 +7,13 @@
 
 #include "selfattn/selfattn.h"
 
-#define SA_HIDDEN __attribute__((visibility("hidden")))
+#include "kernels/kernels.h"
 
 /* Return the status from the enclosing function when cond is false. */
 #define SA_CHECK(cond, status)                                                                     \
     do {                                                                                           \
         if (!(cond))                                                                               \
             return (status);                                                                       \
-    } while (0)
-
-/* Set st and jump to the single cleanup label when cond is false. */
-#define SA_CHECK_GOTO(cond, status, label)                                                         \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            st = (status);                                                                         \
-            goto label;                                                                            \
-        }                                                                                          \
     } while (0)
 
 /* ---- Allocation: every allocation of the library goes through these. ---- */
@@ -35,6 +26,9 @@ SA_HIDDEN long sa_test_fail_allocation(long n);
 /* Tests only: make every helper-thread start fail (on = 1) or not (0). */
 SA_HIDDEN void sa_test_fail_thread_starts(int on);
 SA_HIDDEN int sa_thread_start_allowed(void);
+
+/* Floats in 64 bytes: workspace parts, score rows and column slices start on such boundaries. */
+#define SA_ALIGN_FLOATS 16
 
 /* a * b into *out without overflow; returns 0 on overflow. */
 static inline int sa_mul_size(size_t a, size_t b, size_t *out)
@@ -63,74 +57,13 @@ static inline size_t sa_array_bytes(size_t rows, size_t width)
     return n;
 }
 
-/* ---- Kernels ---- */
-/* Scaled-softmax numerator over one row of scores, in place:
-     m = max_{i < n_valid} row[i] * scale
-     row[i] = exp(row[i] * scale - m)    for i < n_valid
-     row[i] = 0                          for n_valid <= i < n_total
-   stores m (rounded to float) in *max_out and returns the sum of the row[i]; m + log(sum) is the
-   row's log-sum-exp. Needs 1 <= n_valid <= n_total. Finite scores of any magnitude give finite
-   results, the largest entry being about 1 (rows whose largest scaled score reaches
-   SA_EXP_EXACT_MAX_FROM take an exact-max path); a NaN score makes the sum NaN.
-   The caller normalises (divides the P*V product by the sum), so the division is done once per
-   output element rather than once per score. Results of exp below FLT_MIN (arguments below
-   ln(FLT_MIN)) are exactly 0, an absolute error below FLT_MIN: so a -inf score (a key masked by
-   a -inf bias) gets exactly 0.
- */
-typedef float (*sa_f32_softmax_exp_fn)(float *row, size_t n_valid, size_t n_total, float scale,
-                                       float *max_out);
-
-/* Small-M products for decoding (m <= SA_ROWS_MAX rows, e.g. the query heads of one GQA group
-   for one token), streaming each row of K or V once without packing:
-     qkt: s[r * lds + j] = sum_c q[r * ldq + c] * k[j * ldk + c]      r < m, j < n, c < d
-     pv:  o[r * ldo + c] = sum_j p[r * ldp + j] * v[j * ldv + c]      r < m, c < d, j < n */
-#define SA_ROWS_MAX 8
-typedef void (*sa_f32_qkt_fn)(size_t m, size_t n, size_t d, const float *q, size_t ldq,
-                              const float *k, size_t ldk, float *s, size_t lds);
-typedef void (*sa_f32_pv_fn)(size_t m, size_t n, size_t d, const float *p, size_t ldp,
-                             const float *v, size_t ldv, float *o, size_t ldo);
-SA_HIDDEN void sa_f32_qkt_scalar_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
-                                    const float *k, size_t ldk, float *s, size_t lds);
-SA_HIDDEN void sa_f32_pv_scalar_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
-                                   const float *v, size_t ldv, float *o, size_t ldo);
-#ifdef SELFATTN_HAVE_AVX2_KERNELS
-SA_HIDDEN void sa_f32_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
-                                  const float *k, size_t ldk, float *s, size_t lds);
-SA_HIDDEN void sa_f32_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
-                                 const float *v, size_t ldv, float *o, size_t ldo);
-#endif
-
-/* Row kernels of the softmax backward (f32-dsoftmax-*.c; the AVX2 ones serve AVX-512 CPUs):
-     dot:     sum_j a[j] b[j], j < n, summed in an order that depends on n alone
-     dscores: dp[j] = p[j] (dp[j] - d) mul (times dc[j] when dc != NULL), j < n
-     expsub:  row[j] = e^(row[j] scale - sub), j < n, for row[j] scale <= sub (up to rounding)
-              and |sub| < SA_EXP_EXACT_MAX_FROM; results below FLT_MIN are exactly 0 */
-typedef float (*sa_f32_dot_fn)(const float *a, const float *b, size_t n);
-typedef void (*sa_f32_dscores_fn)(const float *p, float *dp, const float *dc, size_t n, float d,
-                                  float mul);
-typedef void (*sa_f32_expsub_fn)(float *row, size_t n, float scale, float sub);
-/* softcap: row[j] = cap tanh(row[j] scale / cap), j < n (cap > 0) */
-typedef void (*sa_f32_softcap_fn)(float *row, size_t n, float scale, float cap);
-SA_HIDDEN float sa_f32_dot_scalar(const float *a, const float *b, size_t n);
-SA_HIDDEN void sa_f32_dscores_scalar(const float *p, float *dp, const float *dc, size_t n, float d,
-                                     float mul);
-SA_HIDDEN void sa_f32_expsub_scalar(float *row, size_t n, float scale, float sub);
-SA_HIDDEN void sa_f32_softcap_scalar(float *row, size_t n, float scale, float cap);
-#ifdef SELFATTN_HAVE_AVX2_KERNELS
-SA_HIDDEN float sa_f32_dot_avx2(const float *a, const float *b, size_t n);
-SA_HIDDEN void sa_f32_dscores_avx2(const float *p, float *dp, const float *dc, size_t n, float d,
-                                   float mul);
-SA_HIDDEN void sa_f32_expsub_avx2(float *row, size_t n, float scale, float sub);
-SA_HIDDEN void sa_f32_softcap_avx2(float *row, size_t n, float scale, float cap);
-#endif
-
+/* ---- Kernels (kernels/kernels.h) and their table ---- */
 typedef enum sa_isa { SA_ISA_SCALAR = 0, SA_ISA_AVX2 = 1, SA_ISA_AVX512 = 2 } sa_isa;
 
 typedef struct sa_kernels {
     sa_isa isa;
     const char *softmax_name;
     sa_f32_softmax_exp_fn softmax_exp;
-    const char *rows_name;
     sa_f32_qkt_fn qkt;
     sa_f32_pv_fn pv;
     sa_f32_dot_fn dot; /* the softmax backward's row kernels */
@@ -138,17 +71,6 @@ typedef struct sa_kernels {
     sa_f32_expsub_fn expsub;
     sa_f32_softcap_fn softcap; /* the scores' softcap (forward and backward) */
 } sa_kernels;
-
-SA_HIDDEN float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total,
-                                             float scale, float *max_out);
-#ifdef SELFATTN_HAVE_AVX2_KERNELS
-SA_HIDDEN float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total,
-                                            float scale, float *max_out);
-#endif
-#ifdef SELFATTN_HAVE_AVX512_KERNELS
-SA_HIDDEN float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total,
-                                              float scale, float *max_out);
-#endif
 
 /* The kernel table chosen for this process (CPU detection and SELFATTN_ISA, once). */
 SA_HIDDEN const sa_kernels *sa_kernels_get(void);
@@ -211,9 +133,8 @@ SA_HIDDEN void sa_ws_cache_destroy(sa_ws_cache *c);
 SA_HIDDEN sa_ws *sa_ws_acquire(sa_ws_cache *c, size_t bytes);
 SA_HIDDEN void sa_ws_release(sa_ws_cache *c, sa_ws *w); /* NULL is a no-op */
 /* Offsets (in floats) of n consecutive parts of floats[i] floats each, every part starting on a
-   64-byte boundary (SA_WS_ALIGN floats) from the start, and the bytes of the whole; 0 when the
+   64-byte boundary (SA_ALIGN_FLOATS floats) from the start, and the bytes of the whole; 0 when the
    whole would not fit in PTRDIFF_MAX bytes. */
-#define SA_WS_ALIGN 16
 SA_HIDDEN int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes);
 /* sa_ws_layout, then a workspace of the whole from the cache into *ws: SELFATTN_OK,
    SELFATTN_ERR_OVERFLOW or SELFATTN_ERR_NOMEM. */
@@ -340,21 +261,122 @@ SA_HIDDEN void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_
                                   int32_t k0, int32_t nk, float *s, size_t ld, const float *lse,
                                   float *dcap);
 
-/* ---- Projections (project.c) ---- */
-/* out = in * w^T + bias over the valid rows of a batch: in [batch*seq_len][k], w [n][k],
-   out [batch*seq_len][n]; rows at or past lengths[b] are neither read nor written. */
-typedef struct sa_proj {
-    const float *in;
-    size_t k;
-    const float *w;
-    const float *bias; /* [n] or NULL */
-    float *out;
-    size_t n;
+/* ---- The attention backward (attention_backward.c) ---- */
+/* The sequence's key count: kv_lengths[b], or kv_len without lengths. */
+static inline int32_t sa_attn_kv_length(const sa_attn *a, int32_t b)
+{
+    return a->kv_lengths != NULL ? a->kv_lengths[b] : a->kv_len;
+}
+/* Query rows of sequence b that are not padding (all q_len unless pad_queries). */
+static inline int32_t sa_attn_query_rows(const sa_attn *a, int32_t b)
+{
+    const int32_t len = sa_attn_kv_length(a, b);
+    return a->pad_queries && len < a->q_len ? len : a->q_len;
+}
+
+/* Task `task` of a description split into (query block, sequence, unit) tasks, units per
+   sequence (heads, or groups of stacked heads), the largest blocks (the last rows: the most keys
+   under a causal mask) first for balance: its sequence b, unit, first query row i0, the block's
+   rows and how many of them are not padding (valid). */
+typedef struct sa_attn_task_tile {
+    int32_t b, unit, i0, rows, valid;
+} sa_attn_task_tile;
+static inline sa_attn_task_tile sa_attn_tile_of(const sa_attn *a, const sa_attn_plan *p,
+                                                int32_t units, int task)
+{
+    const int per_block = a->batch * units;
+    sa_attn_task_tile t;
+    t.b = (task % per_block) / units;
+    t.unit = task % units;
+    t.i0 = (p->n_blocks - 1 - task / per_block) * p->block;
+    t.rows = a->q_len - t.i0 < p->block ? a->q_len - t.i0 : p->block;
+    const int32_t left = sa_attn_query_rows(a, t.b) - t.i0;
+    t.valid = left < t.rows ? (left > 0 ? left : 0) : t.rows;
+    return t;
+}
+
+/* One attention backward: the forward's description a (q, k, v, and out = O when the single
+   pass needs it), dout, the gradients wanted and the workspace parts the plan sizes. */
+typedef struct sa_attn_bwd {
+    sa_attn a; /* the forward: q, k, v; out = O (NULL: not wanted), written by pass A */
+    sa_attn_plan plan;
+    const float *dout;
+    size_t lddo;
+    float *dq, *dk, *dv; /* NULL: not wanted */
+    size_t lddq, lddk, lddv;
+    float *lse, *dsum; /* [batch][n_heads][q_len] */
+    int32_t kblock, n_kblocks, qchunk;
+    size_t ld_t;       /* row stride of a pass-B tile */
+    int nbuf;          /* score-shaped buffers: P, dP and, with a softcap, its derivative */
+    size_t per_worker; /* scratch floats per worker */
+    int tasks_b;
+    int onepass;  /* the single pass (one task per (sequence, key/value head)) rather than passes A and B */
+    int tasks_kv; /* its tasks: batch x key/value heads */
+    int have_forward; /* O and lse are given (training state): the single pass skips its forward */
+    float *scratch;
+} sa_attn_bwd;
+/* Fills the blocking of w (its a filled in): plan, key blocks, scratch per worker, the scheme. */
+SA_HIDDEN selfattn_status sa_attn_bwd_plan(sa_attn_bwd *w);
+/* Runs it with `workers` workers (lse, dsum and scratch set): dq, dk, dv, and O when a.out. */
+SA_HIDDEN void sa_attn_bwd_run(sa_attn_bwd *w, int workers);
+
+/* ---- The valid rows of a padded batch (rows.c) ---- */
+/* batch sequences of seq_len rows each, of which the first lengths[b] are valid (NULL: all) */
+typedef struct sa_rows {
     int32_t batch, seq_len;
     const int32_t *lengths;
+} sa_rows;
+/* Walks the valid rows numbered [v0, v1) across the batch (v1 may be SIZE_MAX: all) as runs of
+   memory-contiguous rows: sa_rows_next gives the next run's first row (a row index of the batch)
+   and count, and 0 when none is left. A run spans sequences only where they are full, and holds
+   at most INT32_MAX rows (a CBLAS dimension). */
+typedef struct sa_rows_it {
+    sa_rows rows;
+    size_t v, v1; /* valid rows still to walk */
+    int32_t b;    /* the sequence holding valid row v */
+    size_t seen;  /* valid rows before sequence b */
+} sa_rows_it;
+SA_HIDDEN void sa_rows_begin(sa_rows_it *it, const sa_rows *rows, size_t v0, size_t v1);
+SA_HIDDEN int sa_rows_next(sa_rows_it *it, size_t *r0, size_t *n);
+
+/* out = in op(w) + bias over the valid rows: in [rows][k] (row stride ld_in), out [rows][n]
+   (ld_out); rows of padding are neither read nor written. w_is_linear: w is [n][k] (PyTorch's
+   nn.Linear, out = in w^T), else [k][n] (out = in w); row stride ld_w either way. */
+typedef struct sa_rowprod {
+    const float *in;
+    size_t ld_in, k;
+    const float *w;
+    size_t ld_w;
+    int w_is_linear;
+    const float *bias; /* [n] or NULL */
+    float *out;
+    size_t ld_out, n;
+    sa_rows rows;
     size_t valid_rows;
-} sa_proj;
-SA_HIDDEN void sa_project(const sa_proj *p, int workers);
+    int fixed_chunks; /* split by a fixed number of rows: results independent of the workers */
+} sa_rowprod;
+SA_HIDDEN void sa_rowprod_run(const sa_rowprod *p, int workers);
+/* Whether a fixed-chunk product over valid_rows rows has an int task count. */
+SA_HIDDEN int sa_rowprod_chunks_fit(size_t valid_rows);
+
+/* Weight gradients dw[c][i] = sum_r g[r][c] in[r][i] and db[c] = sum_r g[r][c] over the valid
+   rows, for the columns [c0, c1) of g; dw and db each NULL when not wanted. Split over workers by
+   fixed blocks of output rows, never by input rows: each sum has one order. */
+typedef struct sa_wgrad_part {
+    const float *g;
+    size_t ld_g, c0, c1;
+    const float *in;
+    size_t ld_in, n_in;
+    float *dw, *db;
+    int first_task; /* set by sa_wgrad_add */
+} sa_wgrad_part;
+typedef struct sa_wgrad {
+    sa_rows rows;
+    sa_wgrad_part part[4];
+    int n_parts, n_tasks;
+} sa_wgrad;
+SA_HIDDEN void sa_wgrad_add(sa_wgrad *j, const sa_wgrad_part *part);
+SA_HIDDEN void sa_wgrad_run(const sa_wgrad *j, int workers);
 
 /* ---- Rotary embeddings (rope.c) ---- */
 /* Rotates the Q and K heads (the first (n_heads + n_kv_heads) * head_dim columns of each row of

@@ -10,8 +10,8 @@ typedef struct sa_rope_job {
     const selfattn_layer *l;
     float *qkv;
     size_t ld;
-    int32_t batch, seq_len;
-    const int32_t *lengths;
+    sa_rows rows;
+    size_t valid;
     const int64_t *pos0;
     double sign;
     int n_chunks;
@@ -40,15 +40,17 @@ static void sa_rope_task(void *arg, int worker, int task)
 {
     (void)worker;
     const sa_rope_job *j = arg;
-    const size_t rows = (size_t)j->batch * (size_t)j->seq_len;
-    const size_t r0 = rows * (size_t)task / (size_t)j->n_chunks;
-    const size_t r1 = rows * (size_t)(task + 1) / (size_t)j->n_chunks;
-    for (size_t r = r0; r < r1; r++) {
-        const int32_t b = (int32_t)(r / (size_t)j->seq_len), t = (int32_t)(r % (size_t)j->seq_len);
-        if (j->lengths != NULL && t >= j->lengths[b])
-            continue;
-        sa_rope_row(j->l, j->qkv + r * j->ld, (j->pos0 != NULL ? j->pos0[b] : 0) + t, j->sign);
-    }
+    const size_t L = (size_t)j->rows.seq_len;
+    sa_rows_it it;
+    sa_rows_begin(&it, &j->rows, j->valid * (size_t)task / (size_t)j->n_chunks,
+                  j->valid * (size_t)(task + 1) / (size_t)j->n_chunks);
+    size_t r0, n;
+    while (sa_rows_next(&it, &r0, &n))
+        for (size_t r = r0; r < r0 + n; r++) {
+            const size_t b = r / L;
+            const int64_t pos = (j->pos0 != NULL ? j->pos0[b] : 0) + (int64_t)(r % L);
+            sa_rope_row(j->l, j->qkv + r * j->ld, pos, j->sign);
+        }
 }
 
 void sa_rope_apply(const selfattn_layer *l, float *qkv, size_t ld, int32_t batch, int32_t seq_len,
@@ -56,6 +58,13 @@ void sa_rope_apply(const selfattn_layer *l, float *qkv, size_t ld, int32_t batch
 {
     if (l->rope == 0)
         return;
-    sa_rope_job j = {l, qkv, ld, batch, seq_len, lengths, pos0, inverse ? -1.0 : 1.0, workers};
-    sa_run_tasks(workers, workers, sa_rope_task, &j);
+    const sa_rope_job j = {.l = l,
+                           .qkv = qkv,
+                           .ld = ld,
+                           .rows = {.batch = batch, .seq_len = seq_len, .lengths = lengths},
+                           .valid = sa_valid_rows(lengths, batch, seq_len),
+                           .pos0 = pos0,
+                           .sign = inverse ? -1.0 : 1.0,
+                           .n_chunks = workers};
+    sa_run_tasks(workers, workers, sa_rope_task, (void *)&j);
 }

@@ -100,8 +100,8 @@ int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes)
     for (int i = 0; i < n; i++) {
         off[i] = at;
         size_t sz;
-        if (!sa_add_size(floats[i], SA_WS_ALIGN - 1, &sz) ||
-            !sa_add_size(at, sz / SA_WS_ALIGN * SA_WS_ALIGN, &at))
+        if (!sa_add_size(floats[i], SA_ALIGN_FLOATS - 1, &sz) ||
+            !sa_add_size(at, sz / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS, &at))
             return 0;
     }
     if (!sa_mul_size(at, sizeof(float), total_bytes) || *total_bytes > (size_t)PTRDIFF_MAX)

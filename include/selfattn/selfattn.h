@@ -483,7 +483,7 @@ SELFATTN_API selfattn_status selfattn_backward_train(const selfattn_layer *layer
                                                      const void *state, size_t state_bytes);
 
 /* ---- Introspection -------------------------------------------------------------------------- */
-/* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u16", chosen once from
+/* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u64", chosen once from
    the CPU's features. The environment variable SELFATTN_ISA=scalar|avx2|avx512, read once, forces
    a lower kernel family (a higher one than the CPU supports is ignored). Static string; thread-safe. */
 SELFATTN_API const char *selfattn_kernel_name(void);

@@ -5,7 +5,7 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "../internal.h"
+#include "kernels.h"
 #include "exp-avx2.h"
 
 float sa_f32_dot_avx2(const float *a, const float *b, size_t n)

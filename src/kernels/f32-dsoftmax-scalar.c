@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../internal.h"
+#include "kernels.h"
 #include "exp-scalar.h"
 
 float sa_f32_dot_scalar(const float *a, const float *b, size_t n)

@@ -4,7 +4,7 @@
    itself). Compiled with -mavx2 -mfma on this file only. */
 #include <immintrin.h>
 
-#include "../internal.h"
+#include "kernels.h"
 #include "exp-avx2.h"
 
 /* s[r][j] = q_r . k_j for rows r < M: one key at a time, M accumulators (2 per row for M <= 4:

@@ -1,6 +1,6 @@
 /* Reference small-M products for decoding, portable C: the kernels the SIMD ones are tested
    against. See internal.h (sa_f32_qkt_fn, sa_f32_pv_fn) for the contract. */
-#include "../internal.h"
+#include "kernels.h"
 
 void sa_f32_qkt_scalar_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
                           const float *k, size_t ldk, float *s, size_t lds)

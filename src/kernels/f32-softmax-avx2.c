@@ -4,7 +4,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "../internal.h"
+#include "kernels.h"
 #include "exp-avx2.h"
 
 /* The largest or (when scale < 0) smallest row[i], i < n: the x whose x * scale is largest. */

@@ -4,7 +4,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "../internal.h"
+#include "kernels.h"
 #include "exp-constants.h"
 
 /* e^t for t <= ~0 (see exp-constants.h): 12 vector operations. */

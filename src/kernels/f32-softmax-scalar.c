@@ -3,7 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../internal.h"
+#include "kernels.h"
 #include "exp-scalar.h"
 
 float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total, float scale,
