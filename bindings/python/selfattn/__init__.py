@@ -8,10 +8,8 @@ ctypes over libselfattn.so.1 and NumPy; no compiled extension. See README.md bes
     y = layer(x)                                          # x: [batch][seq][64] float32
 
 The library is found through SELFATTN_LIBRARY (a path), then the install prefix of this
-package, then the system loader (see selfattn._lib). Functions of libselfattn 1.1 (forward_ex,
-cache, backward, float options) are used when the loaded library exports them; otherwise the
-features that need them raise UnsupportedError. Those of libselfattn 1.2 (selfattn_forward_train,
-selfattn_backward_train) likewise: Layer.forward_train(x) returns (y, TrainState), and
+package, then the system loader (see selfattn._lib); it must be libselfattn 1.2 or newer, else
+the import raises ImportError. Layer.forward_train(x) returns (y, TrainState), and
 Layer.backward_train(x, dy, state) the gradients of Layer.backward without recomputing the forward.
 """
 from . import _lib
@@ -44,7 +42,7 @@ def kernel_name():
 def has(symbol):
     """True when the loaded library exports the C function `symbol`
     (e.g. has("selfattn_forward_ex"))."""
-    return _lib.has(symbol)
+    return hasattr(_lib.lib, symbol)
 
 
 __all__ = ["Layer", "Cache", "TrainState", "from_torch", "Error", "NullError", "InvalidError",

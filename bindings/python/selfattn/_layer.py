@@ -38,8 +38,6 @@ _WEIGHTS = {"w_q": _lib.W_Q, "w_k": _lib.W_K, "w_v": _lib.W_V, "w_o": _lib.W_O,
             "w_qkv": _lib.W_QKV, "b_qkv": _lib.B_QKV}
 _GRAD_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 
-_known_options = {}  # option value -> bool: does the loaded library know it?
-
 
 def _check(status, function, detail=None):
     if status:
@@ -51,15 +49,6 @@ def _int32(value, what):
     if not _I32_MIN <= v <= _I32_MAX:
         raise SizeOverflowError(_lib.ERR_OVERFLOW, None, "%s = %d does not fit int32_t" % (what, v))
     return v
-
-
-def _option_known(opt):
-    known = _known_options.get(opt)
-    if known is None:
-        lo, hi = ctypes.c_int64(), ctypes.c_int64()
-        known = _C.selfattn_option_bounds(opt, ctypes.byref(lo), ctypes.byref(hi)) == _lib.OK
-        _known_options[opt] = known
-    return known
 
 
 def option_bounds(name):
@@ -204,8 +193,7 @@ class Layer(_Handle):
           threads=0, scale=None, window=None, rope=None, rope_dims=None, rope_theta=None,
           alibi=None, softcap=None)
 
-    None leaves an option at the library default. window, rope, rope_dims, rope_theta, alibi and
-    softcap need libselfattn 1.1: with an older library they raise UnsupportedError.
+    None leaves an option at the library default.
 
     Calling the layer runs it: y = layer(x) with x [batch][seq_len][d_model] (a 2-D
     [seq_len][d_model] x is one sequence, and y is 2-D then). Inputs that are not C-contiguous
@@ -220,7 +208,6 @@ class Layer(_Handle):
                  rope_theta=None, alibi=None, softcap=None):
         self._h = None
         self._caches = weakref.WeakSet()
-        self._scale = None
         d_model = _int32(d_model, "d_model")
         n_heads = _int32(n_heads, "n_heads")
         out = ctypes.c_void_p()
@@ -283,10 +270,7 @@ class Layer(_Handle):
             if name == "scale":
                 _check(_C.selfattn_layer_set_scale(h, value), "selfattn_layer_set_scale",
                        "scale=%r" % value)
-                self._scale = value or None
                 return
-            if not _lib.has("selfattn_layer_set_float"):
-                raise unsupported("option %r (selfattn_layer_set_float)" % name)
             _check(_C.selfattn_layer_set_float(h, _FLOAT_OPTIONS[name], value),
                    "selfattn_layer_set_float", "%s=%r" % (name, value))
             return
@@ -301,30 +285,19 @@ class Layer(_Handle):
         v = operator.index(value)
         if not _I64_MIN <= v <= _I64_MAX:
             raise InvalidError(_lib.ERR_INVALID, "selfattn_layer_set", "%s=%d" % (name, v))
-        if not _option_known(opt):
-            raise unsupported("option %r" % name)
         _check(_C.selfattn_layer_set(h, opt, v), "selfattn_layer_set", "%s=%d" % (name, v))
 
     def get(self, name):
         """The effective value of an option (defaults resolved), by name."""
         h = self._handle()
         if name in _FLOAT_OPTIONS:
-            if _lib.has("selfattn_layer_get_float"):
-                out = ctypes.c_double()
-                _check(_C.selfattn_layer_get_float(h, _FLOAT_OPTIONS[name], ctypes.byref(out)),
-                       "selfattn_layer_get_float", name)
-                return out.value
-            if name != "scale":
-                raise unsupported("option %r (selfattn_layer_get_float)" % name)
-            if self._scale is not None:
-                return float(np.float32(self._scale))
-            hd = self.head_dim
-            return 1.0 / math.sqrt(hd) if hd else None
+            out = ctypes.c_double()
+            _check(_C.selfattn_layer_get_float(h, _FLOAT_OPTIONS[name], ctypes.byref(out)),
+                   "selfattn_layer_get_float", name)
+            return out.value
         if name not in _INT_OPTIONS:
             raise KeyError("unknown option %r" % name)
         opt, conv = _INT_OPTIONS[name]
-        if not _option_known(opt):
-            raise unsupported("option %r" % name)
         out = ctypes.c_int64()
         _check(_C.selfattn_layer_get(h, opt, ctypes.byref(out)), "selfattn_layer_get", name)
         return conv(out.value)
@@ -427,8 +400,6 @@ class Layer(_Handle):
             if st:
                 raise error_for(st, "selfattn_forward")
             return y
-        if not _lib.has("selfattn_forward_ex"):
-            raise unsupported("attn_bias/return_weights/return_lse (selfattn_forward_ex)")
         ex, keep, extra = self._extras(batch, seq, seq, attn_bias, return_weights, return_lse, two)
         _check(_C.selfattn_forward_ex(h, batch, seq, x.ctypes.data, lp, ctypes.addressof(ex),
                                       y.ctypes.data), "selfattn_forward_ex")
@@ -486,8 +457,6 @@ class Layer(_Handle):
             _check(_C.selfattn_attend(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
                                       v.ctypes.data, lp, o.ctypes.data), "selfattn_attend")
             return o
-        if not _lib.has("selfattn_attend_ex"):
-            raise unsupported("attn_bias/return_weights/return_lse (selfattn_attend_ex)")
         ex, keep, extra = self._extras(batch, lq, lk, attn_bias, return_weights, return_lse, two)
         _check(_C.selfattn_attend_ex(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
                                      v.ctypes.data, lp, ctypes.addressof(ex), o.ctypes.data),
@@ -546,8 +515,6 @@ class Layer(_Handle):
         projection on, "w_o", "b_o" (layouts of the weights). wrt: an iterable of those names to
         compute only some (default all)."""
         h = self._handle()
-        if not _lib.has("selfattn_backward"):
-            raise unsupported("Layer.backward (selfattn_backward)")
         res, args, keep = self._grad_args(x, dy, lengths, wrt)
         _check(_C.selfattn_backward(h, *args), "selfattn_backward")
         return res
@@ -557,9 +524,6 @@ class Layer(_Handle):
         """Bytes of the TrainState that forward_train keeps for (batch, seq_len) on this layer
         (selfattn_train_state_size, libselfattn 1.2): linear in seq_len."""
         h = self._handle()
-        if not _lib.has("selfattn_train_state_size"):
-            raise unsupported("Layer.train_state_size (selfattn_train_state_size)",
-                              needs="libselfattn 1.2")
         batch, seq_len = _int32(batch, "batch"), _int32(seq_len, "seq_len")
         n = ctypes.c_size_t()
         _check(_C.selfattn_train_state_size(h, batch, seq_len, ctypes.byref(n)),
@@ -573,9 +537,6 @@ class Layer(_Handle):
         libselfattn 1.2). The state is a plain buffer of train_state_size(batch, seq_len) bytes:
         drop it, or keep it for any number of backward_train calls of this forward."""
         h = self._handle()
-        if not _lib.has("selfattn_forward_train"):
-            raise unsupported("Layer.forward_train (selfattn_forward_train)",
-                              needs="libselfattn 1.2")
         x, batch, seq, _, lengths, lp = self._x_lengths(x, lengths)
         state = TrainState(self.train_state_size(batch, seq), batch, seq)
         y = np.empty(x.shape, _F32)
@@ -596,9 +557,6 @@ class Layer(_Handle):
         than threads) changed since; TypeError when `state` is not a TrainState. The state is
         only read: several backward_train calls (different dy) may use it."""
         h = self._handle()
-        if not _lib.has("selfattn_backward_train"):
-            raise unsupported("Layer.backward_train (selfattn_backward_train)",
-                              needs="libselfattn 1.2")
         if not isinstance(state, TrainState):
             raise TypeError("state must be the TrainState of Layer.forward_train, got %s"
                             % type(state).__name__)
@@ -615,8 +573,6 @@ class Layer(_Handle):
         """Gradients of attend(q, k, v, kv_lengths) given dout (selfattn_attend_backward,
         libselfattn 1.1): a dict with "q", "k", "v" (those named in wrt)."""
         h = self._handle()
-        if not _lib.has("selfattn_attend_backward"):
-            raise unsupported("Layer.attend_backward (selfattn_attend_backward)")
         q, k, v, batch, lq, lk, two = self._qkv(q, k, v)
         dout = _f32(dout, "dout")
         if dout.shape != q.shape:
@@ -674,8 +630,6 @@ class Cache(_Handle):
 
     def __init__(self, layer, n_seqs, capacity):
         self._h = None
-        if not _lib.has("selfattn_cache_create"):
-            raise unsupported("selfattn.Cache (selfattn_cache_create)")
         n_seqs, capacity = _int32(n_seqs, "n_seqs"), _int32(capacity, "capacity")
         out = ctypes.c_void_p()
         _check(_C.selfattn_cache_create(layer._handle(), n_seqs, capacity, ctypes.byref(out)),

@@ -9,6 +9,7 @@ Lookup order (the first that loads wins):
   3. the system loader: "libselfattn.so.1" (LD_LIBRARY_PATH, ld.so.cache, default directories),
      then ctypes.util.find_library("selfattn").
 ctypes.CDLL releases the GIL for the duration of every call into the library.
+The library found must be libselfattn 1.2 or newer (REQUIRED_VERSION_NUMBER), else ImportError.
 """
 import ctypes
 import ctypes.util
@@ -78,11 +79,40 @@ def _load():
                       % (SONAME, "; ".join(tried)))
 
 
-lib, path = _load()
+# The version this binding is written for (selfattn.h: SELFATTN_VERSION_MAJOR/MINOR/PATCH). The
+# binding ships with its library: an older one is refused at import, so every function of the
+# table below exists and nothing is probed later.
+REQUIRED_VERSION_NUMBER = 10200                 # 1.2.0 = major*10000 + minor*100 + patch
 
-# ---- Declarations: version 1.0 (always present) -----------------------------------------------
+
+def _version_text(number):
+    return "%d.%d.%d" % (number // 10000, number // 100 % 100, number % 100)
+
+
+def check_version(number, where):
+    """Raise ImportError unless `number` (selfattn_version_number() of the library loaded from
+    `where`) is at least REQUIRED_VERSION_NUMBER."""
+    if number < REQUIRED_VERSION_NUMBER:
+        raise ImportError(
+            "selfattn: the library %s is libselfattn %s (%d); this binding needs libselfattn %s "
+            "(%d) or newer. Set SELFATTN_LIBRARY to the path of a libselfattn.so.1 of version %s "
+            "or newer (e.g. SELFATTN_LIBRARY=/path/to/build/libselfattn.so.1)"
+            % (where, _version_text(number), number, _version_text(REQUIRED_VERSION_NUMBER),
+               REQUIRED_VERSION_NUMBER, _version_text(REQUIRED_VERSION_NUMBER)))
+
+
+def _loaded_version(lib):
+    f = lib.selfattn_version_number  # AttributeError here means this is not libselfattn 1.x
+    f.restype, f.argtypes = c_uint32, []
+    return int(f())
+
+
+lib, path = _load()
+check_version(_loaded_version(lib), path)
+
+# ---- Declarations of every function (API.md, selfattn.h) ---------------------------------------
 _P = c_void_p
-_DECLS_1_0 = {
+_DECLS = {
     "selfattn_version_number": (c_uint32, []),
     "selfattn_version_string": (c_char_p, []),
     "selfattn_status_string": (c_char_p, [c_int]),
@@ -96,9 +126,7 @@ _DECLS_1_0 = {
     "selfattn_option_bounds": (c_int, [c_int, ctypes.POINTER(c_int64), ctypes.POINTER(c_int64)]),
     "selfattn_forward": (c_int, [_P, c_int32, c_int32, _P, _P, _P]),
     "selfattn_attend": (c_int, [_P, c_int32, c_int32, c_int32, _P, _P, _P, _P, _P]),
-}
-# ---- Version 1.1 (API.md, "Version 1.1 additions"): declared only when exported ---------------
-_DECLS_1_1 = {
+    # 1.1 (API.md, "Version 1.1 additions")
     "selfattn_layer_set_float": (c_int, [_P, c_int, c_double]),
     "selfattn_layer_get_float": (c_int, [_P, c_int, ctypes.POINTER(c_double)]),
     "selfattn_forward_ex": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P]),
@@ -112,26 +140,15 @@ _DECLS_1_1 = {
     "selfattn_backward": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P, _P]),
     "selfattn_attend_backward": (c_int, [_P, c_int32, c_int32, c_int32, _P, _P, _P, _P, _P,
                                          _P, _P, _P]),
-}
-# ---- Version 1.2 (selfattn.h, "Training with kept activations"): declared only when exported ---
-_DECLS_1_2 = {
+    # 1.2 (selfattn.h, "Training with kept activations")
     "selfattn_train_state_size": (c_int, [_P, c_int32, c_int32, ctypes.POINTER(c_size_t)]),
     "selfattn_forward_train": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P, c_size_t]),
     "selfattn_backward_train": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P, _P, _P, c_size_t]),
 }
 
-for _name, (_res, _args) in _DECLS_1_0.items():
-    _f = getattr(lib, _name)  # AttributeError here means this is not libselfattn 1.x
+for _name, (_res, _args) in _DECLS.items():
+    _f = getattr(lib, _name)
     _f.restype, _f.argtypes = _res, _args
-for _name, (_res, _args) in list(_DECLS_1_1.items()) + list(_DECLS_1_2.items()):
-    if hasattr(lib, _name):
-        _f = getattr(lib, _name)
-        _f.restype, _f.argtypes = _res, _args
-
-
-def has(symbol):
-    """True when the loaded library exports the function `symbol` (e.g. "selfattn_forward_ex")."""
-    return hasattr(lib, symbol)
 
 
 # ---- Enums (values fixed forever by the API contract) -----------------------------------------

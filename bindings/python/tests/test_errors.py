@@ -12,7 +12,7 @@ import selfattn
 from selfattn import (Error, InvalidError, NoMemoryError, NullError, SizeOverflowError,
                       StateError, UnsupportedError)
 from selfattn import _lib
-from conftest import make_layer, option_known
+from conftest import make_layer
 
 CLASSES = {1: NullError, 2: InvalidError, 3: NoMemoryError, 4: SizeOverflowError,
            5: StateError, 6: UnsupportedError}
@@ -241,53 +241,57 @@ def test_closed_layer(rng):
         l2.head_dim
 
 
-# ---- 1.1 features on an older library ----------------------------------------------------------
-@pytest.mark.skipif(selfattn.has("selfattn_forward_ex"),
-                    reason="the loaded library has selfattn_forward_ex (1.1): nothing to refuse")
-def test_extras_unsupported_without_forward_ex(rng):
-    layer, _ = make_layer(rng, 16, 2)
-    x = np.zeros((1, 2, 16), np.float32)
-    for kw in ({"return_weights": True}, {"return_lse": True}, {"attn_bias": np.zeros((2, 2))}):
-        with raises(UnsupportedError):
-            layer(x, **kw)
-
-
+# ---- versions: the new options are validated; an older library is refused at import ------------
 @pytest.mark.parametrize("name,value", [("window", 4), ("rope", 1), ("rope_dims", 4), ("alibi", True)])
-def test_new_int_options_unsupported_or_validated(name, value):
-    if option_known(name):
-        layer = selfattn.Layer(32, 4, **{name: value})
-        assert layer.get(name) == value
-    else:
-        with raises(UnsupportedError):
-            selfattn.Layer(32, 4, **{name: value})
-        with raises(UnsupportedError):
-            selfattn.Layer(32, 4).get(name)
+def test_new_int_options_validated(name, value):
+    layer = selfattn.Layer(32, 4, **{name: value})
+    assert layer.get(name) == value
 
 
 @pytest.mark.parametrize("name", ["rope_theta", "softcap"])
-def test_new_float_options_unsupported_or_validated(name):
-    if selfattn.has("selfattn_layer_set_float"):
-        layer = selfattn.Layer(32, 4)
-        with raises(InvalidError):
-            layer.set(name, -1.0)
-        with raises(InvalidError):
-            layer.set(name, float("nan"))
-    else:
-        with raises(UnsupportedError):
-            selfattn.Layer(32, 4, **{name: 2.0})
+def test_new_float_options_validated(name):
+    layer = selfattn.Layer(32, 4)
+    with raises(InvalidError):
+        layer.set(name, -1.0)
+    with raises(InvalidError):
+        layer.set(name, float("nan"))
 
 
-@pytest.mark.skipif(selfattn.has("selfattn_cache_create") and selfattn.has("selfattn_backward"),
-                    reason="the loaded library has the cache and backward (1.1)")
-def test_cache_and_backward_unsupported(rng):
-    layer, _ = make_layer(rng, 16, 2, causal=True)
-    x = np.zeros((1, 2, 16), np.float32)
-    if not selfattn.has("selfattn_cache_create"):
-        with raises(UnsupportedError):
-            selfattn.Cache(layer, 1, 8)
-    if not selfattn.has("selfattn_backward"):
-        with raises(UnsupportedError):
-            layer.backward(x, x)
+def test_import_refuses_an_older_library():
+    """import selfattn raises ImportError naming the library, its version and the one required
+    when selfattn_version_number() is below 1.2.0 (a child process whose ctypes.CDLL gives a
+    stand-in library reporting 1.1.5)."""
+    assert _lib.REQUIRED_VERSION_NUMBER == 10200
+    _lib.check_version(10200, "x")                              # the required version passes
+    _lib.check_version(selfattn.version_number(), _lib.path)    # so does the loaded one
+    code = textwrap.dedent("""
+        import ctypes
+        class OldLibrary:
+            def __init__(self, name, *args, **kwargs):
+                pass
+            def __getattr__(self, name):
+                if name == "selfattn_version_number":
+                    f = lambda: 10105
+                    self.__dict__[name] = f
+                    return f
+                raise AttributeError(name)
+        ctypes.CDLL = OldLibrary
+        try:
+            import selfattn
+            print("NO ERROR")
+        except ImportError as e:
+            print(type(e).__name__)
+            print(e)
+    """)
+    env = dict(os.environ, SELFATTN_LIBRARY="/old/libselfattn.so.1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    kind, msg = r.stdout.split("\n", 1)
+    assert kind == "ImportError", r.stdout
+    assert "/old/libselfattn.so.1 is libselfattn 1.1.5 (10105)" in msg, msg
+    assert "needs libselfattn 1.2.0 (10200) or newer" in msg, msg
+    assert "SELFATTN_LIBRARY" in msg, msg
 
 
 # ---- allocation failure ------------------------------------------------------------------------

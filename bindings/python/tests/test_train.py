@@ -1,12 +1,11 @@
 """Training with kept activations (libselfattn 1.2: selfattn_train_state_size, _forward_train,
 _backward_train) through Layer.forward_train / Layer.backward_train and TrainState. Skipped, with
-the reason, while the loaded library lacks the functions (except the UnsupportedError test, which
-hides them)."""
+the reason, while the loaded library lacks the functions."""
 import numpy as np
 import pytest
 
 import selfattn
-from selfattn import InvalidError, StateError, TrainState, UnsupportedError, _lib
+from selfattn import InvalidError, StateError, TrainState, _lib
 from conftest import check_grads, grad_problem, make_layer, needs, needs_option
 
 pytestmark = needs("selfattn_backward_train")
@@ -217,8 +216,6 @@ def test_state_goes_stale(rng, change):
     elif change == "scale":
         layer.scale = 0.5
     else:
-        if not selfattn.has("selfattn_layer_set_float"):
-            pytest.skip("selfattn_layer_set_float is not exported")
         layer.rope_theta = 500.0
     raises_state(layer, x, dy, state, lengths)
     _, fresh = layer.forward_train(x, lengths)               # a new forward is the remedy
@@ -259,16 +256,3 @@ def test_forward_train_errors(rng):
     with pytest.raises(ValueError):
         layer.backward_train(x, dy, state)
 
-
-def test_unsupported_without_the_1_2_functions(rng, monkeypatch):
-    layer, x, dy, _ = small(rng, lengths=None)
-    _, state = layer.forward_train(x)
-    has = _lib.has
-    monkeypatch.setattr(_lib, "has", lambda s: s not in _lib._DECLS_1_2 and has(s))
-    for call in (lambda: layer.forward_train(x), lambda: layer.backward_train(x, dy, state),
-                 lambda: layer.train_state_size(2, 5)):
-        with pytest.raises(UnsupportedError) as e:
-            call()
-        assert e.value.status == _lib.ERR_UNSUPPORTED
-        assert "libselfattn 1.2" in str(e.value)
-    layer.backward(x, dy)                                    # the 1.1 backward is unaffected
