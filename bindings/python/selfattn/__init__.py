@@ -15,8 +15,8 @@ Layer.backward_train(x, dy, state) the gradients of Layer.backward without recom
 from . import _lib
 from ._errors import (Error, NullError, InvalidError, NoMemoryError, SizeOverflowError,
                       StateError, UnsupportedError, status_string)
-from ._layer import Layer, Cache, TrainState, option_bounds, ROPE_NONE, ROPE_HALF, ROPE_ADJACENT
-from ._torch import from_torch
+from ._layer import (Layer, Cache, TrainState, from_torch, option_bounds, ROPE_NONE, ROPE_HALF,
+                     ROPE_ADJACENT)
 
 __version__ = "1.2.0"
 

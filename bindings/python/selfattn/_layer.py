@@ -6,7 +6,7 @@ import weakref
 
 import numpy as np
 
-from . import _lib
+from . import _lib, _torch
 from ._errors import (Error, InvalidError, SizeOverflowError, error_for, unsupported)
 
 _C = _lib.lib
@@ -369,8 +369,7 @@ class Layer(_Handle):
     @classmethod
     def from_torch(cls, module, **options):
         """A Layer with the weights of a torch.nn.MultiheadAttention (see selfattn.from_torch)."""
-        from ._torch import from_torch
-        return from_torch(module, cls=cls, **options)
+        return _torch.from_torch(module, cls, **options)
 
     # ---- running -------------------------------------------------------------------------------
     def __call__(self, x, lengths=None, attn_bias=None, return_weights=False, return_lse=False,
@@ -593,6 +592,20 @@ class Layer(_Handle):
                                            v.ctypes.data, lp, dout.ctypes.data, *p),
                "selfattn_attend_backward")
         return res
+
+
+def from_torch(module, cls=None, **options):
+    """A selfattn Layer computing what `module`, a torch.nn.MultiheadAttention, computes for
+    self-attention (query = key = value = x), with a copy of its weights (later changes to the
+    module are not seen). Options of Layer are keyword arguments (e.g. causal=True, threads=1).
+
+    The Layer always takes x as [batch][seq][d_model], whatever module.batch_first says: with
+    batch_first=False, pass x.transpose(0, 1) (or np.swapaxes(x, 0, 1)). PyTorch's
+    key_padding_mask corresponds to lengths= when it masks a suffix of each sequence; an
+    attn_mask equal to the causal mask, to causal=True. Dropout is not applied (inference).
+    Not supported (ValueError): kdim/vdim different from embed_dim (separate q/k/v_proj_weight),
+    add_bias_kv, add_zero_attn, and out_proj=False."""
+    return _torch.from_torch(module, Layer if cls is None else cls, **options)
 
 
 class TrainState:

@@ -1,4 +1,5 @@
-"""Layer.from_torch: the weights of a torch.nn.MultiheadAttention (PyTorch imported lazily)."""
+"""Layer.from_torch: the weights of a torch.nn.MultiheadAttention (PyTorch imported lazily).
+The class to build is an argument: this module imports nothing from the package (no cycle)."""
 import numpy as np
 
 
@@ -6,22 +7,12 @@ def _np(t):
     return np.ascontiguousarray(t.detach().to(device="cpu").float().numpy(), dtype=np.float32)
 
 
-def from_torch(module, cls=None, **options):
-    """A selfattn Layer computing what `module`, a torch.nn.MultiheadAttention, computes for
-    self-attention (query = key = value = x), with a copy of its weights (later changes to the
-    module are not seen). Options of Layer are keyword arguments (e.g. causal=True, threads=1).
-
-    The Layer always takes x as [batch][seq][d_model], whatever module.batch_first says: with
-    batch_first=False, pass x.transpose(0, 1) (or np.swapaxes(x, 0, 1)). PyTorch's
-    key_padding_mask corresponds to lengths= when it masks a suffix of each sequence; an
-    attn_mask equal to the causal mask, to causal=True. Dropout is not applied (inference).
-    Not supported (ValueError): kdim/vdim different from embed_dim (separate q/k/v_proj_weight),
-    add_bias_kv, add_zero_attn, and out_proj=False."""
+def from_torch(module, cls, **options):
+    """selfattn.from_torch(module, **options) making an instance of cls (selfattn.Layer or a
+    subclass, given by the caller so that this module needs nothing from _layer)."""
     import torch  # noqa: F401  (a clear ImportError when PyTorch is absent)
     from torch import nn
 
-    if cls is None:
-        from ._layer import Layer as cls
     if not isinstance(module, nn.MultiheadAttention):
         raise TypeError("from_torch expects a torch.nn.MultiheadAttention, got %s"
                         % type(module).__name__)
