@@ -351,10 +351,12 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     size_t scratch;
     SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
     /* lse, D, scratch and, for the single pass, O (D = rowsum(dO o O) needs it) */
-    const size_t parts[4] = {head_rows, head_rows, scratch, w.onepass ? q_rows * nq : 0};
-    size_t off[4];
+    sa_ws_plan wp = {0};
+    const size_t o_lse = sa_ws_reserve(&wp, head_rows), o_dsum = sa_ws_reserve(&wp, head_rows);
+    const size_t o_scratch = sa_ws_reserve(&wp, scratch);
+    const size_t o_out = sa_ws_reserve(&wp, w.onepass ? q_rows * nq : 0);
     sa_ws *ws;
-    st = sa_ws_acquire_parts(layer->ws, parts, 4, off, &ws);
+    st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
@@ -365,10 +367,10 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     w.a.v = v;
     w.a.ldq = w.a.ldo = nq;
     w.a.ldk = w.a.ldv = nkv;
-    w.a.out = w.onepass ? base + off[3] : NULL; /* passes A and B take D from P and dP */
-    w.lse = base + off[0];
-    w.dsum = base + off[1];
-    w.scratch = base + off[2];
+    w.a.out = w.onepass ? base + o_out : NULL; /* passes A and B take D from P and dP */
+    w.lse = base + o_lse;
+    w.dsum = base + o_dsum;
+    w.scratch = base + o_scratch;
     w.dout = dout;
     w.lddo = w.lddq = nq;
     w.lddk = w.lddv = nkv;

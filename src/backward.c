@@ -76,25 +76,25 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     size_t scratch;
     SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
     const int own_lse = !(kept != NULL && w.onepass);
-    const size_t parts[7] = {kept == NULL ? rows * nqkv : 0,
-                             want_qkv ? rows * nqkv : 0,
-                             kept == NULL ? rows * nq : 0,
-                             layer->out_proj ? rows * nq : 0,
-                             own_lse ? head_rows : 0,
-                             head_rows,
-                             scratch};
-    size_t off[7];
+    sa_ws_plan wp = {0};
+    const size_t o_qkv = sa_ws_reserve(&wp, kept == NULL ? rows * nqkv : 0);
+    const size_t o_dqkv = sa_ws_reserve(&wp, want_qkv ? rows * nqkv : 0);
+    const size_t o_attn = sa_ws_reserve(&wp, kept == NULL ? rows * nq : 0);
+    const size_t o_dattn = sa_ws_reserve(&wp, layer->out_proj ? rows * nq : 0);
+    const size_t o_lse = sa_ws_reserve(&wp, own_lse ? head_rows : 0);
+    const size_t o_dsum = sa_ws_reserve(&wp, head_rows);
+    const size_t o_scratch = sa_ws_reserve(&wp, scratch);
     sa_ws *ws;
-    st = sa_ws_acquire_parts(layer->ws, parts, 7, off, &ws);
+    st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
     float *base = ws->data;
     /* kept arrays are only read: O through a.out, lse through w.lse by the single pass, which
        skips its forward then (passes A and B recompute the lse into the workspace) */
-    float *qkv = kept != NULL ? (float *)kept->qkv : base + off[0], *dqkv = base + off[1];
-    float *attn = kept != NULL ? (float *)kept->o : base + off[2];
-    float *dattn = layer->out_proj ? base + off[3] : (float *)dy;
+    float *qkv = kept != NULL ? (float *)kept->qkv : base + o_qkv, *dqkv = base + o_dqkv;
+    float *attn = kept != NULL ? (float *)kept->o : base + o_attn;
+    float *dattn = layer->out_proj ? base + o_dattn : (float *)dy;
     if (valid > 0 && kept == NULL) {
         const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv,
                                     .ld_w = dm, .w_is_linear = 1, .bias = layer->b_qkv,
@@ -115,10 +115,10 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     w.a.ldq = w.a.ldk = w.a.ldv = nqkv;
     w.a.out = kept != NULL && !w.onepass ? NULL : attn;
     w.a.ldo = nq;
-    w.lse = kept != NULL && w.onepass ? (float *)kept->lse : base + off[4];
+    w.lse = kept != NULL && w.onepass ? (float *)kept->lse : base + o_lse;
     w.have_forward = kept != NULL;
-    w.dsum = base + off[5];
-    w.scratch = base + off[6];
+    w.dsum = base + o_dsum;
+    w.scratch = base + o_scratch;
     w.dout = dattn;
     w.lddo = nq;
     w.dq = want_q ? dqkv : NULL;

@@ -233,18 +233,20 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
                                                  sizeof(int64_t) + sizeof(int32_t),
                              &desc_b),
              SELFATTN_ERR_OVERFLOW);
-    const size_t parts[4] = {rows * nqkv, layer->out_proj ? rows * nq : 0, s_f,
-                             (desc_b + sizeof(float) - 1) / sizeof(float)};
-    size_t off[4];
+    sa_ws_plan wp = {0};
+    const size_t o_qkv = sa_ws_reserve(&wp, rows * nqkv);
+    const size_t o_attn = sa_ws_reserve(&wp, layer->out_proj ? rows * nq : 0);
+    const size_t o_scratch = sa_ws_reserve(&wp, s_f);
+    const size_t o_desc = sa_ws_reserve(&wp, (desc_b + sizeof(float) - 1) / sizeof(float));
     sa_ws *ws;
-    const selfattn_status st = sa_ws_acquire_parts(layer->ws, parts, 4, off, &ws);
+    const selfattn_status st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
     /* Nothing fails from here on. */
     sa_blas_init();
     float *wsf = ws->data;
-    float *qkv = wsf + off[0], *attn = layer->out_proj ? wsf + off[1] : y;
-    sa_attn *desc = (sa_attn *)(void *)(wsf + off[3]);
+    float *qkv = wsf + o_qkv, *attn = layer->out_proj ? wsf + o_attn : y;
+    sa_attn *desc = (sa_attn *)(void *)(wsf + o_desc);
     sa_attn_plan *plans = (sa_attn_plan *)(void *)(desc + n_seqs);
     int64_t *pos0 = (int64_t *)(void *)(plans + n_seqs);
     int32_t *lens = (int32_t *)(void *)(pos0 + n_seqs);
@@ -286,7 +288,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         n_desc++;
         cache->len[s] = L + n;
     }
-    sa_attn_run_many(desc, plans, n_desc, workers, wsf + off[2], per_worker);
+    sa_attn_run_many(desc, plans, n_desc, workers, wsf + o_scratch, per_worker);
 
     if (layer->out_proj) {
         const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,

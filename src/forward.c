@@ -121,10 +121,12 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     SA_CHECK(sa_mul_size((size_t)workers, plan.floats_per_worker, &s_floats),
              SELFATTN_ERR_OVERFLOW);
     const size_t kv_floats = (size_t)batch * (size_t)kv_len * nkv; /* addressable: checked */
-    const size_t parts[3] = {s_floats, headmajor ? kv_floats : 0, headmajor ? kv_floats : 0};
-    size_t off[3];
+    sa_ws_plan wp = {0};
+    const size_t o_scores = sa_ws_reserve(&wp, s_floats);
+    const size_t o_k = sa_ws_reserve(&wp, headmajor ? kv_floats : 0);
+    const size_t o_v = sa_ws_reserve(&wp, headmajor ? kv_floats : 0);
     sa_ws *ws;
-    st = sa_ws_acquire_parts(layer->ws, parts, 3, off, &ws);
+    st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
@@ -137,11 +139,12 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     a.out = out;
     float *wsf = ws->data;
     if (headmajor) {
-        const sa_kv_copy c = {k,       v, nkv, batch, kv_len, layer->n_kv_heads, layer->head_dim,
-                              kv_lengths, wsf + off[1], wsf + off[2]};
+        const sa_kv_copy c = {.k = k, .v = v, .ld = nkv, .batch = batch, .len = kv_len,
+                              .n_kv = layer->n_kv_heads, .hd = layer->head_dim,
+                              .lengths = kv_lengths, .kh = wsf + o_k, .vh = wsf + o_v};
         sa_use_headmajor(&a, &c, workers);
     }
-    sa_attn_run(&a, &plan, workers, wsf + off[0]);
+    sa_attn_run(&a, &plan, workers, wsf + o_scores);
     sa_ws_release(layer->ws, ws);
     return SELFATTN_OK;
 }
@@ -195,18 +198,19 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     size_t s_floats;
     SA_CHECK(sa_mul_size((size_t)workers, plan.floats_per_worker, &s_floats),
              SELFATTN_ERR_OVERFLOW);
-    const size_t parts[4] = {keep != NULL ? 0 : rows * nqkv,
-                             keep == NULL && layer->out_proj ? rows * nq : 0, s_floats,
-                             headmajor ? 2 * rows * nkv : 0};
-    size_t off[4];
+    sa_ws_plan wp = {0};
+    const size_t o_qkv = sa_ws_reserve(&wp, keep != NULL ? 0 : rows * nqkv);
+    const size_t o_attn = sa_ws_reserve(&wp, keep == NULL && layer->out_proj ? rows * nq : 0);
+    const size_t o_scores = sa_ws_reserve(&wp, s_floats);
+    const size_t o_kv = sa_ws_reserve(&wp, headmajor ? 2 * rows * nkv : 0);
     sa_ws *ws;
-    st = sa_ws_acquire_parts(layer->ws, parts, 4, off, &ws);
+    st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
     float *wsf = ws->data;
-    float *qkv = keep != NULL ? keep->qkv : wsf + off[0];
-    float *attn = keep != NULL ? keep->o : layer->out_proj ? wsf + off[1] : y;
+    float *qkv = keep != NULL ? keep->qkv : wsf + o_qkv;
+    float *attn = keep != NULL ? keep->o : layer->out_proj ? wsf + o_attn : y;
     a.kv_lengths = lengths;
     a.pad_queries = 1;
     a.q = qkv;
@@ -226,14 +230,15 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
         sa_rowprod_run(&in_proj, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
         if (headmajor) {
-            const sa_kv_copy c = {qkv + nq, qkv + nq + nkv, nqkv, batch, seq_len,
-                                  layer->n_kv_heads, layer->head_dim, lengths,
-                                  wsf + off[3], wsf + off[3] + rows * nkv};
+            const sa_kv_copy c = {.k = qkv + nq, .v = qkv + nq + nkv, .ld = nqkv,
+                                  .batch = batch, .len = seq_len, .n_kv = layer->n_kv_heads,
+                                  .hd = layer->head_dim, .lengths = lengths,
+                                  .kh = wsf + o_kv, .vh = wsf + o_kv + rows * nkv};
             sa_use_headmajor(&a, &c, workers);
         }
     }
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
-    sa_attn_run(&a, &plan, workers, wsf + off[2]);
+    sa_attn_run(&a, &plan, workers, wsf + o_scores);
     if (valid > 0 && layer->out_proj) {
         const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,
                                      .ld_w = nq, .w_is_linear = 1, .bias = layer->b_o, .out = y,

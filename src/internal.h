@@ -132,14 +132,27 @@ SA_HIDDEN void sa_ws_cache_destroy(sa_ws_cache *c);
 /* A buffer of at least `bytes` for the caller's sole use, or NULL (out of memory). */
 SA_HIDDEN sa_ws *sa_ws_acquire(sa_ws_cache *c, size_t bytes);
 SA_HIDDEN void sa_ws_release(sa_ws_cache *c, sa_ws *w); /* NULL is a no-op */
-/* Offsets (in floats) of n consecutive parts of floats[i] floats each, every part starting on a
-   64-byte boundary (SA_ALIGN_FLOATS floats) from the start, and the bytes of the whole; 0 when the
-   whole would not fit in PTRDIFF_MAX bytes. */
-SA_HIDDEN int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes);
-/* sa_ws_layout, then a workspace of the whole from the cache into *ws: SELFATTN_OK,
-   SELFATTN_ERR_OVERFLOW or SELFATTN_ERR_NOMEM. */
-SA_HIDDEN selfattn_status sa_ws_acquire_parts(sa_ws_cache *c, const size_t *floats, int n,
-                                              size_t *off, sa_ws **ws);
+/* A workspace carved by name: each sa_ws_reserve takes the next part of `floats` floats (on a
+   64-byte boundary) and returns its offset in floats, so that one piece of code both sizes and
+   carves; an overflow anywhere marks the plan. */
+typedef struct sa_ws_plan {
+    size_t floats;
+    int overflow;
+} sa_ws_plan;
+static inline size_t sa_ws_reserve(sa_ws_plan *p, size_t floats)
+{
+    const size_t at = p->floats;
+    size_t sz;
+    if (!sa_add_size(floats, SA_ALIGN_FLOATS - 1, &sz) ||
+        !sa_add_size(at, sz / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS, &p->floats))
+        p->overflow = 1;
+    return at;
+}
+/* The plan's bytes, or 0 when it overflowed or passes PTRDIFF_MAX. */
+SA_HIDDEN size_t sa_ws_plan_bytes(const sa_ws_plan *p);
+/* A workspace for the plan from the cache into *ws: SELFATTN_OK, SELFATTN_ERR_OVERFLOW or
+   SELFATTN_ERR_NOMEM. */
+SA_HIDDEN selfattn_status sa_ws_acquire_plan(sa_ws_cache *c, const sa_ws_plan *p, sa_ws **ws);
 
 /* ---- The layer ---- */
 enum { SA_HAVE_Q = 1u, SA_HAVE_K = 2u, SA_HAVE_V = 4u, SA_HAVE_O = 8u };

@@ -27,7 +27,7 @@ typedef struct sa_train_header {
 } sa_train_header;
 
 typedef struct sa_train_layout {
-    size_t off[4]; /* floats: header and lengths, qkv, O, lse */
+    size_t o_qkv, o_o, o_lse; /* floats from the start; the header and lengths come first */
     size_t bytes;
 } sa_train_layout;
 
@@ -43,9 +43,13 @@ static selfattn_status sa_train_plan(const selfattn_layer *layer, int32_t batch,
     SA_CHECK(sa_array_bytes(rows, nq + 2 * nkv) != 0 &&
                  sa_mul_size(rows, (size_t)layer->n_heads, &head_rows),
              SELFATTN_ERR_OVERFLOW);
-    const size_t parts[4] = {(sizeof(sa_train_header) + (size_t)batch * sizeof(int32_t) + 3) / 4,
-                             rows * (nq + 2 * nkv), rows * nq, head_rows};
-    SA_CHECK(sa_ws_layout(parts, 4, t->off, &t->bytes), SELFATTN_ERR_OVERFLOW);
+    sa_ws_plan wp = {0};
+    sa_ws_reserve(&wp, (sizeof(sa_train_header) + (size_t)batch * sizeof(int32_t) + 3) / 4);
+    t->o_qkv = sa_ws_reserve(&wp, rows * (nq + 2 * nkv));
+    t->o_o = sa_ws_reserve(&wp, rows * nq);
+    t->o_lse = sa_ws_reserve(&wp, head_rows);
+    t->bytes = sa_ws_plan_bytes(&wp);
+    SA_CHECK(t->bytes != 0, SELFATTN_ERR_OVERFLOW);
     return SELFATTN_OK;
 }
 
@@ -81,7 +85,7 @@ selfattn_status selfattn_forward_train(const selfattn_layer *layer, int32_t batc
     selfattn_status st = sa_train_check_buffer(layer, batch, seq_len, state, state_bytes, &t);
     SA_CHECK(st == SELFATTN_OK, st);
     float *base = state;
-    const sa_keep keep = {base + t.off[1], base + t.off[2], base + t.off[3]};
+    const sa_keep keep = {.qkv = base + t.o_qkv, .o = base + t.o_o, .lse = base + t.o_lse};
     /* checks everything before its first write: on failure the state is as it was */
     st = sa_forward(layer, batch, seq_len, x, lengths, NULL, y, &keep);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -123,6 +127,6 @@ selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t bat
                         (size_t)batch * sizeof(int32_t)) == 0,
                  SELFATTN_ERR_STATE);
     const float *base = state;
-    const sa_kept kept = {base + t.off[1], base + t.off[2], base + t.off[3]};
+    const sa_kept kept = {.qkv = base + t.o_qkv, .o = base + t.o_o, .lse = base + t.o_lse};
     return sa_backward(layer, batch, seq_len, x, lengths, dy, dx, grads, &kept);
 }

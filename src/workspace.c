@@ -94,26 +94,19 @@ void sa_ws_release(sa_ws_cache *c, sa_ws *w)
     pthread_mutex_unlock(&c->mu);
 }
 
-int sa_ws_layout(const size_t *floats, int n, size_t *off, size_t *total_bytes)
-{
-    size_t at = 0;
-    for (int i = 0; i < n; i++) {
-        off[i] = at;
-        size_t sz;
-        if (!sa_add_size(floats[i], SA_ALIGN_FLOATS - 1, &sz) ||
-            !sa_add_size(at, sz / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS, &at))
-            return 0;
-    }
-    if (!sa_mul_size(at, sizeof(float), total_bytes) || *total_bytes > (size_t)PTRDIFF_MAX)
-        return 0;
-    return 1;
-}
-
-selfattn_status sa_ws_acquire_parts(sa_ws_cache *c, const size_t *floats, int n, size_t *off,
-                                    sa_ws **ws)
+size_t sa_ws_plan_bytes(const sa_ws_plan *p)
 {
     size_t bytes;
-    SA_CHECK(sa_ws_layout(floats, n, off, &bytes), SELFATTN_ERR_OVERFLOW);
+    if (p->overflow || !sa_mul_size(p->floats, sizeof(float), &bytes) ||
+        bytes > (size_t)PTRDIFF_MAX)
+        return 0;
+    return bytes;
+}
+
+selfattn_status sa_ws_acquire_plan(sa_ws_cache *c, const sa_ws_plan *p, sa_ws **ws)
+{
+    const size_t bytes = sa_ws_plan_bytes(p);
+    SA_CHECK(bytes != 0 || p->floats == 0, SELFATTN_ERR_OVERFLOW);
     *ws = sa_ws_acquire(c, bytes);
     SA_CHECK(*ws != NULL, SELFATTN_ERR_NOMEM);
     return SELFATTN_OK;
