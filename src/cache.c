@@ -170,9 +170,25 @@ static size_t sa_cache_row(const selfattn_cache *c, int32_t s, int64_t lo)
     return sa_cache_at(c, s, c->window > 0 ? (size_t)(lo % c->capacity) : (size_t)lo);
 }
 
-selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_cache *cache,
-                                        int32_t max_new, const float *x, const int32_t *n_new,
-                                        float *y)
+/* What one forward_cached call needs, from the arguments alone (n_new read once the sizes are
+   known): every check passes here, before the workspace is taken and anything is written. */
+typedef struct sa_cached_plan {
+    size_t dm, nq, nkv, nqkv, rows, valid, per_worker;
+    int workers;
+    sa_ws_plan ws; /* qkv [rows][nqkv], attn [rows][nq], scratch, and per sequence its attention
+                      description, plan, first position and new-token count */
+    size_t o_qkv, o_attn, o_scratch, o_desc, o_plans, o_pos0, o_lens;
+} sa_cached_plan;
+
+/* Floats that hold n objects of `size` bytes (the workspace is 64-byte aligned floats). */
+static size_t sa_floats_for(size_t n, size_t size)
+{
+    return (n * size + sizeof(float) - 1) / sizeof(float); /* n <= INT32_MAX, size small */
+}
+
+static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const selfattn_cache *cache,
+                                           int32_t max_new, const float *x, const int32_t *n_new,
+                                           const float *y, sa_cached_plan *p)
 {
     SA_CHECK(layer != NULL && cache != NULL && x != NULL && y != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(cache->layer == layer, SELFATTN_ERR_INVALID);
@@ -185,16 +201,17 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
     SA_CHECK((layer->have & need) == need, SELFATTN_ERR_STATE);
     SA_CHECK(max_new >= 1, SELFATTN_ERR_INVALID);
 
+    memset(p, 0, sizeof *p);
     const int32_t n_seqs = cache->n_seqs;
-    const size_t dm = (size_t)layer->d_model;
-    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim, nkv = cache->width;
-    const size_t nqkv = nq + 2 * nkv;
-    const size_t rows = (size_t)n_seqs * (size_t)max_new;
-    SA_CHECK(sa_array_bytes(rows, dm) != 0, SELFATTN_ERR_OVERFLOW);
-    /* n_new is read only once the sizes are known. Per sequence: the checks, then the scratch a
-       worker needs for its plan (the most any sequence's plan asks for, not simply the plan of
-       the longest: a one-token sequence's task takes a whole GQA group, a taller block). */
-    size_t valid = 0, per_worker = 0;
+    p->dm = (size_t)layer->d_model;
+    p->nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
+    p->nkv = cache->width;
+    p->nqkv = p->nq + 2 * p->nkv;
+    p->rows = (size_t)n_seqs * (size_t)max_new;
+    SA_CHECK(sa_array_bytes(p->rows, p->dm) != 0, SELFATTN_ERR_OVERFLOW);
+    /* Per sequence: the checks, then the scratch a worker needs for its plan (the most any
+       sequence's plan asks for, not simply the plan of the longest: a one-token sequence's task
+       takes a whole GQA group, a taller block). */
     int32_t max_keys = 1;
     for (int32_t s = 0; s < n_seqs; s++) {
         const int32_t n = n_new != NULL ? n_new[s] : max_new;
@@ -203,66 +220,52 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         SA_CHECK(L + n <= INT32_MAX, SELFATTN_ERR_OVERFLOW);
         const int64_t first = sa_cache_first_needed(cache, L), keys = L + n - first;
         SA_CHECK(keys <= cache->capacity && first >= cache->kept[s], SELFATTN_ERR_INVALID);
-        valid += (size_t)n;
+        p->valid += (size_t)n;
         if (n == 0)
             continue;
         if (keys > max_keys)
             max_keys = (int32_t)keys;
         sa_attn a;
-        sa_attn_plan p;
+        sa_attn_plan ap;
         sa_attn_from_layer(&a, layer, 1, n, (int32_t)keys, NULL);
         a.stack_heads = 1;
-        const selfattn_status st = sa_attn_plan_make(&a, &p);
+        const selfattn_status st = sa_attn_plan_make(&a, &ap);
         SA_CHECK(st == SELFATTN_OK, st);
-        if (p.floats_per_worker > per_worker)
-            per_worker = p.floats_per_worker;
+        if (ap.floats_per_worker > p->per_worker)
+            p->per_worker = ap.floats_per_worker;
     }
     /* every sequence's core tasks (at most heads * ceil(n / 32) each) are counted in an int */
     SA_CHECK((int64_t)n_seqs * layer->n_heads * (((int64_t)max_new + 31) / 32) <= INT32_MAX,
              SELFATTN_ERR_OVERFLOW);
 
-    /* One attention description per sequence. */
-    const double flops = 2.0 * (double)valid * (double)dm * (double)(nqkv + nq) +
-                         4.0 * (double)valid * max_keys * (double)nq;
-    const int workers = sa_workers_for(layer, flops);
-    /* Workspace: qkv [rows][nqkv], attn [rows][nq], the descriptions, positions, scratch. */
-    size_t s_f, desc_b;
-    SA_CHECK(sa_array_bytes(rows, nqkv) != 0 && sa_array_bytes(rows, nq) != 0 &&
-                 sa_mul_size((size_t)workers, per_worker, &s_f) &&
-                 sa_mul_size((size_t)n_seqs, sizeof(sa_attn) + sizeof(sa_attn_plan) +
-                                                 sizeof(int64_t) + sizeof(int32_t),
-                             &desc_b),
+    const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(p->nqkv + p->nq) +
+                         4.0 * (double)p->valid * max_keys * (double)p->nq;
+    p->workers = sa_workers_for(layer, flops);
+    size_t scratch;
+    SA_CHECK(sa_array_bytes(p->rows, p->nqkv) != 0 && sa_array_bytes(p->rows, p->nq) != 0 &&
+                 sa_mul_size((size_t)p->workers, p->per_worker, &scratch),
              SELFATTN_ERR_OVERFLOW);
-    sa_ws_plan wp = {0};
-    const size_t o_qkv = sa_ws_reserve(&wp, rows * nqkv);
-    const size_t o_attn = sa_ws_reserve(&wp, layer->out_proj ? rows * nq : 0);
-    const size_t o_scratch = sa_ws_reserve(&wp, s_f);
-    const size_t o_desc = sa_ws_reserve(&wp, (desc_b + sizeof(float) - 1) / sizeof(float));
-    sa_ws *ws;
-    const selfattn_status st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
-    SA_CHECK(st == SELFATTN_OK, st);
+    const size_t ns = (size_t)n_seqs;
+    p->o_qkv = sa_ws_reserve(&p->ws, p->rows * p->nqkv);
+    p->o_attn = sa_ws_reserve(&p->ws, layer->out_proj ? p->rows * p->nq : 0);
+    p->o_scratch = sa_ws_reserve(&p->ws, scratch);
+    p->o_desc = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(sa_attn)));
+    p->o_plans = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(sa_attn_plan)));
+    p->o_pos0 = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(int64_t)));
+    p->o_lens = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(int32_t)));
+    return SELFATTN_OK;
+}
 
-    /* Nothing fails from here on. */
-    sa_blas_init();
-    float *wsf = ws->data;
-    float *qkv = wsf + o_qkv, *attn = layer->out_proj ? wsf + o_attn : y;
-    sa_attn *desc = (sa_attn *)(void *)(wsf + o_desc);
-    sa_attn_plan *plans = (sa_attn_plan *)(void *)(desc + n_seqs);
-    int64_t *pos0 = (int64_t *)(void *)(plans + n_seqs);
-    int32_t *lens = (int32_t *)(void *)(pos0 + n_seqs);
-    for (int32_t s = 0; s < n_seqs; s++) {
-        lens[s] = n_new != NULL ? n_new[s] : max_new;
-        pos0[s] = cache->len[s];
-    }
-    const sa_rows rows_new = {.batch = n_seqs, .seq_len = max_new, .lengths = lens};
-    const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv, .ld_w = dm,
-                                .w_is_linear = 1, .bias = layer->b_qkv, .out = qkv,
-                                .ld_out = nqkv, .n = nqkv, .rows = rows_new, .valid_rows = valid};
-    sa_rowprod_run(&in_proj, workers);
-    sa_rope_apply(layer, qkv, nqkv, n_seqs, max_new, lens, pos0, 0, workers);
-
+/* Appends each sequence's new K and V (qkv, after RoPE) to the cache and describes its attention
+   (its new queries over the positions it still needs, read from the cache) into desc and plans;
+   returns the number of descriptions (sequences with new tokens). */
+static int sa_cached_describe(const selfattn_layer *layer, selfattn_cache *cache, int32_t max_new,
+                              const int32_t *lens, const sa_cached_plan *p, const float *qkv,
+                              float *attn, sa_attn *desc, sa_attn_plan *plans)
+{
+    const size_t nq = p->nq, nkv = p->nkv, nqkv = p->nqkv;
     int n_desc = 0;
-    for (int32_t s = 0; s < n_seqs; s++) {
+    for (int32_t s = 0; s < cache->n_seqs; s++) {
         const int32_t n = lens[s];
         if (n == 0)
             continue;
@@ -284,18 +287,53 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         a->k_bs = a->v_bs = nkv * cache->rows;
         a->out = attn + (size_t)s * max_new * nq;
         a->ldo = nq;
-        sa_attn_plan_make(a, &plans[n_desc]); /* made, and checked, above */
+        sa_attn_plan_make(a, &plans[n_desc]); /* made, and checked, in the plan */
         n_desc++;
         cache->len[s] = L + n;
     }
-    sa_attn_run_many(desc, plans, n_desc, workers, wsf + o_scratch, per_worker);
+    return n_desc;
+}
 
+selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_cache *cache,
+                                        int32_t max_new, const float *x, const int32_t *n_new,
+                                        float *y)
+{
+    sa_cached_plan p;
+    selfattn_status st = sa_cached_plan_make(layer, cache, max_new, x, n_new, y, &p);
+    SA_CHECK(st == SELFATTN_OK, st);
+    sa_ws *ws;
+    st = sa_ws_acquire_plan(layer->ws, &p.ws, &ws);
+    SA_CHECK(st == SELFATTN_OK, st);
+
+    /* Nothing fails from here on. */
+    sa_blas_init();
+    const int32_t n_seqs = cache->n_seqs;
+    const size_t dm = p.dm, nq = p.nq, nqkv = p.nqkv;
+    float *wsf = ws->data;
+    float *qkv = wsf + p.o_qkv, *attn = layer->out_proj ? wsf + p.o_attn : y;
+    sa_attn *desc = (sa_attn *)(void *)(wsf + p.o_desc);
+    sa_attn_plan *plans = (sa_attn_plan *)(void *)(wsf + p.o_plans);
+    int64_t *pos0 = (int64_t *)(void *)(wsf + p.o_pos0);
+    int32_t *lens = (int32_t *)(void *)(wsf + p.o_lens);
+    for (int32_t s = 0; s < n_seqs; s++) {
+        lens[s] = n_new != NULL ? n_new[s] : max_new;
+        pos0[s] = cache->len[s];
+    }
+    const sa_rows rows_new = {.batch = n_seqs, .seq_len = max_new, .lengths = lens};
+    const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv, .ld_w = dm,
+                                .w_is_linear = 1, .bias = layer->b_qkv, .out = qkv,
+                                .ld_out = nqkv, .n = nqkv, .rows = rows_new,
+                                .valid_rows = p.valid};
+    sa_rowprod_run(&in_proj, p.workers);
+    sa_rope_apply(layer, qkv, nqkv, n_seqs, max_new, lens, pos0, 0, p.workers);
+    const int n_desc = sa_cached_describe(layer, cache, max_new, lens, &p, qkv, attn, desc, plans);
+    sa_attn_run_many(desc, plans, n_desc, p.workers, wsf + p.o_scratch, p.per_worker);
     if (layer->out_proj) {
         const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,
                                      .ld_w = nq, .w_is_linear = 1, .bias = layer->b_o, .out = y,
                                      .ld_out = dm, .n = dm, .rows = rows_new,
-                                     .valid_rows = valid};
-        sa_rowprod_run(&out_proj, workers);
+                                     .valid_rows = p.valid};
+        sa_rowprod_run(&out_proj, p.workers);
     }
     sa_zero_padding(y, dm, lens, n_seqs, max_new);
     sa_ws_release(layer->ws, ws);
