@@ -23,7 +23,6 @@
  *   bwd_peak_memory/1/65536/128/2/causal/2   resident high-water mark of one causal backward
  *                                   and of one forward of the same shape, and their ratio
  * Run with --smoke for a quick pass (small shapes). */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +31,7 @@
 #include <cblas.h>
 #include <selfattn/selfattn.h>
 
+#include "bench_util.h"
 #include "shim.h"
 
 typedef struct bcfg {
@@ -39,37 +39,14 @@ typedef struct bcfg {
     int kept; /* the 1.2 train state's pair instead of forward / backward */
 } bcfg;
 
-static float *filled(size_t n, unsigned seed, float amp)
+/* The layer of a configuration (random weights and all four biases, whose gradients are timed). */
+static selfattn_layer *layer_of(const bcfg *c)
 {
-    float *p = malloc(n * sizeof *p);
-    if (!p)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        seed = seed * 1103515245u + 12345u;
-        p[i] = amp * ((float)((seed >> 9) & 0xffff) / 65536.0f - 0.5f);
-    }
-    return p;
-}
-
-static selfattn_layer *make_layer(const bcfg *c)
-{
-    const size_t dm = (size_t)c->dm;
-    float *w = filled(4 * dm * dm + 4 * dm, 7, 2.0f / sqrtf((float)dm));
-    selfattn_layer *l = NULL;
-    int ok = w && selfattn_layer_create(c->dm, c->heads, &l) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, c->causal) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_THREADS, c->threads) == SELFATTN_OK;
-    const selfattn_weight which[8] = {SELFATTN_W_Q, SELFATTN_W_K, SELFATTN_W_V, SELFATTN_W_O,
-                                      SELFATTN_B_Q, SELFATTN_B_K, SELFATTN_B_V, SELFATTN_B_O};
-    for (int i = 0; ok && i < 8; i++)
-        ok = selfattn_layer_set_weight(l, which[i], w + (i < 4 ? i * dm * dm : 4 * dm * dm),
-                                       (int64_t)(i < 4 ? dm * dm : dm)) == SELFATTN_OK;
-    free(w);
-    if (!ok) {
-        selfattn_layer_destroy(l);
-        return NULL;
-    }
-    return l;
+    return sb_make_layer(&(sb_layer_opts){.d_model = c->dm,
+                                          .n_heads = c->heads,
+                                          .causal = c->causal,
+                                          .threads = c->threads,
+                                          .biases = SB_BIAS_ALL});
 }
 
 /* Everything one backward call needs, allocated and touched once. */
@@ -87,9 +64,9 @@ static int bwd_ctx_make(bwd_ctx *b, const bcfg *c)
     memset(b, 0, sizeof *b);
     b->c = c;
     const size_t n = (size_t)c->batch * c->seq * c->dm, dm = (size_t)c->dm;
-    b->l = make_layer(c);
-    b->x = filled(n, 3, 2.0f);
-    b->dy = filled(n, 5, 0.02f);
+    b->l = layer_of(c);
+    b->x = sb_filled(n, 1.0f, 3);
+    b->dy = sb_filled(n, 0.01f, 5);
     b->y = calloc(n, sizeof(float));
     b->dx = calloc(n, sizeof(float));
     int ok = b->l && b->x && b->dy && b->y && b->dx;
@@ -178,7 +155,7 @@ static int ceil_make(ceil_ctx *e, const bcfg *c)
                             3 * dm * dm, L * dm, L * dm, L * dm, hl, hl, hl, hl, hl, hl, hl, hl,
                             (size_t)e->bq * L, (size_t)e->bq * L};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
-        *bufs[i] = filled(sizes[i], 11 + (unsigned)i, 0.1f);
+        *bufs[i] = sb_filled(sizes[i], 0.05f, 11 + (unsigned)i);
         if (!*bufs[i])
             return 0;
     }
@@ -347,7 +324,7 @@ static void bm_peak_memory(sb_state *s, const void *arg)
             fwd = sb_peak_rss_mib();
             /* a fresh layer: the forward's cached workspace does not count for the backward */
             selfattn_layer_destroy(b.l);
-            b.l = make_layer(c);
+            b.l = layer_of(c);
             sb_reset_peak_rss();
             sb_resume(s);
             if (st == SELFATTN_OK)

@@ -10,7 +10,6 @@
  *   prefill/E/H/KV/L               a prompt of L tokens through the cache against one causal
  *                                  selfattn_forward of the same tokens: ratio = prefill / forward.
  * Medians of alternating runs. Run with --smoke for a quick pass (small shapes). */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,43 +18,23 @@
 #include <cblas.h>
 #include <selfattn/selfattn.h>
 
+#include "bench_util.h"
 #include "shim.h"
-
-static float *filled(size_t n, float a, unsigned seed)
-{
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    for (size_t i = 0; p && i < n; i++) {
-        seed = seed * 1103515245u + 12345u;
-        p[i] = a * ((float)((seed >> 9) & 0xffff) / 32768.0f - 1.0f);
-    }
-    return p;
-}
 
 typedef struct dcfg {
     int E, H, KV, ctx, threads, n_seqs;
 } dcfg;
 
-/* A causal layer with random nn.Linear-scaled weights. */
-static selfattn_layer *make_layer(const dcfg *c)
+/* The layer of a configuration: causal, with RoPE and random weights; threads 0 leaves the
+   library's default. */
+static selfattn_layer *layer_of(const dcfg *c, int threads)
 {
-    const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
-    const size_t E = (size_t)c->E;
-    float *w = filled(nq * E, 1.0f / sqrtf((float)E), 11);
-    selfattn_layer *l = NULL;
-    int ok = w && selfattn_layer_create(c->E, c->H, &l) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, c->KV) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_ROPE, 1) == SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_Q, w, (int64_t)(nq * E)) == SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_K, w, (int64_t)(nkv * E)) == SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_V, w, (int64_t)(nkv * E)) == SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_O, w, (int64_t)(E * nq)) == SELFATTN_OK;
-    free(w);
-    if (!ok) {
-        selfattn_layer_destroy(l);
-        return NULL;
-    }
-    return l;
+    return sb_make_layer(&(sb_layer_opts){.d_model = c->E,
+                                          .n_heads = c->H,
+                                          .n_kv_heads = c->KV,
+                                          .causal = 1,
+                                          .rope = 1,
+                                          .threads = threads});
 }
 
 /* A cache of n_seqs sequences holding ctx positions each (a prompt run through the cache). */
@@ -65,7 +44,7 @@ static selfattn_cache *filled_cache(selfattn_layer *l, const dcfg *c, int n_seqs
     if (selfattn_cache_create(l, n_seqs, c->ctx + 16, &cache) != SELFATTN_OK)
         return NULL;
     const size_t n = (size_t)n_seqs * c->ctx * c->E;
-    float *x = filled(n, 1.0f, 5), *y = malloc(n * sizeof(float));
+    float *x = sb_filled(n, 1.0f, 5), *y = malloc(n * sizeof(float));
     const int ok = x && y && selfattn_forward_cached(l, cache, c->ctx, x, NULL, y) == SELFATTN_OK;
     free(x);
     free(y);
@@ -81,15 +60,14 @@ static selfattn_cache *filled_cache(selfattn_layer *l, const dcfg *c, int n_seqs
 static void bm_decode(sb_state *s, const void *arg)
 {
     const dcfg *c = arg;
-    selfattn_layer *l = make_layer(c);
-    selfattn_layer_set(l, SELFATTN_OPT_THREADS, c->threads);
+    selfattn_layer *l = layer_of(c, c->threads);
     selfattn_cache *cache = l ? filled_cache(l, c, 1) : NULL;
     const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
     /* what a step must read: the weights and the cached K and V (plus the new row) */
     const size_t bytes = sizeof(float) * ((nq + 2 * nkv) * c->E + (size_t)c->E * nq +
                                           2 * nkv * ((size_t)c->ctx + 1));
-    float *big = filled(bytes / sizeof(float), 1.0f, 9);
-    float *x = filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
+    float *big = sb_filled(bytes / sizeof(float), 1.0f, 9);
+    float *x = sb_filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
     static double ts[MAX_RUNS], tr[MAX_RUNS];
     int k = 0;
     if (!cache || !big || !x || !y) {
@@ -134,14 +112,14 @@ static void bm_decode(sb_state *s, const void *arg)
 static void bm_decode_batch(sb_state *s, const void *arg)
 {
     const dcfg *c = arg;
-    selfattn_layer *l = make_layer(c);
+    selfattn_layer *l = layer_of(c, 0);
     selfattn_cache *c1 = l ? filled_cache(l, c, 1) : NULL, *c8 = l ? filled_cache(l, c, 8) : NULL;
-    float *x = filled((size_t)8 * c->E, 1.0f, 3), *y = malloc(sizeof(float) * 8 * c->E);
+    float *x = sb_filled((size_t)8 * c->E, 1.0f, 3), *y = malloc(sizeof(float) * 8 * c->E);
     static double t1s[MAX_RUNS], t8s[MAX_RUNS];
     /* read before each timed call, so that neither finds the weights in the last-level cache left
        there by the other (the weights, 42 MB at E 2048, about fill a 32 MB L3) */
     const size_t n_flush = (size_t)64 << 20 >> 2;
-    float *flush = filled(n_flush, 1.0f, 13);
+    float *flush = sb_filled(n_flush, 1.0f, 13);
     volatile float sink = 0.0f;
     int k = 0;
     if (!c1 || !c8 || !x || !y || !flush) {
@@ -188,10 +166,10 @@ static void bm_decode_batch(sb_state *s, const void *arg)
 static void bm_prefill(sb_state *s, const void *arg)
 {
     const dcfg *c = arg;
-    selfattn_layer *l = make_layer(c);
+    selfattn_layer *l = layer_of(c, 0);
     selfattn_cache *cache = NULL;
     const size_t n = (size_t)c->ctx * c->E;
-    float *x = filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
+    float *x = sb_filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
     static double tp[MAX_RUNS], tf[MAX_RUNS];
     int k = 0;
     if (!l || selfattn_cache_create(l, 1, c->ctx, &cache) != SELFATTN_OK || !x || !y) {

@@ -15,7 +15,6 @@
  * The old "same calls as the library" ceiling is gone: it needed the library's internal header
  * and shared its choices, which is what an honest ceiling must not do.
  * Run with --smoke for a quick pass over the small shapes (CI), or through bench/report. */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +22,7 @@
 
 #include <selfattn/selfattn.h>
 
+#include "bench_util.h"
 #include "ceiling.h"
 #include "shim.h"
 
@@ -44,58 +44,23 @@ static ce_shape to_shape(const fcfg *c)
     return s;
 }
 
-static float *filled(size_t n, unsigned seed)
+/* The layer of a configuration (random weights and a B_Q bias). */
+static selfattn_layer *layer_of(const fcfg *c)
 {
-    float *p = malloc(n * sizeof *p);
-    if (!p)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        seed = seed * 1103515245u + 12345u;
-        p[i] = (float)((seed >> 9) & 0xffff) / 65536.0f - 0.5f;
-    }
-    return p;
-}
-
-/* A layer with random weights; NULL on failure. */
-static selfattn_layer *make_layer(const fcfg *c)
-{
-    selfattn_layer *l = NULL;
-    const int hd = c->dm / c->heads;
-    const size_t nq = (size_t)c->heads * hd, nkv = (size_t)c->kv_heads * hd, dm = (size_t)c->dm;
-    /* U(-1/sqrt(in), 1/sqrt(in)), the nn.Linear initialisation range (filled gives [-1/2, 1/2)) */
-    float *w = filled((nq + 2 * nkv) * dm + dm * nq, 7);
-    if (w) {
-        for (size_t i = 0; i < (nq + 2 * nkv) * dm; i++)
-            w[i] *= 2.0f / sqrtf((float)dm);
-        for (size_t i = (nq + 2 * nkv) * dm; i < (nq + 2 * nkv) * dm + dm * nq; i++)
-            w[i] *= 2.0f / sqrtf((float)nq);
-    }
-    int ok = w && selfattn_layer_create(c->dm, c->heads, &l) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, c->kv_heads) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, c->causal) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_THREADS, c->threads) == SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_Q, w, (int64_t)(nq * dm)) == SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_K, w + nq * dm, (int64_t)(nkv * dm)) ==
-                 SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_V, w + (nq + nkv) * dm, (int64_t)(nkv * dm)) ==
-                 SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_W_O, w + (nq + 2 * nkv) * dm,
-                                       (int64_t)(dm * nq)) == SELFATTN_OK &&
-             selfattn_layer_set_weight(l, SELFATTN_B_Q, w, (int64_t)nq) == SELFATTN_OK;
-    free(w);
-    if (!ok) {
-        selfattn_layer_destroy(l);
-        return NULL;
-    }
-    return l;
+    return sb_make_layer(&(sb_layer_opts){.d_model = c->dm,
+                                          .n_heads = c->heads,
+                                          .n_kv_heads = c->kv_heads,
+                                          .causal = c->causal,
+                                          .threads = c->threads,
+                                          .biases = SB_BIAS_Q});
 }
 
 static void bm_forward(sb_state *s, const void *arg)
 {
     const fcfg *c = arg;
-    selfattn_layer *l = make_layer(c);
+    selfattn_layer *l = layer_of(c);
     const size_t n = (size_t)c->batch * c->seq * c->dm;
-    float *x = filled(n, 3), *y = malloc(n * sizeof *y);
+    float *x = sb_filled(n, 0.5f, 3), *y = malloc(n * sizeof *y);
     if (!l || !x || !y) {
         sb_skip_with_error(s, "set-up failed");
     } else {
@@ -164,10 +129,10 @@ static void bm_pair(sb_state *s, const void *arg)
 {
     const fcfg *c = arg;
     const ce_shape sh = to_shape(c);
-    selfattn_layer *l = make_layer(c);
+    selfattn_layer *l = layer_of(c);
     ce_ctx *ce = ce_create(&sh);
     const size_t n = (size_t)c->batch * c->seq * c->dm;
-    float *x = filled(n, 3), *y = malloc(n * sizeof *y);
+    float *x = sb_filled(n, 0.5f, 3), *y = malloc(n * sizeof *y);
     selfattn_status st = SELFATTN_ERR_NOMEM;
     double f = 0, g = 0;
     if (l && ce && x && y) {
@@ -233,7 +198,8 @@ static void bm_attend_pair(sb_state *s, const void *arg)
              selfattn_layer_set(l, SELFATTN_OPT_THREADS, c->threads) == SELFATTN_OK;
     ce_ctx *ce = ok ? ce_create_attend(&sh) : NULL;
     const size_t n = (size_t)c->seq * c->heads * c->hd;
-    float *q = filled(n, 11), *k = filled(n, 12), *v = filled(n, 13), *out = malloc(n * sizeof *out);
+    float *q = sb_filled(n, 0.5f, 11), *k = sb_filled(n, 0.5f, 12), *v = sb_filled(n, 0.5f, 13);
+    float *out = malloc(n * sizeof *out);
     selfattn_status st = SELFATTN_ERR_NOMEM;
     double f = 0, g = 0;
     if (ok && ce && q && k && v && out) {
@@ -272,9 +238,9 @@ static void bm_decode_pair(sb_state *s, const void *arg)
 {
     const fcfg *c = arg;
     const ce_shape sh = to_shape(c);
-    selfattn_layer *l = make_layer(c);
+    selfattn_layer *l = layer_of(c);
     ce_ctx *ce = ce_create(&sh);
-    float *x = filled((size_t)c->dm, 3), *y = malloc((size_t)c->dm * sizeof *y);
+    float *x = sb_filled((size_t)c->dm, 0.5f, 3), *y = malloc((size_t)c->dm * sizeof *y);
     selfattn_status st = SELFATTN_ERR_NOMEM;
     double f = 0, g = 0;
     if (l && ce && x && y) {
@@ -301,8 +267,8 @@ static void bm_peak_memory(sb_state *s, const void *arg)
 {
     const fcfg *c = arg;
     const size_t n = (size_t)c->batch * c->seq * c->dm;
-    selfattn_layer *l = make_layer(c);
-    float *x = filled(n, 5), *y = calloc(n, sizeof *y);
+    selfattn_layer *l = layer_of(c);
+    float *x = sb_filled(n, 0.5f, 5), *y = calloc(n, sizeof *y);
     double base = 0, peak = 0;
     selfattn_status st = SELFATTN_ERR_NOMEM;
     if (l && x && y) {

@@ -34,20 +34,11 @@ static float naive_softmax_exp(float *row, size_t n, float scale)
     return sum;
 }
 
-static void fill(float *p, size_t n)
-{
-    unsigned s = 1;
-    for (size_t i = 0; i < n; i++) {
-        s = s * 1103515245u + 12345u;
-        p[i] = (float)((s >> 9) & 0xffff) / 4096.0f - 8.0f;
-    }
-}
-
 static void bm_softmax(sb_state *s, const void *arg)
 {
     const kcfg *c = arg;
     float *src = sa_malloc(c->n * sizeof(float)), *row = sa_malloc(c->n * sizeof(float));
-    fill(src, c->n);
+    sb_fill(src, c->n, 8.0f, 1); /* scores in [-8, 8) */
     volatile float sink = 0.0f;
     float m_sink;
     while (sb_keep_running(s)) {
@@ -84,7 +75,7 @@ static void bm_softmax_in_forward(sb_state *s, const void *arg)
     const size_t ld = ((size_t)c->seq + 15) / 16 * 16;
     float *src = sa_malloc((size_t)block * ld * sizeof(float));
     float *S = sa_malloc((size_t)block * ld * sizeof(float));
-    fill(src, (size_t)block * ld);
+    sb_fill(src, (size_t)block * ld, 8.0f, 1);
     int64_t elems = 0;
     float m_sink;
     while (sb_keep_running(s)) {

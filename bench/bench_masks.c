@@ -9,7 +9,6 @@
  *   lse/L/E/H                forward_ex returning the log-sum-exp
  *   alibi_softcap/L/E/H      ALiBi and a softcap (tanh per score)
  * ratio = the option's time / the plain forward's. --smoke: small shapes, a quick pass. */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,17 +16,8 @@
 
 #include <selfattn/selfattn.h>
 
+#include "bench_util.h"
 #include "shim.h"
-
-static float *filled(size_t n, float a, unsigned seed)
-{
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    for (size_t i = 0; p && i < n; i++) {
-        seed = seed * 1103515245u + 12345u;
-        p[i] = a * ((float)((seed >> 9) & 0xffff) / 32768.0f - 1.0f);
-    }
-    return p;
-}
 
 enum { K_WINDOW, K_BIAS, K_WEIGHTS, K_LSE, K_ALIBI_SOFTCAP };
 static const char *kind_names[] = {"window", "bias", "weights", "lse", "alibi_softcap"};
@@ -35,23 +25,6 @@ static const char *kind_names[] = {"window", "bias", "weights", "lse", "alibi_so
 typedef struct mcfg {
     int kind, L, E, H, w;
 } mcfg;
-
-static selfattn_layer *make_layer(int E, int H)
-{
-    float *w = filled((size_t)E * E, 1.0f / sqrtf((float)E), 7);
-    selfattn_layer *l = NULL;
-    int ok = w && selfattn_layer_create(E, H, &l) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_THREADS, 1) == SELFATTN_OK;
-    for (int i = SELFATTN_W_Q; ok && i <= SELFATTN_W_O; i++)
-        ok = selfattn_layer_set_weight(l, (selfattn_weight)i, w, (int64_t)E * E) == SELFATTN_OK;
-    free(w);
-    if (!ok) {
-        selfattn_layer_destroy(l);
-        return NULL;
-    }
-    return l;
-}
 
 /* FLOPs a causal forward needs with window w (0: none). */
 static double causal_flops(const mcfg *c, int w)
@@ -67,9 +40,11 @@ static double causal_flops(const mcfg *c, int w)
 static void bm_option(sb_state *s, const void *arg)
 {
     const mcfg *c = arg;
-    selfattn_layer *plain = make_layer(c->E, c->H), *opt = make_layer(c->E, c->H);
+    /* two layers with the same weights: the plain one and the one the option is set on */
+    const sb_layer_opts lo = {.d_model = c->E, .n_heads = c->H, .causal = 1, .threads = 1};
+    selfattn_layer *plain = sb_make_layer(&lo), *opt = sb_make_layer(&lo);
     const size_t n = (size_t)c->L * c->E;
-    float *x = filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
+    float *x = sb_filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
     float *bias = NULL, *weights = NULL, *lse = NULL;
     selfattn_extras e;
     memset(&e, 0, sizeof e);
@@ -81,7 +56,7 @@ static void bm_option(sb_state *s, const void *arg)
         ok = selfattn_layer_set(opt, SELFATTN_OPT_ALIBI, 1) == SELFATTN_OK &&
              selfattn_layer_set_float(opt, SELFATTN_FOPT_SOFTCAP, 30.0) == SELFATTN_OK;
     if (ok && c->kind == K_BIAS) {
-        bias = filled((size_t)c->L * c->L, 1.0f, 5);
+        bias = sb_filled((size_t)c->L * c->L, 1.0f, 5);
         e.attn_bias = bias;
         e.bias_stride_row = c->L;
         ok = bias != NULL;

@@ -147,6 +147,22 @@ int sb_alternate(sb_state *s, sb_call_fn a, void *ca, sb_call_fn b, void *cb, do
     return 0;
 }
 
+void sb_fill(float *p, size_t n, float amp, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = amp * (static_cast<float>((seed >> 9) & 0xffff) / 32768.0f - 1.0f);
+    }
+}
+
+float *sb_filled(size_t n, float amp, unsigned seed)
+{
+    float *p = static_cast<float *>(std::malloc((n ? n : 1) * sizeof *p));
+    if (p)
+        sb_fill(p, n, amp, seed);
+    return p;
+}
+
 double sb_peak_rss_mib(void)
 {
     FILE *f = std::fopen("/proc/self/status", "r");

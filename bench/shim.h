@@ -3,6 +3,7 @@
 #ifndef SELFATTN_BENCH_SHIM_H
 #define SELFATTN_BENCH_SHIM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -52,6 +53,14 @@ int sb_alternate(sb_state *s, sb_call_fn a, void *ca, sb_call_fn b, void *cb, do
    reset (through /proc/self/clear_refs). */
 double sb_peak_rss_mib(void);
 void sb_reset_peak_rss(void);
+
+/* n floats uniform in [-amp, amp) (65536 levels), from a linear congruential sequence started at
+   seed: the same values on every run, so that every run of a benchmark feeds the same data.
+   Random rather than constant data, since sgemm on constant inputs runs a few percent faster.
+   sb_fill writes them to p; sb_filled returns them in a new malloc'd buffer (NULL on failure; at
+   least one float, so that n = 0 is not a failure). */
+void sb_fill(float *p, size_t n, float amp, unsigned seed);
+float *sb_filled(size_t n, float amp, unsigned seed);
 
 /* Initialises Google Benchmark from the command line and runs the registered benchmarks. */
 int sb_main(int argc, char **argv);

@@ -1,0 +1,47 @@
+/* Set-up shared by the public-API benchmarks (see bench_util.h). */
+#include "bench_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "shim.h"
+
+selfattn_layer *sb_make_layer(const sb_layer_opts *o)
+{
+    const size_t dm = (size_t)o->d_model;
+    const size_t hd = (size_t)(o->head_dim ? o->head_dim : o->d_model / o->n_heads);
+    const size_t nq = (size_t)o->n_heads * hd;
+    const size_t nkv = (size_t)(o->n_kv_heads ? o->n_kv_heads : o->n_heads) * hd;
+    /* W_Q, W_K, W_V, W_O, B_Q, B_K, B_V, B_O one after the other in one buffer */
+    const size_t size[8] = {nq * dm, nkv * dm, nkv * dm, dm * nq, nq, nkv, nkv, dm};
+    const float amp_in = 1.0f / sqrtf((float)dm), amp_out = 1.0f / sqrtf((float)nq);
+    size_t total = 0;
+    for (int i = 0; i < 8; i++)
+        total += size[i];
+    float *w = sb_filled(total, 1.0f, 7);
+    selfattn_layer *l = NULL;
+    int ok = w && selfattn_layer_create(o->d_model, o->n_heads, &l) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, o->n_kv_heads) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, o->head_dim) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, o->causal) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_ROPE, o->rope) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_THREADS, o->threads) == SELFATTN_OK;
+    static const selfattn_weight which[8] = {SELFATTN_W_Q, SELFATTN_W_K, SELFATTN_W_V,
+                                             SELFATTN_W_O, SELFATTN_B_Q, SELFATTN_B_K,
+                                             SELFATTN_B_V, SELFATTN_B_O};
+    float *p = w;
+    for (int i = 0; ok && i < 8; p += size[i], i++) {
+        if (i >= 4 && !(o->biases & (1u << (i - 4))))
+            continue;
+        const float amp = which[i] == SELFATTN_W_O || which[i] == SELFATTN_B_O ? amp_out : amp_in;
+        for (size_t j = 0; j < size[i]; j++)
+            p[j] *= amp;
+        ok = selfattn_layer_set_weight(l, which[i], p, (int64_t)size[i]) == SELFATTN_OK;
+    }
+    free(w);
+    if (!ok) {
+        selfattn_layer_destroy(l);
+        return NULL;
+    }
+    return l;
+}

@@ -1,0 +1,27 @@
+/* Set-up shared by the benchmarks that go through the public API: a layer with random weights.
+   Plain C over <selfattn/selfattn.h> only (bench_kernels.c, which links the internal archive
+   instead of the shared library, does not use it). */
+#ifndef SELFATTN_BENCH_UTIL_H
+#define SELFATTN_BENCH_UTIL_H
+
+#include <selfattn/selfattn.h>
+
+/* Which biases sb_make_layer sets (the others stay unset). */
+enum { SB_BIAS_Q = 1, SB_BIAS_K = 2, SB_BIAS_V = 4, SB_BIAS_O = 8, SB_BIAS_ALL = 15 };
+
+/* The options of a benchmark layer, for a designated initializer: a field left 0 leaves the
+   library's default, as 0 does for selfattn_layer_set (n_kv_heads n_heads, head_dim
+   d_model / n_heads, not causal, no RoPE, threads the number of online CPUs). */
+typedef struct sb_layer_opts {
+    int d_model, n_heads, n_kv_heads, head_dim;
+    int causal, rope, threads;
+    unsigned biases; /* SB_BIAS_* */
+} sb_layer_opts;
+
+/* A layer with W_Q, W_K, W_V, W_O and the biases o->biases names set to random values of the
+   nn.Linear initialisation range, U(-1/sqrt(in), 1/sqrt(in)) (in: d_model for Q, K, V and
+   n_heads * head_dim for the output projection), drawn from one fixed sequence: two layers made
+   with the same options have the same weights. NULL on failure. */
+selfattn_layer *sb_make_layer(const sb_layer_opts *o);
+
+#endif
