@@ -74,9 +74,15 @@ static int bwd_ctx_make(bwd_ctx *b, const bcfg *c)
         b->g[i] = calloc(i < 4 ? dm * dm : dm, sizeof(float));
         ok = ok && b->g[i];
     }
-    selfattn_grads g = {sizeof g, b->g[0], b->g[1], b->g[2], b->g[3],
-                        b->g[4],  b->g[5], b->g[6], b->g[7]};
-    b->grads = g;
+    b->grads = (selfattn_grads){.struct_size = sizeof(selfattn_grads),
+                                .w_q = b->g[0],
+                                .w_k = b->g[1],
+                                .w_v = b->g[2],
+                                .w_o = b->g[3],
+                                .b_q = b->g[4],
+                                .b_k = b->g[5],
+                                .b_v = b->g[6],
+                                .b_o = b->g[7]};
     if (ok && selfattn_train_state_size(b->l, c->batch, c->seq, &b->state_bytes) == SELFATTN_OK)
         b->state = calloc(1, b->state_bytes);
     return ok && b->state != NULL;
@@ -307,7 +313,8 @@ static void bm_ceiling(sb_state *s, const void *arg)
     ceil_free(&e);
 }
 
-static const bcfg mem_cfg = {1, 65536, 128, 2, 1, 2, 0};
+static const bcfg mem_cfg = {
+    .batch = 1, .seq = 65536, .dm = 128, .heads = 2, .causal = 1, .threads = 2, .kept = 0};
 
 static void bm_peak_memory(sb_state *s, const void *arg)
 {
@@ -359,7 +366,13 @@ int main(int argc, char **argv)
     for (int i = 0; i < 4; i++) {
         const int causal = i % 2, kept = i / 2;
         bcfg *c = &cfgs[i];
-        *c = (bcfg){1, smoke ? 256 : 2048, 768, 12, causal, 1, kept};
+        *c = (bcfg){.batch = 1,
+                    .seq = smoke ? 256 : 2048,
+                    .dm = 768,
+                    .heads = 12,
+                    .causal = causal,
+                    .threads = 1,
+                    .kept = kept};
         const char *mask = causal ? "causal" : "full", *kind = kept ? "bwd_train" : "bwd";
         snprintf(names[k], sizeof names[k], "%s_pair/1/%d/768/12/%s/1", kind, c->seq, mask);
         sb_register(names[k++], bm_pair, c, smoke ? 1 : 15);

@@ -221,14 +221,29 @@ int main(int argc, char **argv)
     const int ctxs[2] = {smoke ? 256 : 4096, smoke ? 512 : 16384};
     for (int i = 0; i < 2; i++)
         for (int t = 1; t <= 2; t++) {
-            dec[nd] = (dcfg){smoke ? 256 : 2048, 16, 4, ctxs[i], t, 1};
+            dec[nd] = (dcfg){.E = smoke ? 256 : 2048,
+                             .H = 16,
+                             .KV = 4,
+                             .ctx = ctxs[i],
+                             .threads = t,
+                             .n_seqs = 1};
             snprintf(names[nn], sizeof names[nn], "decode/%d/16/4/%d/%d", dec[nd].E, ctxs[i], t);
             sb_register(names[nn++], bm_decode, &dec[nd++], smoke ? 3 : 41);
         }
-    batch[0] = (dcfg){smoke ? 256 : 2048, 16, 4, smoke ? 128 : 1024, 1, 8};
+    batch[0] = (dcfg){.E = smoke ? 256 : 2048,
+                      .H = 16,
+                      .KV = 4,
+                      .ctx = smoke ? 128 : 1024,
+                      .threads = 1,
+                      .n_seqs = 8};
     snprintf(names[nn], sizeof names[nn], "decode_batch/%d/16/4/%d", batch[0].E, batch[0].ctx);
     sb_register(names[nn++], bm_decode_batch, &batch[0], smoke ? 3 : 41);
-    pre[0] = (dcfg){smoke ? 256 : 2048, 16, 4, smoke ? 128 : 2048, 1, 1};
+    pre[0] = (dcfg){.E = smoke ? 256 : 2048,
+                    .H = 16,
+                    .KV = 4,
+                    .ctx = smoke ? 128 : 2048,
+                    .threads = 1,
+                    .n_seqs = 1};
     snprintf(names[nn], sizeof names[nn], "prefill/%d/16/4/%d", pre[0].E, pre[0].ctx);
     sb_register(names[nn++], bm_prefill, &pre[0], smoke ? 2 : 6);
     return sb_main(argc, argv);

@@ -39,9 +39,14 @@ static fcfg cfgs[N_SHAPES * 4];
 
 static ce_shape to_shape(const fcfg *c)
 {
-    ce_shape s = {c->batch,    c->seq,           c->dm,     c->heads,
-                  c->kv_heads, c->dm / c->heads, c->causal, c->threads};
-    return s;
+    return (ce_shape){.batch = c->batch,
+                      .seq_len = c->seq,
+                      .d_model = c->dm,
+                      .n_heads = c->heads,
+                      .n_kv_heads = c->kv_heads,
+                      .head_dim = c->dm / c->heads,
+                      .causal = c->causal,
+                      .threads = c->threads};
 }
 
 /* The layer of a configuration (random weights and a B_Q bias). */
@@ -136,7 +141,7 @@ static void bm_pair(sb_state *s, const void *arg)
     selfattn_status st = SELFATTN_ERR_NOMEM;
     double f = 0, g = 0;
     if (l && ce && x && y) {
-        fwd_call call = {l, c->batch, c->seq, x, y};
+        fwd_call call = {.l = l, .batch = c->batch, .seq = c->seq, .x = x, .y = y};
         st = pair_loop(s, call_forward, &call, ce, &f, &g);
     }
     if (st != SELFATTN_OK) {
@@ -169,8 +174,14 @@ static acfg acfgs[N_ATTEND * 4];
 
 static ce_shape attend_shape(const acfg *c)
 {
-    ce_shape s = {1, c->seq, c->heads * c->hd, c->heads, c->heads, c->hd, c->causal, c->threads};
-    return s;
+    return (ce_shape){.batch = 1,
+                      .seq_len = c->seq,
+                      .d_model = c->heads * c->hd,
+                      .n_heads = c->heads,
+                      .n_kv_heads = c->heads,
+                      .head_dim = c->hd,
+                      .causal = c->causal,
+                      .threads = c->threads};
 }
 
 typedef struct att_call {
@@ -203,7 +214,7 @@ static void bm_attend_pair(sb_state *s, const void *arg)
     selfattn_status st = SELFATTN_ERR_NOMEM;
     double f = 0, g = 0;
     if (ok && ce && q && k && v && out) {
-        att_call call = {l, c->seq, q, k, v, out};
+        att_call call = {.l = l, .seq = c->seq, .q = q, .k = k, .v = v, .out = out};
         st = pair_loop(s, call_attend, &call, ce, &f, &g);
     }
     if (st != SELFATTN_OK) {
@@ -244,7 +255,7 @@ static void bm_decode_pair(sb_state *s, const void *arg)
     selfattn_status st = SELFATTN_ERR_NOMEM;
     double f = 0, g = 0;
     if (l && ce && x && y) {
-        fwd_call call = {l, 1, 1, x, y};
+        fwd_call call = {.l = l, .batch = 1, .seq = 1, .x = x, .y = y};
         st = pair_loop(s, call_forward, &call, ce, &f, &g);
     }
     if (st != SELFATTN_OK) {
@@ -261,7 +272,8 @@ static void bm_decode_pair(sb_state *s, const void *arg)
     selfattn_layer_destroy(l);
 }
 
-static const fcfg mem_cfg = {1, 65536, 128, 2, 2, 1, 1};
+static const fcfg mem_cfg = {
+    .batch = 1, .seq = 65536, .dm = 128, .heads = 2, .kv_heads = 2, .causal = 1, .threads = 1};
 
 static void bm_peak_memory(sb_state *s, const void *arg)
 {

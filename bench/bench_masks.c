@@ -11,7 +11,6 @@
  * ratio = the option's time / the plain forward's. --smoke: small shapes, a quick pass. */
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <time.h>
 
 #include <selfattn/selfattn.h>
@@ -46,9 +45,7 @@ static void bm_option(sb_state *s, const void *arg)
     const size_t n = (size_t)c->L * c->E;
     float *x = sb_filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
     float *bias = NULL, *weights = NULL, *lse = NULL;
-    selfattn_extras e;
-    memset(&e, 0, sizeof e);
-    e.struct_size = sizeof e;
+    selfattn_extras e = {.struct_size = sizeof e};
     int ok = plain && opt && x && y;
     if (ok && c->kind == K_WINDOW)
         ok = selfattn_layer_set(opt, SELFATTN_OPT_WINDOW, c->w) == SELFATTN_OK;
@@ -123,9 +120,10 @@ int main(int argc, char **argv)
     const int smoke = sb_smoke(argc, argv);
     static mcfg cfgs[5];
     static char names[5][96];
-    cfgs[0] = (mcfg){K_WINDOW, smoke ? 1024 : 16384, 512, 8, smoke ? 64 : 1024};
+    cfgs[0] = (mcfg){
+        .kind = K_WINDOW, .L = smoke ? 1024 : 16384, .E = 512, .H = 8, .w = smoke ? 64 : 1024};
     for (int i = 1; i < 5; i++)
-        cfgs[i] = (mcfg){i, smoke ? 256 : 2048, 768, 12, 0};
+        cfgs[i] = (mcfg){.kind = i, .L = smoke ? 256 : 2048, .E = 768, .H = 12, .w = 0};
     for (int i = 0; i < 5; i++) {
         if (cfgs[i].kind == K_WINDOW)
             snprintf(names[i], sizeof names[i], "%s/%d/%d/%d/%d", kind_names[cfgs[i].kind],
