@@ -12,8 +12,9 @@
  *                                        vs its bare BLAS calls, in microseconds; here
  *                                        ratio = forward time / ceiling time (>= 1 is slower)
  *   peak_memory/1/65536/128/2/2/causal/1 resident-memory high-water mark of one long forward
- * The old "same calls as the library" ceiling is gone: it needed the library's internal header
- * and shared its choices, which is what an honest ceiling must not do.
+ * The ceiling includes nothing from the library's sources and makes its own choices (layout,
+ * blocks, threads): a ceiling that shared the library's choices would measure the library against
+ * itself.
  * Run with --smoke for a quick pass over the small shapes (CI), or through bench/report. */
 #include <stdio.h>
 #include <stdlib.h>

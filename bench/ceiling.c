@@ -94,8 +94,8 @@ static double now_s(void)
 }
 
 /* n floats uniform in [-a, a), written once here so the pages are resident before any timing.
-   Random rather than constant data: on the machine this was written on, sgemm on constant inputs
-   ran about 4% faster than on random ones (less switching activity, higher clocks), which made
+   Random rather than constant data: sgemm on constant inputs can run a few percent faster than on
+   random ones (about 4% where measured: less switching activity, higher clocks), which would make
    the ceiling unfairly high. */
 static float *ce_alloc(size_t n, float a, unsigned seed)
 {
@@ -554,8 +554,8 @@ static void calibrate_out(ce_ctx *c, int vb)
     c->p.out_kind = t[K_GEMV] < t[K_GEMM] ? K_GEMV : K_GEMM;
 }
 
-/* A whole run short enough to be timed as it is during calibration (about 15 ms on one core of
-   the machine this was written on). */
+/* A whole run short enough to be timed as it is during calibration (1 GFLOP: some 15 ms on one
+   core at 65 GFLOP/s). */
 #define CE_SMALL_FLOPS 1e9
 
 /* Chooses c->p. Per layout (and, for small problems, per number of active threads): the best
