@@ -325,6 +325,26 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
     }
 }
 
+void sa_attn_pv(const sa_attn *a, int32_t mb, int32_t nk, const float *s, size_t ld_s,
+                const float *vh, const float *inv, float *ob, size_t ldo)
+{
+    const int32_t hd = a->head_dim;
+    if (mb <= SA_ROWS_MAX) /* few rows: stream V once */
+        sa_kernels_get()->pv((size_t)mb, (size_t)nk, (size_t)hd, s, ld_s, vh, a->ldv, ob, ldo);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)ld_s, vh,
+                    (int)a->ldv, 0.0f, ob, (int)ldo);
+    for (int32_t r = 0; r < mb; r++) {
+        float *o = ob + (size_t)r * ldo;
+        const float f = inv[r];
+        if (f == 0.0f) /* a row that sees no key: zeros, even where V holds a NaN */
+            memset(o, 0, (size_t)hd * sizeof(float));
+        else
+            for (int32_t c = 0; c < hd; c++)
+                o[c] *= f;
+    }
+}
+
 /* Task `task` of one attention description, with one worker's scratch s: the rows of one query
    block of one head, or with stacking the one query row of every head of one group. */
 static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int task)
@@ -369,20 +389,7 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
         }
     }
     const float *vh = sa_attn_kv(a, a->v, a->ldv, a->v_bs, a->v_hs, b, h / a->group, klo);
-    if (mb <= SA_ROWS_MAX) /* few rows: stream V once */
-        sa_kernels_get()->pv((size_t)mb, (size_t)nk, (size_t)hd, s, p->ld_s, vh, a->ldv, ob, ldo);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)p->ld_s,
-                    vh, (int)a->ldv, 0.0f, ob, (int)ldo);
-    for (int32_t r = 0; r < mb; r++) {
-        float *o = ob + (size_t)r * ldo;
-        const float f = inv[r];
-        if (f == 0.0f) /* a row that sees no key: zeros, even where V holds a NaN */
-            memset(o, 0, (size_t)hd * sizeof(float));
-        else
-            for (int32_t c = 0; c < hd; c++)
-                o[c] *= f;
-    }
+    sa_attn_pv(a, mb, nk, s, p->ld_s, vh, inv, ob, ldo);
 }
 
 static void sa_attn_task(void *arg, int worker, int task)

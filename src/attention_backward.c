@@ -147,19 +147,8 @@ static void bw_pass_a(void *arg, int worker, int task)
     const size_t kvh = (size_t)(h / a->group) * hd;
     const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + kvh;
     const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + kvh;
-    if (ob != NULL) { /* O: the layer's dW_O needs it */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)p->ld_s,
-                    vh, (int)a->ldv, 0.0f, ob, (int)a->ldo);
-        for (int32_t r = 0; r < mb; r++) {
-            float *o = ob + (size_t)r * a->ldo;
-            const float f = inv[r];
-            if (f == 0.0f) /* sees no key: zeros, even where V holds a NaN */
-                memset(o, 0, (size_t)hd * sizeof(float));
-            else
-                for (int32_t c = 0; c < hd; c++)
-                    o[c] *= f;
-        }
-    }
+    if (ob != NULL) /* O: the layer's dW_O needs it */
+        sa_attn_pv(a, mb, nk, s, p->ld_s, vh, inv, ob, a->ldo);
     for (int32_t r = 0; r < mb; r++)
         lse_out[r] = lse[r];
     if (dob == NULL)

@@ -156,21 +156,36 @@ selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch, int3
     return selfattn_attend_ex(layer, batch, q_len, kv_len, q, k, v, kv_lengths, NULL, out);
 }
 
-selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
-                           const float *x, const int32_t *lengths, const selfattn_extras *extras,
-                           float *y, const sa_keep *keep)
+/* What one forward call needs, from the arguments alone (lengths read once the sizes are known):
+   every check passes here, before the workspace is taken and anything is written. */
+typedef struct sa_fwd_plan {
+    size_t dm, nq, nkv, nqkv, rows, valid;
+    sa_rows batch_rows;
+    int workers, headmajor;
+    sa_attn a; /* the core's description, its pointers set at run time */
+    sa_attn_plan attn;
+    sa_ws_plan ws; /* qkv [rows][nqkv] and attn [rows][nq] (unless the training state keeps them
+                      or, for attn, y takes it), the scores per worker, head-major K and V */
+    size_t o_qkv, o_attn, o_scores, o_kv;
+} sa_fwd_plan;
+
+static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t batch,
+                                        int32_t seq_len, const float *x, const int32_t *lengths,
+                                        const selfattn_extras *extras, const float *y, int kept,
+                                        sa_fwd_plan *p)
 {
     SA_CHECK(layer != NULL && x != NULL && y != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
     const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (layer->out_proj ? SA_HAVE_O : 0u);
     SA_CHECK(layer->head_dim != 0 && (layer->have & need) == need, SELFATTN_ERR_STATE);
 
-    const size_t dm = (size_t)layer->d_model;
-    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
-    const size_t nqkv = nq + 2 * nkv;
-    const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
-    SA_CHECK(sa_array_bytes(rows, dm) != 0 && sa_array_bytes(rows, nqkv) != 0,
+    memset(p, 0, sizeof *p);
+    p->dm = (size_t)layer->d_model;
+    p->nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
+    p->nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    p->nqkv = p->nq + 2 * p->nkv;
+    p->rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
+    SA_CHECK(sa_array_bytes(p->rows, p->dm) != 0 && sa_array_bytes(p->rows, p->nqkv) != 0,
              SELFATTN_ERR_OVERFLOW);
     selfattn_status st = sa_check_extras(extras, layer, batch, seq_len, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -178,72 +193,79 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     st = sa_check_lengths(lengths, batch, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    const size_t valid = sa_valid_rows(lengths, batch, seq_len);
-    const sa_rows batch_rows = {.batch = batch, .seq_len = seq_len, .lengths = lengths};
-    const double flops = 2.0 * (double)valid * (double)dm * (double)(nqkv + nq) +
-                         4.0 * (double)valid * seq_len * (double)nq;
-    const int workers = sa_workers_for(layer, flops);
-
-    sa_attn a;
-    sa_attn_plan plan;
-    sa_attn_from_layer(&a, layer, batch, seq_len, seq_len, extras);
-    a.stack_heads = 1;
-    st = sa_attn_plan_make(&a, &plan);
+    p->valid = sa_valid_rows(lengths, batch, seq_len);
+    p->batch_rows = (sa_rows){.batch = batch, .seq_len = seq_len, .lengths = lengths};
+    const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(p->nqkv + p->nq) +
+                         4.0 * (double)p->valid * seq_len * (double)p->nq;
+    p->workers = sa_workers_for(layer, flops);
+    sa_attn_from_layer(&p->a, layer, batch, seq_len, seq_len, extras);
+    p->a.stack_heads = 1;
+    st = sa_attn_plan_make(&p->a, &p->attn);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    /* One workspace: qkv [rows][nqkv] and attn [rows][nq] (unless the training state keeps them
-       or, for attn, y takes it), the scores per worker, then head-major K and V for longer
-       sequences. */
-    const int headmajor = seq_len >= SA_HEADMAJOR_MIN_Q;
+    p->headmajor = seq_len >= SA_HEADMAJOR_MIN_Q;
     size_t s_floats;
-    SA_CHECK(sa_mul_size((size_t)workers, plan.floats_per_worker, &s_floats),
+    SA_CHECK(sa_mul_size((size_t)p->workers, p->attn.floats_per_worker, &s_floats),
              SELFATTN_ERR_OVERFLOW);
-    sa_ws_plan wp = {0};
-    const size_t o_qkv = sa_ws_reserve(&wp, keep != NULL ? 0 : rows * nqkv);
-    const size_t o_attn = sa_ws_reserve(&wp, keep == NULL && layer->out_proj ? rows * nq : 0);
-    const size_t o_scores = sa_ws_reserve(&wp, s_floats);
-    const size_t o_kv = sa_ws_reserve(&wp, headmajor ? 2 * rows * nkv : 0);
+    p->o_qkv = sa_ws_reserve(&p->ws, kept ? 0 : p->rows * p->nqkv);
+    p->o_attn = sa_ws_reserve(&p->ws, !kept && layer->out_proj ? p->rows * p->nq : 0);
+    p->o_scores = sa_ws_reserve(&p->ws, s_floats);
+    p->o_kv = sa_ws_reserve(&p->ws, p->headmajor ? 2 * p->rows * p->nkv : 0);
+    return SELFATTN_OK;
+}
+
+selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                           const float *x, const int32_t *lengths, const selfattn_extras *extras,
+                           float *y, const sa_keep *keep)
+{
+    sa_fwd_plan p;
+    selfattn_status st =
+        sa_fwd_plan_make(layer, batch, seq_len, x, lengths, extras, y, keep != NULL, &p);
+    SA_CHECK(st == SELFATTN_OK, st);
     sa_ws *ws;
-    st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
+    st = sa_ws_acquire_plan(layer->ws, &p.ws, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
+    const size_t dm = p.dm, nq = p.nq, nkv = p.nkv, nqkv = p.nqkv;
+    const int workers = p.workers;
     float *wsf = ws->data;
-    float *qkv = keep != NULL ? keep->qkv : wsf + o_qkv;
-    float *attn = keep != NULL ? keep->o : layer->out_proj ? wsf + o_attn : y;
-    a.kv_lengths = lengths;
-    a.pad_queries = 1;
-    a.q = qkv;
-    a.k = qkv + nq;
-    a.v = qkv + nq + nkv;
-    a.ldq = a.ldk = a.ldv = nqkv;
-    a.out = attn;
-    a.ldo = nq;
+    float *qkv = keep != NULL ? keep->qkv : wsf + p.o_qkv;
+    float *attn = keep != NULL ? keep->o : layer->out_proj ? wsf + p.o_attn : y;
+    sa_attn *a = &p.a;
+    a->kv_lengths = lengths;
+    a->pad_queries = 1;
+    a->q = qkv;
+    a->k = qkv + nq;
+    a->v = qkv + nq + nkv;
+    a->ldq = a->ldk = a->ldv = nqkv;
+    a->out = attn;
+    a->ldo = nq;
     if (keep != NULL)
-        a.lse = keep->lse;
+        a->lse = keep->lse;
 
-    if (valid > 0) {
+    if (p.valid > 0) {
         const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv,
                                     .ld_w = dm, .w_is_linear = 1, .bias = layer->b_qkv,
-                                    .out = qkv, .ld_out = nqkv, .n = nqkv, .rows = batch_rows,
-                                    .valid_rows = valid};
+                                    .out = qkv, .ld_out = nqkv, .n = nqkv, .rows = p.batch_rows,
+                                    .valid_rows = p.valid};
         sa_rowprod_run(&in_proj, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
-        if (headmajor) {
+        if (p.headmajor) {
             const sa_kv_copy c = {.k = qkv + nq, .v = qkv + nq + nkv, .ld = nqkv,
                                   .batch = batch, .len = seq_len, .n_kv = layer->n_kv_heads,
                                   .hd = layer->head_dim, .lengths = lengths,
-                                  .kh = wsf + o_kv, .vh = wsf + o_kv + rows * nkv};
-            sa_use_headmajor(&a, &c, workers);
+                                  .kh = wsf + p.o_kv, .vh = wsf + p.o_kv + p.rows * nkv};
+            sa_use_headmajor(a, &c, workers);
         }
     }
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
-    sa_attn_run(&a, &plan, workers, wsf + o_scores);
-    if (valid > 0 && layer->out_proj) {
+    sa_attn_run(a, &p.attn, workers, wsf + p.o_scores);
+    if (p.valid > 0 && layer->out_proj) {
         const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,
                                      .ld_w = nq, .w_is_linear = 1, .bias = layer->b_o, .out = y,
-                                     .ld_out = dm, .n = dm, .rows = batch_rows,
-                                     .valid_rows = valid};
+                                     .ld_out = dm, .n = dm, .rows = p.batch_rows,
+                                     .valid_rows = p.valid};
         sa_rowprod_run(&out_proj, workers);
     } else if (!layer->out_proj && attn != y) { /* kept O without an output projection: y is O */
         for (int32_t b = 0; b < batch; b++) {

@@ -243,6 +243,11 @@ SA_HIDDEN void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers,
 SA_HIDDEN void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
                              int32_t i0, int32_t mb, int32_t klo, int32_t nk, float *s, float *inv,
                              float *lse);
+/* O = P V for rows of probabilities s (row stride ld_s, unnormalised) over nk keys from vh (row
+   stride a->ldv), each output row scaled by inv[r] = 1 / sum, and zeros for a row that sees no
+   key (inv 0) even where V holds a NaN: ob [mb][head_dim], row stride ldo. */
+SA_HIDDEN void sa_attn_pv(const sa_attn *a, int32_t mb, int32_t nk, const float *s, size_t ld_s,
+                          const float *vh, const float *inv, float *ob, size_t ldo);
 /* The keys a block of rows [i0, i0 + mb) of sequence b can see: returns their count (0: none)
    and the first in *klo. */
 SA_HIDDEN int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb,
