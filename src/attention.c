@@ -15,7 +15,6 @@
 #include "internal.h"
 #include "kernels/exp-constants.h"
 
-
 double sa_alibi_slope(int32_t h, int32_t n)
 {
     int32_t closest = 1; /* the largest power of two <= n */
@@ -28,14 +27,13 @@ double sa_alibi_slope(int32_t h, int32_t n)
 }
 
 /* Row j of K/V head g of sequence b (strides 0: the default interleaved layout). */
-static const float *sa_attn_kv(const sa_attn *a, const float *base, size_t ld, size_t bs,
-                               size_t hs, int32_t b, int32_t g, int32_t j)
+static const float *sa_attn_kv(const sa_attn *a, const float *base, size_t ld, size_t bs, size_t hs,
+                               int32_t b, int32_t g, int32_t j)
 {
     bs = bs != 0 ? bs : (size_t)a->kv_len * ld;
     hs = hs != 0 ? hs : (size_t)a->head_dim;
     return base + (size_t)b * bs + (size_t)g * hs + (size_t)j * ld;
 }
-
 
 /* The keys [*lo, *hi) that query row i sees in a sequence of len keys (empty: *lo == *hi). */
 static void sa_row_range(const sa_attn *a, int32_t len, int32_t i, int32_t *lo, int32_t *hi)
@@ -158,14 +156,8 @@ int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb, 
 }
 
 void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
-                   int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse)
-{
-    sa_attn_probs_ex(a, p, b, h, i0, mb, klo, nk, s, inv, lse, NULL);
-}
-
-void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
-                      int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse,
-                      float *dcap)
+                   int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse,
+                   float *dcap)
 {
     const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
@@ -181,8 +173,8 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
         cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, nk, mb, hd, 1.0f, kh, (int)a->ldk, qb,
                     hd, 0.0f, s, (int)p->ld_s);
     else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq,
-                    kh, (int)a->ldk, 0.0f, s, (int)p->ld_s);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq, kh,
+                    (int)a->ldk, 0.0f, s, (int)p->ld_s);
     if (a->softcap <= 0.0f)
         dcap = NULL;
 
@@ -196,10 +188,9 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
         float m, sum = 0.0f;
         int empty = hi <= lo;
         if (!empty && modified) {
-            const float *bias_row =
-                a->bias != NULL
-                    ? a->bias + b * a->bias_sb + hr * a->bias_sh + (int64_t)i * a->bias_sr
-                    : NULL;
+            const float *bias_row = a->bias != NULL ? a->bias + b * a->bias_sb + hr * a->bias_sh +
+                                                          (int64_t)i * a->bias_sr
+                                                    : NULL;
             const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
             float *dc = dcap != NULL ? dcap + (size_t)r * p->ld_s : NULL;
             if (dc != NULL) {
@@ -210,11 +201,11 @@ void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_
                                 dc != NULL ? dc + (lo - klo) : NULL);
             empty = m == -INFINITY;
             if (!empty)
-                sum = softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo), 1.0f,
-                                  &m);
+                sum =
+                    softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo), 1.0f, &m);
         } else if (!empty) {
-            sum = softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo), a->scale,
-                              &m);
+            sum =
+                softmax_exp(row + (lo - klo), (size_t)(hi - lo), (size_t)(khi - lo), a->scale, &m);
         }
         if (empty) {
             memset(row, 0, (size_t)nk * sizeof(float));
@@ -292,10 +283,9 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
         float *part = row + (lo - k0);
         float scale = a->scale;
         if (modified) {
-            const float *bias_row =
-                a->bias != NULL
-                    ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
-                    : NULL;
+            const float *bias_row = a->bias != NULL ? a->bias + b * a->bias_sb + h * a->bias_sh +
+                                                          (int64_t)i * a->bias_sr
+                                                    : NULL;
             const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
             sa_final_scores(a, part, lo, hi - lo, pos, slope, bias_row,
                             dc != NULL ? dc + (lo - k0) : NULL);
@@ -375,7 +365,7 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
     }
 
     float *inv = s + (size_t)p->rows * p->ld_s, *lse = inv + p->rows;
-    sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse);
+    sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse, NULL);
     for (int32_t r = 0; r < mb; r++) {
         if (a->lse != NULL)
             a->lse[head_row + (size_t)r] = lse[r];
@@ -420,8 +410,8 @@ static void sa_attn_many_task(void *arg, int worker, int task)
     sa_attn_block(&job->a[i], &job->p[i], job->scratch + (size_t)worker * job->per_worker, task);
 }
 
-void sa_attn_run_many(const sa_attn *a, const sa_attn_plan *p, int n, int workers,
-                      float *scratch, size_t per_worker)
+void sa_attn_run_many(const sa_attn *a, const sa_attn_plan *p, int n, int workers, float *scratch,
+                      size_t per_worker)
 {
     int tasks = 0;
     for (int i = 0; i < n; i++)

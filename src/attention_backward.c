@@ -1,5 +1,6 @@
-/* The attention backward (selfattn_attend_backward, and the layer's backward in backward.c): gradients, FlashAttention-2 style, with memory
- * linear in the sequence length and results that do not depend on the thread count.
+/* The attention backward (selfattn_attend_backward, and the layer's backward in backward.c):
+ * gradients, FlashAttention-2 style, with memory linear in the sequence length and results that do
+ * not depend on the thread count.
  *
  * Nothing is kept from the forward call, so the layer's backward first recomputes what it needs
  * (Q, K, V of the valid rows, RoPE) and the attention backward recomputes the probabilities block
@@ -16,7 +17,7 @@
  *      7 attention products of L^2 D per head, as a recomputing FlashAttention-2 backward.
  *   two passes (fewer pairs, where one task per pair would leave workers idle):
  *   A. one task per (sequence, query head, query block), as the forward: P over every key the
- *      block sees (sa_attn_probs_ex), each row's log-sum-exp, O = P V (the layer only: dW_O
+ *      block sees (sa_attn_probs), each row's log-sum-exp, O = P V (the layer only: dW_O
  *      needs it), dP = dO V^T, D = rowsum(P o dP) (which is rowsum(dO o O), taken from the same
  *      dP), dS and dQ = dS K;
  *   B. one task per (sequence, key/value head, key block): the single pass's work on one key
@@ -51,7 +52,6 @@ static size_t bw_round(size_t n)
     return (n + SA_ALIGN_FLOATS - 1) / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
 }
 
-
 /* Blocking and scratch of an attention backward whose a is filled in. */
 selfattn_status sa_attn_bwd_plan(sa_attn_bwd *w)
 {
@@ -77,16 +77,16 @@ selfattn_status sa_attn_bwd_plan(sa_attn_bwd *w)
     return SELFATTN_OK;
 }
 
-
 /* dS = P o (dP - D) o dcap * scale in place of dP over each row's visible keys of [k0, k0 + nk),
    0 elsewhere (a masked key's dP is never used, even when V holds a NaN there). p holds the
-   normalised probabilities, or with inv non-NULL the unnormalised ones of sa_attn_probs_ex whose
+   normalised probabilities, or with inv non-NULL the unnormalised ones of sa_attn_probs whose
    row r is scaled by inv[r] here (saving a pass over the block to normalise it). */
 /* p, dp and dsum are rows of a worker's scratch, never NULL (said so for static analysis) */
-__attribute__((nonnull(7, 8, 11))) static void
-bw_dscores(const sa_attn *a, int32_t b, int32_t i0, int32_t mb, int32_t k0, int32_t nk,
-           const float *p, float *dp, const float *dc, size_t ld, const float *dsum,
-           const float *inv)
+__attribute__((nonnull(7, 8, 11))) static void bw_dscores(const sa_attn *a, int32_t b, int32_t i0,
+                                                          int32_t mb, int32_t k0, int32_t nk,
+                                                          const float *p, float *dp,
+                                                          const float *dc, size_t ld,
+                                                          const float *dsum, const float *inv)
 {
     const sa_f32_dscores_fn dscores = sa_kernels_get()->dscores;
     for (int32_t r = 0; r < mb; r++) {
@@ -143,7 +143,7 @@ static void bw_pass_a(void *arg, int worker, int task)
     float *inv = s + (size_t)w->nbuf * area, *lse = inv + p->block;
     /* s: exp(score - m), unnormalised; P = s inv, the factor applied to the (much smaller)
        products instead of to s, as the forward does */
-    sa_attn_probs_ex(a, p, b, h, i0, mb, klo, nk, s, inv, lse, dc);
+    sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse, dc);
     const size_t kvh = (size_t)(h / a->group) * hd;
     const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + kvh;
     const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + kvh;
@@ -168,9 +168,8 @@ static void bw_pass_a(void *arg, int worker, int task)
                              dp + (size_t)r * p->ld_s + (lo - klo), (size_t)(hi - lo));
         dsum[r] = d;
         if (dqb != NULL)
-            bw_dscores(a, b, i0 + r, 1, klo, nk, s + (size_t)r * p->ld_s,
-                       dp + (size_t)r * p->ld_s, dc != NULL ? dc + (size_t)r * p->ld_s : NULL,
-                       p->ld_s, dsum + r, inv + r);
+            bw_dscores(a, b, i0 + r, 1, klo, nk, s + (size_t)r * p->ld_s, dp + (size_t)r * p->ld_s,
+                       dc != NULL ? dc + (size_t)r * p->ld_s : NULL, p->ld_s, dsum + r, inv + r);
     }
     if (dqb == NULL)
         return;
@@ -274,11 +273,10 @@ static void bw_pass_kv(void *arg, int worker, int task)
         const size_t hr = ((size_t)b * a->n_heads + h) * a->q_len;
         for (int32_t i = 0; i < rows_b; i++) {
             const size_t row = (size_t)b * a->q_len + (size_t)i;
-            w->dsum[hr + (size_t)i] =
-                w->lse[hr + (size_t)i] == -INFINITY
-                    ? 0.0f
-                    : dot(w->dout + row * w->lddo + (size_t)h * hd,
-                          a->out + row * a->ldo + (size_t)h * hd, (size_t)hd);
+            w->dsum[hr + (size_t)i] = w->lse[hr + (size_t)i] == -INFINITY
+                                          ? 0.0f
+                                          : dot(w->dout + row * w->lddo + (size_t)h * hd,
+                                                a->out + row * a->ldo + (size_t)h * hd, (size_t)hd);
             if (w->dq != NULL)
                 memset(w->dq + row * w->lddq + (size_t)h * hd, 0, (size_t)hd * sizeof(float));
         }
@@ -334,8 +332,8 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     st = sa_attn_bwd_plan(&w);
     SA_CHECK(st == SELFATTN_OK, st);
     /* the forward and the single pass, or pass A's products and pass B's */
-    const double flops = 2.0 * batch * (double)q_len * kv_len * (double)nq *
-                         (dk != NULL || dv != NULL ? 7.0 : 4.0);
+    const double flops =
+        2.0 * batch * (double)q_len * kv_len * (double)nq * (dk != NULL || dv != NULL ? 7.0 : 4.0);
     const int workers = sa_workers_for(layer, flops);
     size_t scratch;
     SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);

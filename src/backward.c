@@ -32,9 +32,9 @@ typedef struct bw_plan {
     const selfattn_grads *g; /* grads, or a struct of NULLs */
     int want_q, want_k, want_v, want_o, want_qkv;
     int workers;
-    sa_attn_bwd w;     /* the attention backward, its pointers set at run time */
-    sa_ws_plan ws;     /* qkv and O (unless kept), dqkv, dO (unless dy is dO), lse (unless kept
-                          for the single pass), D, scratch */
+    sa_attn_bwd w; /* the attention backward, its pointers set at run time */
+    sa_ws_plan ws; /* qkv and O (unless kept), dqkv, dO (unless dy is dO), lse (unless kept
+                      for the single pass), D, scratch */
     size_t o_qkv, o_dqkv, o_attn, o_dattn, o_lse, o_dsum, o_scratch;
 } bw_plan;
 
@@ -82,8 +82,9 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
     st = sa_attn_bwd_plan(&p->w);
     SA_CHECK(st == SELFATTN_OK, st);
     /* recomputed projections, dO, weight gradients and dx; the attention: forward and backward */
-    const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(3 * p->nqkv + 2 * p->nq) +
-                         14.0 * (double)p->valid * seq_len * (double)p->nq;
+    const double flops =
+        2.0 * (double)p->valid * (double)p->dm * (double)(3 * p->nqkv + 2 * p->nq) +
+        14.0 * (double)p->valid * seq_len * (double)p->nq;
     p->workers = sa_workers_for(layer, flops);
 
     size_t scratch;
@@ -107,14 +108,42 @@ static void bw_weight_grads(const bw_plan *p, const float *x, const float *dy, c
     const size_t nq = p->nq, nkv = p->nkv, nqkv = p->nqkv, dm = p->dm;
     sa_wgrad wg = {.rows = p->batch_rows};
     const sa_wgrad_part parts[4] = {
-        {.g = dqkv, .ld_g = nqkv, .c0 = 0, .c1 = nq, .in = x, .ld_in = dm, .n_in = dm,
-         .dw = g->w_q, .db = g->b_q},
-        {.g = dqkv, .ld_g = nqkv, .c0 = nq, .c1 = nq + nkv, .in = x, .ld_in = dm, .n_in = dm,
-         .dw = g->w_k, .db = g->b_k},
-        {.g = dqkv, .ld_g = nqkv, .c0 = nq + nkv, .c1 = nqkv, .in = x, .ld_in = dm, .n_in = dm,
-         .dw = g->w_v, .db = g->b_v},
-        {.g = dy, .ld_g = dm, .c0 = 0, .c1 = dm, .in = attn, .ld_in = nq, .n_in = nq,
-         .dw = g->w_o, .db = g->b_o},
+        {.g = dqkv,
+         .ld_g = nqkv,
+         .c0 = 0,
+         .c1 = nq,
+         .in = x,
+         .ld_in = dm,
+         .n_in = dm,
+         .dw = g->w_q,
+         .db = g->b_q},
+        {.g = dqkv,
+         .ld_g = nqkv,
+         .c0 = nq,
+         .c1 = nq + nkv,
+         .in = x,
+         .ld_in = dm,
+         .n_in = dm,
+         .dw = g->w_k,
+         .db = g->b_k},
+        {.g = dqkv,
+         .ld_g = nqkv,
+         .c0 = nq + nkv,
+         .c1 = nqkv,
+         .in = x,
+         .ld_in = dm,
+         .n_in = dm,
+         .dw = g->w_v,
+         .db = g->b_v},
+        {.g = dy,
+         .ld_g = dm,
+         .c0 = 0,
+         .c1 = dm,
+         .in = attn,
+         .ld_in = nq,
+         .n_in = nq,
+         .dw = g->w_o,
+         .db = g->b_o},
     };
     for (int i = 0; i < 4; i++)
         sa_wgrad_add(&wg, &parts[i]);
@@ -144,17 +173,34 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     float *attn = kept != NULL ? (float *)kept->o : base + p.o_attn;
     float *dattn = layer->out_proj ? base + p.o_dattn : (float *)dy;
     if (p.valid > 0 && kept == NULL) {
-        const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv,
-                                    .ld_w = dm, .w_is_linear = 1, .bias = layer->b_qkv,
-                                    .out = qkv, .ld_out = nqkv, .n = nqkv, .rows = p.batch_rows,
-                                    .valid_rows = p.valid, .fixed_chunks = 1};
+        const sa_rowprod in_proj = {.in = x,
+                                    .ld_in = dm,
+                                    .k = dm,
+                                    .w = layer->w_qkv,
+                                    .ld_w = dm,
+                                    .w_is_linear = 1,
+                                    .bias = layer->b_qkv,
+                                    .out = qkv,
+                                    .ld_out = nqkv,
+                                    .n = nqkv,
+                                    .rows = p.batch_rows,
+                                    .valid_rows = p.valid,
+                                    .fixed_chunks = 1};
         sa_rowprod_run(&in_proj, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
     }
     if (p.valid > 0 && layer->out_proj && p.want_qkv) {
-        const sa_rowprod d_out = {.in = dy, .ld_in = dm, .k = dm, .w = layer->w_o, .ld_w = nq,
-                                  .out = dattn, .ld_out = nq, .n = nq, .rows = p.batch_rows,
-                                  .valid_rows = p.valid, .fixed_chunks = 1};
+        const sa_rowprod d_out = {.in = dy,
+                                  .ld_in = dm,
+                                  .k = dm,
+                                  .w = layer->w_o,
+                                  .ld_w = nq,
+                                  .out = dattn,
+                                  .ld_out = nq,
+                                  .n = nq,
+                                  .rows = p.batch_rows,
+                                  .valid_rows = p.valid,
+                                  .fixed_chunks = 1};
         sa_rowprod_run(&d_out, workers);
     }
     sa_attn_bwd *w = &p.w;
@@ -184,9 +230,16 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     bw_weight_grads(&p, x, dy, dqkv, attn);
     if (dx != NULL) {
         if (p.valid > 0) {
-            const sa_rowprod d_in = {.in = dqkv, .ld_in = nqkv, .k = nqkv, .w = layer->w_qkv,
-                                     .ld_w = dm, .out = dx, .ld_out = dm, .n = dm,
-                                     .rows = p.batch_rows, .valid_rows = p.valid,
+            const sa_rowprod d_in = {.in = dqkv,
+                                     .ld_in = nqkv,
+                                     .k = nqkv,
+                                     .w = layer->w_qkv,
+                                     .ld_w = dm,
+                                     .out = dx,
+                                     .ld_out = dm,
+                                     .n = dm,
+                                     .rows = p.batch_rows,
+                                     .valid_rows = p.valid,
                                      .fixed_chunks = 1};
             sa_rowprod_run(&d_in, workers);
         }

@@ -2,10 +2,11 @@
  *
  * Keys and values are stored head-major, [seq][kv head][row][head_dim]: a decoding step streams
  * each head's keys and values as one contiguous block (the core reads them through its K/V head
- * stride), and appending a token copies one head_dim row per head. Without a window, position p is row p. With a window the cache is a ring of
- * `capacity` slots, position p in slot p % capacity, and every row is stored twice, at its slot
- * and at slot + capacity: any run of at most `capacity` consecutive positions is then one
- * contiguous run of rows, which the core reads as it reads a plain sequence.
+ * stride), and appending a token copies one head_dim row per head. Without a window, position p is
+ * row p. With a window the cache is a ring of `capacity` slots, position p in slot p % capacity,
+ * and every row is stored twice, at its slot and at slot + capacity: any run of at most `capacity`
+ * consecutive positions is then one contiguous run of rows, which the core reads as it reads a
+ * plain sequence.
  *
  * A call projects the new rows, applies RoPE at their positions, appends K and V, runs the core
  * once per sequence (all in one parallel region: query t of sequence s at relative position
@@ -22,15 +23,15 @@ struct selfattn_cache {
     /* the layer's settings at create */
     int32_t window, rope, rope_dims, n_kv_heads, head_dim;
     double rope_theta;
-    size_t width;   /* n_kv_heads * head_dim */
-    size_t rows;    /* rows per sequence: capacity, or 2 * capacity for a ring */
-    int64_t *len;   /* [n_seqs] positions processed */
-    int64_t *kept;  /* [n_seqs] the first position still stored (a ring overwrites older ones) */
-    float *k, *v;   /* [n_seqs][n_kv_heads][rows][head_dim] */
+    size_t width;  /* n_kv_heads * head_dim */
+    size_t rows;   /* rows per sequence: capacity, or 2 * capacity for a ring */
+    int64_t *len;  /* [n_seqs] positions processed */
+    int64_t *kept; /* [n_seqs] the first position still stored (a ring overwrites older ones) */
+    float *k, *v;  /* [n_seqs][n_kv_heads][rows][head_dim] */
 };
 
-selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs,
-                                      int32_t capacity, selfattn_cache **out)
+selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs, int32_t capacity,
+                                      selfattn_cache **out)
 {
     SA_CHECK(layer != NULL && out != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(n_seqs >= 1 && capacity >= 1, SELFATTN_ERR_INVALID);
@@ -320,18 +321,34 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         pos0[s] = cache->len[s];
     }
     const sa_rows rows_new = {.batch = n_seqs, .seq_len = max_new, .lengths = lens};
-    const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv, .ld_w = dm,
-                                .w_is_linear = 1, .bias = layer->b_qkv, .out = qkv,
-                                .ld_out = nqkv, .n = nqkv, .rows = rows_new,
+    const sa_rowprod in_proj = {.in = x,
+                                .ld_in = dm,
+                                .k = dm,
+                                .w = layer->w_qkv,
+                                .ld_w = dm,
+                                .w_is_linear = 1,
+                                .bias = layer->b_qkv,
+                                .out = qkv,
+                                .ld_out = nqkv,
+                                .n = nqkv,
+                                .rows = rows_new,
                                 .valid_rows = p.valid};
     sa_rowprod_run(&in_proj, p.workers);
     sa_rope_apply(layer, qkv, nqkv, n_seqs, max_new, lens, pos0, 0, p.workers);
     const int n_desc = sa_cached_describe(layer, cache, max_new, lens, &p, qkv, attn, desc, plans);
     sa_attn_run_many(desc, plans, n_desc, p.workers, wsf + p.o_scratch, p.per_worker);
     if (layer->out_proj) {
-        const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,
-                                     .ld_w = nq, .w_is_linear = 1, .bias = layer->b_o, .out = y,
-                                     .ld_out = dm, .n = dm, .rows = rows_new,
+        const sa_rowprod out_proj = {.in = attn,
+                                     .ld_in = nq,
+                                     .k = nq,
+                                     .w = layer->w_o,
+                                     .ld_w = nq,
+                                     .w_is_linear = 1,
+                                     .bias = layer->b_o,
+                                     .out = y,
+                                     .ld_out = dm,
+                                     .n = dm,
+                                     .rows = rows_new,
                                      .valid_rows = p.valid};
         sa_rowprod_run(&out_proj, p.workers);
     }

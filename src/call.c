@@ -102,4 +102,3 @@ void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int3
         a->lse = e->lse;
     }
 }
-

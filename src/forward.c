@@ -139,9 +139,16 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     a.out = out;
     float *wsf = ws->data;
     if (headmajor) {
-        const sa_kv_copy c = {.k = k, .v = v, .ld = nkv, .batch = batch, .len = kv_len,
-                              .n_kv = layer->n_kv_heads, .hd = layer->head_dim,
-                              .lengths = kv_lengths, .kh = wsf + o_k, .vh = wsf + o_v};
+        const sa_kv_copy c = {.k = k,
+                              .v = v,
+                              .ld = nkv,
+                              .batch = batch,
+                              .len = kv_len,
+                              .n_kv = layer->n_kv_heads,
+                              .hd = layer->head_dim,
+                              .lengths = kv_lengths,
+                              .kh = wsf + o_k,
+                              .vh = wsf + o_v};
         sa_use_headmajor(&a, &c, workers);
     }
     sa_attn_run(&a, &plan, workers, wsf + o_scores);
@@ -169,8 +176,8 @@ typedef struct sa_fwd_plan {
     size_t o_qkv, o_attn, o_scores, o_kv;
 } sa_fwd_plan;
 
-static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t batch,
-                                        int32_t seq_len, const float *x, const int32_t *lengths,
+static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                        const float *x, const int32_t *lengths,
                                         const selfattn_extras *extras, const float *y, int kept,
                                         sa_fwd_plan *p)
 {
@@ -245,26 +252,48 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
         a->lse = keep->lse;
 
     if (p.valid > 0) {
-        const sa_rowprod in_proj = {.in = x, .ld_in = dm, .k = dm, .w = layer->w_qkv,
-                                    .ld_w = dm, .w_is_linear = 1, .bias = layer->b_qkv,
-                                    .out = qkv, .ld_out = nqkv, .n = nqkv, .rows = p.batch_rows,
+        const sa_rowprod in_proj = {.in = x,
+                                    .ld_in = dm,
+                                    .k = dm,
+                                    .w = layer->w_qkv,
+                                    .ld_w = dm,
+                                    .w_is_linear = 1,
+                                    .bias = layer->b_qkv,
+                                    .out = qkv,
+                                    .ld_out = nqkv,
+                                    .n = nqkv,
+                                    .rows = p.batch_rows,
                                     .valid_rows = p.valid};
         sa_rowprod_run(&in_proj, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
         if (p.headmajor) {
-            const sa_kv_copy c = {.k = qkv + nq, .v = qkv + nq + nkv, .ld = nqkv,
-                                  .batch = batch, .len = seq_len, .n_kv = layer->n_kv_heads,
-                                  .hd = layer->head_dim, .lengths = lengths,
-                                  .kh = wsf + p.o_kv, .vh = wsf + p.o_kv + p.rows * nkv};
+            const sa_kv_copy c = {.k = qkv + nq,
+                                  .v = qkv + nq + nkv,
+                                  .ld = nqkv,
+                                  .batch = batch,
+                                  .len = seq_len,
+                                  .n_kv = layer->n_kv_heads,
+                                  .hd = layer->head_dim,
+                                  .lengths = lengths,
+                                  .kh = wsf + p.o_kv,
+                                  .vh = wsf + p.o_kv + p.rows * nkv};
             sa_use_headmajor(a, &c, workers);
         }
     }
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
     sa_attn_run(a, &p.attn, workers, wsf + p.o_scores);
     if (p.valid > 0 && layer->out_proj) {
-        const sa_rowprod out_proj = {.in = attn, .ld_in = nq, .k = nq, .w = layer->w_o,
-                                     .ld_w = nq, .w_is_linear = 1, .bias = layer->b_o, .out = y,
-                                     .ld_out = dm, .n = dm, .rows = p.batch_rows,
+        const sa_rowprod out_proj = {.in = attn,
+                                     .ld_in = nq,
+                                     .k = nq,
+                                     .w = layer->w_o,
+                                     .ld_w = nq,
+                                     .w_is_linear = 1,
+                                     .bias = layer->b_o,
+                                     .out = y,
+                                     .ld_out = dm,
+                                     .n = dm,
+                                     .rows = p.batch_rows,
                                      .valid_rows = p.valid};
         sa_rowprod_run(&out_proj, workers);
     } else if (!layer->out_proj && attn != y) { /* kept O without an output projection: y is O */

@@ -169,16 +169,16 @@ struct selfattn_layer {
     int32_t rope;        /* 0 none, 1 rotate-half, 2 adjacent pairs */
     int32_t rope_dims;   /* 0 = head_dim */
     int32_t alibi;
-    float scale_opt;     /* 0 = default */
-    float softcap;       /* 0 = off */
-    double rope_theta;   /* 0 = default */
-    unsigned have;       /* SA_HAVE_* bits */
-    int weights_set;     /* any weight or bias set: the shape is frozen */
-    float *w_qkv;        /* [nq + 2 nkv][d_model], Q rows then K then V */
-    float *b_qkv;        /* [nq + 2 nkv] or NULL (all zero) */
-    float *w_o;          /* [d_model][nq] or NULL */
-    float *b_o;          /* [d_model] or NULL (all zero) */
-    sa_ws_cache *ws;     /* workspaces of forward/attend calls: mutable through a const layer */
+    float scale_opt;   /* 0 = default */
+    float softcap;     /* 0 = off */
+    double rope_theta; /* 0 = default */
+    unsigned have;     /* SA_HAVE_* bits */
+    int weights_set;   /* any weight or bias set: the shape is frozen */
+    float *w_qkv;      /* [nq + 2 nkv][d_model], Q rows then K then V */
+    float *b_qkv;      /* [nq + 2 nkv] or NULL (all zero) */
+    float *w_o;        /* [d_model][nq] or NULL */
+    float *b_o;        /* [d_model] or NULL (all zero) */
+    sa_ws_cache *ws;   /* workspaces of forward/attend calls: mutable through a const layer */
     /* What a training state remembers of the layer that filled it: a serial number unique in the
        process (layers at a reused address differ) and a count of the changes to its weights and
        to the options that change its results (not THREADS). */
@@ -234,15 +234,6 @@ SA_HIDDEN selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p);
 /* Runs the attention with `workers` workers and scratch of workers * floats_per_worker floats.
    Writes out rows (all but padding rows), weights and lse when asked. */
 SA_HIDDEN void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch);
-/* The probabilities of one block, shared by the forward and backward passes: rows
-   [i0, i0 + mb) of sequence b, head h (none of them padding), over the keys [klo, klo + nk) that
-   sa_attn_block_keys gives (nk >= 1). Writes into s (row stride p->ld_s) each row's exp(score - m)
-   over its own visible keys and 0 at the block's other keys, inv[r] = 1 / sum (0 for a row that
-   sees no key, whose s row is all 0) and lse[r] = m + log(sum) (-inf for such a row); the
-   normalised weights are s[r][j] * inv[r]. */
-SA_HIDDEN void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
-                             int32_t i0, int32_t mb, int32_t klo, int32_t nk, float *s, float *inv,
-                             float *lse);
 /* O = P V for rows of probabilities s (row stride ld_s, unnormalised) over nk keys from vh (row
    stride a->ldv), each output row scaled by inv[r] = 1 / sum, and zeros for a row that sees no
    key (inv 0) even where V holds a NaN: ob [mb][head_dim], row stride ldo. */
@@ -259,12 +250,17 @@ SA_HIDDEN void sa_attn_run_many(const sa_attn *a, const sa_attn_plan *p, int n, 
 /* ALiBi slope of head h of n (Press et al. 2022; the BLOOM rule for n not a power of two). */
 SA_HIDDEN double sa_alibi_slope(int32_t h, int32_t n);
 
-/* ---- Attention pieces for the backward pass (attention.c) ---- */
-/* sa_attn_probs, and with a softcap and dcap non-NULL also dcap (the score block's shape) =
-   1 - tanh^2(q.k scale / c) at each row's visible keys, 0 at the block's other keys. */
-SA_HIDDEN void sa_attn_probs_ex(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
-                                int32_t i0, int32_t mb, int32_t klo, int32_t nk, float *s,
-                                float *inv, float *lse, float *dcap);
+/* The probabilities of one block, shared by the forward and backward passes: rows
+   [i0, i0 + mb) of sequence b, head h (none of them padding), over the keys [klo, klo + nk) that
+   sa_attn_block_keys gives (nk >= 1). Writes into s (row stride p->ld_s) each row's exp(score - m)
+   over its own visible keys and 0 at the block's other keys, inv[r] = 1 / sum (0 for a row that
+   sees no key, whose s row is all 0) and lse[r] = m + log(sum) (-inf for such a row); the
+   normalised weights are s[r][j] * inv[r]. With a softcap and dcap non-NULL also dcap (the score
+   block's shape) = 1 - tanh^2(q.k scale / c) at each row's visible keys, 0 at the block's other
+   keys (for the backward pass). */
+SA_HIDDEN void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
+                             int32_t i0, int32_t mb, int32_t klo, int32_t nk, float *s, float *inv,
+                             float *lse, float *dcap);
 /* The keys [*lo, *hi) that query row i of sequence b sees (*lo == *hi: none). */
 SA_HIDDEN void sa_attn_row_keys(const sa_attn *a, int32_t b, int32_t i, int32_t *lo, int32_t *hi);
 /* The query rows that see at least one key of [k0, k0 + nk) in sequence b (padding rows excluded
@@ -274,7 +270,7 @@ SA_HIDDEN int32_t sa_attn_key_queries(const sa_attn *a, int32_t b, int32_t k0, i
 /* Normalised probabilities of a tile from each row's log-sum-exp: s holds the raw q.k of rows
    [i0, i0 + mb) of (b, h) over keys [k0, k0 + nk) (row stride ld); on return s = exp(final score
    - lse[r]) at each row's visible keys and 0 elsewhere (rows with lse -inf all 0). dcap as in
-   sa_attn_probs_ex (NULL: not wanted, or no softcap). */
+   sa_attn_probs (NULL: not wanted, or no softcap). */
 SA_HIDDEN void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int32_t mb,
                                   int32_t k0, int32_t nk, float *s, size_t ld, const float *lse,
                                   float *dcap);
@@ -328,7 +324,8 @@ typedef struct sa_attn_bwd {
     int nbuf;          /* score-shaped buffers: P, dP and, with a softcap, its derivative */
     size_t per_worker; /* scratch floats per worker */
     int tasks_b;
-    int onepass;  /* the single pass (one task per (sequence, key/value head)) rather than passes A and B */
+    int onepass;  /* the single pass (one task per (sequence, key/value head)) rather than passes A
+                     and B */
     int tasks_kv; /* its tasks: batch x key/value heads */
     int have_forward; /* O and lse are given (training state): the single pass skips its forward */
     float *scratch;
@@ -405,10 +402,10 @@ SA_HIDDEN void sa_rope_apply(const selfattn_layer *l, float *qkv, size_t ld, int
                              int32_t seq_len, const int32_t *lengths, const int64_t *pos0,
                              int inverse, int workers);
 
-/* ---- Shared by the entry points (forward.c) ---- */
+/* ---- The entry points' shared pieces (forward.c: sa_forward; backward.c: sa_backward) ---- */
 /* The score description of a layer's options (and extras, NULL for none) for a call. */
-SA_HIDDEN void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch,
-                                  int32_t q_len, int32_t kv_len, const selfattn_extras *e);
+SA_HIDDEN void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int32_t q_len,
+                                  int32_t kv_len, const selfattn_extras *e);
 /* selfattn_forward_ex, and with keep non-NULL (training) Q, K, V after RoPE ([rows][nq + 2 nkv]),
    the attention output before the output projection ([rows][nq]) and each row's log-sum-exp
    ([batch][n_heads][seq_len]) are written there, the valid rows only (lse: every row). */
@@ -425,9 +422,8 @@ typedef struct sa_kept {
 } sa_kept;
 SA_HIDDEN selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
                                       const float *x, const int32_t *lengths, const float *dy,
-                                      float *dx, const selfattn_grads *grads,
-                                      const sa_kept *kept);
-/* Argument helpers of the entry points over a batch (forward.c):
+                                      float *dx, const selfattn_grads *grads, const sa_kept *kept);
+/* Argument helpers of the entry points over a batch (call.c):
    lengths NULL, or each in [0, max] (SELFATTN_ERR_INVALID otherwise); */
 SA_HIDDEN selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max);
 /* the rows of a batch that are not padding (batch * seq_len without lengths); */
@@ -439,7 +435,7 @@ SA_HIDDEN void sa_zero_padding(float *out, size_t width, const int32_t *lengths,
    (this header's sizeof) SELFATTN_ERR_INVALID, a larger one only when every byte past `known`
    is zero (SELFATTN_ERR_UNSUPPORTED otherwise). */
 SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known);
-/* Makes BLAS single-threaded once per process (see forward.c). */
+/* Makes BLAS single-threaded once per process (see call.c). */
 SA_HIDDEN void sa_blas_init(void);
 
 /* Workers for a call of about `flops` on layer l: helpers are not worth waking for tiny calls. */

@@ -153,7 +153,8 @@ void sa_rowprod_run(const sa_rowprod *p, int workers)
     sa_run_tasks(workers, job.row_chunks * job.col_chunks, sa_rowprod_task, &job);
 }
 
-/* ---- Weight gradients -------------------------------------------------------------------------- */
+/* ---- Weight gradients --------------------------------------------------------------------------
+ */
 
 void sa_wgrad_add(sa_wgrad *j, const sa_wgrad_part *part)
 {
@@ -184,8 +185,8 @@ static void sa_wgrad_task(void *arg, int worker, int task)
     while (sa_rows_next(&it, &r0, &n)) {
         const float *gr = p->g + r0 * p->ld_g + a0;
         if (p->dw != NULL)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)p->n_in, (int)n,
-                        1.0f, gr, (int)p->ld_g, p->in + r0 * p->ld_in, (int)p->ld_in,
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)p->n_in, (int)n, 1.0f,
+                        gr, (int)p->ld_g, p->in + r0 * p->ld_in, (int)p->ld_in,
                         started ? 1.0f : 0.0f, p->dw + off * p->n_in, (int)p->n_in);
         if (p->db != NULL)
             for (size_t r = 0; r < n; r++)

@@ -66,8 +66,8 @@ selfattn_status selfattn_train_state_size(const selfattn_layer *layer, int32_t b
 
 /* The state's size and alignment for this call. */
 static selfattn_status sa_train_check_buffer(const selfattn_layer *layer, int32_t batch,
-                                             int32_t seq_len, const void *state,
-                                             size_t state_bytes, sa_train_layout *t)
+                                             int32_t seq_len, const void *state, size_t state_bytes,
+                                             sa_train_layout *t)
 {
     const selfattn_status st = sa_train_plan(layer, batch, seq_len, t);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -76,9 +76,9 @@ static selfattn_status sa_train_check_buffer(const selfattn_layer *layer, int32_
     return SELFATTN_OK;
 }
 
-selfattn_status selfattn_forward_train(const selfattn_layer *layer, int32_t batch,
-                                       int32_t seq_len, const float *x, const int32_t *lengths,
-                                       float *y, void *state, size_t state_bytes)
+selfattn_status selfattn_forward_train(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                       const float *x, const int32_t *lengths, float *y,
+                                       void *state, size_t state_bytes)
 {
     SA_CHECK(layer != NULL && x != NULL && y != NULL && state != NULL, SELFATTN_ERR_NULL);
     sa_train_layout t;
@@ -103,10 +103,10 @@ selfattn_status selfattn_forward_train(const selfattn_layer *layer, int32_t batc
     return SELFATTN_OK;
 }
 
-selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t batch,
-                                        int32_t seq_len, const float *x, const int32_t *lengths,
-                                        const float *dy, float *dx, const selfattn_grads *grads,
-                                        const void *state, size_t state_bytes)
+selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
+                                        const float *x, const int32_t *lengths, const float *dy,
+                                        float *dx, const selfattn_grads *grads, const void *state,
+                                        size_t state_bytes)
 {
     SA_CHECK(layer != NULL && x != NULL && dy != NULL && state != NULL, SELFATTN_ERR_NULL);
     sa_train_layout t;
@@ -123,8 +123,8 @@ selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t bat
              SELFATTN_ERR_STATE);
     SA_CHECK(state_bytes >= t.bytes, SELFATTN_ERR_INVALID);
     if (lengths != NULL)
-        SA_CHECK(memcmp((const char *)state + sizeof h, lengths,
-                        (size_t)batch * sizeof(int32_t)) == 0,
+        SA_CHECK(memcmp((const char *)state + sizeof h, lengths, (size_t)batch * sizeof(int32_t)) ==
+                     0,
                  SELFATTN_ERR_STATE);
     const float *base = state;
     const sa_kept kept = {.qkv = base + t.o_qkv, .o = base + t.o_o, .lse = base + t.o_lse};

@@ -70,8 +70,8 @@ SA_HIDDEN void sa_f32_softcap_avx2(float *row, size_t n, float scale, float cap)
 SA_HIDDEN float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total,
                                              float scale, float *max_out);
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
-SA_HIDDEN float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total,
-                                            float scale, float *max_out);
+SA_HIDDEN float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale,
+                                            float *max_out);
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
 SA_HIDDEN float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total,

@@ -110,7 +110,7 @@ def _loaded_version(lib):
 lib, path = _load()
 check_version(_loaded_version(lib), path)
 
-# ---- Declarations of every function (API.md, selfattn.h) ---------------------------------------
+# ---- Declarations of every function (include/selfattn/selfattn.h) ----------------------------
 _P = c_void_p
 _DECLS = {
     "selfattn_version_number": (c_uint32, []),
@@ -126,7 +126,7 @@ _DECLS = {
     "selfattn_option_bounds": (c_int, [c_int, ctypes.POINTER(c_int64), ctypes.POINTER(c_int64)]),
     "selfattn_forward": (c_int, [_P, c_int32, c_int32, _P, _P, _P]),
     "selfattn_attend": (c_int, [_P, c_int32, c_int32, c_int32, _P, _P, _P, _P, _P]),
-    # 1.1 (API.md, "Version 1.1 additions")
+    # 1.1 additions (selfattn.h)
     "selfattn_layer_set_float": (c_int, [_P, c_int, c_double]),
     "selfattn_layer_get_float": (c_int, [_P, c_int, ctypes.POINTER(c_double)]),
     "selfattn_forward_ex": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P]),

@@ -1,4 +1,4 @@
-"""Float64 NumPy reference of libselfattn's contract (API.md), independent of the library.
+"""Float64 NumPy reference of libselfattn's contract (the public header, include/selfattn/selfattn.h), independent of the library.
 
 Everything here is written from the contract, not from the C code: projections, per-head
 softmax attention, grouped-query heads via repeat_interleave, causal masks aligned bottom-right,

@@ -1,4 +1,4 @@
-"""The libselfattn 1.1 additions (API.md, "Version 1.1 additions") through the binding: extras
+"""The libselfattn 1.1 additions (include/selfattn/selfattn.h, the 1.1 additions) through the binding: extras
 (additive bias, weights, log-sum-exp), window, RoPE, ALiBi, softcap, the key/value cache and
 gradients. Each test is skipped, with the reason, while the loaded library lacks the function or
 option it needs; they are written against the contract and run as soon as the C side lands."""
@@ -118,7 +118,7 @@ def test_attn_bias_masks_and_blind_rows(rng):
     np.testing.assert_allclose(y[0, 3], W["b_o"], rtol=0, atol=1e-6)
     assert not np.any(w[0, :, 3]) and np.all(np.isneginf(lse[0, :, 3]))
     assert np.all(w[0, :, :, 1] == 0), \
-        "weights at keys masked by a -inf bias must be exactly 0 (API.md), got up to %g" % np.max(w[0, :, :, 1])
+        "weights at keys masked by a -inf bias must be exactly 0 (the header), got up to %g" % np.max(w[0, :, :, 1])
 
 
 @needs("selfattn_attend_ex")
