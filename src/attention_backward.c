@@ -2,9 +2,8 @@
  * gradients, FlashAttention-2 style, with memory linear in the sequence length and results that do
  * not depend on the thread count.
  *
- * Nothing is kept from the forward call, so the layer's backward first recomputes what it needs
- * (Q, K, V of the valid rows, RoPE) and the attention backward recomputes the probabilities block
- * by block with the forward's own core (attention.c). Every task's outputs are disjoint from every
+ * The probabilities are recomputed block by block with the forward's own core (attention.c),
+ * unless a training state gives O and the log-sum-exp. Every task's outputs are disjoint from every
  * other's, so no two workers ever add into the same float and each output is summed in one fixed
  * order. Two schemes, chosen by the shapes alone (never by the thread count):
  *   single pass (at least BW_ONEPASS_MIN_TASKS (sequence, key/value head) pairs): the forward
@@ -22,11 +21,7 @@
  *      dP), dS and dQ = dS K;
  *   B. one task per (sequence, key/value head, key block): the single pass's work on one key
  *      block without dQ. 8 attention products (4 per pass).
- * ALiBi and masks add constants to the scores: no gradient flows through them. The layer then
- * goes back through RoPE (the opposite angle) and the projections; the weight gradients are sums
- * over rows, split over workers by output rows (fixed blocks of weight rows), never by input
- * rows, and the row-split products use fixed chunks of rows, so the partition of every GEMM is a
- * function of the shapes alone.
+ * ALiBi and masks add constants to the scores: no gradient flows through them.
  *
  * The elementwise work runs through the kernel table's row kernels (dot, dscores, expsub: SIMD
  * where the CPU has it): pass A applies 1/sum to its products rather than normalising its score
