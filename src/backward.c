@@ -173,20 +173,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     float *attn = kept != NULL ? (float *)kept->o : base + p.o_attn;
     float *dattn = layer->out_proj ? base + p.o_dattn : (float *)dy;
     if (p.valid > 0 && kept == NULL) {
-        const sa_rowprod in_proj = {.in = x,
-                                    .ld_in = dm,
-                                    .k = dm,
-                                    .w = layer->w_qkv,
-                                    .ld_w = dm,
-                                    .w_is_linear = 1,
-                                    .bias = layer->b_qkv,
-                                    .out = qkv,
-                                    .ld_out = nqkv,
-                                    .n = nqkv,
-                                    .rows = p.batch_rows,
-                                    .valid_rows = p.valid,
-                                    .fixed_chunks = 1};
-        sa_rowprod_run(&in_proj, workers);
+        sa_in_proj(layer, x, qkv, &p.batch_rows, p.valid, 1, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
     }
     if (p.valid > 0 && layer->out_proj && p.want_qkv) {

@@ -309,7 +309,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
     /* Nothing fails from here on. */
     sa_blas_init();
     const int32_t n_seqs = cache->n_seqs;
-    const size_t dm = p.dm, nq = p.nq, nqkv = p.nqkv;
+    const size_t dm = p.dm, nqkv = p.nqkv;
     float *wsf = ws->data;
     float *qkv = wsf + p.o_qkv, *attn = layer->out_proj ? wsf + p.o_attn : y;
     sa_attn *desc = (sa_attn *)(void *)(wsf + p.o_desc);
@@ -321,36 +321,12 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         pos0[s] = cache->len[s];
     }
     const sa_rows rows_new = {.batch = n_seqs, .seq_len = max_new, .lengths = lens};
-    const sa_rowprod in_proj = {.in = x,
-                                .ld_in = dm,
-                                .k = dm,
-                                .w = layer->w_qkv,
-                                .ld_w = dm,
-                                .w_is_linear = 1,
-                                .bias = layer->b_qkv,
-                                .out = qkv,
-                                .ld_out = nqkv,
-                                .n = nqkv,
-                                .rows = rows_new,
-                                .valid_rows = p.valid};
-    sa_rowprod_run(&in_proj, p.workers);
+    sa_in_proj(layer, x, qkv, &rows_new, p.valid, 0, p.workers);
     sa_rope_apply(layer, qkv, nqkv, n_seqs, max_new, lens, pos0, 0, p.workers);
     const int n_desc = sa_cached_describe(layer, cache, max_new, lens, &p, qkv, attn, desc, plans);
     sa_attn_run_many(desc, plans, n_desc, p.workers, wsf + p.o_scratch, p.per_worker);
     if (layer->out_proj) {
-        const sa_rowprod out_proj = {.in = attn,
-                                     .ld_in = nq,
-                                     .k = nq,
-                                     .w = layer->w_o,
-                                     .ld_w = nq,
-                                     .w_is_linear = 1,
-                                     .bias = layer->b_o,
-                                     .out = y,
-                                     .ld_out = dm,
-                                     .n = dm,
-                                     .rows = rows_new,
-                                     .valid_rows = p.valid};
-        sa_rowprod_run(&out_proj, p.workers);
+        sa_out_proj(layer, attn, y, &rows_new, p.valid, p.workers);
     }
     sa_zero_padding(y, dm, lens, n_seqs, max_new);
     sa_ws_release(layer->ws, ws);

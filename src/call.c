@@ -102,3 +102,43 @@ void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int3
         a->lse = e->lse;
     }
 }
+
+void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_rows *rows,
+                size_t valid, int fixed_chunks, int workers)
+{
+    const size_t dm = (size_t)l->d_model;
+    const size_t nqkv = (size_t)(l->n_heads + 2 * l->n_kv_heads) * (size_t)l->head_dim;
+    const sa_rowprod p = {.in = x,
+                          .ld_in = dm,
+                          .k = dm,
+                          .w = l->w_qkv,
+                          .ld_w = dm,
+                          .w_is_linear = 1,
+                          .bias = l->b_qkv,
+                          .out = qkv,
+                          .ld_out = nqkv,
+                          .n = nqkv,
+                          .rows = *rows,
+                          .valid_rows = valid,
+                          .fixed_chunks = fixed_chunks};
+    sa_rowprod_run(&p, workers);
+}
+
+void sa_out_proj(const selfattn_layer *l, const float *attn, float *y, const sa_rows *rows,
+                 size_t valid, int workers)
+{
+    const size_t dm = (size_t)l->d_model, nq = (size_t)l->n_heads * (size_t)l->head_dim;
+    const sa_rowprod p = {.in = attn,
+                          .ld_in = nq,
+                          .k = nq,
+                          .w = l->w_o,
+                          .ld_w = nq,
+                          .w_is_linear = 1,
+                          .bias = l->b_o,
+                          .out = y,
+                          .ld_out = dm,
+                          .n = dm,
+                          .rows = *rows,
+                          .valid_rows = valid};
+    sa_rowprod_run(&p, workers);
+}

@@ -252,19 +252,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
         a->lse = keep->lse;
 
     if (p.valid > 0) {
-        const sa_rowprod in_proj = {.in = x,
-                                    .ld_in = dm,
-                                    .k = dm,
-                                    .w = layer->w_qkv,
-                                    .ld_w = dm,
-                                    .w_is_linear = 1,
-                                    .bias = layer->b_qkv,
-                                    .out = qkv,
-                                    .ld_out = nqkv,
-                                    .n = nqkv,
-                                    .rows = p.batch_rows,
-                                    .valid_rows = p.valid};
-        sa_rowprod_run(&in_proj, workers);
+        sa_in_proj(layer, x, qkv, &p.batch_rows, p.valid, 0, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
         if (p.headmajor) {
             const sa_kv_copy c = {.k = qkv + nq,
@@ -283,19 +271,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
     sa_attn_run(a, &p.attn, workers, wsf + p.o_scores);
     if (p.valid > 0 && layer->out_proj) {
-        const sa_rowprod out_proj = {.in = attn,
-                                     .ld_in = nq,
-                                     .k = nq,
-                                     .w = layer->w_o,
-                                     .ld_w = nq,
-                                     .w_is_linear = 1,
-                                     .bias = layer->b_o,
-                                     .out = y,
-                                     .ld_out = dm,
-                                     .n = dm,
-                                     .rows = p.batch_rows,
-                                     .valid_rows = p.valid};
-        sa_rowprod_run(&out_proj, workers);
+        sa_out_proj(layer, attn, y, &p.batch_rows, p.valid, workers);
     } else if (!layer->out_proj && attn != y) { /* kept O without an output projection: y is O */
         for (int32_t b = 0; b < batch; b++) {
             const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;

@@ -435,6 +435,13 @@ SA_HIDDEN void sa_zero_padding(float *out, size_t width, const int32_t *lengths,
    (this header's sizeof) SELFATTN_ERR_INVALID, a larger one only when every byte past `known`
    is zero (SELFATTN_ERR_UNSUPPORTED otherwise). */
 SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known);
+/* The layer's input projection qkv = x W_qkv^T + b_qkv ([rows][d_model] to [rows][nq + 2 nkv])
+   and output projection y = attn W_O^T + b_O ([rows][nq] to [rows][d_model]) over the valid
+   rows; fixed_chunks as in sa_rowprod (the backward). */
+SA_HIDDEN void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_rows *rows,
+                          size_t valid, int fixed_chunks, int workers);
+SA_HIDDEN void sa_out_proj(const selfattn_layer *l, const float *attn, float *y,
+                           const sa_rows *rows, size_t valid, int workers);
 /* Makes BLAS single-threaded once per process (see call.c). */
 SA_HIDDEN void sa_blas_init(void);
 
