@@ -35,7 +35,7 @@ typedef struct bw_plan {
     sa_attn_bwd w; /* the attention backward, its pointers set at run time */
     sa_ws_plan ws; /* qkv and O (unless kept), dqkv, dO (unless dy is dO), lse (unless kept
                       for the single pass), D, scratch */
-    size_t o_qkv, o_dqkv, o_attn, o_dattn, o_lse, o_dsum, o_scratch;
+    size_t o_qkv, o_dqkv, o_attn, o_dattn, o_lse, o_dsum, o_scratch, o_panel;
 } bw_plan;
 
 static const selfattn_grads bw_no_grads = {.struct_size = sizeof(selfattn_grads)};
@@ -97,6 +97,10 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
     p->o_lse = sa_ws_reserve(&p->ws, own_lse ? p->head_rows : 0);
     p->o_dsum = sa_ws_reserve(&p->ws, p->head_rows);
     p->o_scratch = sa_ws_reserve(&p->ws, scratch);
+    size_t panel;
+    SA_CHECK(sa_mul_size((size_t)p->workers, sa_layer_panel_floats(layer), &panel),
+             SELFATTN_ERR_OVERFLOW);
+    p->o_panel = sa_ws_reserve(&p->ws, panel);
     return SELFATTN_OK;
 }
 
@@ -173,7 +177,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     float *attn = kept != NULL ? (float *)kept->o : base + p.o_attn;
     float *dattn = layer->out_proj ? base + p.o_dattn : (float *)dy;
     if (p.valid > 0 && kept == NULL) {
-        sa_in_proj(layer, x, qkv, &p.batch_rows, p.valid, 1, workers);
+        sa_in_proj(layer, x, qkv, &p.batch_rows, p.valid, 1, base + p.o_panel, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
     }
     if (p.valid > 0 && layer->out_proj && p.want_qkv) {
@@ -181,6 +185,9 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
                                   .ld_in = dm,
                                   .k = dm,
                                   .w = layer->w_o,
+                                  .w16 = layer->h_o,
+                                  .w_dtype = layer->weight_dtype,
+                                  .panel = base + p.o_panel,
                                   .ld_w = nq,
                                   .out = dattn,
                                   .ld_out = nq,
@@ -221,6 +228,9 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
                                      .ld_in = nqkv,
                                      .k = nqkv,
                                      .w = layer->w_qkv,
+                                     .w16 = layer->h_qkv,
+                                     .w_dtype = layer->weight_dtype,
+                                     .panel = base + p.o_panel,
                                      .ld_w = dm,
                                      .out = dx,
                                      .ld_out = dm,

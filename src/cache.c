@@ -178,7 +178,7 @@ typedef struct sa_cached_plan {
     int workers;
     sa_ws_plan ws; /* qkv [rows][nqkv], attn [rows][nq], scratch, and per sequence its attention
                       description, plan, first position and new-token count */
-    size_t o_qkv, o_attn, o_scratch, o_desc, o_plans, o_pos0, o_lens;
+    size_t o_qkv, o_attn, o_scratch, o_desc, o_plans, o_pos0, o_lens, o_panel;
 } sa_cached_plan;
 
 /* Floats that hold n objects of `size` bytes (the workspace is 64-byte aligned floats). */
@@ -254,6 +254,10 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     p->o_plans = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(sa_attn_plan)));
     p->o_pos0 = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(int64_t)));
     p->o_lens = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(int32_t)));
+    size_t panel;
+    SA_CHECK(sa_mul_size((size_t)p->workers, sa_layer_panel_floats(layer), &panel),
+             SELFATTN_ERR_OVERFLOW);
+    p->o_panel = sa_ws_reserve(&p->ws, panel);
     return SELFATTN_OK;
 }
 
@@ -321,12 +325,12 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
         pos0[s] = cache->len[s];
     }
     const sa_rows rows_new = {.batch = n_seqs, .seq_len = max_new, .lengths = lens};
-    sa_in_proj(layer, x, qkv, &rows_new, p.valid, 0, p.workers);
+    sa_in_proj(layer, x, qkv, &rows_new, p.valid, 0, wsf + p.o_panel, p.workers);
     sa_rope_apply(layer, qkv, nqkv, n_seqs, max_new, lens, pos0, 0, p.workers);
     const int n_desc = sa_cached_describe(layer, cache, max_new, lens, &p, qkv, attn, desc, plans);
     sa_attn_run_many(desc, plans, n_desc, p.workers, wsf + p.o_scratch, p.per_worker);
     if (layer->out_proj) {
-        sa_out_proj(layer, attn, y, &rows_new, p.valid, p.workers);
+        sa_out_proj(layer, attn, y, &rows_new, p.valid, wsf + p.o_panel, p.workers);
     }
     sa_zero_padding(y, dm, lens, n_seqs, max_new);
     sa_ws_release(layer->ws, ws);

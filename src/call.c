@@ -103,8 +103,23 @@ void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int3
     }
 }
 
+size_t sa_layer_panel_floats(const selfattn_layer *l)
+{
+    if (l->weight_dtype == SELFATTN_DTYPE_F32)
+        return 0;
+    const size_t dm = (size_t)l->d_model, nq = (size_t)l->n_heads * (size_t)l->head_dim;
+    const size_t nqkv = nq + 2 * (size_t)l->n_kv_heads * (size_t)l->head_dim;
+    const size_t k[3] = {dm, nq, nqkv};
+    size_t most = 0;
+    for (int i = 0; i < 3; i++) {
+        const size_t f = sa_rowprod_panel_floats(k[i]);
+        most = f > most ? f : most;
+    }
+    return most;
+}
+
 void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_rows *rows,
-                size_t valid, int fixed_chunks, int workers)
+                size_t valid, int fixed_chunks, float *panel, int workers)
 {
     const size_t dm = (size_t)l->d_model;
     const size_t nqkv = (size_t)(l->n_heads + 2 * l->n_kv_heads) * (size_t)l->head_dim;
@@ -112,6 +127,9 @@ void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_ro
                           .ld_in = dm,
                           .k = dm,
                           .w = l->w_qkv,
+                          .w16 = l->h_qkv,
+                          .w_dtype = l->weight_dtype,
+                          .panel = panel,
                           .ld_w = dm,
                           .w_is_linear = 1,
                           .bias = l->b_qkv,
@@ -125,13 +143,16 @@ void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_ro
 }
 
 void sa_out_proj(const selfattn_layer *l, const float *attn, float *y, const sa_rows *rows,
-                 size_t valid, int workers)
+                 size_t valid, float *panel, int workers)
 {
     const size_t dm = (size_t)l->d_model, nq = (size_t)l->n_heads * (size_t)l->head_dim;
     const sa_rowprod p = {.in = attn,
                           .ld_in = nq,
                           .k = nq,
                           .w = l->w_o,
+                          .w16 = l->h_o,
+                          .w_dtype = l->weight_dtype,
+                          .panel = panel,
                           .ld_w = nq,
                           .w_is_linear = 1,
                           .bias = l->b_o,

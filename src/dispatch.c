@@ -16,6 +16,10 @@ static const sa_kernels sa_kernels_scalar = {
     .dscores = sa_f32_dscores_scalar,
     .expsub = sa_f32_expsub_scalar,
     .softcap = sa_f32_softcap_scalar,
+    .to_f32 = {sa_f16_to_f32_scalar, sa_bf16_to_f32_scalar},
+    .from_f32 = {sa_f32_to_f16_scalar, sa_f32_to_bf16_scalar},
+    .qkt_x16 = {sa_f16_qkt_scalar_g8, sa_bf16_qkt_scalar_g8},
+    .pv_x16 = {sa_f16_pv_scalar_g8, sa_bf16_pv_scalar_g8},
 };
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
 static const sa_kernels sa_kernels_avx2 = {
@@ -28,6 +32,10 @@ static const sa_kernels sa_kernels_avx2 = {
     .dscores = sa_f32_dscores_avx2,
     .expsub = sa_f32_expsub_avx2,
     .softcap = sa_f32_softcap_avx2,
+    .to_f32 = {sa_f16_to_f32_avx2, sa_bf16_to_f32_avx2},
+    .from_f32 = {sa_f32_to_f16_avx2, sa_f32_to_bf16_avx2},
+    .qkt_x16 = {sa_f16_qkt_avx2_g8, sa_bf16_qkt_avx2_g8},
+    .pv_x16 = {sa_f16_pv_avx2_g8, sa_bf16_pv_avx2_g8},
 };
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
@@ -43,6 +51,10 @@ static const sa_kernels sa_kernels_avx512 = {
     .dscores = sa_f32_dscores_avx2,
     .expsub = sa_f32_expsub_avx2,
     .softcap = sa_f32_softcap_avx2,
+    .to_f32 = {sa_f16_to_f32_avx2, sa_bf16_to_f32_avx2},
+    .from_f32 = {sa_f32_to_f16_avx2, sa_f32_to_bf16_avx2},
+    .qkt_x16 = {sa_f16_qkt_avx2_g8, sa_bf16_qkt_avx2_g8},
+    .pv_x16 = {sa_f16_pv_avx2_g8, sa_bf16_pv_avx2_g8},
 };
 #endif
 
@@ -75,7 +87,8 @@ static void sa_probe(void)
     /* __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV). */
     __builtin_cpu_init();
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
         best = SA_ISA_AVX2;
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS

@@ -173,7 +173,7 @@ typedef struct sa_fwd_plan {
     sa_attn_plan attn;
     sa_ws_plan ws; /* qkv [rows][nqkv] and attn [rows][nq] (unless the training state keeps them
                       or, for attn, y takes it), the scores per worker, head-major K and V */
-    size_t o_qkv, o_attn, o_scores, o_kv;
+    size_t o_qkv, o_attn, o_scores, o_kv, o_panel;
 } sa_fwd_plan;
 
 static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
@@ -218,6 +218,10 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
     p->o_attn = sa_ws_reserve(&p->ws, !kept && layer->out_proj ? p->rows * p->nq : 0);
     p->o_scores = sa_ws_reserve(&p->ws, s_floats);
     p->o_kv = sa_ws_reserve(&p->ws, p->headmajor ? 2 * p->rows * p->nkv : 0);
+    size_t panel;
+    SA_CHECK(sa_mul_size((size_t)p->workers, sa_layer_panel_floats(layer), &panel),
+             SELFATTN_ERR_OVERFLOW);
+    p->o_panel = sa_ws_reserve(&p->ws, panel);
     return SELFATTN_OK;
 }
 
@@ -252,7 +256,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
         a->lse = keep->lse;
 
     if (p.valid > 0) {
-        sa_in_proj(layer, x, qkv, &p.batch_rows, p.valid, 0, workers);
+        sa_in_proj(layer, x, qkv, &p.batch_rows, p.valid, 0, wsf + p.o_panel, workers);
         sa_rope_apply(layer, qkv, nqkv, batch, seq_len, lengths, NULL, 0, workers);
         if (p.headmajor) {
             const sa_kv_copy c = {.k = qkv + nq,
@@ -271,7 +275,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     /* Even with no valid row the core runs: it writes the weights and lse of padding rows. */
     sa_attn_run(a, &p.attn, workers, wsf + p.o_scores);
     if (p.valid > 0 && layer->out_proj) {
-        sa_out_proj(layer, attn, y, &p.batch_rows, p.valid, workers);
+        sa_out_proj(layer, attn, y, &p.batch_rows, p.valid, wsf + p.o_panel, workers);
     } else if (!layer->out_proj && attn != y) { /* kept O without an output projection: y is O */
         for (int32_t b = 0; b < batch; b++) {
             const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;

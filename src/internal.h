@@ -70,6 +70,11 @@ typedef struct sa_kernels {
     sa_f32_dscores_fn dscores;
     sa_f32_expsub_fn expsub;
     sa_f32_softcap_fn softcap; /* the scores' softcap (forward and backward) */
+    /* 16-bit storage, indexed by dtype - 1 (0: f16, 1: bf16) */
+    sa_x16_to_f32_fn to_f32[2];
+    sa_f32_to_x16_fn from_f32[2];
+    sa_x16_qkt_fn qkt_x16[2];
+    sa_x16_pv_fn pv_x16[2];
 } sa_kernels;
 
 /* The kernel table chosen for this process (CPU detection and SELFATTN_ISA, once). */
@@ -174,9 +179,12 @@ struct selfattn_layer {
     double rope_theta; /* 0 = default */
     unsigned have;     /* SA_HAVE_* bits */
     int weights_set;   /* any weight or bias set: the shape is frozen */
-    float *w_qkv;      /* [nq + 2 nkv][d_model], Q rows then K then V */
+    int32_t weight_dtype; /* selfattn_dtype of w_qkv and w_o */
+    int32_t kv_dtype;     /* selfattn_dtype of the caches created from now on */
+    float *w_qkv;      /* [nq + 2 nkv][d_model], Q rows then K then V (float32 weights) */
     float *b_qkv;      /* [nq + 2 nkv] or NULL (all zero) */
-    float *w_o;        /* [d_model][nq] or NULL */
+    float *w_o;        /* [d_model][nq] or NULL (float32 weights) */
+    uint16_t *h_qkv, *h_o; /* the same in 16 bits, for an F16 or BF16 weight_dtype */
     float *b_o;        /* [d_model] or NULL (all zero) */
     sa_ws_cache *ws;   /* workspaces of forward/attend calls: mutable through a const layer */
     /* What a training state remembers of the layer that filled it: a serial number unique in the
@@ -369,7 +377,15 @@ typedef struct sa_rowprod {
     sa_rows rows;
     size_t valid_rows;
     int fixed_chunks; /* split by a fixed number of rows: results independent of the workers */
+    /* 16-bit weights (w_dtype F16 or BF16, w NULL): w16 in the same layout; a few rows of an
+       nn.Linear product read it directly, other products convert panels of it into `panel`
+       (sa_rowprod_panel_floats floats per worker, worker w's at panel + w * that) */
+    const uint16_t *w16;
+    int w_dtype;
+    float *panel;
 } sa_rowprod;
+/* Floats of one worker's weight panel for a 16-bit product with inner dimension k. */
+SA_HIDDEN size_t sa_rowprod_panel_floats(size_t k);
 SA_HIDDEN void sa_rowprod_run(const sa_rowprod *p, int workers);
 /* Whether a fixed-chunk product over valid_rows rows has an int task count. */
 SA_HIDDEN int sa_rowprod_chunks_fit(size_t valid_rows);
@@ -439,9 +455,12 @@ SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_si
    and output projection y = attn W_O^T + b_O ([rows][nq] to [rows][d_model]) over the valid
    rows; fixed_chunks as in sa_rowprod (the backward). */
 SA_HIDDEN void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_rows *rows,
-                          size_t valid, int fixed_chunks, int workers);
+                          size_t valid, int fixed_chunks, float *panel, int workers);
 SA_HIDDEN void sa_out_proj(const selfattn_layer *l, const float *attn, float *y,
-                           const sa_rows *rows, size_t valid, int workers);
+                           const sa_rows *rows, size_t valid, float *panel, int workers);
+/* Floats of one worker's weight panel for any product of the layer's weights (0 for float32
+   weights): a call reserves workers times this for `panel`. */
+SA_HIDDEN size_t sa_layer_panel_floats(const selfattn_layer *l);
 /* Makes BLAS single-threaded once per process (see call.c). */
 SA_HIDDEN void sa_blas_init(void);
 

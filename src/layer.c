@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "kernels/half-scalar.h"
 
 uint32_t selfattn_version_number(void)
 {
@@ -92,6 +93,8 @@ void selfattn_layer_destroy(selfattn_layer *layer)
     sa_free(layer->b_qkv);
     sa_free(layer->w_o);
     sa_free(layer->b_o);
+    sa_free(layer->h_qkv);
+    sa_free(layer->h_o);
     sa_ws_cache_destroy(layer->ws);
     sa_free(layer);
 }
@@ -159,6 +162,11 @@ selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower, int6
         lo = 0;
         hi = 1;
         break;
+    case SELFATTN_OPT_WEIGHT_DTYPE:
+    case SELFATTN_OPT_KV_DTYPE:
+        lo = SELFATTN_DTYPE_F16; /* 0 (F32) is the default */
+        hi = SELFATTN_DTYPE_BF16;
+        break;
     default:
         return SELFATTN_ERR_INVALID;
     }
@@ -173,7 +181,7 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
     int64_t lo, hi;
     SA_CHECK(selfattn_option_bounds(opt, &lo, &hi) == SELFATTN_OK, SELFATTN_ERR_INVALID);
     const int shape_option = opt == SELFATTN_OPT_N_KV_HEADS || opt == SELFATTN_OPT_HEAD_DIM ||
-                             opt == SELFATTN_OPT_OUT_PROJ;
+                             opt == SELFATTN_OPT_OUT_PROJ || opt == SELFATTN_OPT_WEIGHT_DTYPE;
     SA_CHECK(!(shape_option && layer->weights_set), SELFATTN_ERR_STATE);
     const int has_default = opt != SELFATTN_OPT_CAUSAL && opt != SELFATTN_OPT_OUT_PROJ;
     SA_CHECK((value == 0 && has_default) || (value >= lo && value <= hi), SELFATTN_ERR_INVALID);
@@ -222,6 +230,12 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
     case SELFATTN_OPT_ALIBI:
         layer->alibi = (int32_t)value;
         break;
+    case SELFATTN_OPT_WEIGHT_DTYPE:
+        layer->weight_dtype = (int32_t)value;
+        break;
+    case SELFATTN_OPT_KV_DTYPE:
+        layer->kv_dtype = (int32_t)value;
+        break;
     }
     if (opt != SELFATTN_OPT_THREADS)
         layer->version++;
@@ -258,6 +272,12 @@ selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option 
         return SELFATTN_OK;
     case SELFATTN_OPT_ALIBI:
         *value = layer->alibi;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_WEIGHT_DTYPE:
+        *value = layer->weight_dtype;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_KV_DTYPE:
+        *value = layer->kv_dtype;
         return SELFATTN_OK;
     }
     return SELFATTN_ERR_INVALID;
@@ -322,11 +342,43 @@ selfattn_status selfattn_layer_get_float(const selfattn_layer *layer, selfattn_f
     return SELFATTN_ERR_INVALID;
 }
 
+/* Element i of data given in dtype, as float (exact). */
+static float sa_elem(selfattn_dtype dtype, const void *data, size_t i)
+{
+    if (dtype == SELFATTN_DTYPE_F32)
+        return ((const float *)data)[i];
+    const uint16_t h = ((const uint16_t *)data)[i];
+    return dtype == SELFATTN_DTYPE_F16 ? sa_f16_to_f32(h) : sa_bf16_to_f32(h);
+}
+
+static uint16_t sa_round16(int32_t dtype, float f)
+{
+    return dtype == SELFATTN_DTYPE_F16 ? sa_f32_to_f16(f) : sa_f32_to_bf16(f);
+}
+
+/* Whether a finite value would round to infinity in dtype (a weight that cannot be stored). */
+static int sa_overflows16(int32_t dtype, float f)
+{
+    if (!isfinite(f))
+        return 0;
+    const uint16_t h = sa_round16(dtype, f);
+    const uint16_t exp_mask = dtype == SELFATTN_DTYPE_F16 ? 0x7C00u : 0x7F80u;
+    return (h & exp_mask) == exp_mask;
+}
+
 selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight which,
                                           const float *data, int64_t count)
 {
+    return selfattn_layer_set_weight_typed(layer, which, SELFATTN_DTYPE_F32, data, count);
+}
+
+selfattn_status selfattn_layer_set_weight_typed(selfattn_layer *layer, selfattn_weight which,
+                                                selfattn_dtype dtype, const void *data,
+                                                int64_t count)
+{
     SA_CHECK(layer != NULL && data != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(which >= SELFATTN_W_Q && which <= SELFATTN_B_QKV, SELFATTN_ERR_INVALID);
+    SA_CHECK(dtype >= SELFATTN_DTYPE_F32 && dtype <= SELFATTN_DTYPE_BF16, SELFATTN_ERR_INVALID);
     SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
 
     const size_t d_model = (size_t)layer->d_model;
@@ -337,6 +389,7 @@ selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight
 
     /* Where the data goes: a row range [first, first + rows) of one buffer of width `width`. */
     float **buf;
+    uint16_t **hbuf;
     size_t buf_rows, width, first, rows;
     int is_bias = 0;
     unsigned have_bits = 0;
@@ -352,6 +405,7 @@ selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight
         is_bias = which == SELFATTN_B_Q || which == SELFATTN_B_K || which == SELFATTN_B_V ||
                   which == SELFATTN_B_QKV;
         buf = is_bias ? &layer->b_qkv : &layer->w_qkv;
+        hbuf = &layer->h_qkv;
         buf_rows = nqkv;
         if (which == SELFATTN_W_Q || which == SELFATTN_B_Q) {
             first = 0;
@@ -378,6 +432,7 @@ selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight
         SA_CHECK(layer->out_proj, SELFATTN_ERR_INVALID);
         is_bias = which == SELFATTN_B_O;
         buf = is_bias ? &layer->b_o : &layer->w_o;
+        hbuf = &layer->h_o;
         buf_rows = d_model;
         first = 0;
         rows = d_model;
@@ -394,14 +449,37 @@ selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight
     SA_CHECK(sa_mul_size(rows, width, &elems), SELFATTN_ERR_OVERFLOW);
     SA_CHECK(count >= 0 && (uint64_t)count == (uint64_t)elems, SELFATTN_ERR_INVALID);
 
-    if (*buf == NULL) {
-        /* Biases start zeroed (a bias never set is zero); weights are tracked by `have`. */
-        float *fresh = is_bias ? sa_calloc(buf_rows * width, sizeof(float))
-                               : sa_malloc(buf_rows * width * sizeof(float));
-        SA_CHECK(fresh != NULL, SELFATTN_ERR_NOMEM);
-        *buf = fresh;
+    const int32_t wdt = is_bias ? SELFATTN_DTYPE_F32 : layer->weight_dtype;
+    if (wdt != SELFATTN_DTYPE_F32 && (int32_t)dtype != wdt) /* every value must be storable */
+        for (size_t i = 0; i < elems; i++)
+            SA_CHECK(!sa_overflows16(wdt, sa_elem(dtype, data, i)), SELFATTN_ERR_INVALID);
+    if (wdt == SELFATTN_DTYPE_F32) {
+        if (*buf == NULL) {
+            /* Biases start zeroed (a bias never set is zero); weights are tracked by `have`. */
+            float *fresh = is_bias ? sa_calloc(buf_rows * width, sizeof(float))
+                                   : sa_malloc(buf_rows * width * sizeof(float));
+            SA_CHECK(fresh != NULL, SELFATTN_ERR_NOMEM);
+            *buf = fresh;
+        }
+        float *dst = *buf + first * width;
+        if (dtype == SELFATTN_DTYPE_F32)
+            memcpy(dst, data, elems * sizeof(float));
+        else
+            for (size_t i = 0; i < elems; i++)
+                dst[i] = sa_elem(dtype, data, i);
+    } else {
+        if (*hbuf == NULL) {
+            uint16_t *fresh = sa_malloc(buf_rows * width * sizeof(uint16_t));
+            SA_CHECK(fresh != NULL, SELFATTN_ERR_NOMEM);
+            *hbuf = fresh;
+        }
+        uint16_t *dst = *hbuf + first * width;
+        if ((int32_t)dtype == wdt) /* already in the stored type: bit for bit */
+            memcpy(dst, data, elems * sizeof(uint16_t));
+        else
+            for (size_t i = 0; i < elems; i++)
+                dst[i] = sa_round16(wdt, sa_elem(dtype, data, i));
     }
-    memcpy(*buf + first * width, data, elems * sizeof(float));
     layer->have |= have_bits;
     layer->weights_set = 1;
     layer->version++;

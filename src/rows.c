@@ -80,7 +80,10 @@ static void sa_rowprod_rows(const sa_rowprod *p, size_t r0, size_t n_rows, size_
 {
     float *c = p->out + r0 * p->ld_out + c0;
     const float *in = p->in + r0 * p->ld_in;
-    if (p->w_is_linear) { /* w [n][k]: out = in w^T */
+    if (p->w_dtype != SELFATTN_DTYPE_F32) { /* few rows of an nn.Linear product (see task) */
+        sa_kernels_get()->qkt_x16[p->w_dtype - 1](n_rows, c1 - c0, p->k, in, p->ld_in,
+                                                  p->w16 + c0 * p->ld_w, p->ld_w, c, p->ld_out);
+    } else if (p->w_is_linear) { /* w [n][k]: out = in w^T */
         const float *w = p->w + c0 * p->ld_w;
         if (n_rows <= SA_ROWS_MAX) /* few rows: stream the weights once, unpacked */
             sa_kernels_get()->qkt(n_rows, c1 - c0, p->k, in, p->ld_in, w, p->ld_w, c, p->ld_out);
@@ -99,6 +102,51 @@ static void sa_rowprod_rows(const sa_rowprod *p, size_t r0, size_t n_rows, size_
                 p->out[(r0 + r) * p->ld_out + j] += p->bias[j];
 }
 
+/* 16-bit weights: output columns per converted panel, as many as fit about 4 MiB of floats
+   (few panels: each sgemm packs its activation rows again), at least 64. */
+static size_t sa_panel_cols(size_t k)
+{
+    size_t p = ((size_t)1 << 20) / (k ? k : 1);
+    p = p > 1024 ? 1024 : p < 64 ? 64 : p;
+    return p / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
+}
+
+size_t sa_rowprod_panel_floats(size_t k)
+{
+    return sa_panel_cols(k) * k;
+}
+
+/* Columns [c0, c1) of a 16-bit product over valid rows [v0, v1), one converted weight panel at
+   a time (each panel converted once for all the task's rows). */
+static void sa_rowprod_x16(const sa_rowprod *p, float *panel, size_t v0, size_t v1, size_t c0,
+                           size_t c1)
+{
+    const sa_x16_to_f32_fn to_f32 = sa_kernels_get()->to_f32[p->w_dtype - 1];
+    const size_t pw = sa_panel_cols(p->k);
+    for (size_t cp = c0; cp < c1; cp += pw) {
+        const size_t pc = c1 - cp < pw ? c1 - cp : pw;
+        if (p->w_is_linear) /* rows [cp, cp + pc) of w [n][k] */
+            for (size_t r = 0; r < pc; r++)
+                to_f32(p->w16 + (cp + r) * p->ld_w, panel + r * p->k, p->k);
+        else /* columns [cp, cp + pc) of w [k][n] */
+            for (size_t i = 0; i < p->k; i++)
+                to_f32(p->w16 + i * p->ld_w + cp, panel + i * pc, pc);
+        sa_rows_it it;
+        sa_rows_begin(&it, &p->rows, v0, v1);
+        size_t r0, n;
+        while (sa_rows_next(&it, &r0, &n)) {
+            float *c = p->out + r0 * p->ld_out + cp;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, p->w_is_linear ? CblasTrans : CblasNoTrans,
+                        (int)n, (int)pc, (int)p->k, 1.0f, p->in + r0 * p->ld_in, (int)p->ld_in,
+                        panel, (int)(p->w_is_linear ? p->k : pc), 0.0f, c, (int)p->ld_out);
+            if (p->bias != NULL)
+                for (size_t r = 0; r < n; r++)
+                    for (size_t j = 0; j < pc; j++)
+                        c[r * p->ld_out + j] += p->bias[cp + j];
+        }
+    }
+}
+
 /* Column slice edges, on 64-byte boundaries. */
 static size_t sa_col_edge(size_t n, int slice, int slices)
 {
@@ -110,7 +158,6 @@ static size_t sa_col_edge(size_t n, int slice, int slices)
 
 static void sa_rowprod_task(void *arg, int worker, int task)
 {
-    (void)worker;
     const sa_rowprod_job *job = arg;
     const sa_rowprod *p = job->p;
     const int rc = task / job->col_chunks, cc = task % job->col_chunks;
@@ -126,6 +173,11 @@ static void sa_rowprod_task(void *arg, int worker, int task)
     const size_t c1 = sa_col_edge(p->n, cc + 1, job->col_chunks);
     if (v0 >= v1 || c0 >= c1)
         return;
+    if (p->w_dtype != SELFATTN_DTYPE_F32 && !(p->w_is_linear && v1 - v0 <= SA_ROWS_MAX)) {
+        sa_rowprod_x16(p, p->panel + (size_t)worker * sa_rowprod_panel_floats(p->k), v0, v1, c0,
+                       c1);
+        return;
+    }
     sa_rows_it it;
     sa_rows_begin(&it, &p->rows, v0, v1);
     size_t r0, n;

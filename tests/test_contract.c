@@ -145,8 +145,12 @@ static void test_options(void **state)
         selfattn_status want;
     } bad[] = {
         {0, 1, SELFATTN_ERR_INVALID},
-        {10, 1, SELFATTN_ERR_INVALID},
+        {99, 1, SELFATTN_ERR_INVALID}, /* no such option (10 and 11 are the 1.3 dtypes) */
         {-3, 1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_WEIGHT_DTYPE, 3, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_WEIGHT_DTYPE, -1, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_KV_DTYPE, 3, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_KV_DTYPE, INT64_MAX, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_WINDOW, -1, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_WINDOW, (int64_t)INT32_MAX + 1, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_ROPE, 3, SELFATTN_ERR_INVALID},

@@ -67,7 +67,7 @@ extern "C" {
 /* ---- Version -------------------------------------------------------------------------------- */
 /* Same major version = ABI compatible. A changed signature gets a new name (_v2), never an edit. */
 #define SELFATTN_VERSION_MAJOR 1
-#define SELFATTN_VERSION_MINOR 2
+#define SELFATTN_VERSION_MINOR 3
 #define SELFATTN_VERSION_PATCH 0
 #define SELFATTN_VERSION_NUMBER \
     (SELFATTN_VERSION_MAJOR * 10000 + SELFATTN_VERSION_MINOR * 100 + SELFATTN_VERSION_PATCH)
@@ -135,13 +135,38 @@ typedef enum selfattn_option {
                                     cannot fit the current head_dim (odd, > head_dim) is
                                     SELFATTN_ERR_INVALID at set time, and so is a later HEAD_DIM
                                     that would break it. */
-    SELFATTN_OPT_ALIBI = 9       /* 0 or 1: add -slope_h * (p - j) to the score of query position
+    SELFATTN_OPT_ALIBI = 9,      /* 0 or 1: add -slope_h * (p - j) to the score of query position
                                     p and key position j (|p - j| when not causal), with the
                                     standard ALiBi slopes for n_heads (Press et al. 2022, as in
                                     BLOOM and MPT: for n not a power of two, the slopes of the
                                     largest power of two below n, then every other slope of the
                                     next power of two). */
+    /* 1.3. Half-precision storage (see selfattn_dtype below). */
+    SELFATTN_OPT_WEIGHT_DTYPE = 10, /* how the layer stores W_Q, W_K, W_V, W_O (and W_QKV): a
+                                    selfattn_dtype, default F32. Biases always stay float32. Like
+                                    the shape options it is SELFATTN_ERR_STATE once any weight is
+                                    set. */
+    SELFATTN_OPT_KV_DTYPE = 11      /* how a key/value cache created from now on stores K and V: a
+                                    selfattn_dtype, default F32. A cache keeps the dtype it was
+                                    created with; a call on it while the layer's value differs is
+                                    SELFATTN_ERR_STATE (setting it back makes the cache usable
+                                    again), like the other options a cache records. */
 } selfattn_option;
+
+/* Storage types (1.3). Whatever the storage, arithmetic stays float32 (products, softmax,
+   accumulation) and activations (x, y, q, k, v, out, gradients) are float32. A stored value is
+   rounded once, to nearest with ties to even; the results equal, within float32 rounding, what
+   the float32 library computes with every stored weight, K and V replaced by its rounded value
+   (in selfattn_forward_cached that includes the tokens of the same call: attention reads every
+   K and V as the cache stores it). Gradients with half-precision weights are the gradients at
+   the rounded weights. A layer's weight matrices then take 2 bytes an element, a cache 2 bytes
+   per stored K or V element; no float32 copy of the whole weights or cache outlives a call
+   (calls convert blocks of them, in the layer's workspace, just before their products). */
+typedef enum selfattn_dtype {
+    SELFATTN_DTYPE_F32 = 0,
+    SELFATTN_DTYPE_F16 = 1, /* IEEE 754 binary16 */
+    SELFATTN_DTYPE_BF16 = 2 /* bfloat16: the upper 16 bits of a binary32 */
+} selfattn_dtype;
 
 /* Real-valued options (1.1), set with selfattn_layer_set_float. Values are fixed forever. */
 typedef enum selfattn_float_option {
@@ -201,7 +226,9 @@ SELFATTN_API selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, flo
 /* Copy a weight or bias into the layer. count is the number of floats at data and must equal the
    exact element count of that weight for the layer's current shape (see the table above).
    Setting a weight fixes the shape: N_KV_HEADS, HEAD_DIM and OUT_PROJ can no longer change.
-   A bias never set is zero. Setting the same weight again replaces it.
+   A bias never set is zero. Setting the same weight again replaces it. With a half-precision
+   WEIGHT_DTYPE (1.3) a weight is rounded to it (see selfattn_layer_set_weight_typed: a finite
+   weight that would round to infinity is SELFATTN_ERR_INVALID).
    Returns SELFATTN_ERR_NULL (layer or data NULL), SELFATTN_ERR_INVALID (unknown weight, wrong
    count, W_QKV/B_QKV on a layer where they are not valid, W_O/B_O with OUT_PROJ 0),
    SELFATTN_ERR_STATE (head_dim undetermined: d_model not divisible by n_heads and HEAD_DIM unset),
@@ -209,6 +236,18 @@ SELFATTN_API selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, flo
 SELFATTN_API selfattn_status selfattn_layer_set_weight(selfattn_layer *layer,
                                                        selfattn_weight which, const float *data,
                                                        int64_t count);
+
+/* As selfattn_layer_set_weight (1.3), with the data given in dtype: float for F32, uint16_t bit
+   patterns for F16 and BF16 (count elements either way). Weights are converted once to the
+   layer's WEIGHT_DTYPE (given in that dtype already, they are stored bit for bit), biases to
+   float32. A finite weight whose rounded value is infinite (F16: |w| >= 65520; BF16: beyond
+   FLT_MAX after rounding) is SELFATTN_ERR_INVALID and nothing changes; a weight that is already
+   +-inf or NaN is stored as such, as in float32. Returns what selfattn_layer_set_weight returns,
+   and SELFATTN_ERR_INVALID for a dtype out of range. Requires exclusive access to the layer. */
+SELFATTN_API selfattn_status selfattn_layer_set_weight_typed(selfattn_layer *layer,
+                                                             selfattn_weight which,
+                                                             selfattn_dtype dtype,
+                                                             const void *data, int64_t count);
 
 /* Set a real-valued option (1.1). Non-finite or out-of-range values (a negative softcap, a
    theta <= 0 other than 0) give SELFATTN_ERR_INVALID and change nothing; 0 restores the default.
@@ -272,14 +311,14 @@ SELFATTN_API selfattn_status selfattn_attend(const selfattn_layer *layer, int32_
 /* Opaque: keys and values (after bias and RoPE) of n_seqs sequences for one causal layer, so that
    generation runs each new token against every earlier position without recomputing them.
    Memory, allocated once at create: n_seqs * capacity * n_kv_heads * head_dim * 2 (K and V)
-   * 4 bytes, twice that with SELFATTN_OPT_WINDOW set (a window's cache is a ring whose rows are
+   * 4 bytes (2 bytes with a half-precision KV_DTYPE, recorded at create), twice that with SELFATTN_OPT_WINDOW set (a window's cache is a ring whose rows are
    stored twice, so that any run of positions is contiguous). A cache is used by one call at a
    time; distinct caches of one layer may run concurrently (each with the layer, which they only
    read). */
 typedef struct selfattn_cache selfattn_cache;
 
 /* A cache for n_seqs sequences (>= 1) of up to capacity positions (>= 1) each, bound to layer,
-   which must outlive it. The layer's WINDOW, ROPE, ROPE_DIMS, ROPE_THETA, N_KV_HEADS and HEAD_DIM
+   which must outlive it. The layer's WINDOW, ROPE, ROPE_DIMS, ROPE_THETA, N_KV_HEADS, HEAD_DIM and KV_DTYPE
    are recorded: a later change makes selfattn_forward_cached answer SELFATTN_ERR_STATE. On success
    *out owns the cache (selfattn_cache_destroy); on failure *out is unchanged.
    Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (n_seqs or capacity < 1), SELFATTN_ERR_STATE
@@ -321,7 +360,7 @@ SELFATTN_API selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t 
    n_new[s] outside [0, max_new]; without a window, a sequence that would pass capacity; with
    window w, min(L, w - 1) + n_new[s] > capacity for a sequence of length L),
    SELFATTN_ERR_STATE (the layer is not causal, lacks a required weight, or changed WINDOW, ROPE,
-   ROPE_DIMS, ROPE_THETA, N_KV_HEADS or HEAD_DIM since the cache was created),
+   ROPE_DIMS, ROPE_THETA, N_KV_HEADS, HEAD_DIM or KV_DTYPE since the cache was created),
    SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM. Any failure leaves the cache and y exactly as they
    were. One call at a time per cache. */
 SELFATTN_API selfattn_status selfattn_forward_cached(const selfattn_layer *layer,

@@ -4,6 +4,7 @@
 #define SELFATTN_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define SA_HIDDEN __attribute__((visibility("hidden")))
 
@@ -76,6 +77,46 @@ SA_HIDDEN float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
 SA_HIDDEN float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total,
                                               float scale, float *max_out);
+#endif
+
+
+/* ---- 16-bit storage (f16: IEEE binary16; bf16: bfloat16) ---- */
+/* Array conversions, round to nearest with ties to even (half-scalar.h is the reference, bit for
+   bit): to float32 exact; from float32, values past the 16-bit range become +-inf, NaN stays a
+   quiet NaN. */
+typedef void (*sa_x16_to_f32_fn)(const uint16_t *src, float *dst, size_t n);
+typedef void (*sa_f32_to_x16_fn)(const float *src, uint16_t *dst, size_t n);
+/* The small-M products with K (qkt) or V (pv) stored in 16 bits, converted as they stream in;
+   the contract of sa_f32_qkt_fn / sa_f32_pv_fn otherwise (ldk, ldv in elements). */
+typedef void (*sa_x16_qkt_fn)(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                              const uint16_t *k, size_t ldk, float *s, size_t lds);
+typedef void (*sa_x16_pv_fn)(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                             const uint16_t *v, size_t ldv, float *o, size_t ldo);
+SA_HIDDEN void sa_f16_to_f32_scalar(const uint16_t *src, float *dst, size_t n);
+SA_HIDDEN void sa_bf16_to_f32_scalar(const uint16_t *src, float *dst, size_t n);
+SA_HIDDEN void sa_f32_to_f16_scalar(const float *src, uint16_t *dst, size_t n);
+SA_HIDDEN void sa_f32_to_bf16_scalar(const float *src, uint16_t *dst, size_t n);
+SA_HIDDEN void sa_f16_qkt_scalar_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                    const uint16_t *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_bf16_qkt_scalar_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                     const uint16_t *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_f16_pv_scalar_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                   const uint16_t *v, size_t ldv, float *o, size_t ldo);
+SA_HIDDEN void sa_bf16_pv_scalar_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                    const uint16_t *v, size_t ldv, float *o, size_t ldo);
+#ifdef SELFATTN_HAVE_AVX2_KERNELS
+SA_HIDDEN void sa_f16_to_f32_avx2(const uint16_t *src, float *dst, size_t n);
+SA_HIDDEN void sa_bf16_to_f32_avx2(const uint16_t *src, float *dst, size_t n);
+SA_HIDDEN void sa_f32_to_f16_avx2(const float *src, uint16_t *dst, size_t n);
+SA_HIDDEN void sa_f32_to_bf16_avx2(const float *src, uint16_t *dst, size_t n);
+SA_HIDDEN void sa_f16_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                  const uint16_t *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_bf16_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                   const uint16_t *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_f16_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                 const uint16_t *v, size_t ldv, float *o, size_t ldo);
+SA_HIDDEN void sa_bf16_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                  const uint16_t *v, size_t ldv, float *o, size_t ldo);
 #endif
 
 #endif /* SELFATTN_KERNELS_H */
