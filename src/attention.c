@@ -26,13 +26,25 @@ double sa_alibi_slope(int32_t h, int32_t n)
     return exp2(-8.0 * (2 * (h - closest) + 1) / (2.0 * closest));
 }
 
-/* Row j of K/V head g of sequence b (strides 0: the default interleaved layout). */
-static const float *sa_attn_kv(const sa_attn *a, const float *base, size_t ld, size_t bs, size_t hs,
-                               int32_t b, int32_t g, int32_t j)
+/* Element offset of row j of K/V head g of sequence b (strides 0: the default interleaved
+   layout). */
+static size_t sa_attn_kv_at(const sa_attn *a, size_t ld, size_t bs, size_t hs, int32_t b,
+                            int32_t g, int32_t j)
 {
     bs = bs != 0 ? bs : (size_t)a->kv_len * ld;
     hs = hs != 0 ? hs : (size_t)a->head_dim;
-    return base + (size_t)b * bs + (size_t)g * hs + (size_t)j * ld;
+    return (size_t)b * bs + (size_t)g * hs + (size_t)j * ld;
+}
+
+/* 16-bit K or V rows [0, n) at x (row stride ld) as float32 rows of head_dim into conv. */
+static const float *sa_attn_widen(const sa_attn *a, const uint16_t *x, size_t ld, int32_t n,
+                                  float *conv)
+{
+    const sa_x16_to_f32_fn to_f32 = sa_kernels_get()->to_f32[a->kv_dtype - 1];
+    const size_t hd = (size_t)a->head_dim;
+    for (int32_t j = 0; j < n; j++)
+        to_f32(x + (size_t)j * ld, conv + (size_t)j * hd, hd);
+    return conv;
 }
 
 /* The keys [*lo, *hi) that query row i sees in a sequence of len keys (empty: *lo == *hi). */
@@ -87,6 +99,11 @@ selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
         !sa_add_size(per, SA_ALIGN_FLOATS - 1, &per))
         return SELFATTN_ERR_OVERFLOW;
     p->floats_per_worker = per / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
+    p->kv_conv = p->floats_per_worker;
+    if (a->kv_dtype != SELFATTN_DTYPE_F32 &&
+        (!sa_mul_size(p->ld_s, (size_t)a->head_dim, &per) ||
+         !sa_add_size(p->floats_per_worker, per, &p->floats_per_worker)))
+        return SELFATTN_ERR_OVERFLOW;
     const int64_t tasks =
         (int64_t)a->batch * (p->stacked ? a->n_heads / a->group : a->n_heads) * p->n_blocks;
     if (p->ld_s > INT32_MAX || tasks > INT32_MAX)
@@ -163,18 +180,30 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
     const int32_t hd = a->head_dim, len = sa_attn_kv_length(a, b), khi = klo + nk;
     const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
-    const float *kh = sa_attn_kv(a, a->k, a->ldk, a->k_bs, a->k_hs, b, h / a->group, klo);
-    if (mb <= SA_ROWS_MAX) /* few rows (decoding): stream K once; sgemm would pack it first.
-                              Stacked rows are the group's heads, hd apart. */
-        sa_kernels_get()->qkt((size_t)mb, (size_t)nk, (size_t)hd, qb,
-                              p->stacked ? (size_t)hd : a->ldq, kh, a->ldk, s, p->ld_s);
-    else if (p->stacked) /* rows are the group's heads, hd apart: S^T = K Q_g^T, K as the A
-                            operand, which BLAS packs a panel at a time as it streams it */
-        cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, nk, mb, hd, 1.0f, kh, (int)a->ldk, qb,
-                    hd, 0.0f, s, (int)p->ld_s);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq, kh,
-                    (int)a->ldk, 0.0f, s, (int)p->ld_s);
+    const size_t k_at = sa_attn_kv_at(a, a->ldk, a->k_bs, a->k_hs, b, h / a->group, klo);
+    const size_t ldq = p->stacked ? (size_t)hd : a->ldq; /* stacked rows: the group's heads */
+    const float *kh = a->k != NULL ? a->k + k_at : NULL;
+    size_t ldk = a->ldk;
+    if (mb <= SA_ROWS_MAX) { /* few rows (decoding): stream K once; sgemm would pack it first */
+        if (a->kv_dtype != SELFATTN_DTYPE_F32)
+            sa_kernels_get()->qkt_x16[a->kv_dtype - 1]((size_t)mb, (size_t)nk, (size_t)hd, qb, ldq,
+                                                       a->k16 + k_at, ldk, s, p->ld_s);
+        else
+            sa_kernels_get()->qkt((size_t)mb, (size_t)nk, (size_t)hd, qb, ldq, kh, ldk, s,
+                                  p->ld_s);
+    } else {
+        if (a->kv_dtype != SELFATTN_DTYPE_F32) { /* the block's keys in float32, then sgemm */
+            kh = sa_attn_widen(a, a->k16 + k_at, ldk, nk, s + p->kv_conv);
+            ldk = (size_t)hd;
+        }
+        if (p->stacked) /* S^T = K Q_g^T, K as the A operand, which BLAS packs a panel at a
+                           time as it streams it */
+            cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, nk, mb, hd, 1.0f, kh, (int)ldk,
+                        qb, hd, 0.0f, s, (int)p->ld_s);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb,
+                        (int)a->ldq, kh, (int)ldk, 0.0f, s, (int)p->ld_s);
+    }
     if (a->softcap <= 0.0f)
         dcap = NULL;
 
@@ -315,15 +344,23 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
     }
 }
 
-void sa_attn_pv(const sa_attn *a, int32_t mb, int32_t nk, const float *s, size_t ld_s,
-                const float *vh, const float *inv, float *ob, size_t ldo)
+void sa_attn_pv(const sa_attn *a, int32_t b, int32_t g, int32_t klo, int32_t mb, int32_t nk,
+                const float *s, size_t ld_s, const float *inv, float *ob, size_t ldo, float *conv)
 {
     const int32_t hd = a->head_dim;
-    if (mb <= SA_ROWS_MAX) /* few rows: stream V once */
-        sa_kernels_get()->pv((size_t)mb, (size_t)nk, (size_t)hd, s, ld_s, vh, a->ldv, ob, ldo);
+    const size_t v_at = sa_attn_kv_at(a, a->ldv, a->v_bs, a->v_hs, b, g, klo);
+    if (mb <= SA_ROWS_MAX && a->kv_dtype != SELFATTN_DTYPE_F32) /* few rows: stream V once */
+        sa_kernels_get()->pv_x16[a->kv_dtype - 1]((size_t)mb, (size_t)nk, (size_t)hd, s, ld_s,
+                                                  a->v16 + v_at, a->ldv, ob, ldo);
+    else if (mb <= SA_ROWS_MAX)
+        sa_kernels_get()->pv((size_t)mb, (size_t)nk, (size_t)hd, s, ld_s, a->v + v_at, a->ldv, ob,
+                             ldo);
+    else if (a->kv_dtype != SELFATTN_DTYPE_F32)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)ld_s,
+                    sa_attn_widen(a, a->v16 + v_at, a->ldv, nk, conv), hd, 0.0f, ob, (int)ldo);
     else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)ld_s, vh,
-                    (int)a->ldv, 0.0f, ob, (int)ldo);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)ld_s,
+                    a->v + v_at, (int)a->ldv, 0.0f, ob, (int)ldo);
     for (int32_t r = 0; r < mb; r++) {
         float *o = ob + (size_t)r * ldo;
         const float f = inv[r];
@@ -378,8 +415,7 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
             memset(w + klo + nk, 0, (size_t)(a->kv_len - klo - nk) * sizeof(float));
         }
     }
-    const float *vh = sa_attn_kv(a, a->v, a->ldv, a->v_bs, a->v_hs, b, h / a->group, klo);
-    sa_attn_pv(a, mb, nk, s, p->ld_s, vh, inv, ob, ldo);
+    sa_attn_pv(a, b, h / a->group, klo, mb, nk, s, p->ld_s, inv, ob, ldo, s + p->kv_conv);
 }
 
 static void sa_attn_task(void *arg, int worker, int task)

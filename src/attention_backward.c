@@ -143,7 +143,7 @@ static void bw_pass_a(void *arg, int worker, int task)
     const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + kvh;
     const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + kvh;
     if (ob != NULL) /* O: the layer's dW_O needs it */
-        sa_attn_pv(a, mb, nk, s, p->ld_s, vh, inv, ob, a->ldo);
+        sa_attn_pv(a, b, h / a->group, klo, mb, nk, s, p->ld_s, inv, ob, a->ldo, NULL);
     for (int32_t r = 0; r < mb; r++)
         lse_out[r] = lse[r];
     if (dob == NULL)

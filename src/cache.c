@@ -21,13 +21,14 @@ struct selfattn_cache {
     const selfattn_layer *layer;
     int32_t n_seqs, capacity;
     /* the layer's settings at create */
-    int32_t window, rope, rope_dims, n_kv_heads, head_dim;
+    int32_t window, rope, rope_dims, n_kv_heads, head_dim, kv_dtype;
     double rope_theta;
+    size_t elem;   /* bytes of a stored element: 4, or 2 for F16 and BF16 */
     size_t width;  /* n_kv_heads * head_dim */
     size_t rows;   /* rows per sequence: capacity, or 2 * capacity for a ring */
     int64_t *len;  /* [n_seqs] positions processed */
     int64_t *kept; /* [n_seqs] the first position still stored (a ring overwrites older ones) */
-    float *k, *v;  /* [n_seqs][n_kv_heads][rows][head_dim] */
+    void *k, *v;   /* [n_seqs][n_kv_heads][rows][head_dim] of kv_dtype */
 };
 
 selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs, int32_t capacity,
@@ -42,7 +43,8 @@ selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seq
     SA_CHECK(sa_mul_size(rows, width, &per_seq) && per_seq <= INT32_MAX &&
                  sa_array_bytes((size_t)n_seqs, per_seq) != 0,
              SELFATTN_ERR_OVERFLOW);
-    const size_t bytes = sa_array_bytes((size_t)n_seqs, per_seq);
+    const size_t elem = layer->kv_dtype == SELFATTN_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    const size_t bytes = sa_array_bytes((size_t)n_seqs, per_seq) / sizeof(float) * elem;
 
     selfattn_cache *c = sa_calloc(1, sizeof *c);
     SA_CHECK(c != NULL, SELFATTN_ERR_NOMEM);
@@ -63,6 +65,8 @@ selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seq
     c->rope_theta = layer->rope_theta;
     c->n_kv_heads = layer->n_kv_heads;
     c->head_dim = layer->head_dim;
+    c->kv_dtype = layer->kv_dtype;
+    c->elem = elem;
     c->width = width;
     c->rows = rows;
     *out = c;
@@ -129,12 +133,13 @@ selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t src_seq, int3
     const size_t hd = (size_t)cache->head_dim, head = cache->rows * hd;
     /* only the rows in use: a short prompt in a large cache copies little */
     const int64_t used = cache->window > 0 ? (int64_t)cache->rows : cache->len[src_seq];
-    const size_t n = (size_t)used * hd * sizeof(float);
+    const size_t n = (size_t)used * hd * cache->elem;
+    char *k = cache->k, *v = cache->v;
     for (int32_t g = 0; g < cache->n_kv_heads; g++) {
-        const size_t src = ((size_t)src_seq * cache->n_kv_heads + g) * head;
-        const size_t dst = ((size_t)dst_seq * cache->n_kv_heads + g) * head;
-        memcpy(cache->k + dst, cache->k + src, n);
-        memcpy(cache->v + dst, cache->v + src, n);
+        const size_t src = ((size_t)src_seq * cache->n_kv_heads + g) * head * cache->elem;
+        const size_t dst = ((size_t)dst_seq * cache->n_kv_heads + g) * head * cache->elem;
+        memcpy(k + dst, k + src, n);
+        memcpy(v + dst, v + src, n);
     }
     cache->len[dst_seq] = cache->len[src_seq];
     cache->kept[dst_seq] = cache->kept[src_seq];
@@ -151,16 +156,26 @@ static size_t sa_cache_at(const selfattn_cache *c, int32_t s, size_t slot)
    sequence s (twice in a ring). */
 static void sa_cache_store(selfattn_cache *c, int32_t s, int64_t p, const float *k, const float *v)
 {
-    const size_t hd = (size_t)c->head_dim, bytes = hd * sizeof(float), head = c->rows * hd;
+    const size_t hd = (size_t)c->head_dim, head = c->rows * hd;
     const size_t slot = c->window > 0 ? (size_t)(p % c->capacity) : (size_t)p;
     const int copies = c->window > 0 ? 2 : 1;
+    /* 16 bits: rounded to nearest even; a value past the range becomes +-inf (it reaches only
+       its own sequence) */
+    const sa_f32_to_x16_fn narrow =
+        c->kv_dtype != SELFATTN_DTYPE_F32 ? sa_kernels_get()->from_f32[c->kv_dtype - 1] : NULL;
     if (c->window > 0 && p - c->capacity + 1 > c->kept[s])
         c->kept[s] = p - c->capacity + 1;
     for (int copy = 0; copy < copies; copy++) {
         const size_t at = sa_cache_at(c, s, slot + (size_t)copy * (size_t)c->capacity);
         for (int32_t g = 0; g < c->n_kv_heads; g++) {
-            memcpy(c->k + at + (size_t)g * head, k + (size_t)g * hd, bytes);
-            memcpy(c->v + at + (size_t)g * head, v + (size_t)g * hd, bytes);
+            const size_t to = at + (size_t)g * head;
+            if (narrow != NULL) {
+                narrow(k + (size_t)g * hd, (uint16_t *)c->k + to, hd);
+                narrow(v + (size_t)g * hd, (uint16_t *)c->v + to, hd);
+            } else {
+                memcpy((float *)c->k + to, k + (size_t)g * hd, hd * sizeof(float));
+                memcpy((float *)c->v + to, v + (size_t)g * hd, hd * sizeof(float));
+            }
         }
     }
 }
@@ -196,7 +211,8 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     SA_CHECK(layer->causal, SELFATTN_ERR_STATE);
     SA_CHECK(layer->window == cache->window && layer->rope == cache->rope &&
                  layer->rope_dims == cache->rope_dims && layer->rope_theta == cache->rope_theta &&
-                 layer->n_kv_heads == cache->n_kv_heads && layer->head_dim == cache->head_dim,
+                 layer->n_kv_heads == cache->n_kv_heads && layer->head_dim == cache->head_dim &&
+                 layer->kv_dtype == cache->kv_dtype,
              SELFATTN_ERR_STATE);
     const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (layer->out_proj ? SA_HAVE_O : 0u);
     SA_CHECK((layer->have & need) == need, SELFATTN_ERR_STATE);
@@ -230,6 +246,7 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
         sa_attn_plan ap;
         sa_attn_from_layer(&a, layer, 1, n, (int32_t)keys, NULL);
         a.stack_heads = 1;
+        a.kv_dtype = cache->kv_dtype;
         const selfattn_status st = sa_attn_plan_make(&a, &ap);
         SA_CHECK(st == SELFATTN_OK, st);
         if (ap.floats_per_worker > p->per_worker)
@@ -285,8 +302,15 @@ static int sa_cached_describe(const selfattn_layer *layer, selfattn_cache *cache
         a->stack_heads = 1;
         a->q = qkv + (size_t)s * max_new * nqkv;
         a->ldq = nqkv;
-        a->k = cache->k + sa_cache_row(cache, s, lo);
-        a->v = cache->v + sa_cache_row(cache, s, lo);
+        const size_t row = sa_cache_row(cache, s, lo);
+        if (cache->kv_dtype != SELFATTN_DTYPE_F32) {
+            a->kv_dtype = cache->kv_dtype;
+            a->k16 = (const uint16_t *)cache->k + row;
+            a->v16 = (const uint16_t *)cache->v + row;
+        } else {
+            a->k = (const float *)cache->k + row;
+            a->v = (const float *)cache->v + row;
+        }
         a->ldk = a->ldv = (size_t)cache->head_dim;
         a->k_hs = a->v_hs = cache->rows * (size_t)cache->head_dim; /* head-major */
         a->k_bs = a->v_bs = nkv * cache->rows;

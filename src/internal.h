@@ -226,6 +226,10 @@ typedef struct sa_attn {
     float *lse;
     /* with q_len 1, a task may take every query head of a K/V group (forward, attend, cache) */
     int stack_heads;
+    /* K and V stored in 16 bits (the cache's KV_DTYPE): kv_dtype F16 or BF16, k16 and v16 in
+       the layout above instead of k and v (the forward core only) */
+    int kv_dtype;
+    const uint16_t *k16, *v16;
 } sa_attn;
 
 /* How the core blocks a call: query blocks, the score block's row stride, and the scratch each
@@ -235,18 +239,22 @@ typedef struct sa_attn_plan {
     size_t ld_s;              /* row stride of a score block */
     int stacked;              /* rows of a task are the query heads of a group (see sa_attn) */
     int32_t rows;             /* rows of a task's score block: block, or the group when stacked */
-    size_t floats_per_worker; /* rows * ld_s + 2 * rows, rounded up to a multiple of 16 */
+    size_t floats_per_worker; /* rows * ld_s + 2 * rows, rounded up to a multiple of 16, and
+                                 with 16-bit K/V a block of ld_s x head_dim floats at kv_conv */
+    size_t kv_conv;
     int n_tasks;
 } sa_attn_plan;
 SA_HIDDEN selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p);
 /* Runs the attention with `workers` workers and scratch of workers * floats_per_worker floats.
    Writes out rows (all but padding rows), weights and lse when asked. */
 SA_HIDDEN void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch);
-/* O = P V for rows of probabilities s (row stride ld_s, unnormalised) over nk keys from vh (row
-   stride a->ldv), each output row scaled by inv[r] = 1 / sum, and zeros for a row that sees no
-   key (inv 0) even where V holds a NaN: ob [mb][head_dim], row stride ldo. */
-SA_HIDDEN void sa_attn_pv(const sa_attn *a, int32_t mb, int32_t nk, const float *s, size_t ld_s,
-                          const float *vh, const float *inv, float *ob, size_t ldo);
+/* O = P V for rows of probabilities s (row stride ld_s, unnormalised) over the keys
+   [klo, klo + nk) of K/V head g of sequence b, each output row scaled by inv[r] = 1 / sum, and
+   zeros for a row that sees no key (inv 0) even where V holds a NaN: ob [mb][head_dim], row
+   stride ldo. conv: the plan's kv_conv block, for 16-bit V. */
+SA_HIDDEN void sa_attn_pv(const sa_attn *a, int32_t b, int32_t g, int32_t klo, int32_t mb,
+                          int32_t nk, const float *s, size_t ld_s, const float *inv, float *ob,
+                          size_t ldo, float *conv);
 /* The keys a block of rows [i0, i0 + mb) of sequence b can see: returns their count (0: none)
    and the first in *klo. */
 SA_HIDDEN int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb,

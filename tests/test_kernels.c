@@ -10,6 +10,7 @@
  * The elementwise bound is restricted because an exp argument t = x * scale - max of magnitude
  * |t| carries a float32 rounding error of up to |t| * 2^-24, i.e. a relative error of up to
  * |t| * 6e-8 in e^t: below 1e-6 of the maximum (|t| > 13.8) that alone may exceed 1e-6. */
+#include <float.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -280,6 +281,116 @@ static void test_dispatch(void **state)
     printf("  in use: %s\n", selfattn_kernel_name());
 }
 
+/* 16-bit storage kernels of one ISA: conversions against the test's own rounding (computed in
+   double from the formats' widths) on special values, ties, subnormals and random bit patterns,
+   and bit for bit against the scalar reference (NaN included); the small-M products over
+   16-bit K and V against float64 on the widened values. */
+static uint32_t bits_of(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    return x;
+}
+
+static float float_of(uint32_t x)
+{
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+static void test_x16_kernels(void **state)
+{
+    const sa_isa isa = (sa_isa)(intptr_t)*state;
+    const sa_kernels *k = sa_kernels_for_isa(isa), *ref = sa_kernels_for_isa(SA_ISA_SCALAR);
+    if (k == NULL)
+        skip();
+    enum { N = 4099 };
+    float *src = malloc(N * sizeof(float)), *back = malloc(N * sizeof(float));
+    float *back_ref = malloc(N * sizeof(float));
+    uint16_t *h = malloc(N * sizeof(uint16_t)), *h_ref = malloc(N * sizeof(uint16_t));
+    const float special[] = {0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, 65519.99f, 65520.0f, -65520.0f,
+                             1e5f, 5.9604645e-8f /* 2^-24 */, 2.9802322e-8f /* 2^-25: tie */,
+                             8.940697e-8f /* 3 2^-25: tie to 2^-23 */, 6.1035156e-5f /* 2^-14 */,
+                             1.0f + 4.8828125e-4f /* 1 + 2^-11: f16 tie */,
+                             1.0f + 3.0f * 4.8828125e-4f, 1.0f + 3.90625e-3f /* 1 + 2^-8 */,
+                             1.0f + 3.0f * 3.90625e-3f, FLT_MAX, -FLT_MAX, 1e-40f, -1e-45f,
+                             INFINITY, -INFINITY, NAN, float_of(0x7F7F8000u), float_of(0x7F7F7FFFu),
+                             float_of(0x7F800001u) /* signalling NaN */, float_of(0xFFC12345u)};
+    const size_t n_special = sizeof special / sizeof special[0];
+    tu_rng r = {5 + (uint64_t)isa};
+    for (size_t i = 0; i < N; i++) {
+        if (i < n_special)
+            src[i] = special[i];
+        else if (i % 2) /* any bit pattern */
+            src[i] = float_of((uint32_t)(tu_uniform(&r) * 4294967296.0));
+        else /* the range weights and activations live in */
+            src[i] = (float)((tu_uniform(&r) - 0.5) * ldexp(1.0, (int)(tu_uniform(&r) * 40) - 20));
+    }
+    for (int t = 0; t < 2; t++) { /* 0: f16, 1: bf16 */
+        k->from_f32[t](src, h, N);
+        ref->from_f32[t](src, h_ref, N);
+        k->to_f32[t](h, back, N);
+        ref->to_f32[t](h, back_ref, N);
+        for (size_t i = 0; i < N; i++) {
+            assert_int_equal(h[i], h_ref[i]);
+            assert_int_equal(bits_of(back[i]), bits_of(back_ref[i]));
+            const float want = t == 0 ? tu_round_f16(src[i]) : tu_round_bf16(src[i]);
+            if (isnan(want))
+                assert_true(isnan(back[i]));
+            else if (bits_of(back[i]) != bits_of(want)) {
+                print_error("%s of %a (bits %08x): %a, want %a\n", t ? "bf16" : "f16",
+                            (double)src[i], bits_of(src[i]), (double)back[i], (double)want);
+                fail();
+            }
+        }
+    }
+    free(src);
+    free(back);
+    free(back_ref);
+    free(h);
+    free(h_ref);
+
+    /* products over 16-bit K and V: 1..8 rows, lengths around the vector widths */
+    static const size_t ns[] = {1, 7, 8, 9, 16, 17, 64, 100, 257};
+    for (int t = 0; t < 2; t++)
+        for (size_t m = 1; m <= SA_ROWS_MAX; m++)
+            for (size_t in = 0; in < sizeof ns / sizeof ns[0]; in++) {
+                const size_t n = ns[in], d = ns[(in * 3 + m) % 9], ldq = d + 3, ldk = d + 5;
+                const size_t lds = n + 2;
+                float *q = tu_random(&r, m * ldq, -1, 1), *kf = tu_random(&r, n * ldk, -2, 2);
+                float *sc = tu_random(&r, m * lds, -1, 1), *o = tu_random(&r, m * ldq, -1, 1);
+                uint16_t *kh = malloc(n * ldk * sizeof(uint16_t));
+                ref->from_f32[t](kf, kh, n * ldk);
+                ref->to_f32[t](kh, kf, n * ldk); /* kf: the widened stored values */
+                k->qkt_x16[t](m, n, d, q, ldq, kh, ldk, sc, lds);
+                k->pv_x16[t](m, n, d, sc, lds, kh, ldk, o, ldq);
+                for (size_t i = 0; i < m; i++) {
+                    for (size_t j = 0; j < n; j++) {
+                        double want = 0, mag = 0;
+                        for (size_t c = 0; c < d; c++) {
+                            want += (double)q[i * ldq + c] * kf[j * ldk + c];
+                            mag += fabs((double)q[i * ldq + c] * kf[j * ldk + c]);
+                        }
+                        assert_true(fabs(sc[i * lds + j] - want) <= 1e-5 * mag + 1e-30);
+                    }
+                    for (size_t c = 0; c < d; c++) {
+                        double want = 0, mag = 0;
+                        for (size_t j = 0; j < n; j++) {
+                            want += (double)sc[i * lds + j] * kf[j * ldk + c];
+                            mag += fabs((double)sc[i * lds + j] * kf[j * ldk + c]);
+                        }
+                        assert_true(fabs(o[i * ldq + c] - want) <= 1e-5 * mag + 1e-30);
+                    }
+                }
+                free(q);
+                free(kf);
+                free(sc);
+                free(o);
+                free(kh);
+            }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -289,6 +400,8 @@ int main(void)
         cmocka_unit_test_setup(test_row_kernels, setup_scalar),
         cmocka_unit_test_setup(test_row_kernels, setup_avx2),
         cmocka_unit_test_setup(test_row_kernels, setup_avx512),
+        cmocka_unit_test_setup(test_x16_kernels, setup_scalar),
+        cmocka_unit_test_setup(test_x16_kernels, setup_avx2),
         cmocka_unit_test(test_dispatch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

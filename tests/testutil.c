@@ -14,6 +14,42 @@ double tu_uniform(tu_rng *r)
     return (double)(z >> 11) * (1.0 / 9007199254740992.0);
 }
 
+/* x rounded to sig significant bits, numbers below 2^min_exp on the fixed quantum of the
+   subnormals, magnitudes past max_finite to infinity. */
+static double tu_round_sig(double x, int sig, int min_exp, double max_finite)
+{
+    if (x == 0.0 || !isfinite(x))
+        return x;
+    int e;
+    frexp(x, &e); /* x = m 2^e, 1/2 <= |m| < 1 */
+    int q = e - sig;
+    if (e - 1 < min_exp)
+        q = min_exp - (sig - 1);
+    const double r = ldexp(nearbyint(ldexp(x, -q)), q);
+    return fabs(r) > max_finite ? copysign(INFINITY, x) : r;
+}
+
+float tu_round_f16(float f)
+{
+    return (float)tu_round_sig(f, 11, -14, 65504.0);
+}
+
+float tu_round_bf16(float f)
+{
+    return (float)tu_round_sig(f, 8, -126, ldexp(255.0, 120));
+}
+
+float tu_round(int dtype, float f)
+{
+    return dtype == 1 ? tu_round_f16(f) : dtype == 2 ? tu_round_bf16(f) : f;
+}
+
+void tu_round_all(int dtype, float *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = tu_round(dtype, p[i]);
+}
+
 void tu_fill(tu_rng *r, float *p, size_t n, float lo, float hi)
 {
     for (size_t i = 0; i < n; i++)

@@ -17,6 +17,15 @@ double tu_uniform(tu_rng *r); /* [0, 1) */
 void tu_fill(tu_rng *r, float *p, size_t n, float lo, float hi);
 float *tu_random(tu_rng *r, size_t n, float lo, float hi); /* malloc'd */
 
+/* f rounded to IEEE binary16 / bfloat16, ties to even, as a float (+-inf past the range, NaN
+   kept): computed in double from the formats' significand widths, independently of the
+   library's bit-level conversions. */
+float tu_round_f16(float f);
+float tu_round_bf16(float f);
+/* The same for a dtype (0 F32: f itself, 1 F16, 2 BF16), and every element of an array. */
+float tu_round(int dtype, float f);
+void tu_round_all(int dtype, float *p, size_t n);
+
 /* What a test layer looks like. head_dim 0 = default. */
 typedef struct tu_spec {
     int d_model, n_heads, n_kv_heads, head_dim;
