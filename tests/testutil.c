@@ -65,6 +65,12 @@ float *tu_random(tu_rng *r, size_t n, float lo, float hi)
 
 selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *t)
 {
+    return tu_layer_make_typed(s, seed, 0, t);
+}
+
+selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_dtype,
+                                    tu_layer *t)
+{
     memset(t, 0, sizeof *t);
     tu_rng rng = {seed};
     selfattn_status st = selfattn_layer_create(s->d_model, s->n_heads, &t->layer);
@@ -83,6 +89,9 @@ selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *t)
     if ((st = selfattn_layer_set(t->layer, SELFATTN_OPT_THREADS, s->threads)))
         return st;
     if ((st = selfattn_layer_set_scale(t->layer, s->scale)))
+        return st;
+    if (weight_dtype &&
+        (st = selfattn_layer_set(t->layer, SELFATTN_OPT_WEIGHT_DTYPE, weight_dtype)))
         return st;
 
     const size_t dm = (size_t)s->d_model, nq = (size_t)s->n_heads * hd, nkv = (size_t)nkvh * hd;
@@ -126,6 +135,10 @@ selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *t)
             return st;
     }
 
+    /* the library stores the weights rounded: so does the reference */
+    for (int i = 0; i < 4; i++)
+        if (t->w[i] != NULL)
+            tu_round_all(weight_dtype, t->w[i], sizes[i]);
     ref_layer *r = &t->ref;
     r->d_model = s->d_model;
     r->n_heads = s->n_heads;

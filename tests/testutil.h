@@ -42,6 +42,10 @@ typedef struct tu_layer {
 
 /* Builds both views of one random layer; returns the status of the first failing library call. */
 selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *out);
+/* The same with SELFATTN_OPT_WEIGHT_DTYPE set to weight_dtype (1.3; 0 F32) before the weights:
+   the reference's weights are rounded to it by the test's own rounding (biases stay float32). */
+selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_dtype,
+                                    tu_layer *out);
 void tu_layer_free(tu_layer *t);
 
 #endif
