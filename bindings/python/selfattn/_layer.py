@@ -63,12 +63,32 @@ def option_bounds(name):
     return lo.value, hi.value
 
 
+def _array(a, what):
+    """a as an ndarray of its own dtype (no copy for an ndarray or a CPU tensor): a tensor that
+    requires grad is detached first (PyTorch refuses .numpy() on it), and complex values are
+    refused (TypeError naming the dtype) rather than cast to float with the imaginary part lost."""
+    if type(a) is not np.ndarray:
+        if a is None:
+            raise TypeError("%s: an array is required, got None" % what)
+        if getattr(a, "requires_grad", False) and callable(getattr(a, "detach", None)):
+            a = a.detach()
+        try:
+            a = np.asarray(a)
+        except (TypeError, ValueError) as e:
+            raise TypeError("%s: cannot convert to a float32 array: %s" % (what, e)) from None
+    if a.dtype.kind == "c":
+        raise TypeError("%s: complex dtype %s is not supported (the layer is real: float32); pass "
+                        "the real part (a.real) explicitly if that is what you mean"
+                        % (what, a.dtype))
+    return a
+
+
 def _f32(a, what):
-    """a as a float32 C-contiguous ndarray: a itself when it already is one, else one copy."""
+    """a as a float32 C-contiguous ndarray: a itself when it already is one, else one copy
+    (after _array: a tensor that requires grad is detached, complex values are refused)."""
     if type(a) is np.ndarray and a.dtype is _F32 and a.flags.c_contiguous:
         return a
-    if a is None:
-        raise TypeError("%s: an array is required, got None" % what)
+    a = _array(a, what)
     try:
         return np.ascontiguousarray(a, dtype=_F32)
     except (TypeError, ValueError) as e:
@@ -124,7 +144,7 @@ def _bias_view(bias, full):
     """(array to keep alive, pointer, stride_batch, stride_head, stride_row) describing `bias`
     broadcast to full = (batch, n_heads, q_len, kv_len), strides in floats, 0 where broadcast.
     Copies only when the keys are not contiguous in memory (or dtype/sign of strides require)."""
-    b = np.asarray(bias)
+    b = _array(bias, "attn_bias")
     orig = b.shape
     if b.dtype == np.bool_:
         raise TypeError("attn_bias is additive (float): for a boolean mask pass "
