@@ -7,7 +7,7 @@ import weakref
 import numpy as np
 
 from . import _lib, _torch
-from ._errors import (Error, InvalidError, SizeOverflowError, error_for, unsupported)
+from ._errors import (Error, InvalidError, SizeOverflowError, StateError, error_for, unsupported)
 
 _C = _lib.lib
 _F32 = np.dtype(np.float32)
@@ -37,6 +37,9 @@ _WEIGHTS = {"w_q": _lib.W_Q, "w_k": _lib.W_K, "w_v": _lib.W_V, "w_o": _lib.W_O,
             "b_q": _lib.B_Q, "b_k": _lib.B_K, "b_v": _lib.B_V, "b_o": _lib.B_O,
             "w_qkv": _lib.W_QKV, "b_qkv": _lib.B_QKV}
 _GRAD_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+# the weights a call needs (selfattn.h, selfattn_forward: W_Q, W_K, W_V or W_QKV, and W_O with
+# the output projection on), as the parts each set_weight name provides; biases are optional
+_PROVIDES = {"w_q": "q", "w_k": "k", "w_v": "v", "w_qkv": "qkv", "w_o": "o"}
 
 
 def _check(status, function, detail=None):
@@ -228,6 +231,7 @@ class Layer(_Handle):
                  rope_theta=None, alibi=None, softcap=None):
         self._h = None
         self._caches = weakref.WeakSet()
+        self._have = set()        # "q", "k", "v", "o": the weights set through set_weight
         d_model = _int32(d_model, "d_model")
         n_heads = _int32(n_heads, "n_heads")
         out = ctypes.c_void_p()
@@ -375,6 +379,7 @@ class Layer(_Handle):
         _check(_C.selfattn_layer_set_weight(h, _WEIGHTS[name], a.ctypes.data, a.size),
                "selfattn_layer_set_weight", "%s with %d elements%s" % (
                    name, a.size, "" if shape is None else ", expected %s" % (shape,)))
+        self._have.update(_PROVIDES.get(name, ""))
 
     def set_weights(self, **weights):
         """set_weights(w_q=..., w_k=..., w_v=..., w_o=..., b_q=..., ..., w_qkv=..., b_qkv=...):
@@ -385,6 +390,42 @@ class Layer(_Handle):
         for name, value in weights.items():
             if value is not None:
                 self.set_weight(name, value)
+
+    def missing_weights(self):
+        """The weights a call still needs, as set_weight names (e.g. ["w_o"]): w_q, w_k, w_v
+        (or all three at once as w_qkv) and, with the output projection on, w_o. Counts what
+        was set through this object's set_weight (not through the raw C handle)."""
+        have = self._have
+        missing = [n for n in ("w_q", "w_k", "w_v") if n[-1] not in have]
+        if self.out_proj and "o" not in have:
+            missing.append("w_o")
+        return missing
+
+    def _state_detail(self):
+        """Why a whole-layer call (forward, backward, the cache) answered SELFATTN_ERR_STATE, as
+        far as the binding can tell: head_dim undetermined or the weights not set; None when
+        neither (then the caller's own reason applies)."""
+        if not self.head_dim:
+            return "head_dim undetermined: d_model not divisible by n_heads and head_dim unset"
+        missing = self.missing_weights()
+        if not missing:
+            return None
+        why = []
+        for n in missing:
+            if n == "w_o":
+                why.append("W_O is not set (needed with the output projection on; set_weight("
+                           "'w_o', ...), or Layer(..., out_proj=False) before any weight)")
+            else:
+                why.append("%s is not set (needed by every call; set_weight(%r, ...), or w_q, "
+                           "w_k and w_v at once as w_qkv)" % (n.upper(), n))
+        return "; ".join(why)
+
+    def _check_call(self, status, function, detail=None):
+        """_check for a whole-layer call: a STATE status names the missing weights."""
+        if status:
+            if status == _lib.ERR_STATE:
+                detail = self._state_detail() or detail
+            raise error_for(status, function, detail)
 
     @classmethod
     def from_torch(cls, module, **options):
@@ -417,11 +458,12 @@ class Layer(_Handle):
         if attn_bias is None and not return_weights and not return_lse:
             st = _C.selfattn_forward(h, batch, seq, x.ctypes.data, lp, y.ctypes.data)
             if st:
-                raise error_for(st, "selfattn_forward")
+                self._check_call(st, "selfattn_forward")
             return y
         ex, keep, extra = self._extras(batch, seq, seq, attn_bias, return_weights, return_lse, two)
-        _check(_C.selfattn_forward_ex(h, batch, seq, x.ctypes.data, lp, ctypes.addressof(ex),
-                                      y.ctypes.data), "selfattn_forward_ex")
+        self._check_call(_C.selfattn_forward_ex(h, batch, seq, x.ctypes.data, lp,
+                                                ctypes.addressof(ex), y.ctypes.data),
+                         "selfattn_forward_ex")
         return (y,) + extra if extra else y
 
     forward = __call__
@@ -535,7 +577,7 @@ class Layer(_Handle):
         compute only some (default all)."""
         h = self._handle()
         res, args, keep = self._grad_args(x, dy, lengths, wrt)
-        _check(_C.selfattn_backward(h, *args), "selfattn_backward")
+        self._check_call(_C.selfattn_backward(h, *args), "selfattn_backward")
         return res
 
     # ---- training with kept activations (1.2) --------------------------------------------------
@@ -559,8 +601,9 @@ class Layer(_Handle):
         x, batch, seq, _, lengths, lp = self._x_lengths(x, lengths)
         state = TrainState(self.train_state_size(batch, seq), batch, seq)
         y = np.empty(x.shape, _F32)
-        _check(_C.selfattn_forward_train(h, batch, seq, x.ctypes.data, lp, y.ctypes.data,
-                                         state._ptr, state._capacity), "selfattn_forward_train")
+        self._check_call(_C.selfattn_forward_train(h, batch, seq, x.ctypes.data, lp,
+                                                   y.ctypes.data, state._ptr, state._capacity),
+                         "selfattn_forward_train")
         return y, state
 
     def backward_train(self, x, dy, state, lengths=None, wrt=None):
@@ -582,7 +625,7 @@ class Layer(_Handle):
         res, args, keep = self._grad_args(x, dy, lengths, wrt)
         # the library checks the state's header (layer, batch, seq_len, lengths) before its size
         st = _C.selfattn_backward_train(h, *args, state._ptr, state._capacity)
-        _check(st, "selfattn_backward_train",
+        self._check_call(st, "selfattn_backward_train",
                "the state (batch=%d, seq_len=%d) was not made by forward_train on this layer with "
                "this batch, seq_len and lengths, or the layer changed since"
                % (state.batch, state.seq_len) if st == _lib.ERR_STATE else None)
@@ -656,14 +699,18 @@ class Cache(_Handle):
     """Key/value cache for incremental decoding (selfattn_cache, libselfattn 1.1).
 
     Cache(layer, n_seqs, capacity): room for n_seqs sequences of up to capacity positions each,
-    bound to layer (which must be causal to run; the cache keeps a reference to it, and
-    layer.close() closes the cache first). y = cache(x, n_new=None) runs the layer on new tokens,
-    x [n_seqs][max_new][d_model] (2-D [max_new][d_model] when n_seqs == 1). One call at a time
-    per cache; distinct caches of one layer may run concurrently."""
+    bound to layer (which must be causal: StateError otherwise; the cache keeps a reference to
+    it, and layer.close() closes the cache first). y = cache(x, n_new=None) runs the layer on new
+    tokens, x [n_seqs][max_new][d_model] (2-D [max_new][d_model] when n_seqs == 1). One call at a
+    time per cache; distinct caches of one layer may run concurrently."""
 
     def __init__(self, layer, n_seqs, capacity):
         self._h = None
         n_seqs, capacity = _int32(n_seqs, "n_seqs"), _int32(capacity, "capacity")
+        if not layer.causal:   # selfattn_forward_cached would refuse every call (ERR_STATE)
+            raise StateError(_lib.ERR_STATE, "selfattn.Cache",
+                             "the layer is not causal: a Cache needs a causal layer (Layer(..., "
+                             "causal=True) or layer.causal = True, i.e. SELFATTN_OPT_CAUSAL 1)")
         out = ctypes.c_void_p()
         _check(_C.selfattn_cache_create(layer._handle(), n_seqs, capacity, ctypes.byref(out)),
                "selfattn_cache_create", "n_seqs=%d, capacity=%d" % (n_seqs, capacity))
@@ -726,8 +773,18 @@ class Cache(_Handle):
             n_new = _int32_array(n_new, self._n_seqs, "n_new")
             np_ = n_new.ctypes.data
         y = _out_array(out, x.shape)
-        _check(_C.selfattn_forward_cached(self._layer._handle(), h, max_new, x.ctypes.data, np_,
-                                          y.ctypes.data), "selfattn_forward_cached")
+        layer = self._layer
+        st = _C.selfattn_forward_cached(layer._handle(), h, max_new, x.ctypes.data, np_,
+                                        y.ctypes.data)
+        if st == _lib.ERR_STATE and layer._state_detail() is None:
+            if not layer.causal:
+                detail = ("the layer is not causal (any more): a Cache needs a causal layer "
+                          "(layer.causal = True, i.e. SELFATTN_OPT_CAUSAL 1)")
+            else:
+                detail = ("the layer's window, rope, rope_dims, rope_theta, n_kv_heads or "
+                          "head_dim changed since the Cache was created")
+            raise error_for(st, "selfattn_forward_cached", detail)
+        layer._check_call(st, "selfattn_forward_cached")
         return y
 
     forward = __call__

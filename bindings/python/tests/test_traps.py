@@ -77,3 +77,83 @@ def test_complex_input_is_refused(rng, dtype):
         layer(x.real, attn_bias=np.zeros((1, 1, 3, 3), dtype))
     # the real part, asked for explicitly, works
     layer(x.real)
+
+
+# ---- a Cache on a non-causal layer fails at creation -------------------------------------------
+@needs("selfattn_cache_create")
+def test_cache_on_non_causal_layer_fails_at_creation(rng):
+    plain, _ = make_layer(rng, 16, 2)
+    with pytest.raises(StateError, match=r"not causal.*causal=True.*SELFATTN_OPT_CAUSAL 1") as e:
+        selfattn.Cache(plain, 1, 8)
+    assert e.value.status == selfattn._lib.ERR_STATE
+    assert not plain._caches
+    # turned off after creation: the call says why
+    layer, _ = make_layer(rng, 16, 2, causal=True)
+    cache = selfattn.Cache(layer, 1, 8)
+    layer.causal = False
+    with pytest.raises(StateError, match="not causal"):
+        cache(np.zeros((1, 1, 16), np.float32))
+    layer.causal = True
+    cache(np.zeros((1, 1, 16), np.float32))
+
+
+# ---- a missing weight is named -----------------------------------------------------------------
+def _x(rng, shape=(1, 3, 16)):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def test_missing_w_o_is_named(rng):
+    layer = selfattn.Layer(16, 2)
+    W = ref.random_weights(rng, 16, 2)
+    assert layer.missing_weights() == ["w_q", "w_k", "w_v", "w_o"]
+    layer.set_weights(w_q=W["w_q"], w_k=W["w_k"], w_v=W["w_v"])
+    assert layer.missing_weights() == ["w_o"]
+    x = _x(rng)
+    msg = r"W_O is not set \(needed with the output projection on"
+    with pytest.raises(StateError, match=msg) as e:
+        layer(x)
+    assert "W_Q" not in str(e.value) and e.value.function == "selfattn_forward"
+    with pytest.raises(StateError, match=msg):
+        layer.backward(x, x)
+    with pytest.raises(StateError, match=msg):
+        layer.forward_train(x)
+    layer.set_weight("w_o", W["w_o"])
+    assert layer.missing_weights() == []
+    layer(x)
+
+
+def test_missing_input_weights_are_named(rng):
+    layer = selfattn.Layer(16, 2, out_proj=False, causal=True)
+    W = ref.random_weights(rng, 16, 2, out_proj=False)
+    layer.set_weight("w_k", W["w_k"])
+    layer.set_weight("b_q", W["b_q"])                 # a bias is not the weight
+    x = _x(rng)
+    with pytest.raises(StateError) as e:
+        layer(x)
+    text = str(e.value)
+    assert "W_Q is not set" in text and "W_V is not set" in text
+    assert "W_K" not in text and "W_O" not in text    # set / not needed without out_proj
+    if selfattn.has("selfattn_forward_ex"):
+        with pytest.raises(StateError, match="W_Q is not set"):
+            layer(x, return_lse=True)
+    if selfattn.has("selfattn_cache_create"):
+        cache = selfattn.Cache(layer, 1, 4)
+        with pytest.raises(StateError, match="W_Q is not set"):
+            cache(x)
+    layer.set_weight("w_q", W["w_q"])
+    layer.set_weight("w_v", W["w_v"])
+    assert layer.missing_weights() == []
+    layer(x)
+
+
+def test_w_qkv_provides_q_k_v(rng):
+    layer = selfattn.Layer(16, 2, out_proj=False)
+    layer.set_weight("w_qkv", rng.standard_normal((48, 16)).astype(np.float32))
+    assert layer.missing_weights() == []
+    layer(_x(rng))
+
+
+def test_undetermined_head_dim_is_named():
+    layer = selfattn.Layer(10, 3)
+    with pytest.raises(StateError, match="head_dim undetermined"):
+        layer(np.zeros((1, 2, 10), np.float32))
