@@ -86,12 +86,15 @@ def _array(a, what):
     return a
 
 
-def _f32(a, what):
+def _f32(a, what, seq_first=False):
     """a as a float32 C-contiguous ndarray: a itself when it already is one, else one copy
-    (after _array: a tensor that requires grad is detached, complex values are refused)."""
-    if type(a) is np.ndarray and a.dtype is _F32 and a.flags.c_contiguous:
+    (after _array: a tensor that requires grad is detached, complex values are refused).
+    seq_first: a 3-D a is [seq][batch][...] and the result [batch][seq][...] (one copy)."""
+    if not seq_first and type(a) is np.ndarray and a.dtype is _F32 and a.flags.c_contiguous:
         return a
     a = _array(a, what)
+    if seq_first and a.ndim == 3:
+        a = a.swapaxes(0, 1)
     try:
         return np.ascontiguousarray(a, dtype=_F32)
     except (TypeError, ValueError) as e:
@@ -214,7 +217,7 @@ class Layer(_Handle):
 
     Layer(d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False, out_proj=True,
           threads=0, scale=None, window=None, rope=None, rope_dims=None, rope_theta=None,
-          alibi=None, softcap=None)
+          alibi=None, softcap=None, batch_first=True)
 
     None leaves an option at the library default.
 
@@ -222,14 +225,22 @@ class Layer(_Handle):
     [seq_len][d_model] x is one sequence, and y is 2-D then). Inputs that are not C-contiguous
     float32 numpy arrays are converted once (np.ascontiguousarray(x, dtype=np.float32), a copy).
 
+    batch_first=False (the binding's, not a C option; from_torch copies the module's): every
+    method taking the layer's input x (calling it, forward, backward, forward_train,
+    backward_train, Cache) takes and returns [seq_len][batch][d_model] instead, as
+    torch.nn.MultiheadAttention(batch_first=False) does; y and dx are then transposed views of
+    [batch][seq_len][d_model] arrays. lengths, attn_bias, the weights and lse keep batch first
+    (as PyTorch's key_padding_mask and weights), and so do attend and attend_backward.
+
     Threads: any number of Python threads may call the same layer at once (the GIL is released
     during the C call); setting options or weights, and close(), need exclusive access.
     """
 
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False,
                  out_proj=True, threads=0, scale=None, window=None, rope=None, rope_dims=None,
-                 rope_theta=None, alibi=None, softcap=None):
+                 rope_theta=None, alibi=None, softcap=None, batch_first=True):
         self._h = None
+        self._seq_first = batch_first is not None and not batch_first
         self._caches = weakref.WeakSet()
         self._have = set()        # "q", "k", "v", "o": the weights set through set_weight
         d_model = _int32(d_model, "d_model")
@@ -279,6 +290,12 @@ class Layer(_Handle):
     @property
     def d_model(self):
         return self._d_model
+
+    @property
+    def batch_first(self):
+        """False when x is [seq_len][batch][d_model] (Layer(..., batch_first=False), or
+        from_torch of a module with batch_first=False); fixed at creation."""
+        return not self._seq_first
 
     @property
     def n_heads(self):
@@ -347,8 +364,9 @@ class Layer(_Handle):
         if self._h is None:
             return "<selfattn.Layer (closed)>"
         return ("selfattn.Layer(d_model=%d, n_heads=%d, n_kv_heads=%d, head_dim=%d, causal=%s, "
-                "out_proj=%s)" % (self._d_model, self._n_heads, self.n_kv_heads, self.head_dim,
-                                  self.causal, self.out_proj))
+                "out_proj=%s%s)" % (self._d_model, self._n_heads, self.n_kv_heads, self.head_dim,
+                                    self.causal, self.out_proj,
+                                    ", batch_first=False" if self._seq_first else ""))
 
     # ---- weights -------------------------------------------------------------------------------
     def weight_shape(self, name):
@@ -443,7 +461,34 @@ class Layer(_Handle):
         tuple (y, weights) / (y, lse) / (y, weights, lse), weights [batch][n_heads][seq][seq],
         lse [batch][n_heads][seq] (batch dimension dropped for a 2-D x). attn_bias (1.1): an
         additive float bias broadcastable to [batch][n_heads][seq][seq] (-inf masks a key).
-        out: optional float32 C-contiguous array for y."""
+        out: optional float32 C-contiguous array for y. With batch_first=False, x and y (and
+        out) are [seq_len][batch][d_model]; y is then a transposed view."""
+        if self._seq_first:
+            return self._call_seq_first(x, lengths, attn_bias, return_weights, return_lse, out)
+        return self._call(x, lengths, attn_bias, return_weights, return_lse, out)
+
+    forward = __call__
+
+    def _call_seq_first(self, x, lengths, attn_bias, return_weights, return_lse, out):
+        """__call__ of a batch_first=False layer: _call on x transposed to batch first (one
+        copy), y transposed back (a view, or copied into out)."""
+        x = _f32(x, "x", seq_first=True)                  # [batch][seq][d_model] now
+        if x.ndim != 3:                                   # [seq][d_model]: the same either way
+            if x.ndim != 2:
+                raise ValueError("x must be [seq_len][batch][d_model] (batch_first=False) or "
+                                 "[seq_len][d_model], got shape %s" % (x.shape,))
+            return self._call(x, lengths, attn_bias, return_weights, return_lse, out)
+        if out is not None:
+            out = _out_array(out, (x.shape[1], x.shape[0], x.shape[2]))
+        res = self._call(x, lengths, attn_bias, return_weights, return_lse, None)
+        y = (res[0] if type(res) is tuple else res).swapaxes(0, 1)
+        if out is not None:
+            out[...] = y
+            y = out
+        return (y,) + res[1:] if type(res) is tuple else y
+
+    def _call(self, x, lengths, attn_bias, return_weights, return_lse, out):
+        """__call__ on a batch-first x."""
         h = self._h
         if h is None:
             self._handle()
@@ -465,8 +510,6 @@ class Layer(_Handle):
                                                 ctypes.addressof(ex), y.ctypes.data),
                          "selfattn_forward_ex")
         return (y,) + extra if extra else y
-
-    forward = __call__
 
     def _extras(self, batch, q_len, kv_len, attn_bias, return_weights, return_lse, two):
         ex = _lib.Extras()
@@ -528,7 +571,7 @@ class Layer(_Handle):
     def _x_lengths(self, x, lengths):
         """(x as float32 C-contiguous, batch, seq_len, x was 2-D, lengths as [batch] int32 or
         None, its pointer or None): the checked input of a whole-layer call."""
-        x = _f32(x, "x")
+        x = _f32(x, "x", self._seq_first)
         batch, seq, two = _split3(x, "x", self._d_model, "d_model")
         lp = None
         if lengths is not None:
@@ -536,13 +579,17 @@ class Layer(_Handle):
             lp = lengths.ctypes.data
         return x, batch, seq, two, lengths, lp
 
+    def _layout(self, a):
+        """a [batch][seq][...] as the caller's layout: a transposed view when batch_first=False."""
+        return a.swapaxes(0, 1) if self._seq_first and a.ndim == 3 else a
+
     def _grad_args(self, x, dy, lengths, wrt):
         """The shared part of backward and backward_train: checks x, dy, lengths and wrt, and
         allocates the results. Returns (res, args, keep): res the dict to return, args
         (batch, seq_len, x, lengths, dy, dx, grads) as the C functions take them (pointers),
         keep the objects those pointers point into (hold it until the call returns)."""
         x, batch, seq, _, lengths, lp = self._x_lengths(x, lengths)
-        dy = _f32(dy, "dy")
+        dy = _f32(dy, "dy", self._seq_first)
         if dy.shape != x.shape:
             raise ValueError("dy must have the shape of x %s, got %s" % (x.shape, dy.shape))
         names = ("x",) + tuple(n for n in _GRAD_NAMES if self.out_proj or n not in ("w_o", "b_o"))
@@ -578,6 +625,8 @@ class Layer(_Handle):
         h = self._handle()
         res, args, keep = self._grad_args(x, dy, lengths, wrt)
         self._check_call(_C.selfattn_backward(h, *args), "selfattn_backward")
+        if "x" in res:
+            res["x"] = self._layout(res["x"])
         return res
 
     # ---- training with kept activations (1.2) --------------------------------------------------
@@ -604,7 +653,7 @@ class Layer(_Handle):
         self._check_call(_C.selfattn_forward_train(h, batch, seq, x.ctypes.data, lp,
                                                    y.ctypes.data, state._ptr, state._capacity),
                          "selfattn_forward_train")
-        return y, state
+        return self._layout(y), state
 
     def backward_train(self, x, dy, state, lengths=None, wrt=None):
         """Gradients of y = layer.forward_train(x, lengths)[0] given dy = dL/dy, reading the
@@ -629,6 +678,8 @@ class Layer(_Handle):
                "the state (batch=%d, seq_len=%d) was not made by forward_train on this layer with "
                "this batch, seq_len and lengths, or the layer changed since"
                % (state.batch, state.seq_len) if st == _lib.ERR_STATE else None)
+        if "x" in res:
+            res["x"] = self._layout(res["x"])
         return res
 
     def attend_backward(self, q, k, v, dout, kv_lengths=None, wrt=("q", "k", "v")):
@@ -662,9 +713,10 @@ def from_torch(module, cls=None, **options):
     self-attention (query = key = value = x), with a copy of its weights (later changes to the
     module are not seen). Options of Layer are keyword arguments (e.g. causal=True, threads=1).
 
-    The Layer always takes x as [batch][seq][d_model], whatever module.batch_first says: with
-    batch_first=False, pass x.transpose(0, 1) (or np.swapaxes(x, 0, 1)). PyTorch's
-    key_padding_mask corresponds to lengths= when it masks a suffix of each sequence; an
+    The Layer takes x in the module's layout: [batch][seq][d_model] for batch_first=True,
+    [seq][batch][d_model] for batch_first=False (PyTorch's default), and returns y in the same
+    layout (see Layer's batch_first); batch_first=True/False as an option overrides the module's.
+    PyTorch's key_padding_mask corresponds to lengths= when it masks a suffix of each sequence; an
     attn_mask equal to the causal mask, to causal=True. Dropout is not applied (inference).
     Not supported (ValueError): kdim/vdim different from embed_dim (separate q/k/v_proj_weight),
     add_bias_kv, add_zero_attn, and out_proj=False."""
@@ -758,21 +810,28 @@ class Cache(_Handle):
 
     def __call__(self, x, n_new=None, out=None):
         """selfattn_forward_cached: y (shape of x) for the new tokens of each sequence; rows past
-        n_new[s] are not read and are zeros in y."""
+        n_new[s] are not read and are zeros in y. On a batch_first=False layer x and y are
+        [max_new][n_seqs][d_model]."""
         h = self._handle()
-        x = _f32(x, "x")
+        sf = self._layer._seq_first
+        x = _f32(x, "x", sf)
         if x.ndim == 2 and self._n_seqs == 1:
             nseq, max_new, _ = _split3(x, "x", self._layer.d_model, "d_model")
         else:
             nseq, max_new, two = _split3(x, "x", self._layer.d_model, "d_model")
             if two or nseq != self._n_seqs:
-                raise ValueError("x must be [n_seqs=%d][max_new][d_model], got shape %s"
-                                 % (self._n_seqs, x.shape))
+                raise ValueError("x must be %s, got shape %s" % (
+                    "[max_new][n_seqs=%d][d_model] (batch_first=False)" % self._n_seqs if sf
+                    else "[n_seqs=%d][max_new][d_model]" % self._n_seqs,
+                    x.swapaxes(0, 1).shape if sf and x.ndim == 3 else x.shape))
         np_ = None
         if n_new is not None:
             n_new = _int32_array(n_new, self._n_seqs, "n_new")
             np_ = n_new.ctypes.data
-        y = _out_array(out, x.shape)
+        sf = sf and x.ndim == 3
+        if sf and out is not None:
+            out = _out_array(out, (x.shape[1], x.shape[0], x.shape[2]))
+        y = _out_array(None if sf else out, x.shape)
         layer = self._layer
         st = _C.selfattn_forward_cached(layer._handle(), h, max_new, x.ctypes.data, np_,
                                         y.ctypes.data)
@@ -785,6 +844,11 @@ class Cache(_Handle):
                           "head_dim changed since the Cache was created")
             raise error_for(st, "selfattn_forward_cached", detail)
         layer._check_call(st, "selfattn_forward_cached")
+        if sf:
+            y = y.swapaxes(0, 1)
+            if out is not None:
+                out[...] = y
+                y = out
         return y
 
     forward = __call__

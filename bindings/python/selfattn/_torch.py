@@ -28,6 +28,8 @@ def from_torch(module, cls, **options):
     for k in ("n_kv_heads", "head_dim"):
         if options.get(k) is not None:
             raise ValueError("from_torch: %s is fixed by the module" % k)
+    if options.get("batch_first") is None:   # the module's layout (absent before PyTorch 1.9:
+        options["batch_first"] = bool(getattr(module, "batch_first", False))   # sequence first)
     layer = cls(module.embed_dim, module.num_heads, **options)
     try:
         w = {"w_qkv": _np(module.in_proj_weight), "w_o": _np(module.out_proj.weight)}

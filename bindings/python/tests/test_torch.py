@@ -53,9 +53,36 @@ def test_from_torch_matches(batch_first, causal, bias):
     m = mha(64, 8, seed=3, batch_first=batch_first, bias=bias)
     layer = selfattn.Layer.from_torch(m, causal=causal)
     assert (layer.d_model, layer.n_heads, layer.causal) == (64, 8, causal)
+    assert layer.batch_first == batch_first
     x = np.random.default_rng(5).standard_normal((3, 19, 64)).astype(np.float32)
     yt, _ = run_torch(m, x, causal)
-    assert ref.max_err(layer(x), yt) <= TOL
+    if batch_first:
+        y = layer(x)
+    else:   # the layer takes and gives the module's [seq][batch][embed]
+        y = layer(np.ascontiguousarray(x.swapaxes(0, 1))).swapaxes(0, 1)
+    assert ref.max_err(y, yt) <= TOL
+
+
+def test_from_torch_default_layout_is_the_modules():
+    """nn.MultiheadAttention's default batch_first=False: the same tensor goes into both."""
+    m = mha(32, 4, seed=13).eval()                      # batch_first=False
+    layer = selfattn.from_torch(m)
+    assert layer.batch_first is False
+    xt = torch.randn(9, 2, 32)                          # [seq][batch][embed]
+    with torch.no_grad():
+        yt, _ = m(xt, xt, xt, need_weights=False)
+    y = layer(xt)
+    assert y.shape == (9, 2, 32)
+    assert ref.max_err(y, yt.numpy()) <= TOL
+
+
+def test_tensor_that_requires_grad_and_complex_tensor():
+    m = mha(16, 2, seed=14, batch_first=True)
+    layer = selfattn.from_torch(m)
+    xt = torch.randn(2, 5, 16, requires_grad=True)
+    np.testing.assert_array_equal(layer(xt), layer(xt.detach().numpy()))
+    with pytest.raises(TypeError, match="complex64"):
+        layer(torch.randn(2, 5, 16, dtype=torch.complex64))
 
 
 def test_from_torch_lengths_match_key_padding_mask():
