@@ -75,8 +75,12 @@ def _load():
             return ctypes.CDLL(name), name
         except OSError as e:
             tried.append("%s (%s)" % (name, e))
-    raise ImportError("selfattn: cannot find %s; set SELFATTN_LIBRARY to its path. Tried: %s"
-                      % (SONAME, "; ".join(tried)))
+    raise ImportError(
+        "selfattn: cannot find %s, the C library this package calls (pip installs the Python "
+        "package only). Set the environment variable SELFATTN_LIBRARY to the library's path, e.g. "
+        "export SELFATTN_LIBRARY=/path/to/libselfattn/build/%s (built with cmake), or install "
+        "the library where the system loader finds it (cmake --install build; or add its "
+        "directory to LD_LIBRARY_PATH). Tried: %s" % (SONAME, SONAME, "; ".join(tried)))
 
 
 # The version this binding is written for (selfattn.h: SELFATTN_VERSION_MAJOR/MINOR/PATCH). The
