@@ -1,7 +1,8 @@
 """Traps a new user falls into, each closed: a tensor that requires grad, complex input, a Cache
-on a non-causal layer, a missing weight, from_torch's layout (batch_first) and a pip install that
-cannot find its library. PyTorch is not needed: tensors and modules are stand-ins with the
-attributes the binding reads (test_torch.py runs the real thing when PyTorch is importable)."""
+on a non-causal layer, a missing weight and from_torch's layout (batch_first); test_venv.py has
+the pip install that cannot find its library. PyTorch is not needed: tensors and modules are
+stand-ins with the attributes the binding reads (test_torch.py runs the real thing when PyTorch
+is importable)."""
 import sys
 import types
 
