@@ -1,15 +1,19 @@
-/* generate: autoregressive decoding with the key/value cache. One causal self-attention layer with
- * rotary embeddings and grouped-query heads (random weights), a random token embedding table as
- * both input embedding and output head, greedy decoding: a prompt is run through the cache in one
- * call, then each step feeds the last token and picks the next. Prints the tokens, the prompt's
- * throughput and the steps' tokens/s and GB/s (weights + cached K/V read per step).
+/* selfattn-generate (examples/generate.c): autoregressive decoding with the key/value cache. One
+ * causal self-attention layer with rotary embeddings and grouped-query heads (random weights), a
+ * random token embedding table as both input embedding and output head, greedy decoding: a prompt
+ * is run through the cache in one call, then each step feeds the last token and picks the next.
+ * Prints the tokens, the prompt's throughput and the steps' tokens/s and GB/s (weights + cached
+ * K/V read per step).
  *
- *   generate [--d-model N] [--heads N] [--kv-heads N] [--prompt N] [--steps N] [--seqs N]
- *            [--window N] [--threads N] [--vocab N] [--seed N]
+ *   selfattn-generate [--d-model N] [--heads N] [--kv-heads N] [--prompt N] [--steps N]
+ *                     [--seqs N] [--window N] [--threads N] [--vocab N] [--seed N] [--help]
  *
  * Defaults: d_model 2048, 16 heads, 4 K/V heads (Llama-style GQA), RoPE, a 512-token prompt,
  * 64 steps, one sequence. */
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +44,7 @@ static float *rnd_array(size_t n, float a)
 {
     float *p = malloc((n ? n : 1) * sizeof *p);
     if (!p) {
-        fprintf(stderr, "generate: out of memory\n");
+        fprintf(stderr, "selfattn-generate: out of memory\n");
         exit(2);
     }
     for (size_t i = 0; i < n; i++)
@@ -52,10 +56,52 @@ static float *rnd_array(size_t n, float a)
     do {                                                                                           \
         selfattn_status st_ = (call);                                                              \
         if (st_ != SELFATTN_OK) {                                                                  \
-            fprintf(stderr, "generate: %s: %s\n", #call, selfattn_status_string(st_));             \
+            fprintf(stderr, "selfattn-generate: %s: %s\n", #call, selfattn_status_string(st_));    \
             return 2;                                                                              \
         }                                                                                          \
     } while (0)
+
+static const char usage_text[] =
+    "usage: selfattn-generate [--d-model N] [--heads N] [--kv-heads N] [--prompt N] [--steps N]\n"
+    "                         [--seqs N] [--window N] [--threads N] [--vocab N] [--seed N]\n"
+    "                         [--help]\n";
+
+static void usage(FILE *f, int status) __attribute__((noreturn));
+static void usage(FILE *f, int status)
+{
+    fputs(usage_text, f);
+    exit(status);
+}
+
+/* A bad command line: the message, then the usage, on stderr; exit status 2. */
+static void bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void bad_usage(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("selfattn-generate: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    usage(stderr, 2);
+}
+
+/* The integer value of option argv[*i] (the next argument, which it consumes), in [lo, hi]. */
+static long int_arg(int argc, char **argv, int *i, long lo, long hi)
+{
+    const char *opt = argv[*i];
+    if (*i + 1 >= argc)
+        bad_usage("%s needs a value", opt);
+    const char *s = argv[++*i];
+    char *end;
+    errno = 0;
+    const long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0')
+        bad_usage("%s '%s': not an integer", opt, s);
+    if (errno == ERANGE || v < lo || v > hi)
+        bad_usage("%s %s: out of range [%ld, %ld]", opt, s, lo, hi);
+    return v;
+}
 
 /* The token whose embedding has the largest dot product with y. */
 static int next_token(const float *y, const float *emb, int vocab, int dm)
@@ -78,39 +124,37 @@ int main(int argc, char **argv)
 {
     int dm = 2048, heads = 16, kv_heads = 4, prompt = 512, steps = 64, seqs = 1, window = 0;
     int threads = 0, vocab = 512;
-    for (int i = 1; i + 1 < argc; i += 2) {
+    for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        const int v = atoi(argv[i + 1]);
-        if (!strcmp(a, "--d-model"))
-            dm = v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h"))
+            usage(stdout, 0);
+        else if (!strcmp(a, "--d-model"))
+            dm = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--heads"))
-            heads = v;
+            heads = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--kv-heads"))
-            kv_heads = v;
+            kv_heads = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--prompt"))
-            prompt = v;
+            prompt = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--steps"))
-            steps = v;
+            steps = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--seqs"))
-            seqs = v;
-        else if (!strcmp(a, "--window"))
-            window = v;
-        else if (!strcmp(a, "--threads"))
-            threads = v;
+            seqs = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+        else if (!strcmp(a, "--window")) /* 0: no window */
+            window = (int)int_arg(argc, argv, &i, 0, INT_MAX);
+        else if (!strcmp(a, "--threads")) /* 0: the library's default */
+            threads = (int)int_arg(argc, argv, &i, 0, INT_MAX);
         else if (!strcmp(a, "--vocab"))
-            vocab = v;
+            vocab = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--seed"))
-            rng = (uint64_t)v;
-        else {
-            fprintf(stderr, "usage: generate [--d-model N] [--heads N] [--kv-heads N] [--prompt N] "
-                            "[--steps N] [--seqs N] [--window N] [--threads N] [--vocab N] "
-                            "[--seed N]\n");
-            return 2;
-        }
+            rng = (uint64_t)int_arg(argc, argv, &i, 0, LONG_MAX);
+        else
+            bad_usage("unknown option '%s'", a);
     }
-    if (argc % 2 == 0 || dm < 1 || heads < 1 || dm % heads || prompt < 1 || steps < 1 ||
-        seqs < 1 || vocab < 1)
-        return 2;
+    if (dm % heads != 0)
+        bad_usage("--heads %d does not divide --d-model %d", heads, dm);
+    if (heads % kv_heads != 0)
+        bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
     const int hd = dm / heads;
     const size_t nq = (size_t)heads * hd, nkv = (size_t)kv_heads * hd;
 

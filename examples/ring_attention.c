@@ -96,13 +96,12 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-static void usage(int rank)
+static void usage(int rank, FILE *f)
 {
     if (rank == 0)
-        fprintf(stderr,
-                "usage: mpirun -np P ring_attention [--L N] [--heads N] [--kv-heads N]\n"
-                "           [--head-dim N] [--causal] [--threads N] [--check] [--repeat N]\n"
-                "           [--seed N]   (L divisible by P; kv-heads divides heads)\n");
+        fprintf(f, "usage: mpirun -np P ring_attention [--L N] [--heads N] [--kv-heads N]\n"
+                   "           [--head-dim N] [--causal] [--threads N] [--check] [--repeat N]\n"
+                   "           [--seed N] [--help]   (L divisible by P; kv-heads divides heads)\n");
 }
 
 /* One attention layer (no weights: selfattn_attend needs none). */
@@ -240,6 +239,11 @@ int main(int argc, char **argv)
             check = 1;
             continue;
         }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(rank, stdout);
+            MPI_Finalize();
+            return 0;
+        }
         if (!strcmp(a, "--L"))
             dst = &L;
         else if (!strcmp(a, "--heads"))
@@ -255,9 +259,14 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--seed"))
             dst = &seed, lo = 0, hi = INT32_MAX;
         if (!dst || i + 1 >= argc || !parse_int(argv[i + 1], lo, hi, dst)) {
-            if (rank == 0)
-                fprintf(stderr, "ring_attention: bad argument '%s'\n", a);
-            usage(rank);
+            if (rank == 0 && !dst)
+                fprintf(stderr, "ring_attention: unknown option '%s'\n", a);
+            else if (rank == 0 && i + 1 >= argc)
+                fprintf(stderr, "ring_attention: %s needs a value\n", a);
+            else if (rank == 0)
+                fprintf(stderr, "ring_attention: %s '%s': not an integer in [%ld, %ld]\n", a,
+                        argv[i + 1], lo, hi);
+            usage(rank, stderr);
             MPI_Finalize();
             return 2;
         }

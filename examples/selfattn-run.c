@@ -3,10 +3,13 @@
  * of the same FLOPs as bare BLAS calls (bench/ceiling.c, chosen by a short calibration).
  *
  *   selfattn-run [--batch N] [--seq N] [--d-model N] [--heads N] [--kv-heads N] [--causal]
- *                [--threads N] [--repeat N] [--check-rows N] [--seed N]
+ *                [--threads N] [--repeat N] [--check-rows N] [--seed N] [--help]
  *
  * Defaults: a BERT-base-sized layer (d_model 768, 12 heads) over 512 tokens, batch 1. */
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,12 +53,46 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-static void usage(void)
+static const char usage_text[] =
+    "usage: selfattn-run [--batch N] [--seq N] [--d-model N] [--heads N] [--kv-heads N]\n"
+    "                    [--causal] [--threads N] [--repeat N] [--check-rows N] [--seed N]\n"
+    "                    [--help]\n";
+
+static void usage(FILE *f, int status) __attribute__((noreturn));
+static void usage(FILE *f, int status)
 {
-    fputs("usage: selfattn-run [--batch N] [--seq N] [--d-model N] [--heads N] [--kv-heads N]\n"
-          "                    [--causal] [--threads N] [--repeat N] [--check-rows N] [--seed N]\n",
-          stderr);
-    exit(2);
+    fputs(usage_text, f);
+    exit(status);
+}
+
+/* A bad command line: the message, then the usage, on stderr; exit status 2. */
+static void bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void bad_usage(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("selfattn-run: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    usage(stderr, 2);
+}
+
+/* The integer value of option argv[*i] (the next argument, which it consumes), in [lo, hi]. */
+static long int_arg(int argc, char **argv, int *i, long lo, long hi)
+{
+    const char *opt = argv[*i];
+    if (*i + 1 >= argc)
+        bad_usage("%s needs a value", opt);
+    const char *s = argv[++*i];
+    char *end;
+    errno = 0;
+    const long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0')
+        bad_usage("%s '%s': not an integer", opt, s);
+    if (errno == ERANGE || v < lo || v > hi)
+        bad_usage("%s %s: out of range [%ld, %ld]", opt, s, lo, hi);
+    return v;
 }
 
 #define CHECK(call)                                                                                \
@@ -74,36 +111,35 @@ int main(int argc, char **argv)
     unsigned long long seed = 42;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--causal") == 0) {
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0)
+            usage(stdout, 0);
+        else if (strcmp(a, "--causal") == 0)
             causal = 1;
-            continue;
-        }
-        if (i + 1 >= argc)
-            usage();
-        const long v = strtol(argv[++i], NULL, 10);
-        if (strcmp(a, "--batch") == 0)
-            batch = (int)v;
+        else if (strcmp(a, "--batch") == 0)
+            batch = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--seq") == 0)
-            seq = (int)v;
+            seq = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--d-model") == 0)
-            dm = (int)v;
+            dm = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--heads") == 0)
-            heads = (int)v;
-        else if (strcmp(a, "--kv-heads") == 0)
-            kv_heads = (int)v;
-        else if (strcmp(a, "--threads") == 0)
-            threads = (int)v;
+            heads = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+        else if (strcmp(a, "--kv-heads") == 0) /* 0: as many as --heads */
+            kv_heads = (int)int_arg(argc, argv, &i, 0, INT_MAX);
+        else if (strcmp(a, "--threads") == 0) /* 0: the library's default */
+            threads = (int)int_arg(argc, argv, &i, 0, INT_MAX);
         else if (strcmp(a, "--repeat") == 0)
-            repeat = (int)v;
+            repeat = (int)int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--check-rows") == 0)
-            check_rows = (int)v;
+            check_rows = (int)int_arg(argc, argv, &i, 0, INT_MAX);
         else if (strcmp(a, "--seed") == 0)
-            seed = (unsigned long long)v;
+            seed = (unsigned long long)int_arg(argc, argv, &i, 0, LONG_MAX);
         else
-            usage();
+            bad_usage("unknown option '%s'", a);
     }
-    if (repeat < 1 || check_rows < 0 || heads < 1 || dm % heads != 0)
-        usage();
+    if (dm % heads != 0)
+        bad_usage("--heads %d does not divide --d-model %d", heads, dm);
+    if (kv_heads > 0 && heads % kv_heads != 0)
+        bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
     rng_state = seed;
 
     selfattn_layer *layer;

@@ -6,7 +6,7 @@
  * token at t - K_BACK. The optimiser (Adam, or plain SGD with --sgd) is written here: the library
  * gives the gradients, the caller owns the weights and the update.
  *
- *     example-train [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz]
+ *     example-train [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz] [--help]
  *
  * At the end the learned weights are saved as an uncompressed .npz (a zip of .npy files, written
  * here without any library) with the keys examples/attention_map.py reads: w_q, w_k, w_v, w_o,
@@ -15,7 +15,10 @@
  *     SELFATTN_LIBRARY=build/libselfattn.so.1 PYTHONPATH=bindings/python \
  *         python3 examples/attention_map.py --weights train.npz map.png
  * draws the learned "look K_BACK tokens back" pattern. */
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -279,6 +282,38 @@ static double loss_and_grad(const float *y, const float *target, const int *tok,
     return loss / n;
 }
 
+static const char usage_text[] =
+    "usage: example-train [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz]\n"
+    "                     [--help]\n";
+
+static void usage(FILE *f, int status) __attribute__((noreturn));
+static void usage(FILE *f, int status)
+{
+    fputs(usage_text, f);
+    exit(status);
+}
+
+/* A bad command line: the message, then the usage, on stderr; exit status 2. */
+static void bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void bad_usage(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("example-train: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    usage(stderr, 2);
+}
+
+/* The value of option argv[*i]: the next argument, which it consumes. */
+static const char *opt_value(int argc, char **argv, int *i)
+{
+    if (*i + 1 >= argc)
+        bad_usage("%s needs a value", argv[*i]);
+    return argv[++*i];
+}
+
 #define CHECK(call)                                                                                \
     do {                                                                                           \
         selfattn_status st_ = (call);                                                              \
@@ -294,21 +329,36 @@ int main(int argc, char **argv)
     double lr = 0.0; /* 0: 1e-2 for Adam (3e-3 in the second half), 20 for SGD */
     const char *out = "train.npz";
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--sgd") == 0)
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage(stdout, 0);
+        } else if (strcmp(a, "--sgd") == 0) {
             use_sgd = 1;
-        else if (strcmp(argv[i], "--recompute") == 0)
+        } else if (strcmp(a, "--recompute") == 0) {
             recompute = 1;
-        else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc)
-            steps = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--lr") == 0 && i + 1 < argc)
-            lr = atof(argv[++i]);
-        else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc)
-            out = argv[++i];
-        else {
-            fprintf(stderr,
-                    "usage: %s [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz]\n",
-                    argv[0]);
-            return 2;
+        } else if (strcmp(a, "--steps") == 0) {
+            const char *v = opt_value(argc, argv, &i);
+            char *end;
+            errno = 0;
+            const long n = strtol(v, &end, 10);
+            if (end == v || *end != '\0')
+                bad_usage("--steps '%s': not an integer", v);
+            if (errno == ERANGE || n < 1 || n > INT_MAX)
+                bad_usage("--steps %s: out of range [1, %d]", v, INT_MAX);
+            steps = (int)n;
+        } else if (strcmp(a, "--lr") == 0) { /* 0: the optimiser's default */
+            const char *v = opt_value(argc, argv, &i);
+            char *end;
+            errno = 0;
+            lr = strtod(v, &end);
+            if (end == v || *end != '\0')
+                bad_usage("--lr '%s': not a number", v);
+            if (errno == ERANGE || !(lr >= 0.0) || isinf(lr))
+                bad_usage("--lr %s: not a finite rate >= 0", v);
+        } else if (strcmp(a, "--out") == 0) {
+            out = opt_value(argc, argv, &i);
+        } else {
+            bad_usage("unknown option '%s'", a);
         }
     }
     for (int v = 0; v < VOCAB; v++) /* one-hot, plus a little noise */
