@@ -9,7 +9,19 @@
  *                                  call's data from the caches: ratio = time(8) / time(1).
  *   prefill/E/H/KV/L               a prompt of L tokens through the cache against one causal
  *                                  selfattn_forward of the same tokens: ratio = prefill / forward.
+ *   dtype_decode/E/H/KV/ctx/threads/W/KV
+ *                                  1.3 half precision: the same step with W-stored weights and a
+ *                                  KV-stored cache (f32, f16, bf16), alternating with the float32
+ *                                  step and a plain vectorised read (a 4-way integer sum, not a
+ *                                  BLAS routine) of the bytes the typed step must read. Counters:
+ *                                  f32_us, step_us, read_us, vs_f32 = step / float32 step,
+ *                                  read_frac = read / step (1: the step reads at memory speed).
+ *   dtype_prefill/E/H/KV/L/W/KV    a prompt of L tokens into a KV-stored cache with W-stored
+ *                                  weights against the float32 prefill: vs_f32.
+ *   dtype_forward/E/H/KV/L/W       a causal selfattn_forward with W-stored weights against the
+ *                                  float32 forward: vs_f32.
  * Medians of alternating runs. Run with --smoke for a quick pass (small shapes). */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,18 +35,27 @@
 
 typedef struct dcfg {
     int E, H, KV, ctx, threads, n_seqs;
+    int wdt, kvdt; /* dtype_ benchmarks: the weights' and the cache's storage (0 f32, 1 f16,
+                      2 bf16) */
 } dcfg;
 
 /* The layer of a configuration: causal, with RoPE and random weights; threads 0 leaves the
    library's default. */
-static selfattn_layer *layer_of(const dcfg *c, int threads)
+static selfattn_layer *layer_typed(const dcfg *c, int threads, int wdt, int kvdt)
 {
     return sb_make_layer(&(sb_layer_opts){.d_model = c->E,
                                           .n_heads = c->H,
                                           .n_kv_heads = c->KV,
                                           .causal = 1,
                                           .rope = 1,
-                                          .threads = threads});
+                                          .threads = threads,
+                                          .weight_dtype = wdt,
+                                          .kv_dtype = kvdt});
+}
+
+static selfattn_layer *layer_of(const dcfg *c, int threads)
+{
+    return layer_typed(c, threads, 0, 0);
 }
 
 /* A cache of n_seqs sequences holding ctx positions each (a prompt run through the cache). */
@@ -212,6 +233,139 @@ static void bm_prefill(sb_state *s, const void *arg)
     selfattn_layer_destroy(l);
 }
 
+/* A plain read of n 8-byte words at memory speed: four independent integer sums, which the
+   compiler vectorises (an integer sum may be reordered; a float one may not). */
+static uint64_t plain_read(const uint64_t *p, size_t n)
+{
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        a += p[i];
+        b += p[i + 1];
+        c += p[i + 2];
+        d += p[i + 3];
+    }
+    for (; i < n; i++)
+        a += p[i];
+    return a + b + c + d;
+}
+
+static size_t dtype_bytes(int dt)
+{
+    return dt == 0 ? 4 : 2;
+}
+
+static void bm_dtype_decode(sb_state *s, const void *arg)
+{
+    const dcfg *c = arg;
+    selfattn_layer *l32 = layer_of(c, c->threads), *lt = layer_typed(c, c->threads, c->wdt, c->kvdt);
+    selfattn_cache *c32 = l32 ? filled_cache(l32, c, 1) : NULL;
+    selfattn_cache *ct = lt ? filled_cache(lt, c, 1) : NULL;
+    const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
+    const size_t bytes = dtype_bytes(c->wdt) * ((nq + 2 * nkv) * c->E + (size_t)c->E * nq) +
+                         dtype_bytes(c->kvdt) * 2 * nkv * ((size_t)c->ctx + 1);
+    const size_t words = bytes / 8;
+    uint64_t *big = calloc(words, 8);
+    float *x = sb_filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
+    static double tf[MAX_RUNS], tt[MAX_RUNS], tr[MAX_RUNS];
+    int k = 0;
+    if (!c32 || !ct || !big || !x || !y) {
+        sb_skip_with_error(s, "set-up failed");
+    } else {
+        for (size_t i = 0; i < words; i++)
+            big[i] = i * 0x9E3779B97F4A7C15ull;
+        volatile uint64_t sink = 0;
+        while (sb_keep_running(s)) {
+            const double t0 = sb_now_s();
+            selfattn_status st = selfattn_forward_cached(l32, c32, 1, x, NULL, y);
+            const double t1 = sb_now_s();
+            st |= selfattn_forward_cached(lt, ct, 1, x, NULL, y);
+            const double t2 = sb_now_s();
+            sink += plain_read(big, words);
+            const double t3 = sb_now_s();
+            selfattn_cache_truncate(c32, 0, c->ctx);
+            selfattn_cache_truncate(ct, 0, c->ctx);
+            if (st != SELFATTN_OK) {
+                sb_skip_with_error(s, "call failed");
+                break;
+            }
+            if (k < MAX_RUNS) {
+                tf[k] = t1 - t0;
+                tt[k] = t2 - t1;
+                tr[k] = t3 - t2;
+                k++;
+            }
+        }
+        (void)sink;
+        if (k > 0) {
+            const double f = sb_median(tf, k), t = sb_median(tt, k), r = sb_median(tr, k);
+            sb_counter(s, "f32_us", f * 1e6);
+            sb_counter(s, "step_us", t * 1e6);
+            sb_counter(s, "read_us", r * 1e6);
+            sb_counter(s, "vs_f32", t / f);
+            sb_counter(s, "read_frac", r / t);
+            sb_counter(s, "MB", (double)bytes / 1e6);
+        }
+    }
+    free(big);
+    free(x);
+    free(y);
+    selfattn_cache_destroy(c32);
+    selfattn_cache_destroy(ct);
+    selfattn_layer_destroy(l32);
+    selfattn_layer_destroy(lt);
+}
+
+/* n_seqs 0: a causal forward of ctx tokens; else a prompt of ctx tokens into a fresh cache. */
+static void bm_dtype_pair(sb_state *s, const void *arg)
+{
+    const dcfg *c = arg;
+    selfattn_layer *l[2] = {layer_of(c, c->threads), layer_typed(c, c->threads, c->wdt, c->kvdt)};
+    selfattn_cache *cache[2] = {NULL, NULL};
+    const size_t n = (size_t)c->ctx * c->E;
+    float *x = sb_filled(n, 1.0f, 3), *y = malloc(n * sizeof(float));
+    static double t[2][MAX_RUNS];
+    int k = 0, ok = l[0] && l[1] && x && y;
+    for (int i = 0; ok && c->n_seqs && i < 2; i++)
+        ok = selfattn_cache_create(l[i], 1, c->ctx, &cache[i]) == SELFATTN_OK;
+    if (!ok) {
+        sb_skip_with_error(s, "set-up failed");
+    } else {
+        for (int i = 0; i < 2; i++) /* warm-up */
+            selfattn_forward(l[i], 1, c->ctx, x, NULL, y);
+        while (sb_keep_running(s)) {
+            selfattn_status st = SELFATTN_OK;
+            for (int j = 0; j < 2; j++) {
+                const int i = (k + j) % 2; /* which goes first alternates */
+                if (cache[i])
+                    selfattn_cache_truncate(cache[i], 0, 0);
+                const double t0 = sb_now_s();
+                st |= cache[i] ? selfattn_forward_cached(l[i], cache[i], c->ctx, x, NULL, y)
+                               : selfattn_forward(l[i], 1, c->ctx, x, NULL, y);
+                if (k < MAX_RUNS)
+                    t[i][k] = sb_now_s() - t0;
+            }
+            if (st != SELFATTN_OK) {
+                sb_skip_with_error(s, "call failed");
+                break;
+            }
+            k += k < MAX_RUNS;
+        }
+        if (k > 0) {
+            const double a = sb_median(t[0], k), b = sb_median(t[1], k);
+            sb_counter(s, "f32_ms", a * 1e3);
+            sb_counter(s, "typed_ms", b * 1e3);
+            sb_counter(s, "vs_f32", b / a);
+        }
+    }
+    free(x);
+    free(y);
+    for (int i = 0; i < 2; i++) {
+        selfattn_cache_destroy(cache[i]);
+        selfattn_layer_destroy(l[i]);
+    }
+}
+
 int main(int argc, char **argv)
 {
     const int smoke = sb_smoke(argc, argv);
@@ -246,5 +400,34 @@ int main(int argc, char **argv)
                     .n_seqs = 1};
     snprintf(names[nn], sizeof names[nn], "prefill/%d/16/4/%d", pre[0].E, pre[0].ctx);
     sb_register(names[nn++], bm_prefill, &pre[0], smoke ? 2 : 6);
+
+    /* 1.3 half precision: bf16 weights with an f16 cache (llama.cpp's default cache), and each
+       alone, against float32 */
+    static dcfg typed[16];
+    static char tnames[16][96];
+    static const int pairs[3][2] = {{2, 1}, {2, 0}, {0, 1}};
+    int nt = 0;
+    for (int i = 0; i < 2; i++)
+        for (int t = 1; t <= 2; t++)
+            for (int p = 0; p < (i == 0 && t == 1 ? 3 : 1); p++) {
+                typed[nt] = dec[i * 2 + t - 1];
+                typed[nt].wdt = pairs[p][0];
+                typed[nt].kvdt = pairs[p][1];
+                snprintf(tnames[nt], sizeof tnames[nt], "dtype_decode/%d/16/4/%d/%d/%d/%d",
+                         typed[nt].E, typed[nt].ctx, t, typed[nt].wdt, typed[nt].kvdt);
+                sb_register(tnames[nt], bm_dtype_decode, &typed[nt], smoke ? 3 : 41);
+                nt++;
+            }
+    typed[nt] = pre[0];
+    typed[nt].wdt = 2;
+    typed[nt].kvdt = 1;
+    snprintf(tnames[nt], sizeof tnames[nt], "dtype_prefill/%d/16/4/%d/2/1", pre[0].E, pre[0].ctx);
+    sb_register(tnames[nt], bm_dtype_pair, &typed[nt], smoke ? 2 : 6);
+    nt++;
+    typed[nt] = pre[0];
+    typed[nt].n_seqs = 0;
+    typed[nt].wdt = 2;
+    snprintf(tnames[nt], sizeof tnames[nt], "dtype_forward/%d/16/4/%d/2", pre[0].E, pre[0].ctx);
+    sb_register(tnames[nt], bm_dtype_pair, &typed[nt], smoke ? 2 : 6);
     return sb_main(argc, argv);
 }

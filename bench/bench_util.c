@@ -25,7 +25,9 @@ selfattn_layer *sb_make_layer(const sb_layer_opts *o)
              selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, o->head_dim) == SELFATTN_OK &&
              selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, o->causal) == SELFATTN_OK &&
              selfattn_layer_set(l, SELFATTN_OPT_ROPE, o->rope) == SELFATTN_OK &&
-             selfattn_layer_set(l, SELFATTN_OPT_THREADS, o->threads) == SELFATTN_OK;
+             selfattn_layer_set(l, SELFATTN_OPT_THREADS, o->threads) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_WEIGHT_DTYPE, o->weight_dtype) == SELFATTN_OK &&
+             selfattn_layer_set(l, SELFATTN_OPT_KV_DTYPE, o->kv_dtype) == SELFATTN_OK;
     static const selfattn_weight which[8] = {SELFATTN_W_Q, SELFATTN_W_K, SELFATTN_W_V,
                                              SELFATTN_W_O, SELFATTN_B_Q, SELFATTN_B_K,
                                              SELFATTN_B_V, SELFATTN_B_O};

@@ -15,7 +15,8 @@ enum { SB_BIAS_Q = 1, SB_BIAS_K = 2, SB_BIAS_V = 4, SB_BIAS_O = 8, SB_BIAS_ALL =
 typedef struct sb_layer_opts {
     int d_model, n_heads, n_kv_heads, head_dim;
     int causal, rope, threads;
-    unsigned biases; /* SB_BIAS_* */
+    unsigned biases;              /* SB_BIAS_* */
+    int weight_dtype, kv_dtype;   /* 1.3 SELFATTN_OPT_WEIGHT_DTYPE / KV_DTYPE (0: float32) */
 } sb_layer_opts;
 
 /* A layer with W_Q, W_K, W_V, W_O and the biases o->biases names set to random values of the
