@@ -64,6 +64,7 @@ static float *rnd_array(size_t n, float a)
 static const char usage_text[] =
     "usage: selfattn-generate [--d-model N] [--heads N] [--kv-heads N] [--prompt N] [--steps N]\n"
     "                         [--seqs N] [--window N] [--threads N] [--vocab N] [--seed N]\n"
+    "                         [--weight-dtype f32|f16|bf16] [--kv-dtype f32|f16|bf16]\n"
     "                         [--help]\n";
 
 static void usage(FILE *f, int status) __attribute__((noreturn));
@@ -123,7 +124,8 @@ static int next_token(const float *y, const float *emb, int vocab, int dm)
 int main(int argc, char **argv)
 {
     int dm = 2048, heads = 16, kv_heads = 4, prompt = 512, steps = 64, seqs = 1, window = 0;
-    int threads = 0, vocab = 512;
+    int threads = 0, vocab = 512, wdt = 0, kvdt = 0;
+    static const char *const dtypes[3] = {"f32", "f16", "bf16"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h"))
@@ -146,7 +148,17 @@ int main(int argc, char **argv)
             threads = (int)int_arg(argc, argv, &i, 0, INT_MAX);
         else if (!strcmp(a, "--vocab"))
             vocab = (int)int_arg(argc, argv, &i, 1, INT_MAX);
-        else if (!strcmp(a, "--seed"))
+        else if (!strcmp(a, "--weight-dtype") || !strcmp(a, "--kv-dtype")) {
+            if (i + 1 >= argc)
+                bad_usage("%s needs a value", a);
+            const char *val = argv[++i];
+            int d = 0;
+            while (d < 3 && strcmp(val, dtypes[d]) != 0)
+                d++;
+            if (d == 3)
+                bad_usage("%s '%s': not one of f32, f16, bf16", a, val);
+            *(!strcmp(a, "--weight-dtype") ? &wdt : &kvdt) = d;
+        } else if (!strcmp(a, "--seed"))
             rng = (uint64_t)int_arg(argc, argv, &i, 0, LONG_MAX);
         else
             bad_usage("unknown option '%s'", a);
@@ -165,6 +177,8 @@ int main(int argc, char **argv)
     CHECK(selfattn_layer_set(layer, SELFATTN_OPT_ROPE, 1));
     CHECK(selfattn_layer_set(layer, SELFATTN_OPT_WINDOW, window));
     CHECK(selfattn_layer_set(layer, SELFATTN_OPT_THREADS, threads));
+    CHECK(selfattn_layer_set(layer, SELFATTN_OPT_WEIGHT_DTYPE, wdt));
+    CHECK(selfattn_layer_set(layer, SELFATTN_OPT_KV_DTYPE, kvdt));
     const float a = 1.0f / sqrtf((float)dm);
     float *wq = rnd_array(nq * dm, a), *wk = rnd_array(nkv * dm, a), *wv = rnd_array(nkv * dm, a);
     float *wo = rnd_array((size_t)dm * nq, 1.0f / sqrtf((float)nq));
@@ -212,14 +226,16 @@ int main(int argc, char **argv)
     int32_t len;
     CHECK(selfattn_cache_length(cache, 0, &len));
     const double avg_ctx = window > 0 ? fmin(window, prompt + steps / 2.0) : prompt + steps / 2.0;
-    const double step_bytes = 4.0 * ((double)(nq + 2 * nkv) * dm + (double)dm * nq +
-                                     2.0 * nkv * avg_ctx * seqs);
+    const double step_bytes = (wdt ? 2.0 : 4.0) * ((double)(nq + 2 * nkv) * dm + (double)dm * nq) +
+                              (kvdt ? 2.0 : 4.0) * 2.0 * nkv * avg_ctx * seqs;
     const double per_step = t_attn / (steps - 1);
 
     printf("libselfattn %s, %s, %d thread%s\n", selfattn_version_string(), selfattn_kernel_name(),
            threads, threads == 1 ? "" : "s");
-    printf("layer: d_model %d, %d heads, %d K/V heads, head_dim %d, RoPE, causal%s\n", dm, heads,
-           kv_heads, hd, window > 0 ? ", sliding window" : "");
+    printf("layer: d_model %d, %d heads, %d K/V heads, head_dim %d, RoPE, causal%s; weights %s, "
+           "K/V cache %s\n",
+           dm, heads, kv_heads, hd, window > 0 ? ", sliding window" : "", dtypes[wdt],
+           dtypes[kvdt]);
     printf("prompt: %d sequence%s x %d tokens in %.1f ms (%.0f tokens/s)\n", seqs,
            seqs == 1 ? "" : "s", prompt, t_prompt * 1e3, seqs * prompt / t_prompt);
     printf("decode: %d steps, %.3f ms per step: %.1f tokens/s, %.1f GB/s of weights and K/V\n",
