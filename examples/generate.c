@@ -21,6 +21,8 @@
 
 #include <selfattn/selfattn.h>
 
+#include "args.h"
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -67,42 +69,6 @@ static const char usage_text[] =
     "                         [--weight-dtype f32|f16|bf16] [--kv-dtype f32|f16|bf16]\n"
     "                         [--help]\n";
 
-static void usage(FILE *f, int status) __attribute__((noreturn));
-static void usage(FILE *f, int status)
-{
-    fputs(usage_text, f);
-    exit(status);
-}
-
-/* A bad command line: the message, then the usage, on stderr; exit status 2. */
-static void bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void bad_usage(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("selfattn-generate: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    usage(stderr, 2);
-}
-
-/* The integer value of option argv[*i] (the next argument, which it consumes), in [lo, hi]. */
-static long int_arg(int argc, char **argv, int *i, long lo, long hi)
-{
-    const char *opt = argv[*i];
-    if (*i + 1 >= argc)
-        bad_usage("%s needs a value", opt);
-    const char *s = argv[++*i];
-    char *end;
-    errno = 0;
-    const long v = strtol(s, &end, 10);
-    if (end == s || *end != '\0')
-        bad_usage("%s '%s': not an integer", opt, s);
-    if (errno == ERANGE || v < lo || v > hi)
-        bad_usage("%s %s: out of range [%ld, %ld]", opt, s, lo, hi);
-    return v;
-}
 
 /* The token whose embedding has the largest dot product with y. */
 static int next_token(const float *y, const float *emb, int vocab, int dm)
@@ -123,50 +89,52 @@ static int next_token(const float *y, const float *emb, int vocab, int dm)
 
 int main(int argc, char **argv)
 {
+    ex_prog = "selfattn-generate";
+    ex_usage_text = usage_text;
     int dm = 2048, heads = 16, kv_heads = 4, prompt = 512, steps = 64, seqs = 1, window = 0;
     int threads = 0, vocab = 512, wdt = 0, kvdt = 0;
     static const char *const dtypes[3] = {"f32", "f16", "bf16"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h"))
-            usage(stdout, 0);
+            ex_usage(stdout, 0);
         else if (!strcmp(a, "--d-model"))
-            dm = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            dm = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--heads"))
-            heads = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            heads = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--kv-heads"))
-            kv_heads = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            kv_heads = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--prompt"))
-            prompt = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            prompt = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--steps"))
-            steps = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            steps = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--seqs"))
-            seqs = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            seqs = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--window")) /* 0: no window */
-            window = (int)int_arg(argc, argv, &i, 0, INT_MAX);
+            window = (int)ex_int_arg(argc, argv, &i, 0, INT_MAX);
         else if (!strcmp(a, "--threads")) /* 0: the library's default */
-            threads = (int)int_arg(argc, argv, &i, 0, INT_MAX);
+            threads = (int)ex_int_arg(argc, argv, &i, 0, INT_MAX);
         else if (!strcmp(a, "--vocab"))
-            vocab = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            vocab = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (!strcmp(a, "--weight-dtype") || !strcmp(a, "--kv-dtype")) {
             if (i + 1 >= argc)
-                bad_usage("%s needs a value", a);
+                ex_bad_usage("%s needs a value", a);
             const char *val = argv[++i];
             int d = 0;
             while (d < 3 && strcmp(val, dtypes[d]) != 0)
                 d++;
             if (d == 3)
-                bad_usage("%s '%s': not one of f32, f16, bf16", a, val);
+                ex_bad_usage("%s '%s': not one of f32, f16, bf16", a, val);
             *(!strcmp(a, "--weight-dtype") ? &wdt : &kvdt) = d;
         } else if (!strcmp(a, "--seed"))
-            rng = (uint64_t)int_arg(argc, argv, &i, 0, LONG_MAX);
+            rng = (uint64_t)ex_int_arg(argc, argv, &i, 0, LONG_MAX);
         else
-            bad_usage("unknown option '%s'", a);
+            ex_bad_usage("unknown option '%s'", a);
     }
     if (dm % heads != 0)
-        bad_usage("--heads %d does not divide --d-model %d", heads, dm);
+        ex_bad_usage("--heads %d does not divide --d-model %d", heads, dm);
     if (heads % kv_heads != 0)
-        bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
+        ex_bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
     const int hd = dm / heads;
     const size_t nq = (size_t)heads * hd, nkv = (size_t)kv_heads * hd;
 

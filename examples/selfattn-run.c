@@ -18,6 +18,8 @@
 
 #include <selfattn/selfattn.h>
 
+#include "args.h"
+
 #include "ceiling.h"
 #include "reference.h"
 
@@ -58,42 +60,6 @@ static const char usage_text[] =
     "                    [--causal] [--threads N] [--repeat N] [--check-rows N] [--seed N]\n"
     "                    [--help]\n";
 
-static void usage(FILE *f, int status) __attribute__((noreturn));
-static void usage(FILE *f, int status)
-{
-    fputs(usage_text, f);
-    exit(status);
-}
-
-/* A bad command line: the message, then the usage, on stderr; exit status 2. */
-static void bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void bad_usage(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("selfattn-run: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    usage(stderr, 2);
-}
-
-/* The integer value of option argv[*i] (the next argument, which it consumes), in [lo, hi]. */
-static long int_arg(int argc, char **argv, int *i, long lo, long hi)
-{
-    const char *opt = argv[*i];
-    if (*i + 1 >= argc)
-        bad_usage("%s needs a value", opt);
-    const char *s = argv[++*i];
-    char *end;
-    errno = 0;
-    const long v = strtol(s, &end, 10);
-    if (end == s || *end != '\0')
-        bad_usage("%s '%s': not an integer", opt, s);
-    if (errno == ERANGE || v < lo || v > hi)
-        bad_usage("%s %s: out of range [%ld, %ld]", opt, s, lo, hi);
-    return v;
-}
 
 #define CHECK(call)                                                                                \
     do {                                                                                           \
@@ -106,40 +72,42 @@ static long int_arg(int argc, char **argv, int *i, long lo, long hi)
 
 int main(int argc, char **argv)
 {
+    ex_prog = "selfattn-run";
+    ex_usage_text = usage_text;
     int batch = 1, seq = 512, dm = 768, heads = 12, kv_heads = 0, causal = 0, threads = 0;
     int repeat = 7, check_rows = 8;
     unsigned long long seed = 42;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0)
-            usage(stdout, 0);
+            ex_usage(stdout, 0);
         else if (strcmp(a, "--causal") == 0)
             causal = 1;
         else if (strcmp(a, "--batch") == 0)
-            batch = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            batch = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--seq") == 0)
-            seq = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            seq = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--d-model") == 0)
-            dm = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            dm = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--heads") == 0)
-            heads = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            heads = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--kv-heads") == 0) /* 0: as many as --heads */
-            kv_heads = (int)int_arg(argc, argv, &i, 0, INT_MAX);
+            kv_heads = (int)ex_int_arg(argc, argv, &i, 0, INT_MAX);
         else if (strcmp(a, "--threads") == 0) /* 0: the library's default */
-            threads = (int)int_arg(argc, argv, &i, 0, INT_MAX);
+            threads = (int)ex_int_arg(argc, argv, &i, 0, INT_MAX);
         else if (strcmp(a, "--repeat") == 0)
-            repeat = (int)int_arg(argc, argv, &i, 1, INT_MAX);
+            repeat = (int)ex_int_arg(argc, argv, &i, 1, INT_MAX);
         else if (strcmp(a, "--check-rows") == 0)
-            check_rows = (int)int_arg(argc, argv, &i, 0, INT_MAX);
+            check_rows = (int)ex_int_arg(argc, argv, &i, 0, INT_MAX);
         else if (strcmp(a, "--seed") == 0)
-            seed = (unsigned long long)int_arg(argc, argv, &i, 0, LONG_MAX);
+            seed = (unsigned long long)ex_int_arg(argc, argv, &i, 0, LONG_MAX);
         else
-            bad_usage("unknown option '%s'", a);
+            ex_bad_usage("unknown option '%s'", a);
     }
     if (dm % heads != 0)
-        bad_usage("--heads %d does not divide --d-model %d", heads, dm);
+        ex_bad_usage("--heads %d does not divide --d-model %d", heads, dm);
     if (kv_heads > 0 && heads % kv_heads != 0)
-        bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
+        ex_bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
     rng_state = seed;
 
     selfattn_layer *layer;

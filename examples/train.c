@@ -26,6 +26,8 @@
 
 #include <selfattn/selfattn.h>
 
+#include "args.h"
+
 #define VOCAB 12
 #define DM 32
 #define HEADS 2
@@ -286,33 +288,6 @@ static const char usage_text[] =
     "usage: example-train [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz]\n"
     "                     [--help]\n";
 
-static void usage(FILE *f, int status) __attribute__((noreturn));
-static void usage(FILE *f, int status)
-{
-    fputs(usage_text, f);
-    exit(status);
-}
-
-/* A bad command line: the message, then the usage, on stderr; exit status 2. */
-static void bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void bad_usage(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("example-train: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    usage(stderr, 2);
-}
-
-/* The value of option argv[*i]: the next argument, which it consumes. */
-static const char *opt_value(int argc, char **argv, int *i)
-{
-    if (*i + 1 >= argc)
-        bad_usage("%s needs a value", argv[*i]);
-    return argv[++*i];
-}
 
 #define CHECK(call)                                                                                \
     do {                                                                                           \
@@ -325,40 +300,42 @@ static const char *opt_value(int argc, char **argv, int *i)
 
 int main(int argc, char **argv)
 {
+    ex_prog = "example-train";
+    ex_usage_text = usage_text;
     int steps = 600, use_sgd = 0, recompute = 0;
     double lr = 0.0; /* 0: 1e-2 for Adam (3e-3 in the second half), 20 for SGD */
     const char *out = "train.npz";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage(stdout, 0);
+            ex_usage(stdout, 0);
         } else if (strcmp(a, "--sgd") == 0) {
             use_sgd = 1;
         } else if (strcmp(a, "--recompute") == 0) {
             recompute = 1;
         } else if (strcmp(a, "--steps") == 0) {
-            const char *v = opt_value(argc, argv, &i);
+            const char *v = ex_opt_value(argc, argv, &i);
             char *end;
             errno = 0;
             const long n = strtol(v, &end, 10);
             if (end == v || *end != '\0')
-                bad_usage("--steps '%s': not an integer", v);
+                ex_bad_usage("--steps '%s': not an integer", v);
             if (errno == ERANGE || n < 1 || n > INT_MAX)
-                bad_usage("--steps %s: out of range [1, %d]", v, INT_MAX);
+                ex_bad_usage("--steps %s: out of range [1, %d]", v, INT_MAX);
             steps = (int)n;
         } else if (strcmp(a, "--lr") == 0) { /* 0: the optimiser's default */
-            const char *v = opt_value(argc, argv, &i);
+            const char *v = ex_opt_value(argc, argv, &i);
             char *end;
             errno = 0;
             lr = strtod(v, &end);
             if (end == v || *end != '\0')
-                bad_usage("--lr '%s': not a number", v);
+                ex_bad_usage("--lr '%s': not a number", v);
             if (errno == ERANGE || !(lr >= 0.0) || isinf(lr))
-                bad_usage("--lr %s: not a finite rate >= 0", v);
+                ex_bad_usage("--lr %s: not a finite rate >= 0", v);
         } else if (strcmp(a, "--out") == 0) {
-            out = opt_value(argc, argv, &i);
+            out = ex_opt_value(argc, argv, &i);
         } else {
-            bad_usage("unknown option '%s'", a);
+            ex_bad_usage("unknown option '%s'", a);
         }
     }
     for (int v = 0; v < VOCAB; v++) /* one-hot, plus a little noise */
