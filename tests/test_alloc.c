@@ -42,6 +42,7 @@ typedef struct script_out {
     float abw[ABW_N]; /* attend_backward: dq, dk, dv */
     float ty[B * L * D], tbw[BW_N]; /* forward_train, backward_train */
     float cached[B * L * D], cached2[B * D]; /* forward_cached: a prompt, then one step */
+    float hy[B * L * D], hbw[BW_N], hcached[B * L * D]; /* 1.3: bf16 weights, an f16 cache */
 } script_out;
 
 /* The gradients' places in o->bw. */
@@ -157,6 +158,41 @@ static void script(script_out *o, int *failed, int *create_failed)
     }
     STEP(selfattn_forward_cached(l, c, L, x, NULL, o->cached), o->cached, B * L * D);
     STEP(selfattn_forward_cached(l, c, 1, x, NULL, o->cached2), o->cached2, B * D);
+    selfattn_cache_destroy(c);
+    selfattn_layer_destroy(l);
+
+    /* 1.3: bf16 weights (their own buffers, panels in the workspace) and an f16 cache */
+    st = selfattn_layer_create(D, H, &l);
+    if (st != SELFATTN_OK) {
+        assert_int_equal(st, SELFATTN_ERR_NOMEM);
+        (*failed)++;
+        sa_test_fail_allocation(0);
+        assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    }
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, KV), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 2), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WEIGHT_DTYPE, SELFATTN_DTYPE_BF16),
+                     SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_KV_DTYPE, SELFATTN_DTYPE_F16),
+                     SELFATTN_OK);
+    for (int i = 0; i < 8; i++)
+        STEP(selfattn_layer_set_weight_typed(l, (selfattn_weight)(i + 1), SELFATTN_DTYPE_F32, w[i],
+                                             counts[i]),
+             NULL, 0);
+    STEP(selfattn_forward(l, B, L, x, lens, o->hy), o->hy, B * L * D);
+    const selfattn_grads hg = script_grads(o->hbw);
+    STEP(selfattn_backward(l, B, L, x, lens, dy, o->hbw, &hg), o->hbw, BW_N);
+    c = NULL;
+    const selfattn_status hcs = selfattn_cache_create(l, B, 2 * L, &c);
+    if (hcs != SELFATTN_OK) {
+        assert_int_equal(hcs, SELFATTN_ERR_NOMEM);
+        assert_null(c);
+        (*failed)++;
+        sa_test_fail_allocation(0);
+        assert_int_equal(selfattn_cache_create(l, B, 2 * L, &c), SELFATTN_OK);
+    }
+    STEP(selfattn_forward_cached(l, c, L, x, NULL, o->hcached), o->hcached, B * L * D);
     selfattn_cache_destroy(c);
     selfattn_layer_destroy(l);
 }
