@@ -1,6 +1,9 @@
 /* Kernel selection: the CPU is probed once per process, the best kernel table it can run is
    chosen, and SELFATTN_ISA may force a lower family (for tests and bug reports). */
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -80,6 +83,17 @@ static const sa_kernels *sa_table(sa_isa isa)
     }
 }
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(SELFATTN_HAVE_AVX2_KERNELS)
+/* F16C (the 16-bit conversions the AVX2 kernels use): CPUID leaf 1, ECX bit 29. Every AVX2 CPU
+   has it, but it is checked rather than assumed (and clang's __builtin_cpu_supports does not
+   know the name). */
+static int sa_cpu_has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
+}
+#endif
+
 static void sa_probe(void)
 {
     sa_isa best = SA_ISA_SCALAR;
@@ -87,8 +101,7 @@ static void sa_probe(void)
     /* __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV). */
     __builtin_cpu_init();
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && sa_cpu_has_f16c())
         best = SA_ISA_AVX2;
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "reference.h"
+#include "testutil.h"
 #include "selfattn/selfattn.h"
 
 typedef struct reader {
@@ -63,7 +64,7 @@ static void fill_sentinel(float *p, size_t n)
         p[i] = -7777.0f;
 }
 
-#define N_OPTS 9 /* integer options 1..9 */
+#define N_OPTS 11 /* integer options 1..11 (10, 11: the 1.3 storage dtypes) */
 
 static void snapshot(const selfattn_layer *l, int64_t v[N_OPTS])
 {
@@ -603,6 +604,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (st != SELFATTN_OK) {
             free(w[i]);
             w[i] = NULL;
+        } else if (i < 4) { /* the reference computes on the weights as the layer stores them */
+            tu_round_all((int)opt[9], w[i], counts[i]);
         }
     }
 
