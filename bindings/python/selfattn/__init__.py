@@ -8,7 +8,7 @@ ctypes over libselfattn.so.1 and NumPy; no compiled extension. See README.md bes
     y = layer(x)                                          # x: [batch][seq][64] float32
 
 The library is found through SELFATTN_LIBRARY (a path), then the install prefix of this
-package, then the system loader (see selfattn._lib); it must be libselfattn 1.2 or newer, else
+package, then the system loader (see selfattn._lib); it must be libselfattn 1.3 or newer, else
 the import raises ImportError. Layer.forward_train(x) returns (y, TrainState), and
 Layer.backward_train(x, dy, state) the gradients of Layer.backward without recomputing the forward.
 """
@@ -18,7 +18,7 @@ from ._errors import (Error, NullError, InvalidError, NoMemoryError, SizeOverflo
 from ._layer import (Layer, Cache, TrainState, from_torch, option_bounds, ROPE_NONE, ROPE_HALF,
                      ROPE_ADJACENT)
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 #: path or name the library was loaded from
 library_path = _lib.path

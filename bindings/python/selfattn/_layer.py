@@ -11,6 +11,8 @@ from ._errors import (Error, InvalidError, SizeOverflowError, StateError, error_
 
 _C = _lib.lib
 _F32 = np.dtype(np.float32)
+_F16 = np.dtype(np.float16)
+_U16, _I16 = np.dtype(np.uint16), np.dtype(np.int16)
 _I32 = np.dtype(np.int32)
 _I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
 _I64_MIN, _I64_MAX = -2 ** 63, 2 ** 63 - 1
@@ -18,6 +20,39 @@ _I64_MIN, _I64_MAX = -2 ** 63, 2 ** 63 - 1
 ROPE_NONE, ROPE_HALF, ROPE_ADJACENT = 0, 1, 2
 _ROPE_NAMES = {"none": 0, "half": 1, "neox": 1, "rotate_half": 1,
                "adjacent": 2, "gptj": 2, "interleaved": 2}
+
+# selfattn_dtype (1.3): the names weight_dtype, kv_dtype and set_weight's dtype= take; reading
+# an option gives the first (short) name
+_DTYPE_NAMES = {"f32": _lib.DTYPE_F32, "float32": _lib.DTYPE_F32,
+                "f16": _lib.DTYPE_F16, "float16": _lib.DTYPE_F16, "half": _lib.DTYPE_F16,
+                "bf16": _lib.DTYPE_BF16, "bfloat16": _lib.DTYPE_BF16}
+_DTYPE_STR = {_lib.DTYPE_F32: "f32", _lib.DTYPE_F16: "f16", _lib.DTYPE_BF16: "bf16"}
+
+
+def _dtype_code(value, what):
+    """The selfattn_dtype of a dtype given as "f32" / "f16" / "bf16" (or "float32", "float16",
+    "half", "bfloat16"), a NumPy dtype (np.float32, np.float16), a torch dtype (torch.float32,
+    torch.float16, torch.bfloat16: recognised by name, torch is not imported) or the C value
+    (0, 1, 2). Anything else is a ValueError naming the accepted values."""
+    if isinstance(value, str):
+        name = value.lower()
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return operator.index(value)       # the C value: the library checks its range
+    elif str(value).startswith("torch."):
+        name = str(value)[len("torch."):]
+    else:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = None
+    if name not in _DTYPE_NAMES:
+        raise ValueError("%s must be one of \"f32\", \"f16\", \"bf16\" (or np.float32, "
+                         "np.float16), got %r" % (what, value))
+    return _DTYPE_NAMES[name]
+
+
+def _dtype_str(code):
+    return _DTYPE_STR.get(code, code)
 
 # name -> (option value, first version, converter for reading)
 _INT_OPTIONS = {
@@ -30,6 +65,8 @@ _INT_OPTIONS = {
     "rope": (_lib.OPT_ROPE, int),
     "rope_dims": (_lib.OPT_ROPE_DIMS, int),
     "alibi": (_lib.OPT_ALIBI, bool),
+    "weight_dtype": (_lib.OPT_WEIGHT_DTYPE, _dtype_str),    # 1.3: read back as "f32"/"f16"/"bf16"
+    "kv_dtype": (_lib.OPT_KV_DTYPE, _dtype_str),
 }
 _FLOAT_OPTIONS = {"scale": _lib.FOPT_SCALE, "rope_theta": _lib.FOPT_ROPE_THETA,
                   "softcap": _lib.FOPT_SOFTCAP}
@@ -99,6 +136,46 @@ def _f32(a, what, seq_first=False):
         return np.ascontiguousarray(a, dtype=_F32)
     except (TypeError, ValueError) as e:
         raise TypeError("%s: cannot convert to a float32 array: %s" % (what, e)) from None
+
+
+def _weight_data(value, what, dtype):
+    """(C-contiguous array, selfattn_dtype) of a weight for selfattn_layer_set_weight_typed.
+    dtype None: float16 -> F16 bits (exactly), a torch.bfloat16 / torch.float16 tensor -> its
+    bits, uint16 -> TypeError (bits of which format?), any other real array -> float32 values.
+    dtype "f16" / "bf16": float16 (f16 only) or uint16 / int16 bit patterns, nothing else (a
+    float array is not rounded here: pass it without dtype= and the layer rounds it).
+    dtype "f32": float32 values, as without dtype= (uint16 values included)."""
+    code = None if dtype is None else _dtype_code(dtype, "dtype")
+    if code in (None, _lib.DTYPE_F32) and type(value) is np.ndarray and value.dtype is _F32 \
+            and value.flags.c_contiguous:
+        return value, _lib.DTYPE_F32
+    if code in (None, _lib.DTYPE_F16, _lib.DTYPE_BF16):
+        bits = _torch.half_bits(value)      # a torch half tensor: (uint16 bits, its dtype)
+        if bits is not None:
+            if code is not None and code != bits[1]:
+                raise TypeError("%s: a torch.%s tensor given with dtype=%r"
+                                % (what, "bfloat16" if bits[1] == _lib.DTYPE_BF16 else "float16",
+                                   dtype))
+            return bits
+    a = _array(value, what)
+    if code is None:
+        if a.dtype == _F16:
+            return np.ascontiguousarray(a.view(_U16)), _lib.DTYPE_F16
+        if a.dtype == _U16:
+            raise TypeError("%s: a uint16 array is ambiguous: pass dtype=\"bf16\" (bfloat16 bit "
+                            "patterns) or dtype=\"f16\" (float16 bit patterns), or convert it to "
+                            "float32 if it holds the values themselves" % what)
+        code = _lib.DTYPE_F32
+    if code == _lib.DTYPE_F32:
+        return _f32(a, what), code
+    if a.dtype in (_U16, _I16) or (code == _lib.DTYPE_F16 and a.dtype == _F16):
+        return np.ascontiguousarray(a.view(_U16)), code
+    raise TypeError("%s: dtype=%r takes %s, got dtype %s; pass float values without dtype= "
+                    "(the layer rounds them to its weight_dtype)"
+                    % (what, dtype, "float16 values or uint16 bit patterns"
+                       if code == _lib.DTYPE_F16 else "uint16 bit patterns (NumPy has no "
+                       "bfloat16: e.g. tensor.view(torch.int16).numpy().view(np.uint16))",
+                       a.dtype))
 
 
 def _int32_array(a, n, what):
@@ -217,9 +294,14 @@ class Layer(_Handle):
 
     Layer(d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False, out_proj=True,
           threads=0, scale=None, window=None, rope=None, rope_dims=None, rope_theta=None,
-          alibi=None, softcap=None, batch_first=True)
+          alibi=None, softcap=None, batch_first=True, weight_dtype="f32", kv_dtype="f32")
 
     None leaves an option at the library default.
+
+    weight_dtype and kv_dtype (libselfattn 1.3: "f32", "f16" or "bf16", or np.float32 /
+    np.float16): how the layer stores W_Q, W_K, W_V, W_O (rounded once, to nearest even, when set;
+    biases stay float32) and how a Cache created from it stores K and V. Arithmetic and all
+    activations stay float32. weight_dtype is fixed once a weight is set (StateError after).
 
     Calling the layer runs it: y = layer(x) with x [batch][seq_len][d_model] (a 2-D
     [seq_len][d_model] x is one sequence, and y is 2-D then). Inputs that are not C-contiguous
@@ -238,7 +320,8 @@ class Layer(_Handle):
 
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False,
                  out_proj=True, threads=0, scale=None, window=None, rope=None, rope_dims=None,
-                 rope_theta=None, alibi=None, softcap=None, batch_first=True):
+                 rope_theta=None, alibi=None, softcap=None, batch_first=True,
+                 weight_dtype="f32", kv_dtype="f32"):
         self._h = None
         self._seq_first = batch_first is not None and not batch_first
         self._caches = weakref.WeakSet()
@@ -254,6 +337,10 @@ class Layer(_Handle):
             # shape options first (they must precede any weight), ROPE_DIMS after HEAD_DIM
             for name, value in (("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                                 ("out_proj", None if out_proj is True else out_proj),
+                                ("weight_dtype", None if weight_dtype is None
+                                 else _dtype_code(weight_dtype, "weight_dtype") or None),
+                                ("kv_dtype", None if kv_dtype is None
+                                 else _dtype_code(kv_dtype, "kv_dtype") or None),
                                 ("causal", causal or None), ("threads", threads or None),
                                 ("window", window), ("rope", rope), ("rope_dims", rope_dims),
                                 ("alibi", alibi)):
@@ -303,8 +390,10 @@ class Layer(_Handle):
 
     def set(self, name, value):
         """Set an option by name: an integer option (n_kv_heads, head_dim, causal, out_proj,
-        threads, window, rope, rope_dims, alibi) with selfattn_layer_set, or a real one (scale,
-        rope_theta, softcap) with selfattn_layer_set_float (scale: selfattn_layer_set_scale)."""
+        threads, window, rope, rope_dims, alibi, weight_dtype, kv_dtype) with selfattn_layer_set,
+        or a real one (scale, rope_theta, softcap) with selfattn_layer_set_float (scale:
+        selfattn_layer_set_scale). weight_dtype and kv_dtype take "f32", "f16", "bf16" (or a
+        NumPy dtype, see Layer)."""
         h = self._handle()
         if name in _FLOAT_OPTIONS:
             value = float(value)
@@ -323,10 +412,17 @@ class Layer(_Handle):
                 value = _ROPE_NAMES[value.lower()]
             except KeyError:
                 raise ValueError("rope must be 0/1/2 or one of %s" % sorted(_ROPE_NAMES)) from None
+        elif name in ("weight_dtype", "kv_dtype"):
+            value = _dtype_code(value, name)
         v = operator.index(value)
         if not _I64_MIN <= v <= _I64_MAX:
             raise InvalidError(_lib.ERR_INVALID, "selfattn_layer_set", "%s=%d" % (name, v))
-        _check(_C.selfattn_layer_set(h, opt, v), "selfattn_layer_set", "%s=%d" % (name, v))
+        st = _C.selfattn_layer_set(h, opt, v)
+        if st == _lib.ERR_STATE and name == "weight_dtype":
+            raise error_for(st, "selfattn_layer_set",
+                            "weight_dtype=%s: the weight dtype is fixed once a weight is set (pass "
+                            "weight_dtype= to Layer(...), before set_weight)" % _dtype_str(v))
+        _check(st, "selfattn_layer_set", "%s=%d" % (name, v))
 
     def get(self, name):
         """The effective value of an option (defaults resolved), by name."""
@@ -358,15 +454,23 @@ class Layer(_Handle):
     rope_theta = _prop("rope_theta", "rotary base (1.1), default 10000")
     alibi = _prop("alibi", "ALiBi position bias (1.1)")
     softcap = _prop("softcap", "score soft cap c: s -> c*tanh(s/c) (1.1); 0 = off")
+    weight_dtype = _prop("weight_dtype", "storage of W_Q, W_K, W_V, W_O (1.3): \"f32\", \"f16\" or "
+                         "\"bf16\"; fixed once a weight is set")
+    kv_dtype = _prop("kv_dtype", "storage of K and V in a Cache created from now on (1.3): "
+                     "\"f32\", \"f16\" or \"bf16\"")
     del _prop
 
     def __repr__(self):
         if self._h is None:
             return "<selfattn.Layer (closed)>"
         return ("selfattn.Layer(d_model=%d, n_heads=%d, n_kv_heads=%d, head_dim=%d, causal=%s, "
-                "out_proj=%s%s)" % (self._d_model, self._n_heads, self.n_kv_heads, self.head_dim,
-                                    self.causal, self.out_proj,
-                                    ", batch_first=False" if self._seq_first else ""))
+                "out_proj=%s%s%s%s)" % (self._d_model, self._n_heads, self.n_kv_heads,
+                                        self.head_dim, self.causal, self.out_proj,
+                                        "" if self.weight_dtype == "f32"
+                                        else ", weight_dtype=%r" % self.weight_dtype,
+                                        "" if self.kv_dtype == "f32"
+                                        else ", kv_dtype=%r" % self.kv_dtype,
+                                        ", batch_first=False" if self._seq_first else ""))
 
     # ---- weights -------------------------------------------------------------------------------
     def weight_shape(self, name):
@@ -380,34 +484,56 @@ class Layer(_Handle):
                 "b_q": (q,), "b_k": (kv,), "b_v": (kv,), "b_o": (d,),
                 "w_qkv": (3 * d, d), "b_qkv": (3 * d,)}[name]
 
-    def set_weight(self, name, value):
-        """Copy one weight or bias into the layer (selfattn_layer_set_weight). name is one of
-        w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, w_qkv, b_qkv; layouts as torch.nn.Linear
+    def set_weight(self, name, value, dtype=None):
+        """Copy one weight or bias into the layer (selfattn_layer_set_weight, or
+        selfattn_layer_set_weight_typed for half-precision data). name is one of w_q, w_k, w_v,
+        w_o, b_q, b_k, b_v, b_o, w_qkv, b_qkv; layouts as torch.nn.Linear
         ([out_features][in_features]). The element count is checked by the library
         (InvalidError); a 2-D array with the right count but another shape (e.g. transposed)
-        is refused here with ValueError."""
+        is refused here with ValueError.
+
+        The data: float32 (other real arrays are converted to float32 values, a copy); float16
+        (passed as its bits, exactly); bfloat16 as uint16 bit patterns with dtype="bf16" (NumPy
+        has no bfloat16); a torch.float16 / torch.bfloat16 tensor (its bits). A uint16 array
+        without dtype= is a TypeError (dtype="bf16" or "f16" says which bits they are). The
+        layer converts weights to its weight_dtype (bit for bit when already in it; a finite
+        value that would round to infinity, e.g. 70000.0 into "f16", is InvalidError and
+        changes nothing), biases to float32."""
         h = self._handle()
         if name not in _WEIGHTS:
             raise KeyError("unknown weight %r (one of %s)" % (name, ", ".join(_WEIGHTS)))
-        a = _f32(value, name)
+        a, code = _weight_data(value, name, dtype)
         shape = self.weight_shape(name)
         if shape is not None and a.size == math.prod(shape) and a.ndim > 1 and a.shape != shape:
             raise ValueError("%s must have shape %s ([out_features][in_features]), got %s"
                              % (name, shape, a.shape))
-        _check(_C.selfattn_layer_set_weight(h, _WEIGHTS[name], a.ctypes.data, a.size),
-               "selfattn_layer_set_weight", "%s with %d elements%s" % (
-                   name, a.size, "" if shape is None else ", expected %s" % (shape,)))
+        detail = "%s with %d elements%s" % (
+            name, a.size, "" if shape is None else ", expected %s" % (shape,))
+        if code == _lib.DTYPE_F32:
+            fn = "selfattn_layer_set_weight"
+            st = _C.selfattn_layer_set_weight(h, _WEIGHTS[name], a.ctypes.data, a.size)
+        else:
+            fn = "selfattn_layer_set_weight_typed"
+            st = _C.selfattn_layer_set_weight_typed(h, _WEIGHTS[name], code, a.ctypes.data,
+                                                    a.size)
+            detail += " given as %s" % _DTYPE_STR[code]
+        if st == _lib.ERR_INVALID and shape is not None and a.size == math.prod(shape) \
+                and name.startswith("w_") and self.weight_dtype != "f32":
+            detail += ("; a finite value that rounds to infinity in the layer's weight_dtype %s "
+                       "(f16: |w| >= 65520) is refused" % self.weight_dtype)
+        _check(st, fn, detail)
         self._have.update(_PROVIDES.get(name, ""))
 
-    def set_weights(self, **weights):
-        """set_weights(w_q=..., w_k=..., w_v=..., w_o=..., b_q=..., ..., w_qkv=..., b_qkv=...):
-        set_weight for each given (None values are skipped), in the order given."""
+    def set_weights(self, dtype=None, **weights):
+        """set_weights(w_q=..., w_k=..., w_v=..., w_o=..., b_q=..., ..., w_qkv=..., b_qkv=...,
+        dtype=None): set_weight for each given (None values are skipped), in the order given,
+        with the same dtype= for all (e.g. dtype="bf16" for uint16 bit patterns)."""
         for name, value in weights.items():
             if name not in _WEIGHTS:
                 raise KeyError("unknown weight %r (one of %s)" % (name, ", ".join(_WEIGHTS)))
         for name, value in weights.items():
             if value is not None:
-                self.set_weight(name, value)
+                self.set_weight(name, value, dtype)
 
     def missing_weights(self):
         """The weights a call still needs, as set_weight names (e.g. ["w_o"]): w_q, w_k, w_v
@@ -719,7 +845,12 @@ def from_torch(module, cls=None, **options):
     PyTorch's key_padding_mask corresponds to lengths= when it masks a suffix of each sequence; an
     attn_mask equal to the causal mask, to causal=True. Dropout is not applied (inference).
     Not supported (ValueError): kdim/vdim different from embed_dim (separate q/k/v_proj_weight),
-    add_bias_kv, add_zero_attn, and out_proj=False."""
+    add_bias_kv, add_zero_attn, and out_proj=False.
+
+    Half precision (libselfattn 1.3): torch.float16 and torch.bfloat16 parameters are copied bit
+    for bit (no float32 round trip), and weight_dtype defaults to the dtype of the module's
+    in_proj_weight ("f16", "bf16", else "f32"); weight_dtype="f32" (or another) overrides it
+    (f16 / bf16 values widen to float32 exactly; float32 ones are rounded once)."""
     return _torch.from_torch(module, Layer if cls is None else cls, **options)
 
 
@@ -840,8 +971,8 @@ class Cache(_Handle):
                 detail = ("the layer is not causal (any more): a Cache needs a causal layer "
                           "(layer.causal = True, i.e. SELFATTN_OPT_CAUSAL 1)")
             else:
-                detail = ("the layer's window, rope, rope_dims, rope_theta, n_kv_heads or "
-                          "head_dim changed since the Cache was created")
+                detail = ("the layer's window, rope, rope_dims, rope_theta, n_kv_heads, "
+                          "head_dim or kv_dtype changed since the Cache was created")
             raise error_for(st, "selfattn_forward_cached", detail)
         layer._check_call(st, "selfattn_forward_cached")
         if sf:

@@ -9,7 +9,7 @@ Lookup order (the first that loads wins):
   3. the system loader: "libselfattn.so.1" (LD_LIBRARY_PATH, ld.so.cache, default directories),
      then ctypes.util.find_library("selfattn").
 ctypes.CDLL releases the GIL for the duration of every call into the library.
-The library found must be libselfattn 1.2 or newer (REQUIRED_VERSION_NUMBER), else ImportError.
+The library found must be libselfattn 1.3 or newer (REQUIRED_VERSION_NUMBER), else ImportError.
 """
 import ctypes
 import ctypes.util
@@ -86,7 +86,7 @@ def _load():
 # The version this binding is written for (selfattn.h: SELFATTN_VERSION_MAJOR/MINOR/PATCH). The
 # binding ships with its library: an older one is refused at import, so every function of the
 # table below exists and nothing is probed later.
-REQUIRED_VERSION_NUMBER = 10200                 # 1.2.0 = major*10000 + minor*100 + patch
+REQUIRED_VERSION_NUMBER = 10300                 # 1.3.0 = major*10000 + minor*100 + patch
 
 
 def _version_text(number):
@@ -148,6 +148,8 @@ _DECLS = {
     "selfattn_train_state_size": (c_int, [_P, c_int32, c_int32, ctypes.POINTER(c_size_t)]),
     "selfattn_forward_train": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P, c_size_t]),
     "selfattn_backward_train": (c_int, [_P, c_int32, c_int32, _P, _P, _P, _P, _P, _P, c_size_t]),
+    # 1.3 (selfattn.h, half-precision storage: SELFATTN_OPT_WEIGHT_DTYPE, SELFATTN_OPT_KV_DTYPE)
+    "selfattn_layer_set_weight_typed": (c_int, [_P, c_int, c_int, _P, c_int64]),
 }
 
 for _name, (_res, _args) in _DECLS.items():
@@ -160,6 +162,8 @@ OK, ERR_NULL, ERR_INVALID, ERR_NOMEM, ERR_OVERFLOW, ERR_STATE, ERR_UNSUPPORTED =
 
 OPT_N_KV_HEADS, OPT_HEAD_DIM, OPT_CAUSAL, OPT_OUT_PROJ, OPT_THREADS = 1, 2, 3, 4, 5
 OPT_WINDOW, OPT_ROPE, OPT_ROPE_DIMS, OPT_ALIBI = 6, 7, 8, 9          # 1.1
+OPT_WEIGHT_DTYPE, OPT_KV_DTYPE = 10, 11                              # 1.3
+DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2                           # 1.3: selfattn_dtype
 FOPT_SCALE, FOPT_ROPE_THETA, FOPT_SOFTCAP = 1, 2, 3                  # 1.1
 
 W_Q, W_K, W_V, W_O, B_Q, B_K, B_V, B_O, W_QKV, B_QKV = range(1, 11)

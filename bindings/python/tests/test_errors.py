@@ -259,11 +259,13 @@ def test_new_float_options_validated(name):
 
 def test_import_refuses_an_older_library():
     """import selfattn raises ImportError naming the library, its version and the one required
-    when selfattn_version_number() is below 1.2.0 (a child process whose ctypes.CDLL gives a
+    when selfattn_version_number() is below 1.3.0 (a child process whose ctypes.CDLL gives a
     stand-in library reporting 1.1.5)."""
-    assert _lib.REQUIRED_VERSION_NUMBER == 10200
-    _lib.check_version(10200, "x")                              # the required version passes
+    assert _lib.REQUIRED_VERSION_NUMBER == 10300
+    _lib.check_version(10300, "x")                              # the required version passes
     _lib.check_version(selfattn.version_number(), _lib.path)    # so does the loaded one
+    with pytest.raises(ImportError, match=r"libselfattn 1\.2\.9 \(10209\)"):
+        _lib.check_version(10209, "x")                          # 1.2 lacks set_weight_typed
     code = textwrap.dedent("""
         import ctypes
         class OldLibrary:
@@ -290,7 +292,7 @@ def test_import_refuses_an_older_library():
     kind, msg = r.stdout.split("\n", 1)
     assert kind == "ImportError", r.stdout
     assert "/old/libselfattn.so.1 is libselfattn 1.1.5 (10105)" in msg, msg
-    assert "needs libselfattn 1.2.0 (10200) or newer" in msg, msg
+    assert "needs libselfattn 1.3.0 (10300) or newer" in msg, msg
     assert "SELFATTN_LIBRARY" in msg, msg
 
 
