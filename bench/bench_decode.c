@@ -20,6 +20,9 @@
  *                                  weights against the float32 prefill: vs_f32.
  *   dtype_forward/E/H/KV/L/W       a causal selfattn_forward with W-stored weights against the
  *                                  float32 forward: vs_f32.
+ *   dtype_memory/E/H/KV/ctx        resident bytes (VmRSS growth) of a layer with bf16 weights and
+ *                                  of a cache of ctx positions in f16 (filled), each against the
+ *                                  float32 one: layer_vs_f32, cache_vs_f32.
  * Medians of alternating runs. Run with --smoke for a quick pass (small shapes). */
 #include <stdint.h>
 #include <stdio.h>
@@ -366,6 +369,59 @@ static void bm_dtype_pair(sb_state *s, const void *arg)
     }
 }
 
+/* The process's resident set now, in bytes (/proc/self/statm: pages). */
+static double rss_bytes(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    long pages = 0, res = 0;
+    if (f) {
+        if (fscanf(f, "%ld %ld", &pages, &res) != 2)
+            res = 0;
+        fclose(f);
+    }
+    return (double)res * 4096.0;
+}
+
+/* Resident bytes of a layer (weights set, before any call) with weight dtype wdt, and of a
+   cache of ctx positions in kvdt, filled by prompts of 512 tokens: what destroying it returns
+   (the large blocks are mapped apart, so freeing them shrinks the resident set by their size). */
+static void memory_of(const dcfg *c, int wdt, int kvdt, double *layer_b, double *cache_b)
+{
+    const double r0 = rss_bytes();
+    selfattn_layer *l = layer_typed(c, 1, wdt, kvdt);
+    *layer_b = rss_bytes() - r0;
+    *cache_b = 0;
+    selfattn_cache *cache = NULL;
+    const int chunk = c->ctx < 512 ? c->ctx : 512;
+    float *x = sb_filled((size_t)chunk * c->E, 1.0f, 3), *y = malloc(sizeof(float) * chunk * c->E);
+    if (l && x && y && selfattn_cache_create(l, 1, c->ctx, &cache) == SELFATTN_OK) {
+        for (int t = 0; t + chunk <= c->ctx; t += chunk) /* every row of K and V written */
+            selfattn_forward_cached(l, cache, chunk, x, NULL, y);
+        const double r1 = rss_bytes();
+        selfattn_cache_destroy(cache);
+        *cache_b = r1 - rss_bytes();
+    }
+    free(x);
+    free(y);
+    selfattn_layer_destroy(l);
+}
+
+static void bm_dtype_memory(sb_state *s, const void *arg)
+{
+    const dcfg *c = arg;
+    double l32 = 0, c32 = 0, lt = 0, ct = 0;
+    while (sb_keep_running(s)) {
+        memory_of(c, 0, 0, &l32, &c32);
+        memory_of(c, 2, 1, &lt, &ct);
+    }
+    sb_counter(s, "layer_f32_MB", l32 / 1e6);
+    sb_counter(s, "layer_bf16_MB", lt / 1e6);
+    sb_counter(s, "layer_vs_f32", lt / l32);
+    sb_counter(s, "cache_f32_MB", c32 / 1e6);
+    sb_counter(s, "cache_f16_MB", ct / 1e6);
+    sb_counter(s, "cache_vs_f32", ct / c32);
+}
+
 int main(int argc, char **argv)
 {
     const int smoke = sb_smoke(argc, argv);
@@ -429,5 +485,9 @@ int main(int argc, char **argv)
     typed[nt].wdt = 2;
     snprintf(tnames[nt], sizeof tnames[nt], "dtype_forward/%d/16/4/%d/2", pre[0].E, pre[0].ctx);
     sb_register(tnames[nt], bm_dtype_pair, &typed[nt], smoke ? 2 : 6);
+    nt++;
+    typed[nt] = dec[2]; /* E 2048, 16384 positions */
+    snprintf(tnames[nt], sizeof tnames[nt], "dtype_memory/%d/16/4/%d", typed[nt].E, typed[nt].ctx);
+    sb_register(tnames[nt], bm_dtype_memory, &typed[nt], 1);
     return sb_main(argc, argv);
 }
