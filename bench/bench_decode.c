@@ -24,6 +24,7 @@
  *                                  of a cache of ctx positions in f16 (filled), each against the
  *                                  float32 one: layer_vs_f32, cache_vs_f32.
  * Medians of alternating runs. Run with --smoke for a quick pass (small shapes). */
+#include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -409,6 +410,9 @@ static void memory_of(const dcfg *c, int wdt, int kvdt, double *layer_b, double 
 static void bm_dtype_memory(sb_state *s, const void *arg)
 {
     const dcfg *c = arg;
+    /* a fixed mmap threshold: every large block is mapped on its own and returned when freed
+       (glibc otherwise raises the threshold after a free, and reuses resident heap memory) */
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
     double l32 = 0, c32 = 0, lt = 0, ct = 0;
     while (sb_keep_running(s)) {
         memory_of(c, 0, 0, &l32, &c32);

@@ -58,7 +58,8 @@ static float *rnd_array(size_t n, float a)
     do {                                                                                           \
         selfattn_status st_ = (call);                                                              \
         if (st_ != SELFATTN_OK) {                                                                  \
-            fprintf(stderr, "selfattn-generate: %s: %s\n", #call, selfattn_status_string(st_));    \
+            fprintf(stderr, "selfattn-generate: %s: %s (%s)\n", #call,                             \
+                    selfattn_status_string(st_), selfattn_last_error());                           \
             return 2;                                                                              \
         }                                                                                          \
     } while (0)
@@ -68,7 +69,6 @@ static const char usage_text[] =
     "                         [--seqs N] [--window N] [--threads N] [--vocab N] [--seed N]\n"
     "                         [--weight-dtype f32|f16|bf16] [--kv-dtype f32|f16|bf16]\n"
     "                         [--help]\n";
-
 
 /* The token whose embedding has the largest dot product with y. */
 static int next_token(const float *y, const float *emb, int vocab, int dm)
@@ -164,7 +164,8 @@ int main(int argc, char **argv)
     selfattn_cache *cache;
     CHECK(selfattn_cache_create(layer, seqs, capacity, &cache));
     float *emb = rnd_array((size_t)vocab * dm, 1.0f);
-    float *x = malloc(sizeof(float) * seqs * prompt * dm), *y = malloc(sizeof(float) * seqs * prompt * dm);
+    float *x = malloc(sizeof(float) * seqs * prompt * dm),
+          *y = malloc(sizeof(float) * seqs * prompt * dm);
     int *tokens = malloc(sizeof(int) * seqs * (prompt + steps));
     for (int s = 0; s < seqs; s++)
         for (int t = 0; t < prompt; t++) {
@@ -182,13 +183,15 @@ int main(int argc, char **argv)
     double t_attn = 0.0;
     for (int k = 1; k < steps; k++) {
         for (int s = 0; s < seqs; s++)
-            memcpy(x + (size_t)s * dm, emb + (size_t)tokens[s * (prompt + steps) + prompt + k - 1] * dm,
+            memcpy(x + (size_t)s * dm,
+                   emb + (size_t)tokens[s * (prompt + steps) + prompt + k - 1] * dm,
                    sizeof(float) * dm);
         t0 = now_s();
         CHECK(selfattn_forward_cached(layer, cache, 1, x, NULL, y));
         t_attn += now_s() - t0;
         for (int s = 0; s < seqs; s++)
-            tokens[s * (prompt + steps) + prompt + k] = next_token(y + (size_t)s * dm, emb, vocab, dm);
+            tokens[s * (prompt + steps) + prompt + k] =
+                next_token(y + (size_t)s * dm, emb, vocab, dm);
     }
     /* bytes a step reads: the weights once, the cached K/V of every sequence */
     int32_t len;

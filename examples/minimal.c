@@ -19,14 +19,20 @@ int main(void)
 
     selfattn_layer *layer = NULL;
     selfattn_status st = selfattn_layer_create(D, H, &layer);
-    if (st == SELFATTN_OK) st = selfattn_layer_set(layer, SELFATTN_OPT_CAUSAL, 1);
-    if (st == SELFATTN_OK) st = selfattn_layer_set_weight(layer, SELFATTN_W_Q, wq, D * D);
-    if (st == SELFATTN_OK) st = selfattn_layer_set_weight(layer, SELFATTN_W_K, wk, D * D);
-    if (st == SELFATTN_OK) st = selfattn_layer_set_weight(layer, SELFATTN_W_V, wv, D * D);
-    if (st == SELFATTN_OK) st = selfattn_layer_set_weight(layer, SELFATTN_W_O, wo, D * D);
-    if (st == SELFATTN_OK) st = selfattn_forward(layer, 1, L, x, NULL, y);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set(layer, SELFATTN_OPT_CAUSAL, 1);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set_weight(layer, SELFATTN_W_Q, wq, D * D);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set_weight(layer, SELFATTN_W_K, wk, D * D);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set_weight(layer, SELFATTN_W_V, wv, D * D);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set_weight(layer, SELFATTN_W_O, wo, D * D);
+    if (st == SELFATTN_OK)
+        st = selfattn_forward(layer, 1, L, x, NULL, y);
     if (st != SELFATTN_OK) {
-        fprintf(stderr, "selfattn: %s\n", selfattn_status_string(st));
+        fprintf(stderr, "selfattn: %s (%s)\n", selfattn_status_string(st), selfattn_last_error());
         selfattn_layer_destroy(layer);
         return 1;
     }

@@ -78,7 +78,8 @@ static void *xmalloc(size_t n)
     do {                                                                                           \
         selfattn_status st_ = (call);                                                              \
         if (st_ != SELFATTN_OK) {                                                                  \
-            fprintf(stderr, "ring_attention: %s: %s\n", #call, selfattn_status_string(st_));       \
+            fprintf(stderr, "ring_attention: %s: %s (%s)\n", #call, selfattn_status_string(st_),   \
+                    selfattn_last_error());                                                        \
             MPI_Abort(MPI_COMM_WORLD, 2);                                                          \
         }                                                                                          \
     } while (0)
@@ -144,12 +145,12 @@ static void merge(float *o, float *lse, const float *o_c, const float *lse_c, in
 }
 
 typedef struct ring_stats {
-    double compute_s; /* in selfattn_attend_ex */
+    double compute_s;     /* in selfattn_attend_ex */
     double compute_cpu_s; /* CPU time of the process during those calls (less sensitive to other
                              load on the machine than wall time) */
-    double merge_s;   /* in merge() */
-    double wait_s;    /* in MPI_Waitall (communication not hidden by the step's compute) */
-    int calls;        /* attention calls made (causal: chunks from the future are skipped) */
+    double merge_s;       /* in merge() */
+    double wait_s;        /* in MPI_Waitall (communication not hidden by the step's compute) */
+    int calls;            /* attention calls made (causal: chunks from the future are skipped) */
 } ring_stats;
 
 /* The ring: q [C][H*D] (this rank's rows), kv0 holds this rank's K then V chunk ([C][KV*D] each);
@@ -276,8 +277,9 @@ int main(int argc, char **argv)
         kv_heads = heads;
     if (L % nranks != 0 || heads % kv_heads != 0 || heads * head_dim > INT32_MAX) {
         if (rank == 0)
-            fprintf(stderr, "ring_attention: L (%ld) must be divisible by the number of ranks (%d) "
-                            "and kv-heads (%ld) must divide heads (%ld)\n",
+            fprintf(stderr,
+                    "ring_attention: L (%ld) must be divisible by the number of ranks (%d) "
+                    "and kv-heads (%ld) must divide heads (%ld)\n",
                     L, nranks, kv_heads, heads);
         MPI_Finalize();
         return 2;
@@ -287,7 +289,8 @@ int main(int argc, char **argv)
     const int64_t qw = (int64_t)H * D, kvw = (int64_t)KV * D;
     if ((int64_t)C * 2 * kvw > INT32_MAX || (int64_t)C * qw > INT32_MAX) {
         if (rank == 0)
-            fprintf(stderr, "ring_attention: a chunk of more than INT32_MAX floats; use more ranks\n");
+            fprintf(stderr,
+                    "ring_attention: a chunk of more than INT32_MAX floats; use more ranks\n");
         MPI_Finalize();
         return 2;
     }
@@ -344,8 +347,8 @@ int main(int argc, char **argv)
     MPI_Gather(&st.calls, 1, MPI_INT, calls, 1, MPI_INT, 0, MPI_COMM_WORLD);
     if (rank == 0) {
         qsort(times, (size_t)repeat, sizeof *times, cmp_double);
-        const double med = repeat % 2 ? times[repeat / 2]
-                                      : 0.5 * (times[repeat / 2 - 1] + times[repeat / 2]);
+        const double med =
+            repeat % 2 ? times[repeat / 2] : 0.5 * (times[repeat / 2 - 1] + times[repeat / 2]);
         const double flop = 4.0 * (double)L * (double)L * (double)qw * (causal ? 0.5 : 1.0);
         printf("time: median %.4f s over %ld run(s) (min %.4f s), %.1f GFLOP/s (%s work "
                "4*L^2*H*D%s)\n",
@@ -377,8 +380,8 @@ int main(int argc, char **argv)
             fill_rows(qf, (uint64_t)seed, T_Q, 0, L, qw, 3.0f);
             fill_rows(kf, (uint64_t)seed, T_K, 0, L, kvw, 1.0f);
             fill_rows(vf, (uint64_t)seed, T_V, 0, L, kvw, 1.0f);
-            CHECK(selfattn_attend(causal ? diag : full, 1, (int32_t)L, (int32_t)L, qf, kf, vf,
-                                  NULL, ref));
+            CHECK(selfattn_attend(causal ? diag : full, 1, (int32_t)L, (int32_t)L, qf, kf, vf, NULL,
+                                  ref));
             double max_diff = 0, max_ref = 0;
             int finite = 1;
             for (int64_t i = 0; i < L * qw; i++) {

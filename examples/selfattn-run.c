@@ -60,12 +60,12 @@ static const char usage_text[] =
     "                    [--causal] [--threads N] [--repeat N] [--check-rows N] [--seed N]\n"
     "                    [--help]\n";
 
-
 #define CHECK(call)                                                                                \
     do {                                                                                           \
         selfattn_status st_ = (call);                                                              \
         if (st_ != SELFATTN_OK) {                                                                  \
-            fprintf(stderr, "selfattn-run: %s: %s\n", #call, selfattn_status_string(st_));         \
+            fprintf(stderr, "selfattn-run: %s: %s (%s)\n", #call, selfattn_status_string(st_),     \
+                    selfattn_last_error());                                                        \
             return 2;                                                                              \
         }                                                                                          \
     } while (0)

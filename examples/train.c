@@ -1,10 +1,10 @@
 /* Training one self-attention layer with selfattn_forward_train and selfattn_backward_train (the
  * forward keeps its activations in a train state the backward reads; --recompute uses
- * selfattn_forward and selfattn_backward instead, which recomputes them): a causal layer with rotary position
- * embeddings learns to copy the token K_BACK positions back. Tokens are one-hot-ish random
- * embeddings; the loss is the mean squared error between y at position t and the embedding of the
- * token at t - K_BACK. The optimiser (Adam, or plain SGD with --sgd) is written here: the library
- * gives the gradients, the caller owns the weights and the update.
+ * selfattn_forward and selfattn_backward instead, which recomputes them): a causal layer with
+ * rotary position embeddings learns to copy the token K_BACK positions back. Tokens are one-hot-ish
+ * random embeddings; the loss is the mean squared error between y at position t and the embedding
+ * of the token at t - K_BACK. The optimiser (Adam, or plain SGD with --sgd) is written here: the
+ * library gives the gradients, the caller owns the weights and the update.
  *
  *     example-train [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz] [--help]
  *
@@ -76,7 +76,8 @@ static void adam_step(int t, double lr)
             const double g = params[p].g[i];
             params[p].m[i] = (float)(b1 * params[p].m[i] + (1 - b1) * g);
             params[p].v[i] = (float)(b2 * params[p].v[i] + (1 - b2) * g * g);
-            params[p].w[i] -= (float)(lr * (params[p].m[i] / c1) / (sqrt(params[p].v[i] / c2) + eps));
+            params[p].w[i] -=
+                (float)(lr * (params[p].m[i] / c1) / (sqrt(params[p].v[i] / c2) + eps));
         }
 }
 
@@ -129,12 +130,12 @@ static void put32(unsigned char *p, uint32_t v)
 }
 
 /* One array: descr like "<f4", shape as text like "(32, 32)", raw little-endian data. */
-static int npz_add(npz *z, const char *name, const char *descr, const char *shape,
-                   const void *data, size_t bytes)
+static int npz_add(npz *z, const char *name, const char *descr, const char *shape, const void *data,
+                   size_t bytes)
 {
     char header[256];
-    int hl = snprintf(header, sizeof header, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }",
-                      descr, shape);
+    int hl = snprintf(header, sizeof header,
+                      "{'descr': '%s', 'fortran_order': False, 'shape': %s, }", descr, shape);
     const int total = (10 + hl + 1 + 63) / 64 * 64; /* magic .. '\n', 64-byte aligned */
     memset(header + hl, ' ', (size_t)(total - 10 - hl - 1));
     header[total - 10 - 1] = '\n';
@@ -288,12 +289,12 @@ static const char usage_text[] =
     "usage: example-train [--sgd] [--recompute] [--lr RATE] [--steps N] [--out FILE.npz]\n"
     "                     [--help]\n";
 
-
 #define CHECK(call)                                                                                \
     do {                                                                                           \
         selfattn_status st_ = (call);                                                              \
         if (st_ != SELFATTN_OK) {                                                                  \
-            fprintf(stderr, "%s: %s\n", #call, selfattn_status_string(st_));                      \
+            fprintf(stderr, "%s: %s (%s)\n", #call, selfattn_status_string(st_),                   \
+                    selfattn_last_error());                                                        \
             return 1;                                                                              \
         }                                                                                          \
     } while (0)
@@ -362,9 +363,9 @@ int main(int argc, char **argv)
     float *x = malloc(sizeof(float) * n_x), *y = malloc(sizeof(float) * n_x);
     float *target = malloc(sizeof(float) * n_x), *dy = malloc(sizeof(float) * n_x);
     int *tok = malloc(sizeof(int) * BATCH * SEQ);
-    selfattn_grads g = {sizeof g,           params[P_WQ].g, params[P_WK].g, params[P_WV].g,
-                        params[P_WO].g,     params[P_BQ].g, params[P_BK].g, params[P_BV].g,
-                        params[P_BO].g};
+    selfattn_grads g = {sizeof g,       params[P_WQ].g, params[P_WK].g,
+                        params[P_WV].g, params[P_WO].g, params[P_BQ].g,
+                        params[P_BK].g, params[P_BV].g, params[P_BO].g};
     size_t state_bytes = 0; /* the train state: Q, K, V, O and lse of one batch */
     CHECK(selfattn_train_state_size(layer, BATCH, SEQ, &state_bytes));
     void *state = recompute ? NULL : malloc(state_bytes);

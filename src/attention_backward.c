@@ -304,10 +304,18 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
                                          const float *v, const int32_t *kv_lengths,
                                          const float *dout, float *dq, float *dk, float *dv)
 {
-    SA_CHECK(layer != NULL && q != NULL && k != NULL && v != NULL && dout != NULL,
-             SELFATTN_ERR_NULL);
-    SA_CHECK(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID);
-    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+    sa_err_begin("selfattn_attend_backward");
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(q);
+    SA_CHECK_NULL(k);
+    SA_CHECK_NULL(v);
+    SA_CHECK_NULL(dout);
+    SA_CHECKF(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID,
+              "batch %d, q_len %d and kv_len %d must all be >= 1", batch, q_len, kv_len);
+    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
+              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
+              "SELFATTN_OPT_HEAD_DIM",
+              layer->d_model, layer->n_heads);
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t q_rows = (size_t)batch * (size_t)q_len; /* < 2^62 */
@@ -316,7 +324,7 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
                  sa_array_bytes((size_t)batch * (size_t)kv_len, nkv) != 0 &&
                  sa_mul_size(q_rows, (size_t)layer->n_heads, &head_rows),
              SELFATTN_ERR_OVERFLOW);
-    selfattn_status st = sa_check_lengths(kv_lengths, batch, kv_len);
+    selfattn_status st = sa_check_lengths(kv_lengths, batch, kv_len, "kv_lengths", "kv_len");
     SA_CHECK(st == SELFATTN_OK, st);
     if (dq == NULL && dk == NULL && dv == NULL)
         return SELFATTN_OK;

@@ -15,9 +15,10 @@ static selfattn_status bw_check_grads(const selfattn_grads *g, const selfattn_la
 {
     if (g == NULL)
         return SELFATTN_OK;
-    const selfattn_status st = sa_check_struct_size(g, g->struct_size, sizeof(selfattn_grads));
+    const selfattn_status st = sa_check_struct_size(g, g->struct_size, sizeof(selfattn_grads), "grads");
     SA_CHECK(st == SELFATTN_OK, st);
-    SA_CHECK(l->out_proj || (g->w_o == NULL && g->b_o == NULL), SELFATTN_ERR_INVALID);
+    SA_CHECKF(l->out_proj || (g->w_o == NULL && g->b_o == NULL), SELFATTN_ERR_INVALID,
+              "grads->w_o and grads->b_o must be NULL with the output projection off");
     return SELFATTN_OK;
 }
 
@@ -45,11 +46,14 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
                                     const float *dx, const selfattn_grads *grads,
                                     const sa_kept *kept, bw_plan *p)
 {
-    SA_CHECK(layer != NULL && x != NULL && dy != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
-    const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (layer->out_proj ? SA_HAVE_O : 0u);
-    SA_CHECK(layer->head_dim != 0 && (layer->have & need) == need, SELFATTN_ERR_STATE);
-    selfattn_status st = bw_check_grads(grads, layer);
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(x);
+    SA_CHECK_NULL(dy);
+    SA_CHECKF(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID,
+              "batch %d and seq_len %d must both be >= 1", batch, seq_len);
+    selfattn_status st = sa_check_weights(layer);
+    SA_CHECK(st == SELFATTN_OK, st);
+    st = bw_check_grads(grads, layer);
     SA_CHECK(st == SELFATTN_OK, st);
 
     memset(p, 0, sizeof *p);
@@ -62,7 +66,7 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
                  sa_mul_size(p->rows, (size_t)layer->n_heads, &p->head_rows) &&
                  sa_rowprod_chunks_fit(p->rows),
              SELFATTN_ERR_OVERFLOW);
-    st = sa_check_lengths(lengths, batch, seq_len);
+    st = sa_check_lengths(lengths, batch, seq_len, "lengths", "seq_len");
     SA_CHECK(st == SELFATTN_OK, st);
 
     const selfattn_grads *g = p->g = grads != NULL ? grads : &bw_no_grads;
@@ -250,5 +254,6 @@ selfattn_status selfattn_backward(const selfattn_layer *layer, int32_t batch, in
                                   const float *x, const int32_t *lengths, const float *dy,
                                   float *dx, const selfattn_grads *grads)
 {
+    sa_err_begin("selfattn_backward");
     return sa_backward(layer, batch, seq_len, x, lengths, dy, dx, grads, NULL);
 }

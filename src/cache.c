@@ -34,9 +34,15 @@ struct selfattn_cache {
 selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs, int32_t capacity,
                                       selfattn_cache **out)
 {
-    SA_CHECK(layer != NULL && out != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(n_seqs >= 1 && capacity >= 1, SELFATTN_ERR_INVALID);
-    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+    sa_err_begin("selfattn_cache_create");
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(out);
+    SA_CHECKF(n_seqs >= 1 && capacity >= 1, SELFATTN_ERR_INVALID,
+              "n_seqs %d and capacity %d must both be >= 1", n_seqs, capacity);
+    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
+              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
+              "SELFATTN_OPT_HEAD_DIM",
+              layer->d_model, layer->n_heads);
     const size_t width = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t rows = (size_t)capacity * (layer->window > 0 ? 2 : 1);
     size_t per_seq;
@@ -85,8 +91,11 @@ void selfattn_cache_destroy(selfattn_cache *cache)
 
 selfattn_status selfattn_cache_length(const selfattn_cache *cache, int32_t seq, int32_t *length)
 {
-    SA_CHECK(cache != NULL && length != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(seq >= 0 && seq < cache->n_seqs, SELFATTN_ERR_INVALID);
+    sa_err_begin("selfattn_cache_length");
+    SA_CHECK_NULL(cache);
+    SA_CHECK_NULL(length);
+    SA_CHECKF(seq >= 0 && seq < cache->n_seqs, SELFATTN_ERR_INVALID,
+              "seq %d is outside [0, n_seqs %d)", seq, cache->n_seqs);
     *length = (int32_t)cache->len[seq]; /* calls never take it past INT32_MAX */
     return SELFATTN_OK;
 }
@@ -102,13 +111,18 @@ static int64_t sa_cache_first_needed(const selfattn_cache *c, int64_t p)
 
 selfattn_status selfattn_cache_truncate(selfattn_cache *cache, int32_t seq, int32_t length)
 {
-    SA_CHECK(cache != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(seq >= -1 && seq < cache->n_seqs && length >= 0, SELFATTN_ERR_INVALID);
+    sa_err_begin("selfattn_cache_truncate");
+    SA_CHECK_NULL(cache);
+    SA_CHECKF(seq >= -1 && seq < cache->n_seqs, SELFATTN_ERR_INVALID,
+              "seq %d is outside [-1, n_seqs %d)", seq, cache->n_seqs);
+    SA_CHECKF(length >= 0, SELFATTN_ERR_INVALID, "length %d is negative", length);
     const int32_t s0 = seq < 0 ? 0 : seq, s1 = seq < 0 ? cache->n_seqs : seq + 1;
     /* check every sequence first: all or nothing */
     for (int32_t s = s0; s < s1; s++) {
         if (length > cache->len[s]) {
-            SA_CHECK(seq < 0, SELFATTN_ERR_INVALID); /* with -1, shorter ones stay as they are */
+            SA_CHECKF(seq < 0, SELFATTN_ERR_INVALID, /* with -1, shorter ones stay as they are */
+                      "length %d is above sequence %d's length %lld", length, s,
+                      (long long)cache->len[s]);
             continue;
         }
         SA_CHECK(sa_cache_first_needed(cache, length) >= cache->kept[s] || length == 0,
@@ -125,9 +139,11 @@ selfattn_status selfattn_cache_truncate(selfattn_cache *cache, int32_t seq, int3
 
 selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t src_seq, int32_t dst_seq)
 {
-    SA_CHECK(cache != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(src_seq >= 0 && src_seq < cache->n_seqs && dst_seq >= 0 && dst_seq < cache->n_seqs,
-             SELFATTN_ERR_INVALID);
+    sa_err_begin("selfattn_cache_copy");
+    SA_CHECK_NULL(cache);
+    SA_CHECKF(src_seq >= 0 && src_seq < cache->n_seqs && dst_seq >= 0 && dst_seq < cache->n_seqs,
+              SELFATTN_ERR_INVALID, "src_seq %d or dst_seq %d is outside [0, n_seqs %d)",
+              src_seq, dst_seq, cache->n_seqs);
     if (src_seq == dst_seq)
         return SELFATTN_OK;
     const size_t hd = (size_t)cache->head_dim, head = cache->rows * hd;
@@ -206,17 +222,26 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
                                            int32_t max_new, const float *x, const int32_t *n_new,
                                            const float *y, sa_cached_plan *p)
 {
-    SA_CHECK(layer != NULL && cache != NULL && x != NULL && y != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(cache->layer == layer, SELFATTN_ERR_INVALID);
-    SA_CHECK(layer->causal, SELFATTN_ERR_STATE);
-    SA_CHECK(layer->window == cache->window && layer->rope == cache->rope &&
-                 layer->rope_dims == cache->rope_dims && layer->rope_theta == cache->rope_theta &&
-                 layer->n_kv_heads == cache->n_kv_heads && layer->head_dim == cache->head_dim &&
-                 layer->kv_dtype == cache->kv_dtype,
-             SELFATTN_ERR_STATE);
-    const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (layer->out_proj ? SA_HAVE_O : 0u);
-    SA_CHECK((layer->have & need) == need, SELFATTN_ERR_STATE);
-    SA_CHECK(max_new >= 1, SELFATTN_ERR_INVALID);
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(cache);
+    SA_CHECK_NULL(x);
+    SA_CHECK_NULL(y);
+    SA_CHECKF(cache->layer == layer, SELFATTN_ERR_INVALID,
+              "the cache was created for another layer");
+    SA_CHECKF(layer->causal, SELFATTN_ERR_STATE,
+              "the layer is not causal (SELFATTN_OPT_CAUSAL 1 is needed for a cache)");
+    SA_CHECKF(layer->window == cache->window && layer->rope == cache->rope &&
+                  layer->rope_dims == cache->rope_dims && layer->rope_theta == cache->rope_theta &&
+                  layer->n_kv_heads == cache->n_kv_heads && layer->head_dim == cache->head_dim &&
+                  layer->kv_dtype == cache->kv_dtype,
+              SELFATTN_ERR_STATE,
+              "the layer's WINDOW, ROPE, ROPE_DIMS, ROPE_THETA, N_KV_HEADS, HEAD_DIM or KV_DTYPE "
+              "changed since the cache was created (WINDOW %d then %d now, KV_DTYPE %d then %d "
+              "now)",
+              cache->window, layer->window, cache->kv_dtype, layer->kv_dtype);
+    const selfattn_status st_w = sa_check_weights(layer);
+    SA_CHECK(st_w == SELFATTN_OK, st_w);
+    SA_CHECKF(max_new >= 1, SELFATTN_ERR_INVALID, "max_new %d must be >= 1", max_new);
 
     memset(p, 0, sizeof *p);
     const int32_t n_seqs = cache->n_seqs;
@@ -232,11 +257,15 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     int32_t max_keys = 1;
     for (int32_t s = 0; s < n_seqs; s++) {
         const int32_t n = n_new != NULL ? n_new[s] : max_new;
-        SA_CHECK(n >= 0 && n <= max_new, SELFATTN_ERR_INVALID);
+        SA_CHECKF(n >= 0 && n <= max_new, SELFATTN_ERR_INVALID,
+                  "n_new[%d] = %d is outside [0, max_new %d]", s, n, max_new);
         const int64_t L = cache->len[s];
         SA_CHECK(L + n <= INT32_MAX, SELFATTN_ERR_OVERFLOW);
         const int64_t first = sa_cache_first_needed(cache, L), keys = L + n - first;
-        SA_CHECK(keys <= cache->capacity && first >= cache->kept[s], SELFATTN_ERR_INVALID);
+        SA_CHECKF(keys <= cache->capacity && first >= cache->kept[s], SELFATTN_ERR_INVALID,
+                  "sequence %d: %lld positions needed (%lld kept of %lld, + %d new) exceed the "
+                  "cache's capacity %d",
+                  s, (long long)keys, (long long)(L - first), (long long)L, n, cache->capacity);
         p->valid += (size_t)n;
         if (n == 0)
             continue;
@@ -327,6 +356,7 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
                                         int32_t max_new, const float *x, const int32_t *n_new,
                                         float *y)
 {
+    sa_err_begin("selfattn_forward_cached");
     sa_cached_plan p;
     selfattn_status st = sa_cached_plan_make(layer, cache, max_new, x, n_new, y, &p);
     SA_CHECK(st == SELFATTN_OK, st);

@@ -40,13 +40,40 @@ int sa_workers_for(const selfattn_layer *l, double flops)
     return sa_layer_threads(l);
 }
 
-selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max)
+selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max,
+                                 const char *name, const char *max_name)
 {
     if (lengths == NULL)
         return SELFATTN_OK;
-    for (int32_t b = 0; b < batch; b++)
-        SA_CHECK(lengths[b] >= 0 && lengths[b] <= max, SELFATTN_ERR_INVALID);
+    for (int32_t b = 0; b < batch; b++) {
+        SA_CHECKF(lengths[b] >= 0, SELFATTN_ERR_INVALID, "%s[%d] = %d is negative", name, b,
+                  lengths[b]);
+        SA_CHECKF(lengths[b] <= max, SELFATTN_ERR_INVALID, "%s[%d] = %d exceeds %s %d", name, b,
+                  lengths[b], max_name, max);
+    }
     return SELFATTN_OK;
+}
+
+selfattn_status sa_check_weights(const selfattn_layer *l)
+{
+    SA_CHECKF(l->head_dim != 0, SELFATTN_ERR_STATE,
+              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
+              "SELFATTN_OPT_HEAD_DIM",
+              l->d_model, l->n_heads);
+    const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (l->out_proj ? SA_HAVE_O : 0u);
+    if ((l->have & need) == need)
+        return SELFATTN_OK;
+    static const char *const names[4] = {"W_Q", "W_K", "W_V", "W_O"};
+    char missing[32] = "";
+    for (int i = 0; i < 4; i++)
+        if ((need & (1u << i)) && !(l->have & (1u << i))) {
+            strcat(missing, missing[0] ? ", " : "");
+            strcat(missing, names[i]);
+        }
+    return sa_fail(SELFATTN_ERR_STATE, "%s not set (selfattn_layer_set_weight before a call%s)",
+                   missing, !(l->have & SA_HAVE_O) && l->out_proj
+                                ? "; without an output projection, OUT_PROJ 0 before any weight"
+                                : "");
 }
 
 size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t seq_len)
@@ -68,12 +95,18 @@ void sa_zero_padding(float *out, size_t width, const int32_t *lengths, int32_t b
                    (size_t)(seq_len - lengths[b]) * width * sizeof(float));
 }
 
-selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known)
+selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known,
+                                     const char *name)
 {
-    SA_CHECK(struct_size >= known, SELFATTN_ERR_INVALID);
+    SA_CHECKF(struct_size >= known, SELFATTN_ERR_INVALID,
+              "%s->struct_size %u is below this library's sizeof %zu (set it to sizeof)", name,
+              struct_size, known);
     const unsigned char *bytes = s;
     for (size_t i = known; i < struct_size; i++)
-        SA_CHECK(bytes[i] == 0, SELFATTN_ERR_UNSUPPORTED);
+        SA_CHECKF(bytes[i] == 0, SELFATTN_ERR_UNSUPPORTED,
+                  "%s->struct_size %u: byte %zu past this library's %zu is set (a newer field "
+                  "this library does not know)",
+                  name, struct_size, i, known);
     return SELFATTN_OK;
 }
 

@@ -22,7 +22,7 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
 {
     if (e == NULL)
         return SELFATTN_OK;
-    const selfattn_status st = sa_check_struct_size(e, e->struct_size, sizeof(selfattn_extras));
+    const selfattn_status st = sa_check_struct_size(e, e->struct_size, sizeof(selfattn_extras), "extras");
     SA_CHECK(st == SELFATTN_OK, st);
     size_t rows; /* of weights and lse: batch * n_heads * q_len */
     SA_CHECK(sa_mul_size((size_t)batch, (size_t)l->n_heads, &rows) &&
@@ -87,15 +87,22 @@ static void sa_use_headmajor(sa_attn *a, const sa_kv_copy *c, int workers)
 
 /* ---- Entry points ---- */
 
-selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, int32_t q_len,
-                                   int32_t kv_len, const float *q, const float *k, const float *v,
-                                   const int32_t *kv_lengths, const selfattn_extras *extras,
-                                   float *out)
+static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, int32_t q_len,
+                                    int32_t kv_len, const float *q, const float *k,
+                                    const float *v, const int32_t *kv_lengths,
+                                    const selfattn_extras *extras, float *out)
 {
-    SA_CHECK(layer != NULL && q != NULL && k != NULL && v != NULL && out != NULL,
-             SELFATTN_ERR_NULL);
-    SA_CHECK(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID);
-    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(q);
+    SA_CHECK_NULL(k);
+    SA_CHECK_NULL(v);
+    SA_CHECK_NULL(out);
+    SA_CHECKF(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID,
+              "batch %d, q_len %d and kv_len %d must all be >= 1", batch, q_len, kv_len);
+    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
+              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
+              "SELFATTN_OPT_HEAD_DIM",
+              layer->d_model, layer->n_heads);
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     SA_CHECK(sa_array_bytes((size_t)batch * (size_t)q_len, nq) != 0 &&
@@ -104,7 +111,7 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     selfattn_status st = sa_check_extras(extras, layer, batch, q_len, kv_len);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
-    st = sa_check_lengths(kv_lengths, batch, kv_len);
+    st = sa_check_lengths(kv_lengths, batch, kv_len, "kv_lengths", "kv_len");
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_attn a;
@@ -156,11 +163,21 @@ selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, i
     return SELFATTN_OK;
 }
 
+selfattn_status selfattn_attend_ex(const selfattn_layer *layer, int32_t batch, int32_t q_len,
+                                   int32_t kv_len, const float *q, const float *k, const float *v,
+                                   const int32_t *kv_lengths, const selfattn_extras *extras,
+                                   float *out)
+{
+    sa_err_begin("selfattn_attend_ex");
+    return sa_attend_ex(layer, batch, q_len, kv_len, q, k, v, kv_lengths, extras, out);
+}
+
 selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch, int32_t q_len,
                                 int32_t kv_len, const float *q, const float *k, const float *v,
                                 const int32_t *kv_lengths, float *out)
 {
-    return selfattn_attend_ex(layer, batch, q_len, kv_len, q, k, v, kv_lengths, NULL, out);
+    sa_err_begin("selfattn_attend");
+    return sa_attend_ex(layer, batch, q_len, kv_len, q, k, v, kv_lengths, NULL, out);
 }
 
 /* What one forward call needs, from the arguments alone (lengths read once the sizes are known):
@@ -181,10 +198,13 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
                                         const selfattn_extras *extras, const float *y, int kept,
                                         sa_fwd_plan *p)
 {
-    SA_CHECK(layer != NULL && x != NULL && y != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
-    const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (layer->out_proj ? SA_HAVE_O : 0u);
-    SA_CHECK(layer->head_dim != 0 && (layer->have & need) == need, SELFATTN_ERR_STATE);
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(x);
+    SA_CHECK_NULL(y);
+    SA_CHECKF(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID,
+              "batch %d and seq_len %d must both be >= 1", batch, seq_len);
+    const selfattn_status st_w = sa_check_weights(layer);
+    SA_CHECK(st_w == SELFATTN_OK, st_w);
 
     memset(p, 0, sizeof *p);
     p->dm = (size_t)layer->d_model;
@@ -197,7 +217,7 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
     selfattn_status st = sa_check_extras(extras, layer, batch, seq_len, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
-    st = sa_check_lengths(lengths, batch, seq_len);
+    st = sa_check_lengths(lengths, batch, seq_len, "lengths", "seq_len");
     SA_CHECK(st == SELFATTN_OK, st);
 
     p->valid = sa_valid_rows(lengths, batch, seq_len);
@@ -292,11 +312,13 @@ selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch, 
                                     const float *x, const int32_t *lengths,
                                     const selfattn_extras *extras, float *y)
 {
+    sa_err_begin("selfattn_forward_ex");
     return sa_forward(layer, batch, seq_len, x, lengths, extras, y, NULL);
 }
 
 selfattn_status selfattn_forward(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
                                  const float *x, const int32_t *lengths, float *y)
 {
-    return selfattn_forward_ex(layer, batch, seq_len, x, lengths, NULL, y);
+    sa_err_begin("selfattn_forward");
+    return sa_forward(layer, batch, seq_len, x, lengths, NULL, y, NULL);
 }

@@ -9,11 +9,27 @@
 
 #include "kernels/kernels.h"
 
-/* Return the status from the enclosing function when cond is false. */
+/* ---- Errors (error.c): selfattn_last_error's message ---- */
+/* An entry point names itself before its checks (fn: static text, e.g. "selfattn_forward"). */
+SA_HIDDEN void sa_err_begin(const char *fn);
+/* Returns st, having written "fn: <message>" unless an earlier check of this call already did. */
+SA_HIDDEN selfattn_status sa_fail(selfattn_status st, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+SA_HIDDEN selfattn_status sa_fail_check(selfattn_status st, const char *cond);
+
+/* Return the status from the enclosing function when cond is false; the message names the
+   condition (SA_CHECKF: a message with the argument and its values). */
 #define SA_CHECK(cond, status)                                                                     \
     do {                                                                                           \
         if (!(cond))                                                                               \
-            return (status);                                                                       \
+            return sa_fail_check((status), #cond);                                                 \
+    } while (0)
+/* SELFATTN_ERR_NULL naming the pointer argument when it is NULL. */
+#define SA_CHECK_NULL(ptr) SA_CHECKF((ptr) != NULL, SELFATTN_ERR_NULL, "%s is NULL", #ptr)
+#define SA_CHECKF(cond, status, ...)                                                               \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            return sa_fail((status), __VA_ARGS__);                                                 \
     } while (0)
 
 /* ---- Allocation: every allocation of the library goes through these. ---- */
@@ -449,7 +465,11 @@ SA_HIDDEN selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch
                                       float *dx, const selfattn_grads *grads, const sa_kept *kept);
 /* Argument helpers of the entry points over a batch (call.c):
    lengths NULL, or each in [0, max] (SELFATTN_ERR_INVALID otherwise); */
-SA_HIDDEN selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max);
+SA_HIDDEN selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max,
+                                           const char *name, const char *max_name);
+/* the weights a forward needs are set and head_dim is determined (SELFATTN_ERR_STATE naming
+   what is missing otherwise); */
+SA_HIDDEN selfattn_status sa_check_weights(const selfattn_layer *l);
 /* the rows of a batch that are not padding (batch * seq_len without lengths); */
 SA_HIDDEN size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t seq_len);
 /* zeros in the padding rows (t >= lengths[b]) of out [batch][seq_len][width]; */
@@ -458,7 +478,8 @@ SA_HIDDEN void sa_zero_padding(float *out, size_t width, const int32_t *lengths,
 /* the struct_size rule of the 1.1 structs (selfattn_extras, selfattn_grads): below `known` bytes
    (this header's sizeof) SELFATTN_ERR_INVALID, a larger one only when every byte past `known`
    is zero (SELFATTN_ERR_UNSUPPORTED otherwise). */
-SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known);
+SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known,
+                                               const char *name);
 /* The layer's input projection qkv = x W_qkv^T + b_qkv ([rows][d_model] to [rows][nq + 2 nkv])
    and output projection y = attn W_O^T + b_O ([rows][nq] to [rows][d_model]) over the valid
    rows; fixed_chunks as in sa_rowprod (the backward). */

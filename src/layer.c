@@ -47,32 +47,35 @@ static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t 
         return SELFATTN_OK;                /* undetermined: checked again when it is set */
     const int64_t nq = n_heads * head_dim; /* both < 2^31: no int64 overflow */
     const int64_t nkv = n_kv_heads * head_dim;
-    if (nq > INT32_MAX || nkv > INT32_MAX)
-        return SELFATTN_ERR_OVERFLOW;
     const int64_t nqkv = nq + 2 * nkv;
-    if (nqkv > INT32_MAX)
-        return SELFATTN_ERR_OVERFLOW;
     size_t bytes;
-    if (!sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
+    if (nq > INT32_MAX || nkv > INT32_MAX || nqkv > INT32_MAX ||
+        !sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
         !sa_mul_size(bytes, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX)
-        return SELFATTN_ERR_OVERFLOW;
+        return sa_fail(SELFATTN_ERR_OVERFLOW,
+                       "the weights of d_model %lld, %lld heads (%lld K/V heads) of head_dim %lld "
+                       "do not fit: %lld weight rows of %lld floats (rows must fit an int32)",
+                       (long long)d_model, (long long)n_heads, (long long)n_kv_heads,
+                       (long long)head_dim, (long long)nqkv, (long long)d_model);
     return SELFATTN_OK;
 }
 
 selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads, selfattn_layer **out)
 {
-    SA_CHECK(out != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(d_model >= 1 && n_heads >= 1, SELFATTN_ERR_INVALID);
+    sa_err_begin("selfattn_layer_create");
+    SA_CHECKF(out != NULL, SELFATTN_ERR_NULL, "out is NULL");
+    SA_CHECKF(d_model >= 1 && n_heads >= 1, SELFATTN_ERR_INVALID,
+              "d_model %d and n_heads %d must both be >= 1", d_model, n_heads);
     const int32_t head_dim = (d_model % n_heads == 0) ? d_model / n_heads : 0;
     selfattn_status st = sa_check_shape(d_model, n_heads, n_heads, head_dim);
     if (st != SELFATTN_OK)
         return st;
     selfattn_layer *l = sa_calloc(1, sizeof *l);
-    SA_CHECK(l != NULL, SELFATTN_ERR_NOMEM);
+    SA_CHECKF(l != NULL, SELFATTN_ERR_NOMEM, "out of memory for the layer");
     l->ws = sa_ws_cache_create();
     if (l->ws == NULL) {
         sa_free(l);
-        return SELFATTN_ERR_NOMEM;
+        return sa_fail(SELFATTN_ERR_NOMEM, "out of memory for the layer");
     }
     l->d_model = d_model;
     l->n_heads = n_heads;
@@ -127,9 +130,17 @@ int sa_layer_threads(const selfattn_layer *layer)
     return n > SA_MAX_THREADS ? SA_MAX_THREADS : (int)n;
 }
 
+static selfattn_status sa_option_bounds(selfattn_option opt, int64_t *lower, int64_t *upper);
+
 selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower, int64_t *upper)
 {
+    sa_err_begin("selfattn_option_bounds");
     SA_CHECK(lower != NULL && upper != NULL, SELFATTN_ERR_NULL);
+    return sa_option_bounds(opt, lower, upper);
+}
+
+static selfattn_status sa_option_bounds(selfattn_option opt, int64_t *lower, int64_t *upper)
+{
     int64_t lo, hi;
     switch (opt) {
     case SELFATTN_OPT_N_KV_HEADS:
@@ -168,7 +179,7 @@ selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower, int6
         hi = SELFATTN_DTYPE_BF16;
         break;
     default:
-        return SELFATTN_ERR_INVALID;
+        return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option (selfattn_option)", (int)opt);
     }
     *lower = lo;
     *upper = hi;
@@ -177,21 +188,29 @@ selfattn_status selfattn_option_bounds(selfattn_option opt, int64_t *lower, int6
 
 selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, int64_t value)
 {
-    SA_CHECK(layer != NULL, SELFATTN_ERR_NULL);
-    int64_t lo, hi;
-    SA_CHECK(selfattn_option_bounds(opt, &lo, &hi) == SELFATTN_OK, SELFATTN_ERR_INVALID);
+    sa_err_begin("selfattn_layer_set");
+    SA_CHECKF(layer != NULL, SELFATTN_ERR_NULL, "layer is NULL");
+    int64_t lo = 0, hi = 0;
+    SA_CHECKF(sa_option_bounds(opt, &lo, &hi) == SELFATTN_OK, SELFATTN_ERR_INVALID,
+              "%d is not an option (selfattn_option)", (int)opt);
     const int shape_option = opt == SELFATTN_OPT_N_KV_HEADS || opt == SELFATTN_OPT_HEAD_DIM ||
                              opt == SELFATTN_OPT_OUT_PROJ || opt == SELFATTN_OPT_WEIGHT_DTYPE;
-    SA_CHECK(!(shape_option && layer->weights_set), SELFATTN_ERR_STATE);
+    SA_CHECKF(!(shape_option && layer->weights_set), SELFATTN_ERR_STATE,
+              "option %d changes how the weights are laid out or stored: not allowed once a "
+              "weight is set (set the options first, then the weights)",
+              (int)opt);
     const int has_default = opt != SELFATTN_OPT_CAUSAL && opt != SELFATTN_OPT_OUT_PROJ;
-    SA_CHECK((value == 0 && has_default) || (value >= lo && value <= hi), SELFATTN_ERR_INVALID);
+    SA_CHECKF((value == 0 && has_default) || (value >= lo && value <= hi), SELFATTN_ERR_INVALID,
+              "option %d: value %lld is outside [%lld, %lld]%s", (int)opt, (long long)value,
+              (long long)lo, (long long)hi, has_default ? " (0: the default)" : "");
 
     const int64_t d_model = layer->d_model, n_heads = layer->n_heads;
     selfattn_status st;
     switch (opt) {
     case SELFATTN_OPT_N_KV_HEADS: {
         const int64_t nkv = value == 0 ? n_heads : value;
-        SA_CHECK(nkv <= n_heads && n_heads % nkv == 0, SELFATTN_ERR_INVALID);
+        SA_CHECKF(nkv <= n_heads && n_heads % nkv == 0, SELFATTN_ERR_INVALID,
+                  "N_KV_HEADS %lld must divide n_heads %lld", (long long)nkv, (long long)n_heads);
         st = sa_check_shape(d_model, n_heads, nkv, layer->head_dim);
         SA_CHECK(st == SELFATTN_OK, st);
         layer->n_kv_heads = (int32_t)nkv;
@@ -199,8 +218,13 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
     }
     case SELFATTN_OPT_HEAD_DIM: {
         const int64_t hd = value != 0 ? value : (d_model % n_heads == 0 ? d_model / n_heads : 0);
-        SA_CHECK(layer->out_proj || hd * n_heads == d_model, SELFATTN_ERR_INVALID);
-        SA_CHECK(sa_rope_fits(layer->rope, layer->rope_dims, hd), SELFATTN_ERR_INVALID);
+        SA_CHECKF(layer->out_proj || hd * n_heads == d_model, SELFATTN_ERR_INVALID,
+                  "HEAD_DIM %lld: with OUT_PROJ 0, n_heads %lld x head_dim must equal d_model "
+                  "%lld",
+                  (long long)hd, (long long)n_heads, (long long)d_model);
+        SA_CHECKF(sa_rope_fits(layer->rope, layer->rope_dims, hd), SELFATTN_ERR_INVALID,
+                  "HEAD_DIM %lld does not fit ROPE_DIMS %d (even, <= head_dim)", (long long)hd,
+                  layer->rope_dims);
         st = sa_check_shape(d_model, n_heads, layer->n_kv_heads, hd);
         SA_CHECK(st == SELFATTN_OK, st);
         layer->head_dim = (int32_t)hd;
@@ -210,7 +234,10 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
         layer->causal = (int32_t)value;
         break;
     case SELFATTN_OPT_OUT_PROJ:
-        SA_CHECK(value == 1 || (int64_t)layer->head_dim * n_heads == d_model, SELFATTN_ERR_INVALID);
+        SA_CHECKF(value == 1 || (int64_t)layer->head_dim * n_heads == d_model,
+                  SELFATTN_ERR_INVALID,
+                  "OUT_PROJ 0 needs n_heads %lld x head_dim %d == d_model %lld",
+                  (long long)n_heads, layer->head_dim, (long long)d_model);
         layer->out_proj = (int32_t)value;
         break;
     case SELFATTN_OPT_THREADS:
@@ -220,11 +247,15 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
         layer->window = (int32_t)value;
         break;
     case SELFATTN_OPT_ROPE:
-        SA_CHECK(sa_rope_fits(value, layer->rope_dims, layer->head_dim), SELFATTN_ERR_INVALID);
+        SA_CHECKF(sa_rope_fits(value, layer->rope_dims, layer->head_dim), SELFATTN_ERR_INVALID,
+                  "ROPE %lld: ROPE_DIMS %d does not fit head_dim %d", (long long)value,
+                  layer->rope_dims, layer->head_dim);
         layer->rope = (int32_t)value;
         break;
     case SELFATTN_OPT_ROPE_DIMS:
-        SA_CHECK(sa_rope_fits(layer->rope, value, layer->head_dim), SELFATTN_ERR_INVALID);
+        SA_CHECKF(sa_rope_fits(layer->rope, value, layer->head_dim), SELFATTN_ERR_INVALID,
+                  "ROPE_DIMS %lld must be even and <= head_dim %d", (long long)value,
+                  layer->head_dim);
         layer->rope_dims = (int32_t)value;
         break;
     case SELFATTN_OPT_ALIBI:
@@ -244,6 +275,7 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
 
 selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option opt, int64_t *value)
 {
+    sa_err_begin("selfattn_layer_get");
     SA_CHECK(layer != NULL && value != NULL, SELFATTN_ERR_NULL);
     switch (opt) {
     case SELFATTN_OPT_N_KV_HEADS:
@@ -280,11 +312,12 @@ selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option 
         *value = layer->kv_dtype;
         return SELFATTN_OK;
     }
-    return SELFATTN_ERR_INVALID;
+    return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
 }
 
 selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, float scale)
 {
+    sa_err_begin("selfattn_layer_set_scale");
     SA_CHECK(layer != NULL, SELFATTN_ERR_NULL);
     SA_CHECK(isfinite(scale), SELFATTN_ERR_INVALID);
     layer->scale_opt = scale;
@@ -302,31 +335,41 @@ static int sa_float_exact_enough(double value)
 selfattn_status selfattn_layer_set_float(selfattn_layer *layer, selfattn_float_option opt,
                                          double value)
 {
+    sa_err_begin("selfattn_layer_set_float");
     SA_CHECK(layer != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(isfinite(value), SELFATTN_ERR_INVALID);
+    SA_CHECKF(isfinite(value), SELFATTN_ERR_INVALID, "float option %d: value %g is not finite",
+              (int)opt, value);
     switch (opt) {
     case SELFATTN_FOPT_SCALE:
-        SA_CHECK(sa_float_exact_enough(value), SELFATTN_ERR_INVALID);
+        SA_CHECKF(sa_float_exact_enough(value), SELFATTN_ERR_INVALID,
+                  "SCALE %g does not fit a float (past FLT_MAX, or a non-zero value that "
+                  "would round to 0, the default)",
+                  value);
         layer->scale_opt = (float)value;
         layer->version++;
         return SELFATTN_OK;
     case SELFATTN_FOPT_ROPE_THETA:
-        SA_CHECK(value >= 0.0, SELFATTN_ERR_INVALID);
+        SA_CHECKF(value >= 0.0, SELFATTN_ERR_INVALID, "ROPE_THETA %g must be > 0 (0: default)",
+                  value);
         layer->rope_theta = value;
         layer->version++;
         return SELFATTN_OK;
     case SELFATTN_FOPT_SOFTCAP:
-        SA_CHECK(value >= 0.0 && sa_float_exact_enough(value), SELFATTN_ERR_INVALID);
+        SA_CHECKF(value >= 0.0 && sa_float_exact_enough(value), SELFATTN_ERR_INVALID,
+                  "SOFTCAP %g must be >= 0 and fit a float (a non-zero value that would round "
+                  "to 0 would mean off)",
+                  value);
         layer->softcap = (float)value;
         layer->version++;
         return SELFATTN_OK;
     }
-    return SELFATTN_ERR_INVALID;
+    return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
 }
 
 selfattn_status selfattn_layer_get_float(const selfattn_layer *layer, selfattn_float_option opt,
                                          double *value)
 {
+    sa_err_begin("selfattn_layer_get_float");
     SA_CHECK(layer != NULL && value != NULL, SELFATTN_ERR_NULL);
     switch (opt) {
     case SELFATTN_FOPT_SCALE:
@@ -339,7 +382,7 @@ selfattn_status selfattn_layer_get_float(const selfattn_layer *layer, selfattn_f
         *value = layer->softcap;
         return SELFATTN_OK;
     }
-    return SELFATTN_ERR_INVALID;
+    return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
 }
 
 /* Element i of data given in dtype, as float (exact). */
@@ -366,20 +409,37 @@ static int sa_overflows16(int32_t dtype, float f)
     return (h & exp_mask) == exp_mask;
 }
 
+static selfattn_status sa_set_weight(selfattn_layer *layer, selfattn_weight which,
+                                     selfattn_dtype dtype, const void *data, int64_t count);
+
 selfattn_status selfattn_layer_set_weight(selfattn_layer *layer, selfattn_weight which,
                                           const float *data, int64_t count)
 {
-    return selfattn_layer_set_weight_typed(layer, which, SELFATTN_DTYPE_F32, data, count);
+    sa_err_begin("selfattn_layer_set_weight");
+    return sa_set_weight(layer, which, SELFATTN_DTYPE_F32, data, count);
 }
 
 selfattn_status selfattn_layer_set_weight_typed(selfattn_layer *layer, selfattn_weight which,
                                                 selfattn_dtype dtype, const void *data,
                                                 int64_t count)
 {
-    SA_CHECK(layer != NULL && data != NULL, SELFATTN_ERR_NULL);
-    SA_CHECK(which >= SELFATTN_W_Q && which <= SELFATTN_B_QKV, SELFATTN_ERR_INVALID);
-    SA_CHECK(dtype >= SELFATTN_DTYPE_F32 && dtype <= SELFATTN_DTYPE_BF16, SELFATTN_ERR_INVALID);
-    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+    sa_err_begin("selfattn_layer_set_weight_typed");
+    return sa_set_weight(layer, which, dtype, data, count);
+}
+
+static selfattn_status sa_set_weight(selfattn_layer *layer, selfattn_weight which,
+                                     selfattn_dtype dtype, const void *data, int64_t count)
+{
+    SA_CHECKF(layer != NULL, SELFATTN_ERR_NULL, "layer is NULL");
+    SA_CHECKF(data != NULL, SELFATTN_ERR_NULL, "data is NULL");
+    SA_CHECKF(which >= SELFATTN_W_Q && which <= SELFATTN_B_QKV, SELFATTN_ERR_INVALID,
+              "%d is not a weight (selfattn_weight)", (int)which);
+    SA_CHECKF(dtype >= SELFATTN_DTYPE_F32 && dtype <= SELFATTN_DTYPE_BF16, SELFATTN_ERR_INVALID,
+              "%d is not a dtype (selfattn_dtype)", (int)dtype);
+    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
+              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
+              "SELFATTN_OPT_HEAD_DIM first",
+              layer->d_model, layer->n_heads);
 
     const size_t d_model = (size_t)layer->d_model;
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
@@ -420,7 +480,10 @@ selfattn_status selfattn_layer_set_weight_typed(selfattn_layer *layer, selfattn_
             rows = nkv;
             have_bits = SA_HAVE_V;
         } else {
-            SA_CHECK(packed_ok, SELFATTN_ERR_INVALID);
+            SA_CHECKF(packed_ok, SELFATTN_ERR_INVALID,
+                      "W_QKV/B_QKV need n_kv_heads == n_heads and n_heads x head_dim == d_model "
+                      "(here %d, %d, %zu, %zu): set W_Q, W_K, W_V apart",
+                      layer->n_kv_heads, layer->n_heads, nq, d_model);
             first = 0;
             rows = nqkv;
             have_bits = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V;
@@ -429,7 +492,8 @@ selfattn_status selfattn_layer_set_weight_typed(selfattn_layer *layer, selfattn_
         break;
     case SELFATTN_W_O:
     case SELFATTN_B_O:
-        SA_CHECK(layer->out_proj, SELFATTN_ERR_INVALID);
+        SA_CHECKF(layer->out_proj, SELFATTN_ERR_INVALID,
+                  "W_O/B_O with the output projection off (OUT_PROJ 0)");
         is_bias = which == SELFATTN_B_O;
         buf = is_bias ? &layer->b_o : &layer->w_o;
         hbuf = &layer->h_o;
@@ -440,19 +504,24 @@ selfattn_status selfattn_layer_set_weight_typed(selfattn_layer *layer, selfattn_
         have_bits = SA_HAVE_O;
         break;
     default:
-        return SELFATTN_ERR_INVALID;
+        return sa_fail(SELFATTN_ERR_INVALID, "%d is not a weight", (int)which);
     }
     if (is_bias)
         have_bits = 0; /* biases are optional: they do not count as weights present */
 
     size_t elems;
     SA_CHECK(sa_mul_size(rows, width, &elems), SELFATTN_ERR_OVERFLOW);
-    SA_CHECK(count >= 0 && (uint64_t)count == (uint64_t)elems, SELFATTN_ERR_INVALID);
+    SA_CHECKF(count >= 0 && (uint64_t)count == (uint64_t)elems, SELFATTN_ERR_INVALID,
+              "weight %d: count %lld, but this layer's shape needs %zu x %zu = %zu elements",
+              (int)which, (long long)count, rows, width, elems);
 
     const int32_t wdt = is_bias ? SELFATTN_DTYPE_F32 : layer->weight_dtype;
     if (wdt != SELFATTN_DTYPE_F32 && (int32_t)dtype != wdt) /* every value must be storable */
         for (size_t i = 0; i < elems; i++)
-            SA_CHECK(!sa_overflows16(wdt, sa_elem(dtype, data, i)), SELFATTN_ERR_INVALID);
+            SA_CHECKF(!sa_overflows16(wdt, sa_elem(dtype, data, i)), SELFATTN_ERR_INVALID,
+                      "weight %d: element %zu = %g rounds to infinity in %s (WEIGHT_DTYPE)",
+                      (int)which, i, (double)sa_elem(dtype, data, i),
+                      wdt == SELFATTN_DTYPE_F16 ? "f16" : "bf16");
     if (wdt == SELFATTN_DTYPE_F32) {
         if (*buf == NULL) {
             /* Biases start zeroed (a bias never set is zero); weights are tracked by `have`. */

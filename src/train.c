@@ -34,8 +34,12 @@ typedef struct sa_train_layout {
 static selfattn_status sa_train_plan(const selfattn_layer *layer, int32_t batch, int32_t seq_len,
                                      sa_train_layout *t)
 {
-    SA_CHECK(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID);
-    SA_CHECK(layer->head_dim != 0, SELFATTN_ERR_STATE);
+    SA_CHECKF(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID,
+              "batch %d and seq_len %d must both be >= 1", batch, seq_len);
+    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
+              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
+              "SELFATTN_OPT_HEAD_DIM",
+              layer->d_model, layer->n_heads);
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
@@ -56,8 +60,10 @@ static selfattn_status sa_train_plan(const selfattn_layer *layer, int32_t batch,
 selfattn_status selfattn_train_state_size(const selfattn_layer *layer, int32_t batch,
                                           int32_t seq_len, size_t *bytes)
 {
-    SA_CHECK(layer != NULL && bytes != NULL, SELFATTN_ERR_NULL);
-    sa_train_layout t;
+    sa_err_begin("selfattn_train_state_size");
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(bytes);
+    sa_train_layout t = {0};
     const selfattn_status st = sa_train_plan(layer, batch, seq_len, &t);
     SA_CHECK(st == SELFATTN_OK, st);
     *bytes = t.bytes;
@@ -80,8 +86,12 @@ selfattn_status selfattn_forward_train(const selfattn_layer *layer, int32_t batc
                                        const float *x, const int32_t *lengths, float *y,
                                        void *state, size_t state_bytes)
 {
-    SA_CHECK(layer != NULL && x != NULL && y != NULL && state != NULL, SELFATTN_ERR_NULL);
-    sa_train_layout t;
+    sa_err_begin("selfattn_forward_train");
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(x);
+    SA_CHECK_NULL(y);
+    SA_CHECK_NULL(state);
+    sa_train_layout t = {0};
     selfattn_status st = sa_train_check_buffer(layer, batch, seq_len, state, state_bytes, &t);
     SA_CHECK(st == SELFATTN_OK, st);
     float *base = state;
@@ -108,8 +118,12 @@ selfattn_status selfattn_backward_train(const selfattn_layer *layer, int32_t bat
                                         float *dx, const selfattn_grads *grads, const void *state,
                                         size_t state_bytes)
 {
-    SA_CHECK(layer != NULL && x != NULL && dy != NULL && state != NULL, SELFATTN_ERR_NULL);
-    sa_train_layout t;
+    sa_err_begin("selfattn_backward_train");
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(x);
+    SA_CHECK_NULL(dy);
+    SA_CHECK_NULL(state);
+    sa_train_layout t = {0};
     selfattn_status st = sa_train_plan(layer, batch, seq_len, &t);
     SA_CHECK(st == SELFATTN_OK, st);
     /* the header first: a state of another call is STATE whatever its size */

@@ -1,6 +1,7 @@
 /* The API contract: every status code from the call that should give it, and on every failure
  * caller outputs and the handle left as they were. */
 #include <math.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -569,6 +570,149 @@ static void test_float_option_narrowing(void **state)
     selfattn_layer_destroy(l);
 }
 
+/* ---- selfattn_last_error (1.3) ---- */
+
+static void *fresh_thread_message(void *arg)
+{
+    *(const char **)arg = selfattn_last_error();
+    return NULL;
+}
+
+/* Asserts the status and that the message names the function and holds every given piece. */
+static void expect_error(selfattn_status got, selfattn_status want, const char *fn,
+                         const char *piece1, const char *piece2)
+{
+    const char *m = selfattn_last_error();
+    if (got != want || strncmp(m, fn, strlen(fn)) != 0 || m[strlen(fn)] != ':' ||
+        (piece1 && !strstr(m, piece1)) || (piece2 && !strstr(m, piece2))) {
+        print_error("status %d (want %d), message \"%s\" (want \"%s: ...%s...%s...\")\n", (int)got,
+                    (int)want, m, fn, piece1 ? piece1 : "", piece2 ? piece2 : "");
+        fail();
+    }
+}
+
+typedef struct thread_msg {
+    char before[256], after[256];
+} thread_msg;
+
+static void *failing_thread(void *arg)
+{
+    thread_msg *t = arg;
+    snprintf(t->before, sizeof t->before, "%s", selfattn_last_error());
+    selfattn_layer *l = NULL;
+    (void)selfattn_layer_create(-3, 2, &l);
+    snprintf(t->after, sizeof t->after, "%s", selfattn_last_error());
+    return NULL;
+}
+
+static void test_last_error(void **state)
+{
+    (void)state;
+    /* a thread that has not failed yet: "" (never NULL) */
+    const char *fresh = NULL;
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, fresh_thread_message, &fresh), 0);
+    pthread_join(th, NULL);
+    assert_non_null(fresh);
+    assert_string_equal(fresh, "");
+
+    float x[2 * 8 * D], y[2 * 8 * D], q[2 * 8 * D];
+    tu_rng r = {21};
+    tu_fill(&r, x, 2 * 8 * D, -1, 1);
+    tu_fill(&r, q, 2 * 8 * D, -1, 1);
+    selfattn_layer *l = full_layer(), *bare = NULL, *np = NULL;
+    const int32_t len_big[2] = {9, 8}, len_neg[2] = {8, -1};
+
+    /* the issue's own example, then each check of the entry points, with its argument */
+    expect_error(selfattn_forward(l, 2, 8, x, len_big, y), SELFATTN_ERR_INVALID,
+                 "selfattn_forward", "lengths[0] = 9 exceeds seq_len 8", NULL);
+    expect_error(selfattn_forward(l, 2, 8, NULL, NULL, y), SELFATTN_ERR_NULL, "selfattn_forward",
+                 "x is NULL", NULL);
+    expect_error(selfattn_forward(l, 0, 8, x, NULL, y), SELFATTN_ERR_INVALID, "selfattn_forward",
+                 "batch 0", NULL);
+    expect_error(selfattn_forward(l, INT32_MAX, INT32_MAX, x, NULL, y), SELFATTN_ERR_OVERFLOW,
+                 "selfattn_forward", "sa_array_bytes", NULL);
+    selfattn_extras e;
+    memset(&e, 0, sizeof e);
+    e.struct_size = 4;
+    expect_error(selfattn_forward_ex(l, 2, 8, x, NULL, &e, y), SELFATTN_ERR_INVALID,
+                 "selfattn_forward_ex", "extras->struct_size 4", NULL);
+    expect_error(selfattn_attend(l, 2, 8, 8, q, q, q, len_neg, y), SELFATTN_ERR_INVALID,
+                 "selfattn_attend", "kv_lengths[1] = -1 is negative", NULL);
+    expect_error(selfattn_attend_backward(l, 2, 8, 8, q, q, NULL, NULL, q, y, NULL, NULL),
+                 SELFATTN_ERR_NULL, "selfattn_attend_backward", "v is NULL", NULL);
+    assert_int_equal(selfattn_layer_create(D, H, &bare), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set_weight(bare, SELFATTN_W_Q, wq, D * D), SELFATTN_OK);
+    expect_error(selfattn_forward(bare, 2, 8, x, NULL, y), SELFATTN_ERR_STATE, "selfattn_forward",
+                 "W_K, W_V, W_O not set", NULL);
+    selfattn_grads g;
+    memset(&g, 0, sizeof g);
+    g.struct_size = sizeof g;
+    g.w_o = y;
+    assert_int_equal(selfattn_layer_create(D, H, &np), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(np, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_OK);
+    for (int i = 1; i <= 3; i++)
+        assert_int_equal(selfattn_layer_set_weight(np, (selfattn_weight)i, wq, D * D), SELFATTN_OK);
+    expect_error(selfattn_backward(np, 2, 8, x, NULL, x, NULL, &g), SELFATTN_ERR_INVALID,
+                 "selfattn_backward", "grads->w_o", NULL);
+    expect_error(selfattn_layer_set_weight(l, SELFATTN_W_K, wk, 3), SELFATTN_ERR_INVALID,
+                 "selfattn_layer_set_weight", "count 3", "256");
+    expect_error(selfattn_layer_set(l, (selfattn_option)99, 1), SELFATTN_ERR_INVALID,
+                 "selfattn_layer_set", "99 is not an option", NULL);
+    expect_error(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 8), SELFATTN_ERR_STATE,
+                 "selfattn_layer_set", "once a weight is set", NULL);
+    expect_error(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, -4), SELFATTN_ERR_INVALID,
+                 "selfattn_layer_set", "value -4", NULL);
+    expect_error(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, 1e-60), SELFATTN_ERR_INVALID,
+                 "selfattn_layer_set_float", "SOFTCAP", NULL);
+    selfattn_layer *none = NULL;
+    expect_error(selfattn_layer_create(0, H, &none), SELFATTN_ERR_INVALID,
+                 "selfattn_layer_create", "d_model 0", NULL);
+    selfattn_cache *c = NULL;
+    expect_error(selfattn_cache_create(l, 0, 4, &c), SELFATTN_ERR_INVALID, "selfattn_cache_create",
+                 "n_seqs 0", NULL);
+    assert_int_equal(selfattn_cache_create(l, 2, 4, &c), SELFATTN_OK);
+    expect_error(selfattn_forward_cached(l, c, 1, x, NULL, y), SELFATTN_ERR_STATE,
+                 "selfattn_forward_cached", "not causal", NULL);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    const int32_t n_bad[2] = {5, 0}, n_ok[2] = {3, 0};
+    expect_error(selfattn_forward_cached(l, c, 3, x, n_bad, y), SELFATTN_ERR_INVALID,
+                 "selfattn_forward_cached", "n_new[0] = 5", NULL);
+    assert_int_equal(selfattn_forward_cached(l, c, 3, x, n_ok, y), SELFATTN_OK);
+    expect_error(selfattn_forward_cached(l, c, 3, x, n_ok, y), SELFATTN_ERR_INVALID,
+                 "selfattn_forward_cached", "capacity 4", NULL);
+    expect_error(selfattn_cache_truncate(c, 0, 7), SELFATTN_ERR_INVALID, "selfattn_cache_truncate",
+                 "length 7", NULL);
+    expect_error(selfattn_cache_copy(c, 0, 2), SELFATTN_ERR_INVALID, "selfattn_cache_copy",
+                 "dst_seq 2", NULL);
+    int32_t cl;
+    expect_error(selfattn_cache_length(c, 5, &cl), SELFATTN_ERR_INVALID, "selfattn_cache_length",
+                 "seq 5", NULL);
+    uint64_t st_buf[8];
+    expect_error(selfattn_forward_train(l, 2, 8, x, NULL, y, st_buf, sizeof st_buf),
+                 SELFATTN_ERR_INVALID, "selfattn_forward_train", "state", NULL);
+
+    /* a successful call leaves the message as it was */
+    char kept[256];
+    snprintf(kept, sizeof kept, "%s", selfattn_last_error());
+    assert_int_equal(selfattn_forward(l, 2, 8, x, NULL, y), SELFATTN_OK);
+    assert_int_equal(selfattn_cache_length(c, 0, &cl), SELFATTN_OK);
+    assert_string_equal(selfattn_last_error(), kept);
+
+    /* per thread: another thread's failure is its own */
+    thread_msg tm;
+    assert_int_equal(pthread_create(&th, NULL, failing_thread, &tm), 0);
+    pthread_join(th, NULL);
+    assert_string_equal(tm.before, "");
+    assert_non_null(strstr(tm.after, "selfattn_layer_create: d_model -3"));
+    assert_string_equal(selfattn_last_error(), kept);
+
+    selfattn_cache_destroy(c);
+    selfattn_layer_destroy(l);
+    selfattn_layer_destroy(bare);
+    selfattn_layer_destroy(np);
+}
+
 int main(void)
 {
     fill_weights();
@@ -583,6 +727,7 @@ int main(void)
         cmocka_unit_test(test_extreme_sizes),
         cmocka_unit_test(test_cache_huge_max_new),
         cmocka_unit_test(test_float_option_narrowing),
+        cmocka_unit_test(test_last_error),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

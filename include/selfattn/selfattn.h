@@ -522,6 +522,14 @@ SELFATTN_API selfattn_status selfattn_backward_train(const selfattn_layer *layer
                                                      const void *state, size_t state_bytes);
 
 /* ---- Introspection -------------------------------------------------------------------------- */
+/* What went wrong (1.3): a message for the most recent call on this thread that returned a status
+   other than SELFATTN_OK, naming the function, the check that failed and the argument with its
+   values, e.g. "selfattn_forward: lengths[0] = 9 exceeds seq_len 8". Empty ("") when no call on
+   this thread has failed yet; a successful call leaves it unchanged. Thread-local: valid until
+   this thread's next selfattn_ call; never NULL. (Calls that return no status, and
+   selfattn_status_string, never change it.) */
+SELFATTN_API const char *selfattn_last_error(void);
+
 /* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u64", chosen once from
    the CPU's features. The environment variable SELFATTN_ISA=scalar|avx2|avx512, read once, forces
    a lower kernel family (a higher one than the CPU supports is ignored). Static string; thread-safe. */

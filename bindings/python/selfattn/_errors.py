@@ -69,9 +69,24 @@ _BY_CODE = {c.code: c for c in (NullError, InvalidError, NoMemoryError, SizeOver
                                 StateError, UnsupportedError)}
 
 
-def error_for(status, function=None, detail=None):
-    """The exception instance for a non-zero status (Error itself for a code added later)."""
-    return _BY_CODE.get(int(status), Error)(status, function, detail)
+def library_message():
+    """selfattn_last_error(): the library's message for this thread's most recent failing call."""
+    m = _lib.lib.selfattn_last_error()
+    return m.decode("utf-8", "replace") if m else ""
+
+
+def error_for(status, function=None, detail=None, from_library=False):
+    """The exception instance for a non-zero status (Error itself for a code added later). With
+    from_library (the status came from a C call just made), the library's own message, which
+    names the check and the argument's values, is part of the text (.library_message)."""
+    lib_msg = library_message() if from_library else ""
+    if lib_msg and detail and lib_msg not in detail:
+        detail = "%s [%s]" % (detail, lib_msg)
+    elif lib_msg:
+        detail = lib_msg
+    e = _BY_CODE.get(int(status), Error)(status, function, detail)
+    e.library_message = lib_msg
+    return e
 
 
 def _rebuild(status, function, detail):

@@ -81,7 +81,7 @@ _PROVIDES = {"w_q": "q", "w_k": "k", "w_v": "v", "w_qkv": "qkv", "w_o": "o"}
 
 def _check(status, function, detail=None):
     if status:
-        raise error_for(status, function, detail)
+        raise error_for(status, function, detail, from_library=True)
 
 
 def _int32(value, what):
@@ -421,7 +421,8 @@ class Layer(_Handle):
         if st == _lib.ERR_STATE and name == "weight_dtype":
             raise error_for(st, "selfattn_layer_set",
                             "weight_dtype=%s: the weight dtype is fixed once a weight is set (pass "
-                            "weight_dtype= to Layer(...), before set_weight)" % _dtype_str(v))
+                            "weight_dtype= to Layer(...), before set_weight)" % _dtype_str(v),
+                            from_library=True)
         _check(st, "selfattn_layer_set", "%s=%d" % (name, v))
 
     def get(self, name):
@@ -567,9 +568,9 @@ class Layer(_Handle):
     def _check_call(self, status, function, detail=None):
         """_check for a whole-layer call: a STATE status names the missing weights."""
         if status:
-            if status == _lib.ERR_STATE:
-                detail = self._state_detail() or detail
-            raise error_for(status, function, detail)
+            own = self._state_detail() if status == _lib.ERR_STATE else None
+            # the binding's own account of missing weights, or the library's message
+            raise error_for(status, function, own or detail, from_library=not own)
 
     @classmethod
     def from_torch(cls, module, **options):
@@ -973,7 +974,7 @@ class Cache(_Handle):
             else:
                 detail = ("the layer's window, rope, rope_dims, rope_theta, n_kv_heads, "
                           "head_dim or kv_dtype changed since the Cache was created")
-            raise error_for(st, "selfattn_forward_cached", detail)
+            raise error_for(st, "selfattn_forward_cached", detail, from_library=True)
         layer._check_call(st, "selfattn_forward_cached")
         if sf:
             y = y.swapaxes(0, 1)

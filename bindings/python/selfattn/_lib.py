@@ -121,6 +121,7 @@ _DECLS = {
     "selfattn_version_string": (c_char_p, []),
     "selfattn_status_string": (c_char_p, [c_int]),
     "selfattn_kernel_name": (c_char_p, []),
+    "selfattn_last_error": (c_char_p, []),
     "selfattn_layer_create": (c_int, [c_int32, c_int32, ctypes.POINTER(c_void_p)]),
     "selfattn_layer_destroy": (None, [_P]),
     "selfattn_layer_set": (c_int, [_P, c_int, c_int64]),

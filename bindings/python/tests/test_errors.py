@@ -327,3 +327,13 @@ def test_no_memory_in_a_subprocess():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "NOMEM True (1, 16, 256)", r.stdout + r.stderr
+
+
+def test_library_message_names_the_argument():
+    """A status from the C library carries selfattn_last_error(): the check and the values."""
+    layer = selfattn.Layer(16, 2)
+    with pytest.raises(selfattn.InvalidError) as e:
+        layer.set_weight("w_q", np.zeros(3, np.float32))
+    assert e.value.library_message.startswith("selfattn_layer_set_weight: ")
+    assert "count 3" in e.value.library_message and "256" in e.value.library_message
+    assert e.value.library_message in str(e.value)

@@ -1,0 +1,44 @@
+/* selfattn_last_error: a thread-local message for the most recent failing call on this thread.
+ * Every status-returning entry point names itself first (sa_err_begin); the first check that
+ * fails in the call writes the message (sa_fail with the argument and its values, or SA_CHECK's
+ * text of the condition), and the checks that pass the status on leave it as it is. A call that
+ * succeeds does not touch the message. */
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "internal.h"
+
+static _Thread_local const char *sa_err_fn = "selfattn";
+static _Thread_local int sa_err_pending; /* a message was written in the current call */
+static _Thread_local char sa_err_msg[384];
+
+void sa_err_begin(const char *fn)
+{
+    sa_err_fn = fn;
+    sa_err_pending = 0;
+}
+
+selfattn_status sa_fail(selfattn_status st, const char *fmt, ...)
+{
+    if (sa_err_pending)
+        return st;
+    int n = snprintf(sa_err_msg, sizeof sa_err_msg, "%s: ", sa_err_fn);
+    if (n < 0 || (size_t)n >= sizeof sa_err_msg)
+        n = 0;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sa_err_msg + n, sizeof sa_err_msg - (size_t)n, fmt, ap);
+    va_end(ap);
+    sa_err_pending = 1;
+    return st;
+}
+
+selfattn_status sa_fail_check(selfattn_status st, const char *cond)
+{
+    return sa_fail(st, "%s (failed check: %s)", selfattn_status_string(st), cond);
+}
+
+const char *selfattn_last_error(void)
+{
+    return sa_err_msg;
+}
