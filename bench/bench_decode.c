@@ -384,13 +384,17 @@ static double rss_bytes(void)
 }
 
 /* Resident bytes of a layer (weights set, before any call) with weight dtype wdt, and of a
-   cache of ctx positions in kvdt, filled by prompts of 512 tokens: what destroying it returns
-   (the large blocks are mapped apart, so freeing them shrinks the resident set by their size). */
+   cache of ctx positions in kvdt, filled by prompts of 512 tokens: what destroying each returns
+   (with a fixed mmap threshold the large blocks are mapped apart, so freeing them shrinks the
+   resident set by their size). */
 static void memory_of(const dcfg *c, int wdt, int kvdt, double *layer_b, double *cache_b)
 {
-    const double r0 = rss_bytes();
+    /* a fresh layer with its weights set, measured by what destroying it returns */
     selfattn_layer *l = layer_typed(c, 1, wdt, kvdt);
-    *layer_b = rss_bytes() - r0;
+    const double r0 = rss_bytes();
+    selfattn_layer_destroy(l);
+    *layer_b = r0 - rss_bytes();
+    l = layer_typed(c, 1, wdt, kvdt);
     *cache_b = 0;
     selfattn_cache *cache = NULL;
     const int chunk = c->ctx < 512 ? c->ctx : 512;
