@@ -39,10 +39,8 @@ selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seq
     SA_CHECK_NULL(out);
     SA_CHECKF(n_seqs >= 1 && capacity >= 1, SELFATTN_ERR_INVALID,
               "n_seqs %d and capacity %d must both be >= 1", n_seqs, capacity);
-    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
-              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
-              "SELFATTN_OPT_HEAD_DIM",
-              layer->d_model, layer->n_heads);
+    const selfattn_status st_hd = sa_check_head_dim(layer);
+    SA_CHECK(st_hd == SELFATTN_OK, st_hd);
     const size_t width = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t rows = (size_t)capacity * (layer->window > 0 ? 2 : 1);
     size_t per_seq;

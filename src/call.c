@@ -54,12 +54,19 @@ selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t 
     return SELFATTN_OK;
 }
 
-selfattn_status sa_check_weights(const selfattn_layer *l)
+selfattn_status sa_check_head_dim(const selfattn_layer *l)
 {
     SA_CHECKF(l->head_dim != 0, SELFATTN_ERR_STATE,
               "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
               "SELFATTN_OPT_HEAD_DIM",
               l->d_model, l->n_heads);
+    return SELFATTN_OK;
+}
+
+selfattn_status sa_check_weights(const selfattn_layer *l)
+{
+    const selfattn_status st = sa_check_head_dim(l);
+    SA_CHECK(st == SELFATTN_OK, st);
     const unsigned need = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V | (l->out_proj ? SA_HAVE_O : 0u);
     if ((l->have & need) == need)
         return SELFATTN_OK;
@@ -71,9 +78,10 @@ selfattn_status sa_check_weights(const selfattn_layer *l)
             strcat(missing, names[i]);
         }
     return sa_fail(SELFATTN_ERR_STATE, "%s not set (selfattn_layer_set_weight before a call%s)",
-                   missing, !(l->have & SA_HAVE_O) && l->out_proj
-                                ? "; without an output projection, OUT_PROJ 0 before any weight"
-                                : "");
+                   missing,
+                   !(l->have & SA_HAVE_O) && l->out_proj
+                       ? "; without an output projection, OUT_PROJ 0 before any weight"
+                       : "");
 }
 
 size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t seq_len)

@@ -99,10 +99,8 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     SA_CHECK_NULL(out);
     SA_CHECKF(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID,
               "batch %d, q_len %d and kv_len %d must all be >= 1", batch, q_len, kv_len);
-    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
-              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
-              "SELFATTN_OPT_HEAD_DIM",
-              layer->d_model, layer->n_heads);
+    const selfattn_status st_hd = sa_check_head_dim(layer);
+    SA_CHECK(st_hd == SELFATTN_OK, st_hd);
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     SA_CHECK(sa_array_bytes((size_t)batch * (size_t)q_len, nq) != 0 &&

@@ -467,6 +467,8 @@ SA_HIDDEN selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch
    lengths NULL, or each in [0, max] (SELFATTN_ERR_INVALID otherwise); */
 SA_HIDDEN selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max,
                                            const char *name, const char *max_name);
+/* head_dim is determined (SELFATTN_ERR_STATE saying why not otherwise); */
+SA_HIDDEN selfattn_status sa_check_head_dim(const selfattn_layer *l);
 /* the weights a forward needs are set and head_dim is determined (SELFATTN_ERR_STATE naming
    what is missing otherwise); */
 SA_HIDDEN selfattn_status sa_check_weights(const selfattn_layer *l);

@@ -17,27 +17,6 @@ const char *selfattn_version_string(void)
     return SELFATTN_VERSION_STRING;
 }
 
-const char *selfattn_status_string(selfattn_status s)
-{
-    switch (s) {
-    case SELFATTN_OK:
-        return "success";
-    case SELFATTN_ERR_NULL:
-        return "a required pointer argument is NULL";
-    case SELFATTN_ERR_INVALID:
-        return "a dimension, option, value or element count is out of range or inconsistent";
-    case SELFATTN_ERR_NOMEM:
-        return "memory could not be allocated";
-    case SELFATTN_ERR_OVERFLOW:
-        return "a size computed from the arguments does not fit";
-    case SELFATTN_ERR_STATE:
-        return "not allowed in the layer's current state";
-    case SELFATTN_ERR_UNSUPPORTED:
-        return "a valid request this build cannot serve";
-    }
-    return "unknown status code";
-}
-
 /* Checks that the weight shapes of a configuration are addressable and that their row widths fit
    the int dimensions of CBLAS. */
 static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t n_kv_heads,
@@ -234,10 +213,9 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
         layer->causal = (int32_t)value;
         break;
     case SELFATTN_OPT_OUT_PROJ:
-        SA_CHECKF(value == 1 || (int64_t)layer->head_dim * n_heads == d_model,
-                  SELFATTN_ERR_INVALID,
-                  "OUT_PROJ 0 needs n_heads %lld x head_dim %d == d_model %lld",
-                  (long long)n_heads, layer->head_dim, (long long)d_model);
+        SA_CHECKF(value == 1 || (int64_t)layer->head_dim * n_heads == d_model, SELFATTN_ERR_INVALID,
+                  "OUT_PROJ 0 needs n_heads %lld x head_dim %d == d_model %lld", (long long)n_heads,
+                  layer->head_dim, (long long)d_model);
         layer->out_proj = (int32_t)value;
         break;
     case SELFATTN_OPT_THREADS:

@@ -36,10 +36,8 @@ static selfattn_status sa_train_plan(const selfattn_layer *layer, int32_t batch,
 {
     SA_CHECKF(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID,
               "batch %d and seq_len %d must both be >= 1", batch, seq_len);
-    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
-              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
-              "SELFATTN_OPT_HEAD_DIM",
-              layer->d_model, layer->n_heads);
+    const selfattn_status st_hd = sa_check_head_dim(layer);
+    SA_CHECK(st_hd == SELFATTN_OK, st_hd);
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
