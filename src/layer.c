@@ -405,129 +405,128 @@ selfattn_status selfattn_layer_set_weight_typed(selfattn_layer *layer, selfattn_
     return sa_set_weight(layer, which, dtype, data, count);
 }
 
-static selfattn_status sa_set_weight(selfattn_layer *layer, selfattn_weight which,
-                                     selfattn_dtype dtype, const void *data, int64_t count)
-{
-    SA_CHECKF(layer != NULL, SELFATTN_ERR_NULL, "layer is NULL");
-    SA_CHECKF(data != NULL, SELFATTN_ERR_NULL, "data is NULL");
-    SA_CHECKF(which >= SELFATTN_W_Q && which <= SELFATTN_B_QKV, SELFATTN_ERR_INVALID,
-              "%d is not a weight (selfattn_weight)", (int)which);
-    SA_CHECKF(dtype >= SELFATTN_DTYPE_F32 && dtype <= SELFATTN_DTYPE_BF16, SELFATTN_ERR_INVALID,
-              "%d is not a dtype (selfattn_dtype)", (int)dtype);
-    SA_CHECKF(layer->head_dim != 0, SELFATTN_ERR_STATE,
-              "head_dim is undetermined: d_model %d is not divisible by n_heads %d; set "
-              "SELFATTN_OPT_HEAD_DIM first",
-              layer->d_model, layer->n_heads);
+/* Where a weight or bias goes: rows [first, first + rows) of a buffer of buf_rows x width (the
+   float32 one, or for a 16-bit weight the uint16 one), and the SA_HAVE_* bits it provides. */
+typedef struct sa_weight_slot {
+    float **buf;
+    uint16_t **hbuf;
+    size_t buf_rows, width, first, rows;
+    int is_bias;
+    unsigned have_bits;
+} sa_weight_slot;
 
+static selfattn_status sa_weight_slot_of(const selfattn_layer *layer, selfattn_weight which,
+                                         sa_weight_slot *w)
+{
     const size_t d_model = (size_t)layer->d_model;
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     const size_t nqkv = nq + 2 * nkv; /* fits: checked when the shape was set */
-    const int packed_ok = layer->n_kv_heads == layer->n_heads && nq == d_model;
-
-    /* Where the data goes: a row range [first, first + rows) of one buffer of width `width`. */
-    float **buf;
-    uint16_t **hbuf;
-    size_t buf_rows, width, first, rows;
-    int is_bias = 0;
-    unsigned have_bits = 0;
-    switch (which) {
-    case SELFATTN_W_Q:
-    case SELFATTN_W_K:
-    case SELFATTN_W_V:
-    case SELFATTN_W_QKV:
-    case SELFATTN_B_Q:
-    case SELFATTN_B_K:
-    case SELFATTN_B_V:
-    case SELFATTN_B_QKV:
-        is_bias = which == SELFATTN_B_Q || which == SELFATTN_B_K || which == SELFATTN_B_V ||
-                  which == SELFATTN_B_QKV;
-        buf = is_bias ? &layer->b_qkv : &layer->w_qkv;
-        hbuf = &layer->h_qkv;
-        buf_rows = nqkv;
-        if (which == SELFATTN_W_Q || which == SELFATTN_B_Q) {
-            first = 0;
-            rows = nq;
-            have_bits = SA_HAVE_Q;
-        } else if (which == SELFATTN_W_K || which == SELFATTN_B_K) {
-            first = nq;
-            rows = nkv;
-            have_bits = SA_HAVE_K;
-        } else if (which == SELFATTN_W_V || which == SELFATTN_B_V) {
-            first = nq + nkv;
-            rows = nkv;
-            have_bits = SA_HAVE_V;
-        } else {
-            SA_CHECKF(packed_ok, SELFATTN_ERR_INVALID,
+    selfattn_layer *l = (selfattn_layer *)layer;
+    const int is_bias = which == SELFATTN_B_Q || which == SELFATTN_B_K || which == SELFATTN_B_V ||
+                        which == SELFATTN_B_QKV || which == SELFATTN_B_O;
+    if (which == SELFATTN_W_O || which == SELFATTN_B_O) {
+        SA_CHECKF(layer->out_proj, SELFATTN_ERR_INVALID,
+                  "W_O/B_O with the output projection off (OUT_PROJ 0)");
+        *w = (sa_weight_slot){.buf = is_bias ? &l->b_o : &l->w_o,
+                              .hbuf = &l->h_o,
+                              .buf_rows = d_model,
+                              .width = is_bias ? 1 : nq,
+                              .first = 0,
+                              .rows = d_model,
+                              .is_bias = is_bias,
+                              .have_bits = SA_HAVE_O};
+    } else {
+        const int slot = which == SELFATTN_W_Q || which == SELFATTN_B_Q   ? 0
+                         : which == SELFATTN_W_K || which == SELFATTN_B_K ? 1
+                         : which == SELFATTN_W_V || which == SELFATTN_B_V ? 2
+                                                                          : 3; /* packed */
+        if (slot == 3)
+            SA_CHECKF(layer->n_kv_heads == layer->n_heads && nq == d_model, SELFATTN_ERR_INVALID,
                       "W_QKV/B_QKV need n_kv_heads == n_heads and n_heads x head_dim == d_model "
                       "(here %d, %d, %zu, %zu): set W_Q, W_K, W_V apart",
                       layer->n_kv_heads, layer->n_heads, nq, d_model);
-            first = 0;
-            rows = nqkv;
-            have_bits = SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V;
-        }
-        width = is_bias ? 1 : d_model;
-        break;
-    case SELFATTN_W_O:
-    case SELFATTN_B_O:
-        SA_CHECKF(layer->out_proj, SELFATTN_ERR_INVALID,
-                  "W_O/B_O with the output projection off (OUT_PROJ 0)");
-        is_bias = which == SELFATTN_B_O;
-        buf = is_bias ? &layer->b_o : &layer->w_o;
-        hbuf = &layer->h_o;
-        buf_rows = d_model;
-        first = 0;
-        rows = d_model;
-        width = is_bias ? 1 : nq;
-        have_bits = SA_HAVE_O;
-        break;
-    default:
-        return sa_fail(SELFATTN_ERR_INVALID, "%d is not a weight", (int)which);
+        static const unsigned bits[4] = {SA_HAVE_Q, SA_HAVE_K, SA_HAVE_V,
+                                         SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V};
+        const size_t first[4] = {0, nq, nq + nkv, 0}, rows[4] = {nq, nkv, nkv, nqkv};
+        *w = (sa_weight_slot){.buf = is_bias ? &l->b_qkv : &l->w_qkv,
+                              .hbuf = &l->h_qkv,
+                              .buf_rows = nqkv,
+                              .width = is_bias ? 1 : d_model,
+                              .first = first[slot],
+                              .rows = rows[slot],
+                              .is_bias = is_bias,
+                              .have_bits = bits[slot]};
     }
     if (is_bias)
-        have_bits = 0; /* biases are optional: they do not count as weights present */
+        w->have_bits = 0; /* biases are optional: they do not count as weights present */
+    return SELFATTN_OK;
+}
 
+/* Copies elems values given in dtype into the slot, stored in wdt (checked storable). */
+static selfattn_status sa_weight_store(const sa_weight_slot *w, int32_t wdt, selfattn_dtype dtype,
+                                       const void *data, size_t elems)
+{
+    const size_t total = w->buf_rows * w->width;
+    if (wdt == SELFATTN_DTYPE_F32) {
+        if (*w->buf == NULL) {
+            /* Biases start zeroed (a bias never set is zero); weights are tracked by `have`. */
+            float *fresh =
+                w->is_bias ? sa_calloc(total, sizeof(float)) : sa_malloc(total * sizeof(float));
+            SA_CHECKF(fresh != NULL, SELFATTN_ERR_NOMEM, "out of memory for %zu floats", total);
+            *w->buf = fresh;
+        }
+        float *dst = *w->buf + w->first * w->width;
+        if (dtype == SELFATTN_DTYPE_F32)
+            memcpy(dst, data, elems * sizeof(float));
+        else
+            for (size_t i = 0; i < elems; i++)
+                dst[i] = sa_elem(dtype, data, i);
+        return SELFATTN_OK;
+    }
+    if (*w->hbuf == NULL) {
+        uint16_t *fresh = sa_malloc(total * sizeof(uint16_t));
+        SA_CHECKF(fresh != NULL, SELFATTN_ERR_NOMEM, "out of memory for %zu 16-bit values", total);
+        *w->hbuf = fresh;
+    }
+    uint16_t *dst = *w->hbuf + w->first * w->width;
+    if ((int32_t)dtype == wdt) /* already in the stored type: bit for bit */
+        memcpy(dst, data, elems * sizeof(uint16_t));
+    else
+        for (size_t i = 0; i < elems; i++)
+            dst[i] = sa_round16(wdt, sa_elem(dtype, data, i));
+    return SELFATTN_OK;
+}
+
+static selfattn_status sa_set_weight(selfattn_layer *layer, selfattn_weight which,
+                                     selfattn_dtype dtype, const void *data, int64_t count)
+{
+    SA_CHECK_NULL(layer);
+    SA_CHECK_NULL(data);
+    SA_CHECKF(which >= SELFATTN_W_Q && which <= SELFATTN_B_QKV, SELFATTN_ERR_INVALID,
+              "%d is not a weight (selfattn_weight)", (int)which);
+    SA_CHECKF(dtype >= SELFATTN_DTYPE_F32 && dtype <= SELFATTN_DTYPE_BF16, SELFATTN_ERR_INVALID,
+              "%d is not a dtype (selfattn_dtype)", (int)dtype);
+    selfattn_status st = sa_check_head_dim(layer);
+    SA_CHECK(st == SELFATTN_OK, st);
+    sa_weight_slot w = {0};
+    st = sa_weight_slot_of(layer, which, &w);
+    SA_CHECK(st == SELFATTN_OK, st);
     size_t elems;
-    SA_CHECK(sa_mul_size(rows, width, &elems), SELFATTN_ERR_OVERFLOW);
+    SA_CHECK(sa_mul_size(w.rows, w.width, &elems), SELFATTN_ERR_OVERFLOW);
     SA_CHECKF(count >= 0 && (uint64_t)count == (uint64_t)elems, SELFATTN_ERR_INVALID,
               "weight %d: count %lld, but this layer's shape needs %zu x %zu = %zu elements",
-              (int)which, (long long)count, rows, width, elems);
-
-    const int32_t wdt = is_bias ? SELFATTN_DTYPE_F32 : layer->weight_dtype;
+              (int)which, (long long)count, w.rows, w.width, elems);
+    const int32_t wdt = w.is_bias ? SELFATTN_DTYPE_F32 : layer->weight_dtype;
     if (wdt != SELFATTN_DTYPE_F32 && (int32_t)dtype != wdt) /* every value must be storable */
         for (size_t i = 0; i < elems; i++)
             SA_CHECKF(!sa_overflows16(wdt, sa_elem(dtype, data, i)), SELFATTN_ERR_INVALID,
                       "weight %d: element %zu = %g rounds to infinity in %s (WEIGHT_DTYPE)",
                       (int)which, i, (double)sa_elem(dtype, data, i),
                       wdt == SELFATTN_DTYPE_F16 ? "f16" : "bf16");
-    if (wdt == SELFATTN_DTYPE_F32) {
-        if (*buf == NULL) {
-            /* Biases start zeroed (a bias never set is zero); weights are tracked by `have`. */
-            float *fresh = is_bias ? sa_calloc(buf_rows * width, sizeof(float))
-                                   : sa_malloc(buf_rows * width * sizeof(float));
-            SA_CHECK(fresh != NULL, SELFATTN_ERR_NOMEM);
-            *buf = fresh;
-        }
-        float *dst = *buf + first * width;
-        if (dtype == SELFATTN_DTYPE_F32)
-            memcpy(dst, data, elems * sizeof(float));
-        else
-            for (size_t i = 0; i < elems; i++)
-                dst[i] = sa_elem(dtype, data, i);
-    } else {
-        if (*hbuf == NULL) {
-            uint16_t *fresh = sa_malloc(buf_rows * width * sizeof(uint16_t));
-            SA_CHECK(fresh != NULL, SELFATTN_ERR_NOMEM);
-            *hbuf = fresh;
-        }
-        uint16_t *dst = *hbuf + first * width;
-        if ((int32_t)dtype == wdt) /* already in the stored type: bit for bit */
-            memcpy(dst, data, elems * sizeof(uint16_t));
-        else
-            for (size_t i = 0; i < elems; i++)
-                dst[i] = sa_round16(wdt, sa_elem(dtype, data, i));
-    }
-    layer->have |= have_bits;
+    st = sa_weight_store(&w, wdt, dtype, data, elems);
+    SA_CHECK(st == SELFATTN_OK, st);
+    layer->have |= w.have_bits;
     layer->weights_set = 1;
     layer->version++;
     return SELFATTN_OK;
