@@ -2,6 +2,7 @@
  * lengths and of the 1.1 structs' struct_size, the valid rows of a padded batch, and the score
  * description of a layer's options (sa_attn) that the attention core takes. */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,16 +73,18 @@ selfattn_status sa_check_weights(const selfattn_layer *l)
         return SELFATTN_OK;
     static const char *const names[4] = {"W_Q", "W_K", "W_V", "W_O"};
     char missing[32] = "";
+    size_t at = 0;
     for (int i = 0; i < 4; i++)
         if ((need & (1u << i)) && !(l->have & (1u << i))) {
-            strcat(missing, missing[0] ? ", " : "");
-            strcat(missing, names[i]);
+            const int n =
+                snprintf(missing + at, sizeof missing - at, "%s%s", at ? ", " : "", names[i]);
+            at += n > 0 ? (size_t)n : 0; /* at most 18 characters in all */
         }
-    return sa_fail(SELFATTN_ERR_STATE, "%s not set (selfattn_layer_set_weight before a call%s)",
-                   missing,
-                   !(l->have & SA_HAVE_O) && l->out_proj
-                       ? "; without an output projection, OUT_PROJ 0 before any weight"
-                       : "");
+    sa_fail(SELFATTN_ERR_STATE, "%s not set (selfattn_layer_set_weight before a call%s)", missing,
+            !(l->have & SA_HAVE_O) && l->out_proj
+                ? "; without an output projection, OUT_PROJ 0 before any weight"
+                : "");
+    return SELFATTN_ERR_STATE;
 }
 
 size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t seq_len)

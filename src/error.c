@@ -43,12 +43,12 @@ selfattn_status sa_fail(selfattn_status st, const char *fmt, ...)
 {
     if (sa_err_pending)
         return st;
-    int n = snprintf(sa_err_msg, sizeof sa_err_msg, "%s: ", sa_err_fn);
-    if (n < 0 || (size_t)n >= sizeof sa_err_msg)
-        n = 0;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(sa_err_msg + n, sizeof sa_err_msg - (size_t)n, fmt, ap);
+    const int n = snprintf(sa_err_msg, sizeof sa_err_msg, "%s: ", sa_err_fn);
+    const size_t at = n > 0 && (size_t)n < sizeof sa_err_msg ? (size_t)n : 0;
+    /* clang-analyzer 14 loses track of va_start across the branch above (a false report) */
+    vsnprintf(sa_err_msg + at, sizeof sa_err_msg - at, fmt, ap); // NOLINT(clang-analyzer-valist.*)
     va_end(ap);
     sa_err_pending = 1;
     return st;

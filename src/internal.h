@@ -21,15 +21,19 @@ SA_HIDDEN selfattn_status sa_fail_check(selfattn_status st, const char *cond);
    condition (SA_CHECKF: a message with the argument and its values). */
 #define SA_CHECK(cond, status)                                                                     \
     do {                                                                                           \
-        if (!(cond))                                                                               \
-            return sa_fail_check((status), #cond);                                                 \
+        if (!(cond)) {                                                                             \
+            sa_fail_check((status), #cond);                                                        \
+            return (status);                                                                       \
+        }                                                                                          \
     } while (0)
 /* SELFATTN_ERR_NULL naming the pointer argument when it is NULL. */
 #define SA_CHECK_NULL(ptr) SA_CHECKF((ptr) != NULL, SELFATTN_ERR_NULL, "%s is NULL", #ptr)
 #define SA_CHECKF(cond, status, ...)                                                               \
     do {                                                                                           \
-        if (!(cond))                                                                               \
-            return sa_fail((status), __VA_ARGS__);                                                 \
+        if (!(cond)) {                                                                             \
+            sa_fail((status), __VA_ARGS__);                                                        \
+            return (status);                                                                       \
+        }                                                                                          \
     } while (0)
 
 /* ---- Allocation: every allocation of the library goes through these. ---- */

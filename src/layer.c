@@ -30,12 +30,14 @@ static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t 
     size_t bytes;
     if (nq > INT32_MAX || nkv > INT32_MAX || nqkv > INT32_MAX ||
         !sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
-        !sa_mul_size(bytes, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX)
-        return sa_fail(SELFATTN_ERR_OVERFLOW,
-                       "the weights of d_model %lld, %lld heads (%lld K/V heads) of head_dim %lld "
-                       "do not fit: %lld weight rows of %lld floats (rows must fit an int32)",
-                       (long long)d_model, (long long)n_heads, (long long)n_kv_heads,
-                       (long long)head_dim, (long long)nqkv, (long long)d_model);
+        !sa_mul_size(bytes, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX) {
+        sa_fail(SELFATTN_ERR_OVERFLOW,
+                "the weights of d_model %lld, %lld heads (%lld K/V heads) of head_dim %lld "
+                "do not fit: %lld weight rows of %lld floats (rows must fit an int32)",
+                (long long)d_model, (long long)n_heads, (long long)n_kv_heads, (long long)head_dim,
+                (long long)nqkv, (long long)d_model);
+        return SELFATTN_ERR_OVERFLOW;
+    }
     return SELFATTN_OK;
 }
 
@@ -54,7 +56,8 @@ selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads, selfattn
     l->ws = sa_ws_cache_create();
     if (l->ws == NULL) {
         sa_free(l);
-        return sa_fail(SELFATTN_ERR_NOMEM, "out of memory for the layer");
+        sa_fail(SELFATTN_ERR_NOMEM, "out of memory for the layer");
+        return SELFATTN_ERR_NOMEM;
     }
     l->d_model = d_model;
     l->n_heads = n_heads;
@@ -157,8 +160,10 @@ static selfattn_status sa_option_bounds(selfattn_option opt, int64_t *lower, int
         lo = SELFATTN_DTYPE_F16; /* 0 (F32) is the default */
         hi = SELFATTN_DTYPE_BF16;
         break;
-    default:
-        return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option (selfattn_option)", (int)opt);
+    default: {
+        sa_fail(SELFATTN_ERR_INVALID, "%d is not an option (selfattn_option)", (int)opt);
+        return SELFATTN_ERR_INVALID;
+    }
     }
     *lower = lo;
     *upper = hi;
@@ -290,7 +295,8 @@ selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option 
         *value = layer->kv_dtype;
         return SELFATTN_OK;
     }
-    return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
+    sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
+    return SELFATTN_ERR_INVALID;
 }
 
 selfattn_status selfattn_layer_set_scale(selfattn_layer *layer, float scale)
@@ -341,7 +347,8 @@ selfattn_status selfattn_layer_set_float(selfattn_layer *layer, selfattn_float_o
         layer->version++;
         return SELFATTN_OK;
     }
-    return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
+    sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
+    return SELFATTN_ERR_INVALID;
 }
 
 selfattn_status selfattn_layer_get_float(const selfattn_layer *layer, selfattn_float_option opt,
@@ -360,7 +367,8 @@ selfattn_status selfattn_layer_get_float(const selfattn_layer *layer, selfattn_f
         *value = layer->softcap;
         return SELFATTN_OK;
     }
-    return sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
+    sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
+    return SELFATTN_ERR_INVALID;
 }
 
 /* Element i of data given in dtype, as float (exact). */
