@@ -26,16 +26,16 @@ static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t 
         return SELFATTN_OK;                /* undetermined: checked again when it is set */
     const int64_t nq = n_heads * head_dim; /* both < 2^31: no int64 overflow */
     const int64_t nkv = n_kv_heads * head_dim;
-    const int64_t nqkv = nq + 2 * nkv;
+    /* nq and nkv are checked before their sum is formed (each may be near 2^62) */
+    const int64_t nqkv = nq <= INT32_MAX && nkv <= INT32_MAX ? nq + 2 * nkv : INT64_MAX;
     size_t bytes;
-    if (nq > INT32_MAX || nkv > INT32_MAX || nqkv > INT32_MAX ||
-        !sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
+    if (nqkv > INT32_MAX || !sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
         !sa_mul_size(bytes, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX) {
         sa_fail(SELFATTN_ERR_OVERFLOW,
                 "the weights of d_model %lld, %lld heads (%lld K/V heads) of head_dim %lld "
-                "do not fit: %lld weight rows of %lld floats (rows must fit an int32)",
-                (long long)d_model, (long long)n_heads, (long long)n_kv_heads, (long long)head_dim,
-                (long long)nqkv, (long long)d_model);
+                "do not fit (the weight rows, n_heads + 2 n_kv_heads times head_dim, must fit an "
+                "int32, and the weights memory's address range)",
+                (long long)d_model, (long long)n_heads, (long long)n_kv_heads, (long long)head_dim);
         return SELFATTN_ERR_OVERFLOW;
     }
     return SELFATTN_OK;
