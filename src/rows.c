@@ -75,6 +75,15 @@ typedef struct sa_rowprod_job {
     int row_chunks, col_chunks;
 } sa_rowprod_job;
 
+/* The bias (if any) added to rows [r0, r0 + n_rows), columns [c0, c1) of the output. */
+static void sa_rowprod_bias(const sa_rowprod *p, size_t r0, size_t n_rows, size_t c0, size_t c1)
+{
+    if (p->bias != NULL)
+        for (size_t r = 0; r < n_rows; r++)
+            for (size_t j = c0; j < c1; j++)
+                p->out[(r0 + r) * p->ld_out + j] += p->bias[j];
+}
+
 /* Rows [r0, r0 + n_rows) of the batch, output columns [c0, c1). */
 static void sa_rowprod_rows(const sa_rowprod *p, size_t r0, size_t n_rows, size_t c0, size_t c1)
 {
@@ -96,10 +105,7 @@ static void sa_rowprod_rows(const sa_rowprod *p, size_t r0, size_t n_rows, size_
                     (int)p->k, 1.0f, in, (int)p->ld_in, p->w + c0, (int)p->ld_w, 0.0f, c,
                     (int)p->ld_out);
     }
-    if (p->bias != NULL)
-        for (size_t r = 0; r < n_rows; r++)
-            for (size_t j = c0; j < c1; j++)
-                p->out[(r0 + r) * p->ld_out + j] += p->bias[j];
+    sa_rowprod_bias(p, r0, n_rows, c0, c1);
 }
 
 /* 16-bit weights: output columns per converted panel, as many as fit about 4 MiB of floats
@@ -135,14 +141,11 @@ static void sa_rowprod_x16(const sa_rowprod *p, float *panel, size_t v0, size_t 
         sa_rows_begin(&it, &p->rows, v0, v1);
         size_t r0, n;
         while (sa_rows_next(&it, &r0, &n)) {
-            float *c = p->out + r0 * p->ld_out + cp;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, p->w_is_linear ? CblasTrans : CblasNoTrans,
                         (int)n, (int)pc, (int)p->k, 1.0f, p->in + r0 * p->ld_in, (int)p->ld_in,
-                        panel, (int)(p->w_is_linear ? p->k : pc), 0.0f, c, (int)p->ld_out);
-            if (p->bias != NULL)
-                for (size_t r = 0; r < n; r++)
-                    for (size_t j = 0; j < pc; j++)
-                        c[r * p->ld_out + j] += p->bias[cp + j];
+                        panel, (int)(p->w_is_linear ? p->k : pc), 0.0f,
+                        p->out + r0 * p->ld_out + cp, (int)p->ld_out);
+            sa_rowprod_bias(p, r0, n, cp, cp + pc);
         }
     }
 }
