@@ -310,19 +310,14 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     SA_CHECK_NULL(k);
     SA_CHECK_NULL(v);
     SA_CHECK_NULL(dout);
-    SA_CHECKF(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID,
-              "batch %d, q_len %d and kv_len %d must all be >= 1", batch, q_len, kv_len);
-    const selfattn_status st_hd = sa_check_head_dim(layer);
-    SA_CHECK(st_hd == SELFATTN_OK, st_hd);
+    selfattn_status st = sa_check_attend_call(layer, batch, q_len, kv_len);
+    SA_CHECK(st == SELFATTN_OK, st);
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
-    const size_t q_rows = (size_t)batch * (size_t)q_len; /* < 2^62 */
+    const size_t q_rows = (size_t)batch * (size_t)q_len; /* addressable: checked */
     size_t head_rows;
-    SA_CHECK(sa_array_bytes(q_rows, nq) != 0 &&
-                 sa_array_bytes((size_t)batch * (size_t)kv_len, nkv) != 0 &&
-                 sa_mul_size(q_rows, (size_t)layer->n_heads, &head_rows),
-             SELFATTN_ERR_OVERFLOW);
-    selfattn_status st = sa_check_lengths(kv_lengths, batch, kv_len, "kv_lengths", "kv_len");
+    SA_CHECK(sa_mul_size(q_rows, (size_t)layer->n_heads, &head_rows), SELFATTN_ERR_OVERFLOW);
+    st = sa_check_lengths(kv_lengths, batch, kv_len, "kv_lengths", "kv_len");
     SA_CHECK(st == SELFATTN_OK, st);
     if (dq == NULL && dk == NULL && dv == NULL)
         return SELFATTN_OK;

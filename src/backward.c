@@ -15,7 +15,8 @@ static selfattn_status bw_check_grads(const selfattn_grads *g, const selfattn_la
 {
     if (g == NULL)
         return SELFATTN_OK;
-    const selfattn_status st = sa_check_struct_size(g, g->struct_size, sizeof(selfattn_grads), "grads");
+    const selfattn_status st =
+        sa_check_struct_size(g, g->struct_size, sizeof(selfattn_grads), "grads");
     SA_CHECK(st == SELFATTN_OK, st);
     SA_CHECKF(l->out_proj || (g->w_o == NULL && g->b_o == NULL), SELFATTN_ERR_INVALID,
               "grads->w_o and grads->b_o must be NULL with the output projection off");
@@ -49,9 +50,7 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
     SA_CHECK_NULL(layer);
     SA_CHECK_NULL(x);
     SA_CHECK_NULL(dy);
-    SA_CHECKF(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID,
-              "batch %d and seq_len %d must both be >= 1", batch, seq_len);
-    selfattn_status st = sa_check_weights(layer);
+    selfattn_status st = sa_check_batch_call(layer, batch, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
     st = bw_check_grads(grads, layer);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -61,9 +60,8 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
     p->nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     p->nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     p->nqkv = p->nq + 2 * p->nkv;
-    p->rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
-    SA_CHECK(sa_array_bytes(p->rows, p->dm) != 0 && sa_array_bytes(p->rows, p->nqkv) != 0 &&
-                 sa_mul_size(p->rows, (size_t)layer->n_heads, &p->head_rows) &&
+    p->rows = (size_t)batch * (size_t)seq_len; /* addressable: checked */
+    SA_CHECK(sa_mul_size(p->rows, (size_t)layer->n_heads, &p->head_rows) &&
                  sa_rowprod_chunks_fit(p->rows),
              SELFATTN_ERR_OVERFLOW);
     st = sa_check_lengths(lengths, batch, seq_len, "lengths", "seq_len");

@@ -64,6 +64,39 @@ selfattn_status sa_check_head_dim(const selfattn_layer *l)
     return SELFATTN_OK;
 }
 
+selfattn_status sa_check_batch_call(const selfattn_layer *l, int32_t batch, int32_t seq_len)
+{
+    SA_CHECKF(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID,
+              "batch %d and seq_len %d must both be >= 1", batch, seq_len);
+    const selfattn_status st = sa_check_weights(l);
+    SA_CHECK(st == SELFATTN_OK, st);
+    const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
+    const size_t nqkv = (size_t)(l->n_heads + 2 * (size_t)l->n_kv_heads) * (size_t)l->head_dim;
+    SA_CHECKF(sa_array_bytes(rows, (size_t)l->d_model) != 0 && sa_array_bytes(rows, nqkv) != 0,
+              SELFATTN_ERR_OVERFLOW,
+              "batch %d x seq_len %d rows of d_model %d (and of the %zu projected columns) do "
+              "not fit in memory's address range",
+              batch, seq_len, l->d_model, nqkv);
+    return SELFATTN_OK;
+}
+
+selfattn_status sa_check_attend_call(const selfattn_layer *l, int32_t batch, int32_t q_len,
+                                     int32_t kv_len)
+{
+    SA_CHECKF(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID,
+              "batch %d, q_len %d and kv_len %d must all be >= 1", batch, q_len, kv_len);
+    const selfattn_status st = sa_check_head_dim(l);
+    SA_CHECK(st == SELFATTN_OK, st);
+    const size_t nq = (size_t)l->n_heads * (size_t)l->head_dim;
+    const size_t nkv = (size_t)l->n_kv_heads * (size_t)l->head_dim;
+    SA_CHECKF(sa_array_bytes((size_t)batch * (size_t)q_len, nq) != 0 &&
+                  sa_array_bytes((size_t)batch * (size_t)kv_len, nkv) != 0,
+              SELFATTN_ERR_OVERFLOW,
+              "batch %d x q_len %d (or kv_len %d) rows do not fit in memory's address range", batch,
+              q_len, kv_len);
+    return SELFATTN_OK;
+}
+
 selfattn_status sa_check_weights(const selfattn_layer *l)
 {
     const selfattn_status st = sa_check_head_dim(l);

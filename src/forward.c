@@ -22,7 +22,8 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
 {
     if (e == NULL)
         return SELFATTN_OK;
-    const selfattn_status st = sa_check_struct_size(e, e->struct_size, sizeof(selfattn_extras), "extras");
+    const selfattn_status st =
+        sa_check_struct_size(e, e->struct_size, sizeof(selfattn_extras), "extras");
     SA_CHECK(st == SELFATTN_OK, st);
     size_t rows; /* of weights and lse: batch * n_heads * q_len */
     SA_CHECK(sa_mul_size((size_t)batch, (size_t)l->n_heads, &rows) &&
@@ -88,25 +89,20 @@ static void sa_use_headmajor(sa_attn *a, const sa_kv_copy *c, int workers)
 /* ---- Entry points ---- */
 
 static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, int32_t q_len,
-                                    int32_t kv_len, const float *q, const float *k,
-                                    const float *v, const int32_t *kv_lengths,
-                                    const selfattn_extras *extras, float *out)
+                                    int32_t kv_len, const float *q, const float *k, const float *v,
+                                    const int32_t *kv_lengths, const selfattn_extras *extras,
+                                    float *out)
 {
     SA_CHECK_NULL(layer);
     SA_CHECK_NULL(q);
     SA_CHECK_NULL(k);
     SA_CHECK_NULL(v);
     SA_CHECK_NULL(out);
-    SA_CHECKF(batch >= 1 && q_len >= 1 && kv_len >= 1, SELFATTN_ERR_INVALID,
-              "batch %d, q_len %d and kv_len %d must all be >= 1", batch, q_len, kv_len);
-    const selfattn_status st_hd = sa_check_head_dim(layer);
-    SA_CHECK(st_hd == SELFATTN_OK, st_hd);
+    selfattn_status st = sa_check_attend_call(layer, batch, q_len, kv_len);
+    SA_CHECK(st == SELFATTN_OK, st);
     const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
-    SA_CHECK(sa_array_bytes((size_t)batch * (size_t)q_len, nq) != 0 &&
-                 sa_array_bytes((size_t)batch * (size_t)kv_len, nkv) != 0,
-             SELFATTN_ERR_OVERFLOW);
-    selfattn_status st = sa_check_extras(extras, layer, batch, q_len, kv_len);
+    st = sa_check_extras(extras, layer, batch, q_len, kv_len);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
     st = sa_check_lengths(kv_lengths, batch, kv_len, "kv_lengths", "kv_len");
@@ -199,20 +195,16 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
     SA_CHECK_NULL(layer);
     SA_CHECK_NULL(x);
     SA_CHECK_NULL(y);
-    SA_CHECKF(batch >= 1 && seq_len >= 1, SELFATTN_ERR_INVALID,
-              "batch %d and seq_len %d must both be >= 1", batch, seq_len);
-    const selfattn_status st_w = sa_check_weights(layer);
-    SA_CHECK(st_w == SELFATTN_OK, st_w);
+    selfattn_status st = sa_check_batch_call(layer, batch, seq_len);
+    SA_CHECK(st == SELFATTN_OK, st);
 
     memset(p, 0, sizeof *p);
     p->dm = (size_t)layer->d_model;
     p->nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
     p->nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
     p->nqkv = p->nq + 2 * p->nkv;
-    p->rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
-    SA_CHECK(sa_array_bytes(p->rows, p->dm) != 0 && sa_array_bytes(p->rows, p->nqkv) != 0,
-             SELFATTN_ERR_OVERFLOW);
-    selfattn_status st = sa_check_extras(extras, layer, batch, seq_len, seq_len);
+    p->rows = (size_t)batch * (size_t)seq_len; /* addressable: checked */
+    st = sa_check_extras(extras, layer, batch, seq_len, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
     st = sa_check_lengths(lengths, batch, seq_len, "lengths", "seq_len");

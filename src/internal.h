@@ -471,6 +471,13 @@ SA_HIDDEN selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch
    lengths NULL, or each in [0, max] (SELFATTN_ERR_INVALID otherwise); */
 SA_HIDDEN selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max,
                                            const char *name, const char *max_name);
+/* a whole-layer call over batch x seq_len rows: sizes >= 1, the weights set (sa_check_weights),
+   the activations and projections addressable; */
+SA_HIDDEN selfattn_status sa_check_batch_call(const selfattn_layer *l, int32_t batch,
+                                              int32_t seq_len);
+/* an attention call: sizes >= 1, head_dim determined, q and k/v addressable; */
+SA_HIDDEN selfattn_status sa_check_attend_call(const selfattn_layer *l, int32_t batch,
+                                               int32_t q_len, int32_t kv_len);
 /* head_dim is determined (SELFATTN_ERR_STATE saying why not otherwise); */
 SA_HIDDEN selfattn_status sa_check_head_dim(const selfattn_layer *l);
 /* the weights a forward needs are set and head_dim is determined (SELFATTN_ERR_STATE naming

@@ -631,7 +631,7 @@ static void test_last_error(void **state)
     expect_error(selfattn_forward(l, 0, 8, x, NULL, y), SELFATTN_ERR_INVALID, "selfattn_forward",
                  "batch 0", NULL);
     expect_error(selfattn_forward(l, INT32_MAX, INT32_MAX, x, NULL, y), SELFATTN_ERR_OVERFLOW,
-                 "selfattn_forward", "sa_array_bytes", NULL);
+                 "selfattn_forward", "batch 2147483647 x seq_len 2147483647", "address range");
     selfattn_extras e;
     memset(&e, 0, sizeof e);
     e.struct_size = 4;
