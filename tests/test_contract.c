@@ -351,11 +351,10 @@ static void test_forward_errors(void **state)
     selfattn_layer_destroy(l);
 }
 
-/* A request whose sizes fit but whose workspace cannot be had gives NOMEM, touching nothing.
-   Needs the kernel to refuse the allocation: skipped under overcommit mode 1 ("always"). */
-static void test_forward_nomem(void **state)
+/* Whether the kernel may refuse an impossible allocation (not overcommit mode 1, "always"):
+   the NOMEM tests need it. */
+static int may_refuse_allocations(void)
 {
-    (void)state;
     FILE *f = fopen("/proc/sys/vm/overcommit_memory", "r");
     int mode = -1;
     if (f) {
@@ -363,10 +362,18 @@ static void test_forward_nomem(void **state)
             mode = -1;
         fclose(f);
     }
-    if (mode == 1) {
+    if (mode == 1)
         printf("  overcommit_memory=1: an impossible allocation would succeed; skipped\n");
+    return mode != 1;
+}
+
+/* A request whose sizes fit but whose workspace cannot be had gives NOMEM, touching nothing.
+   Needs the kernel to refuse the allocation: skipped under overcommit mode 1 ("always"). */
+static void test_forward_nomem(void **state)
+{
+    (void)state;
+    if (!may_refuse_allocations())
         skip();
-    }
     selfattn_layer *l = full_layer();
     float x[D], y[D];
     fill_sentinel(x, D);
@@ -514,17 +521,8 @@ static void test_extreme_sizes(void **state)
 static void test_cache_huge_max_new(void **state)
 {
     (void)state;
-    FILE *f = fopen("/proc/sys/vm/overcommit_memory", "r");
-    int mode = -1;
-    if (f) {
-        if (fscanf(f, "%d", &mode) != 1)
-            mode = -1;
-        fclose(f);
-    }
-    if (mode == 1) {
-        printf("  overcommit_memory=1: an impossible allocation would succeed; skipped\n");
+    if (!may_refuse_allocations())
         skip();
-    }
     selfattn_layer *l = full_layer();
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
     selfattn_cache *c;
