@@ -331,12 +331,10 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     const double flops =
         2.0 * batch * (double)q_len * kv_len * (double)nq * (dk != NULL || dv != NULL ? 7.0 : 4.0);
     const int workers = sa_workers_for(layer, flops);
-    size_t scratch;
-    SA_CHECK(sa_mul_size((size_t)workers, w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
     /* lse, D, scratch and, for the single pass, O (D = rowsum(dO o O) needs it) */
     sa_ws_plan wp = {0};
     const size_t o_lse = sa_ws_reserve(&wp, head_rows), o_dsum = sa_ws_reserve(&wp, head_rows);
-    const size_t o_scratch = sa_ws_reserve(&wp, scratch);
+    const size_t o_scratch = sa_ws_reserve_n(&wp, (size_t)workers, w.per_worker);
     const size_t o_out = sa_ws_reserve(&wp, w.onepass ? q_rows * nq : 0);
     sa_ws *ws;
     st = sa_ws_acquire_plan(layer->ws, &wp, &ws);

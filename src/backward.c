@@ -89,8 +89,6 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
         14.0 * (double)p->valid * seq_len * (double)p->nq;
     p->workers = sa_workers_for(layer, flops);
 
-    size_t scratch;
-    SA_CHECK(sa_mul_size((size_t)p->workers, p->w.per_worker, &scratch), SELFATTN_ERR_OVERFLOW);
     const int own_lse = !(kept != NULL && p->w.onepass);
     p->o_qkv = sa_ws_reserve(&p->ws, kept == NULL ? p->rows * p->nqkv : 0);
     p->o_dqkv = sa_ws_reserve(&p->ws, p->want_qkv ? p->rows * p->nqkv : 0);
@@ -98,11 +96,8 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
     p->o_dattn = sa_ws_reserve(&p->ws, layer->out_proj ? p->rows * p->nq : 0);
     p->o_lse = sa_ws_reserve(&p->ws, own_lse ? p->head_rows : 0);
     p->o_dsum = sa_ws_reserve(&p->ws, p->head_rows);
-    p->o_scratch = sa_ws_reserve(&p->ws, scratch);
-    size_t panel;
-    SA_CHECK(sa_mul_size((size_t)p->workers, sa_layer_panel_floats(layer), &panel),
-             SELFATTN_ERR_OVERFLOW);
-    p->o_panel = sa_ws_reserve(&p->ws, panel);
+    p->o_scratch = sa_ws_reserve_n(&p->ws, (size_t)p->workers, p->w.per_worker);
+    p->o_panel = sa_ws_reserve_n(&p->ws, (size_t)p->workers, sa_layer_panel_floats(layer));
     return SELFATTN_OK;
 }
 

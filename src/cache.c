@@ -140,8 +140,8 @@ selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t src_seq, int3
     sa_err_begin("selfattn_cache_copy");
     SA_CHECK_NULL(cache);
     SA_CHECKF(src_seq >= 0 && src_seq < cache->n_seqs && dst_seq >= 0 && dst_seq < cache->n_seqs,
-              SELFATTN_ERR_INVALID, "src_seq %d or dst_seq %d is outside [0, n_seqs %d)",
-              src_seq, dst_seq, cache->n_seqs);
+              SELFATTN_ERR_INVALID, "src_seq %d or dst_seq %d is outside [0, n_seqs %d)", src_seq,
+              dst_seq, cache->n_seqs);
     if (src_seq == dst_seq)
         return SELFATTN_OK;
     const size_t hd = (size_t)cache->head_dim, head = cache->rows * hd;
@@ -286,22 +286,17 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(p->nqkv + p->nq) +
                          4.0 * (double)p->valid * max_keys * (double)p->nq;
     p->workers = sa_workers_for(layer, flops);
-    size_t scratch;
-    SA_CHECK(sa_array_bytes(p->rows, p->nqkv) != 0 && sa_array_bytes(p->rows, p->nq) != 0 &&
-                 sa_mul_size((size_t)p->workers, p->per_worker, &scratch),
+    SA_CHECK(sa_array_bytes(p->rows, p->nqkv) != 0 && sa_array_bytes(p->rows, p->nq) != 0,
              SELFATTN_ERR_OVERFLOW);
     const size_t ns = (size_t)n_seqs;
     p->o_qkv = sa_ws_reserve(&p->ws, p->rows * p->nqkv);
     p->o_attn = sa_ws_reserve(&p->ws, layer->out_proj ? p->rows * p->nq : 0);
-    p->o_scratch = sa_ws_reserve(&p->ws, scratch);
+    p->o_scratch = sa_ws_reserve_n(&p->ws, (size_t)p->workers, p->per_worker);
     p->o_desc = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(sa_attn)));
     p->o_plans = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(sa_attn_plan)));
     p->o_pos0 = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(int64_t)));
     p->o_lens = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(int32_t)));
-    size_t panel;
-    SA_CHECK(sa_mul_size((size_t)p->workers, sa_layer_panel_floats(layer), &panel),
-             SELFATTN_ERR_OVERFLOW);
-    p->o_panel = sa_ws_reserve(&p->ws, panel);
+    p->o_panel = sa_ws_reserve_n(&p->ws, (size_t)p->workers, sa_layer_panel_floats(layer));
     return SELFATTN_OK;
 }
 

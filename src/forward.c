@@ -118,12 +118,9 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     const int workers = sa_workers_for(layer, flops);
     /* scores per worker, then (enough queries to be GEMM-bound) head-major copies of K and V */
     const int headmajor = q_len >= SA_HEADMAJOR_MIN_Q;
-    size_t s_floats;
-    SA_CHECK(sa_mul_size((size_t)workers, plan.floats_per_worker, &s_floats),
-             SELFATTN_ERR_OVERFLOW);
     const size_t kv_floats = (size_t)batch * (size_t)kv_len * nkv; /* addressable: checked */
     sa_ws_plan wp = {0};
-    const size_t o_scores = sa_ws_reserve(&wp, s_floats);
+    const size_t o_scores = sa_ws_reserve_n(&wp, (size_t)workers, plan.floats_per_worker);
     const size_t o_k = sa_ws_reserve(&wp, headmajor ? kv_floats : 0);
     const size_t o_v = sa_ws_reserve(&wp, headmajor ? kv_floats : 0);
     sa_ws *ws;
@@ -221,17 +218,11 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
     SA_CHECK(st == SELFATTN_OK, st);
 
     p->headmajor = seq_len >= SA_HEADMAJOR_MIN_Q;
-    size_t s_floats;
-    SA_CHECK(sa_mul_size((size_t)p->workers, p->attn.floats_per_worker, &s_floats),
-             SELFATTN_ERR_OVERFLOW);
     p->o_qkv = sa_ws_reserve(&p->ws, kept ? 0 : p->rows * p->nqkv);
     p->o_attn = sa_ws_reserve(&p->ws, !kept && layer->out_proj ? p->rows * p->nq : 0);
-    p->o_scores = sa_ws_reserve(&p->ws, s_floats);
+    p->o_scores = sa_ws_reserve_n(&p->ws, (size_t)p->workers, p->attn.floats_per_worker);
     p->o_kv = sa_ws_reserve(&p->ws, p->headmajor ? 2 * p->rows * p->nkv : 0);
-    size_t panel;
-    SA_CHECK(sa_mul_size((size_t)p->workers, sa_layer_panel_floats(layer), &panel),
-             SELFATTN_ERR_OVERFLOW);
-    p->o_panel = sa_ws_reserve(&p->ws, panel);
+    p->o_panel = sa_ws_reserve_n(&p->ws, (size_t)p->workers, sa_layer_panel_floats(layer));
     return SELFATTN_OK;
 }
 

@@ -173,6 +173,16 @@ static inline size_t sa_ws_reserve(sa_ws_plan *p, size_t floats)
         p->overflow = 1;
     return at;
 }
+/* n consecutive blocks of `each` floats as one part (one block per worker), its offset. */
+static inline size_t sa_ws_reserve_n(sa_ws_plan *p, size_t n, size_t each)
+{
+    size_t floats;
+    if (!sa_mul_size(n, each, &floats)) {
+        p->overflow = 1;
+        return p->floats;
+    }
+    return sa_ws_reserve(p, floats);
+}
 /* The plan's bytes, or 0 when it overflowed or passes PTRDIFF_MAX. */
 SA_HIDDEN size_t sa_ws_plan_bytes(const sa_ws_plan *p);
 /* A workspace for the plan from the cache into *ws: SELFATTN_OK, SELFATTN_ERR_OVERFLOW or
@@ -194,19 +204,19 @@ struct selfattn_layer {
     int32_t rope;        /* 0 none, 1 rotate-half, 2 adjacent pairs */
     int32_t rope_dims;   /* 0 = head_dim */
     int32_t alibi;
-    float scale_opt;   /* 0 = default */
-    float softcap;     /* 0 = off */
-    double rope_theta; /* 0 = default */
-    unsigned have;     /* SA_HAVE_* bits */
-    int weights_set;   /* any weight or bias set: the shape is frozen */
-    int32_t weight_dtype; /* selfattn_dtype of w_qkv and w_o */
-    int32_t kv_dtype;     /* selfattn_dtype of the caches created from now on */
-    float *w_qkv;      /* [nq + 2 nkv][d_model], Q rows then K then V (float32 weights) */
-    float *b_qkv;      /* [nq + 2 nkv] or NULL (all zero) */
-    float *w_o;        /* [d_model][nq] or NULL (float32 weights) */
+    float scale_opt;       /* 0 = default */
+    float softcap;         /* 0 = off */
+    double rope_theta;     /* 0 = default */
+    unsigned have;         /* SA_HAVE_* bits */
+    int weights_set;       /* any weight or bias set: the shape is frozen */
+    int32_t weight_dtype;  /* selfattn_dtype of w_qkv and w_o */
+    int32_t kv_dtype;      /* selfattn_dtype of the caches created from now on */
+    float *w_qkv;          /* [nq + 2 nkv][d_model], Q rows then K then V (float32 weights) */
+    float *b_qkv;          /* [nq + 2 nkv] or NULL (all zero) */
+    float *w_o;            /* [d_model][nq] or NULL (float32 weights) */
     uint16_t *h_qkv, *h_o; /* the same in 16 bits, for an F16 or BF16 weight_dtype */
-    float *b_o;        /* [d_model] or NULL (all zero) */
-    sa_ws_cache *ws;   /* workspaces of forward/attend calls: mutable through a const layer */
+    float *b_o;            /* [d_model] or NULL (all zero) */
+    sa_ws_cache *ws;       /* workspaces of forward/attend calls: mutable through a const layer */
     /* What a training state remembers of the layer that filled it: a serial number unique in the
        process (layers at a reused address differ) and a count of the changes to its weights and
        to the options that change its results (not THREADS). */
