@@ -28,8 +28,8 @@ double sa_alibi_slope(int32_t h, int32_t n)
 
 /* Element offset of row j of K/V head g of sequence b (strides 0: the default interleaved
    layout). */
-static size_t sa_attn_kv_at(const sa_attn *a, size_t ld, size_t bs, size_t hs, int32_t b,
-                            int32_t g, int32_t j)
+static size_t sa_attn_kv_at(const sa_attn *a, size_t ld, size_t bs, size_t hs, int32_t b, int32_t g,
+                            int32_t j)
 {
     bs = bs != 0 ? bs : (size_t)a->kv_len * ld;
     hs = hs != 0 ? hs : (size_t)a->head_dim;
@@ -129,12 +129,17 @@ static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
             a->lse[head_row + (size_t)r] = -INFINITY;
 }
 
-/* Final scores of keys [lo, lo + n) of query position pos in place (s = (q.k) scale, softcap,
-   ALiBi, bias); returns their maximum (-inf when every key is masked by the bias). With a softcap
-   and dcap non-NULL, dcap[j] = 1 - tanh^2 (the softcap's derivative, for the backward pass). */
-static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n, int64_t pos,
-                             float slope, const float *bias_row, float *dcap)
+/* Final scores of keys [lo, lo + n) of query row i of (sequence b, head h) in place
+   (s = (q.k) scale, softcap, ALiBi, bias); returns their maximum (-inf when every key is masked
+   by the bias). With a softcap and dcap non-NULL, dcap[j] = 1 - tanh^2 (the softcap's
+   derivative, for the backward pass). */
+static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n, int32_t b,
+                             int32_t h, int32_t i, float slope, float *dcap)
 {
+    const int64_t pos = (int64_t)i + a->kv_len - a->q_len; /* the query's position */
+    const float *bias_row =
+        a->bias != NULL ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
+                        : NULL;
     const float cap = a->softcap;
     float scale = a->scale;
     if (cap > 0.0f) { /* the kernel applies the scale and the cap (a tanh per score) */
@@ -189,8 +194,7 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
             sa_kernels_get()->qkt_x16[a->kv_dtype - 1]((size_t)mb, (size_t)nk, (size_t)hd, qb, ldq,
                                                        a->k16 + k_at, ldk, s, p->ld_s);
         else
-            sa_kernels_get()->qkt((size_t)mb, (size_t)nk, (size_t)hd, qb, ldq, kh, ldk, s,
-                                  p->ld_s);
+            sa_kernels_get()->qkt((size_t)mb, (size_t)nk, (size_t)hd, qb, ldq, kh, ldk, s, p->ld_s);
     } else {
         if (a->kv_dtype != SELFATTN_DTYPE_F32) { /* the block's keys in float32, then sgemm */
             kh = sa_attn_widen(a, a->k16 + k_at, ldk, nk, s + p->kv_conv);
@@ -198,11 +202,11 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
         }
         if (p->stacked) /* S^T = K Q_g^T, K as the A operand, which BLAS packs a panel at a
                            time as it streams it */
-            cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, nk, mb, hd, 1.0f, kh, (int)ldk,
-                        qb, hd, 0.0f, s, (int)p->ld_s);
+            cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, nk, mb, hd, 1.0f, kh, (int)ldk, qb,
+                        hd, 0.0f, s, (int)p->ld_s);
         else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb,
-                        (int)a->ldq, kh, (int)ldk, 0.0f, s, (int)p->ld_s);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq,
+                        kh, (int)ldk, 0.0f, s, (int)p->ld_s);
     }
     if (a->softcap <= 0.0f)
         dcap = NULL;
@@ -217,16 +221,12 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
         float m, sum = 0.0f;
         int empty = hi <= lo;
         if (!empty && modified) {
-            const float *bias_row = a->bias != NULL ? a->bias + b * a->bias_sb + hr * a->bias_sh +
-                                                          (int64_t)i * a->bias_sr
-                                                    : NULL;
-            const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
             float *dc = dcap != NULL ? dcap + (size_t)r * p->ld_s : NULL;
             if (dc != NULL) {
                 memset(dc, 0, (size_t)(lo - klo) * sizeof(float));
                 memset(dc + (hi - klo), 0, (size_t)(khi - hi) * sizeof(float));
             }
-            m = sa_final_scores(a, row + (lo - klo), lo, hi - lo, pos, slope, bias_row,
+            m = sa_final_scores(a, row + (lo - klo), lo, hi - lo, b, hr, i, slope,
                                 dc != NULL ? dc + (lo - klo) : NULL);
             empty = m == -INFINITY;
             if (!empty)
@@ -312,11 +312,7 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
         float *part = row + (lo - k0);
         float scale = a->scale;
         if (modified) {
-            const float *bias_row = a->bias != NULL ? a->bias + b * a->bias_sb + h * a->bias_sh +
-                                                          (int64_t)i * a->bias_sr
-                                                    : NULL;
-            const int64_t pos = (int64_t)i + a->kv_len - a->q_len;
-            sa_final_scores(a, part, lo, hi - lo, pos, slope, bias_row,
+            sa_final_scores(a, part, lo, hi - lo, b, h, i, slope,
                             dc != NULL ? dc + (lo - k0) : NULL);
             scale = 1.0f;
         }
