@@ -22,7 +22,9 @@
  *                                   attention products (8 projection and 5 attention products)
  *   bwd_peak_memory/1/65536/128/2/causal/2   resident high-water mark of one causal backward
  *                                   and of one forward of the same shape, and their ratio
- * Run with --smoke for a quick pass (small shapes). */
+ * Run with --smoke for a quick pass (small shapes). --seq=N[,N...] replaces L = 2048 of the pair
+ * and ceiling benchmarks by those lengths (for the backward/forward ratio against L that
+ * bench/plot.py draws). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -353,7 +355,8 @@ static void bm_peak_memory(sb_state *s, const void *arg)
     bwd_ctx_free(&b);
 }
 
-static bcfg cfgs[4];
+enum { MAX_SEQS = 8 };
+static bcfg cfgs[4 * MAX_SEQS];
 
 int main(int argc, char **argv)
 {
@@ -361,13 +364,15 @@ int main(int argc, char **argv)
 #ifdef SELFATTN_HAVE_OPENBLAS
     openblas_set_num_threads(1); /* the ceiling calls BLAS single-threaded, as the library does */
 #endif
-    static char names[16][96];
+    int seqs[MAX_SEQS] = {smoke ? 256 : 2048};
+    const int n_seqs = sb_int_list(argc, argv, "--seq=", seqs, MAX_SEQS);
+    static char names[8 * MAX_SEQS][96];
     int k = 0;
-    for (int i = 0; i < 4; i++) {
-        const int causal = i % 2, kept = i / 2;
+    for (int i = 0; i < 4 * (n_seqs ? n_seqs : 1); i++) {
+        const int causal = i % 2, kept = i / 2 % 2;
         bcfg *c = &cfgs[i];
         *c = (bcfg){.batch = 1,
-                    .seq = smoke ? 256 : 2048,
+                    .seq = seqs[i / 4],
                     .dm = 768,
                     .heads = 12,
                     .causal = causal,

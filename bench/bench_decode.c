@@ -23,7 +23,9 @@
  *   dtype_memory/E/H/KV/ctx        resident bytes (VmRSS growth) of a layer with bf16 weights and
  *                                  of a cache of ctx positions in f16 (filled), each against the
  *                                  float32 one: layer_vs_f32, cache_vs_f32.
- * Medians of alternating runs. Run with --smoke for a quick pass (small shapes). */
+ * Medians of alternating runs. Run with --smoke for a quick pass (small shapes).
+ * --ctx=N[,N...] adds decode/ benchmarks (1 and 2 threads) at those cached positions, for a curve
+ * of step time against positions (bench/plot.py draws it). */
 #include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -433,6 +435,8 @@ static void bm_dtype_memory(sb_state *s, const void *arg)
 int main(int argc, char **argv)
 {
     const int smoke = sb_smoke(argc, argv);
+    int more_ctx[8];
+    const int n_more = sb_int_list(argc, argv, "--ctx=", more_ctx, 8);
     static dcfg dec[8], batch[2], pre[2];
     static char names[12][96];
     int nd = 0, nn = 0;
@@ -448,6 +452,20 @@ int main(int argc, char **argv)
             snprintf(names[nn], sizeof names[nn], "decode/%d/16/4/%d/%d", dec[nd].E, ctxs[i], t);
             sb_register(names[nn++], bm_decode, &dec[nd++], smoke ? 3 : 41);
         }
+    static dcfg more[16];
+    static char more_names[16][96];
+    for (int i = 0; i < n_more; i++) {
+        if (more_ctx[i] == ctxs[0] || more_ctx[i] == ctxs[1])
+            continue;
+        for (int t = 1; t <= 2; t++) {
+            const int m = 2 * i + t - 1;
+            more[m] = dec[t - 1];
+            more[m].ctx = more_ctx[i];
+            snprintf(more_names[m], sizeof more_names[m], "decode/%d/16/4/%d/%d", more[m].E,
+                     more[m].ctx, t);
+            sb_register(more_names[m], bm_decode, &more[m], smoke ? 3 : 41);
+        }
+    }
     batch[0] = (dcfg){.E = smoke ? 256 : 2048,
                       .H = 16,
                       .KV = 4,

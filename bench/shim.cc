@@ -90,6 +90,32 @@ int sb_smoke(int argc, char **argv)
     return found;
 }
 
+int sb_int_list(int argc, char **argv, const char *prefix, int *out, int max)
+{
+    static char neutral[] = "--benchmark_color=false";
+    const size_t plen = std::strlen(prefix);
+    for (int i = 1; i < argc; i++) {
+        if (std::strncmp(argv[i], prefix, plen) != 0)
+            continue;
+        int n = 0;
+        const char *p = argv[i] + plen;
+        while (*p && n < max) {
+            char *end = nullptr;
+            const long v = std::strtol(p, &end, 10);
+            if (end == p || v <= 0 || v > 1L << 24 || (*end != ',' && *end != '\0')) {
+                std::fprintf(stderr, "%s: expected %sN[,N...] with positive integers\n", argv[0],
+                             prefix);
+                std::exit(2);
+            }
+            out[n++] = static_cast<int>(v);
+            p = *end ? end + 1 : end;
+        }
+        argv[i] = neutral;
+        return n;
+    }
+    return 0;
+}
+
 int sb_main(int argc, char **argv)
 {
     benchmark::Initialize(&argc, argv);

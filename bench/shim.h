@@ -36,6 +36,12 @@ void sb_register(const char *name, sb_fn fn, const void *arg, int64_t iterations
    --benchmark_min_time and returns 1; else returns 0. */
 int sb_smoke(int argc, char **argv);
 
+/* If the command line has PREFIX followed by a comma-separated list of positive integers (e.g.
+   "--seq=" and "--seq=512,1024"), stores up to max of them in out, replaces the argument with a
+   harmless --benchmark_color=false (so that Google Benchmark does not reject it) and returns how
+   many it stored; else returns 0. A malformed list is a fatal usage error. */
+int sb_int_list(int argc, char **argv, const char *prefix, int *out, int max);
+
 /* Timing helpers for benchmarks that time pairs of calls themselves: a monotonic clock in
    seconds, and the median of n values (sorts v in place). */
 double sb_now_s(void);
