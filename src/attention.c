@@ -26,22 +26,22 @@ double sa_alibi_slope(int32_t h, int32_t n)
     return exp2(-8.0 * (2 * (h - closest) + 1) / (2.0 * closest));
 }
 
-/* Element offset of row j of K/V head g of sequence b (strides 0: the default interleaved
-   layout). */
-static size_t sa_attn_kv_at(const sa_attn *a, size_t ld, size_t bs, size_t hs, int32_t b, int32_t g,
-                            int32_t j)
+/* Element offset of row j of K/V head g of sequence b, heads of width hd (strides 0: the default
+   interleaved layout). */
+static size_t sa_attn_kv_at(const sa_attn *a, size_t ld, size_t bs, size_t hs, int32_t hd,
+                            int32_t b, int32_t g, int32_t j)
 {
     bs = bs != 0 ? bs : (size_t)a->kv_len * ld;
-    hs = hs != 0 ? hs : (size_t)a->head_dim;
+    hs = hs != 0 ? hs : (size_t)hd;
     return (size_t)b * bs + (size_t)g * hs + (size_t)j * ld;
 }
 
-/* 16-bit K or V rows [0, n) at x (row stride ld) as float32 rows of head_dim into conv. */
+/* 16-bit K or V rows [0, n) at x (row stride ld) as float32 rows of width into conv. */
 static const float *sa_attn_widen(const sa_attn *a, const uint16_t *x, size_t ld, int32_t n,
-                                  float *conv)
+                                  int32_t width, float *conv)
 {
     const sa_x16_to_f32_fn to_f32 = sa_kernels_get()->to_f32[a->kv_dtype - 1];
-    const size_t hd = (size_t)a->head_dim;
+    const size_t hd = (size_t)width;
     for (int32_t j = 0; j < n; j++)
         to_f32(x + (size_t)j * ld, conv + (size_t)j * hd, hd);
     return conv;
@@ -100,8 +100,9 @@ selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
         return SELFATTN_ERR_OVERFLOW;
     p->floats_per_worker = per / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
     p->kv_conv = p->floats_per_worker;
+    const int32_t kv_width = a->head_dim > sa_attn_dv(a) ? a->head_dim : sa_attn_dv(a);
     if (a->kv_dtype != SELFATTN_DTYPE_F32 &&
-        (!sa_mul_size(p->ld_s, (size_t)a->head_dim, &per) ||
+        (!sa_mul_size(p->ld_s, (size_t)kv_width, &per) ||
          !sa_add_size(p->floats_per_worker, per, &p->floats_per_worker)))
         return SELFATTN_ERR_OVERFLOW;
     const int64_t tasks =
@@ -185,7 +186,7 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
     const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
     const int32_t hd = a->head_dim, len = sa_attn_kv_length(a, b), khi = klo + nk;
     const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
-    const size_t k_at = sa_attn_kv_at(a, a->ldk, a->k_bs, a->k_hs, b, h / a->group, klo);
+    const size_t k_at = sa_attn_kv_at(a, a->ldk, a->k_bs, a->k_hs, hd, b, h / a->group, klo);
     const size_t ldq = p->stacked ? (size_t)hd : a->ldq; /* stacked rows: the group's heads */
     const float *kh = a->k != NULL ? a->k + k_at : NULL;
     size_t ldk = a->ldk;
@@ -197,7 +198,7 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
             sa_kernels_get()->qkt((size_t)mb, (size_t)nk, (size_t)hd, qb, ldq, kh, ldk, s, p->ld_s);
     } else {
         if (a->kv_dtype != SELFATTN_DTYPE_F32) { /* the block's keys in float32, then sgemm */
-            kh = sa_attn_widen(a, a->k16 + k_at, ldk, nk, s + p->kv_conv);
+            kh = sa_attn_widen(a, a->k16 + k_at, ldk, nk, hd, s + p->kv_conv);
             ldk = (size_t)hd;
         }
         if (p->stacked) /* S^T = K Q_g^T, K as the A operand, which BLAS packs a panel at a
@@ -343,8 +344,8 @@ void sa_attn_tile_probs(const sa_attn *a, int32_t b, int32_t h, int32_t i0, int3
 void sa_attn_pv(const sa_attn *a, int32_t b, int32_t g, int32_t klo, int32_t mb, int32_t nk,
                 const float *s, size_t ld_s, const float *inv, float *ob, size_t ldo, float *conv)
 {
-    const int32_t hd = a->head_dim;
-    const size_t v_at = sa_attn_kv_at(a, a->ldv, a->v_bs, a->v_hs, b, g, klo);
+    const int32_t hd = sa_attn_dv(a); /* the value heads' width */
+    const size_t v_at = sa_attn_kv_at(a, a->ldv, a->v_bs, a->v_hs, hd, b, g, klo);
     if (mb <= SA_ROWS_MAX && a->kv_dtype != SELFATTN_DTYPE_F32) /* few rows: stream V once */
         sa_kernels_get()->pv_x16[a->kv_dtype - 1]((size_t)mb, (size_t)nk, (size_t)hd, s, ld_s,
                                                   a->v16 + v_at, a->ldv, ob, ldo);
@@ -353,7 +354,7 @@ void sa_attn_pv(const sa_attn *a, int32_t b, int32_t g, int32_t klo, int32_t mb,
                              ldo);
     else if (a->kv_dtype != SELFATTN_DTYPE_F32)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)ld_s,
-                    sa_attn_widen(a, a->v16 + v_at, a->ldv, nk, conv), hd, 0.0f, ob, (int)ldo);
+                    sa_attn_widen(a, a->v16 + v_at, a->ldv, nk, hd, conv), hd, 0.0f, ob, (int)ldo);
     else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, hd, nk, 1.0f, s, (int)ld_s,
                     a->v + v_at, (int)a->ldv, 0.0f, ob, (int)ldo);
@@ -376,23 +377,23 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
     const int32_t units = a->n_heads / heads_per_task;
     const sa_attn_task_tile tile = sa_attn_tile_of(a, p, units, task);
     const int32_t b = tile.b, h = tile.unit * heads_per_task; /* the first head */
-    const int32_t hd = a->head_dim, i0 = tile.i0, q_rows = tile.rows, q_mb = tile.valid;
+    const int32_t dv = sa_attn_dv(a), i0 = tile.i0, q_rows = tile.rows, q_mb = tile.valid;
     /* with stacking q_len is 1: row r is head h + r, at head_row + r as well */
     const int32_t rows = p->stacked ? heads_per_task : q_rows;
     const int32_t mb = p->stacked ? (q_mb > 0 ? heads_per_task : 0) : q_mb;
-    const size_t ldo = p->stacked ? (size_t)hd : a->ldo;
+    const size_t ldo = p->stacked ? (size_t)dv : a->ldo;
     const size_t head_row = ((size_t)b * a->n_heads + h) * a->q_len + (size_t)i0;
     if (mb < rows) /* padding rows of this block */
         sa_empty_extras(a, head_row + (size_t)mb, rows - mb);
     if (mb == 0)
         return;
 
-    float *ob = a->out + ((size_t)b * a->q_len + i0) * a->ldo + (size_t)h * hd;
+    float *ob = a->out + ((size_t)b * a->q_len + i0) * a->ldo + (size_t)h * dv;
     int32_t klo;
     const int32_t nk = sa_attn_block_keys(a, b, i0, q_mb, &klo);
     if (nk == 0) { /* no row of the block sees a key */
         for (int32_t r = 0; r < mb; r++)
-            memset(ob + (size_t)r * ldo, 0, (size_t)hd * sizeof(float));
+            memset(ob + (size_t)r * ldo, 0, (size_t)dv * sizeof(float));
         sa_empty_extras(a, head_row, mb);
         return;
     }

@@ -110,12 +110,13 @@ static void bw_pass_a(void *arg, int worker, int task)
     const sa_attn_plan *p = &w->plan;
     const sa_attn_task_tile tile = sa_attn_tile_of(a, p, a->n_heads, task);
     const int32_t b = tile.b, h = tile.unit, hd = a->head_dim, i0 = tile.i0, mb = tile.valid;
-    if (mb == 0) /* padding rows: nothing is read or needed there */
+    const int32_t dv = sa_attn_dv(a); /* O, dO and V heads */
+    if (mb == 0)                      /* padding rows: nothing is read or needed there */
         return;
     const size_t hr = ((size_t)b * a->n_heads + h) * a->q_len + (size_t)i0;
     const size_t row0 = (size_t)b * a->q_len + (size_t)i0;
-    float *ob = a->out != NULL ? a->out + row0 * a->ldo + (size_t)h * hd : NULL;
-    const float *dob = w->dout != NULL ? w->dout + row0 * w->lddo + (size_t)h * hd : NULL;
+    float *ob = a->out != NULL ? a->out + row0 * a->ldo + (size_t)h * dv : NULL;
+    const float *dob = w->dout != NULL ? w->dout + row0 * w->lddo + (size_t)h * dv : NULL;
     float *dqb = w->dq != NULL ? w->dq + row0 * w->lddq + (size_t)h * hd : NULL;
     float *lse_out = w->lse + hr, *dsum = w->dsum + hr;
 
@@ -124,7 +125,7 @@ static void bw_pass_a(void *arg, int worker, int task)
     if (nk == 0) { /* no row of the block sees a key */
         for (int32_t r = 0; r < mb; r++) {
             if (ob != NULL)
-                memset(ob + (size_t)r * a->ldo, 0, (size_t)hd * sizeof(float));
+                memset(ob + (size_t)r * a->ldo, 0, (size_t)dv * sizeof(float));
             if (dqb != NULL)
                 memset(dqb + (size_t)r * w->lddq, 0, (size_t)hd * sizeof(float));
             lse_out[r] = -INFINITY;
@@ -139,9 +140,9 @@ static void bw_pass_a(void *arg, int worker, int task)
     /* s: exp(score - m), unnormalised; P = s inv, the factor applied to the (much smaller)
        products instead of to s, as the forward does */
     sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse, dc);
-    const size_t kvh = (size_t)(h / a->group) * hd;
-    const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + kvh;
-    const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + kvh;
+    const size_t g = (size_t)(h / a->group);
+    const float *vh = a->v + ((size_t)b * a->kv_len + klo) * a->ldv + g * (size_t)dv;
+    const float *kh = a->k + ((size_t)b * a->kv_len + klo) * a->ldk + g * (size_t)hd;
     if (ob != NULL) /* O: the layer's dW_O needs it */
         sa_attn_pv(a, b, h / a->group, klo, mb, nk, s, p->ld_s, inv, ob, a->ldo, NULL);
     for (int32_t r = 0; r < mb; r++)
@@ -151,7 +152,7 @@ static void bw_pass_a(void *arg, int worker, int task)
     /* D = rowsum(P o dP), which is rowsum(dO o O), from the very dP that dS subtracts it from:
        a row whose weight is all on one key gets dS = 0 exactly, not a cancellation residue.
        Each row's D and dS are computed back to back while the row is in L1. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, dob, (int)w->lddo, vh,
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, dv, 1.0f, dob, (int)w->lddo, vh,
                 (int)a->ldv, 0.0f, dp, (int)p->ld_s);
     const sa_f32_dot_fn dot = sa_kernels_get()->dot;
     for (int32_t r = 0; r < mb; r++) {
@@ -183,13 +184,13 @@ static void bw_key_block(const sa_attn_bwd *w, int worker, int32_t b, int32_t g,
                          int with_dq)
 {
     const sa_attn *a = &w->a;
-    const int32_t hd = a->head_dim, len = sa_attn_kv_length(a, b);
+    const int32_t hd = a->head_dim, dv = sa_attn_dv(a), len = sa_attn_kv_length(a, b);
     const int32_t k0 = kb * w->kblock;
     const int32_t nkb = a->kv_len - k0 < w->kblock ? a->kv_len - k0 : w->kblock;
     const int32_t nvis = len - k0 < nkb ? (len - k0 > 0 ? len - k0 : 0) : nkb;
     const size_t krow0 = (size_t)b * a->kv_len + (size_t)k0;
     float *dkb = w->dk != NULL ? w->dk + krow0 * w->lddk + (size_t)g * hd : NULL;
-    float *dvb = w->dv != NULL ? w->dv + krow0 * w->lddv + (size_t)g * hd : NULL;
+    float *dvb = w->dv != NULL ? w->dv + krow0 * w->lddv + (size_t)g * dv : NULL;
     float *dq = with_dq ? w->dq : NULL;
     int32_t done = 0; /* rows of dkb/dvb written so far */
 
@@ -201,7 +202,7 @@ static void bw_key_block(const sa_attn_bwd *w, int worker, int32_t b, int32_t g,
         float *dc = w->nbuf == 3 ? dp + area : NULL;
         const int need_ds = dkb != NULL || dq != NULL;
         const float *kh = a->k + krow0 * a->ldk + (size_t)g * hd;
-        const float *vh = a->v + krow0 * a->ldv + (size_t)g * hd;
+        const float *vh = a->v + krow0 * a->ldv + (size_t)g * dv;
         for (int32_t t = 0; t < a->group; t++) {
             const int32_t h = g * a->group + t;
             for (int32_t c0 = ilo; c0 < ilo + nq; c0 += w->qchunk) {
@@ -209,17 +210,17 @@ static void bw_key_block(const sa_attn_bwd *w, int worker, int32_t b, int32_t g,
                 const size_t qrow0 = (size_t)b * a->q_len + (size_t)c0;
                 const size_t hr = ((size_t)b * a->n_heads + h) * a->q_len + (size_t)c0;
                 const float *qb = a->q + qrow0 * a->ldq + (size_t)h * hd;
-                const float *dob = w->dout + qrow0 * w->lddo + (size_t)h * hd;
+                const float *dob = w->dout + qrow0 * w->lddo + (size_t)h * dv;
                 const float beta = done > 0 ? 1.0f : 0.0f;
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, nvis, hd, 1.0f, qb,
                             (int)a->ldq, kh, (int)a->ldk, 0.0f, s, (int)w->ld_t);
                 sa_attn_tile_probs(a, b, h, c0, mc, k0, nvis, s, w->ld_t, w->lse + hr,
                                    need_ds ? dc : NULL);
                 if (dvb != NULL)
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nvis, hd, mc, 1.0f, s,
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nvis, dv, mc, 1.0f, s,
                                 (int)w->ld_t, dob, (int)w->lddo, beta, dvb, (int)w->lddv);
                 if (need_ds) {
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, nvis, hd, 1.0f, dob,
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, nvis, dv, 1.0f, dob,
                                 (int)w->lddo, vh, (int)a->ldv, 0.0f, dp, (int)w->ld_t);
                     bw_dscores(a, b, c0, mc, k0, nvis, s, dp, dc, w->ld_t, w->dsum + hr, NULL);
                 }
@@ -239,7 +240,7 @@ static void bw_key_block(const sa_attn_bwd *w, int worker, int32_t b, int32_t g,
         if (dkb != NULL)
             memset(dkb + (size_t)r * w->lddk, 0, (size_t)hd * sizeof(float));
         if (dvb != NULL)
-            memset(dvb + (size_t)r * w->lddv, 0, (size_t)hd * sizeof(float));
+            memset(dvb + (size_t)r * w->lddv, 0, (size_t)dv * sizeof(float));
     }
 }
 
@@ -260,7 +261,7 @@ static void bw_pass_kv(void *arg, int worker, int task)
     const sa_attn_bwd *w = arg;
     const sa_attn *a = &w->a;
     const int32_t n_kv = a->n_heads / a->group;
-    const int32_t b = task / n_kv, g = task % n_kv, hd = a->head_dim;
+    const int32_t b = task / n_kv, g = task % n_kv, hd = a->head_dim, dv = sa_attn_dv(a);
     const int32_t rows_b = sa_attn_query_rows(a, b);
     const sa_f32_dot_fn dot = sa_kernels_get()->dot;
     for (int32_t t = 0; t < a->group; t++) {
@@ -270,8 +271,8 @@ static void bw_pass_kv(void *arg, int worker, int task)
             const size_t row = (size_t)b * a->q_len + (size_t)i;
             w->dsum[hr + (size_t)i] = w->lse[hr + (size_t)i] == -INFINITY
                                           ? 0.0f
-                                          : dot(w->dout + row * w->lddo + (size_t)h * hd,
-                                                a->out + row * a->ldo + (size_t)h * hd, (size_t)hd);
+                                          : dot(w->dout + row * w->lddo + (size_t)h * dv,
+                                                a->out + row * a->ldo + (size_t)h * dv, (size_t)dv);
             if (w->dq != NULL)
                 memset(w->dq + row * w->lddq + (size_t)h * hd, 0, (size_t)hd * sizeof(float));
         }
@@ -312,8 +313,8 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     SA_CHECK_NULL(dout);
     selfattn_status st = sa_check_attend_call(layer, batch, q_len, kv_len);
     SA_CHECK(st == SELFATTN_OK, st);
-    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    const sa_widths wd = sa_layer_widths(layer);
+    const size_t nq = wd.nq, nkv = wd.nkv, nq_v = wd.nq_v, nkv_v = wd.nkv_v;
     const size_t q_rows = (size_t)batch * (size_t)q_len; /* addressable: checked */
     size_t head_rows;
     SA_CHECK(sa_mul_size(q_rows, (size_t)layer->n_heads, &head_rows), SELFATTN_ERR_OVERFLOW);
@@ -328,14 +329,14 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     st = sa_attn_bwd_plan(&w);
     SA_CHECK(st == SELFATTN_OK, st);
     /* the forward and the single pass, or pass A's products and pass B's */
-    const double flops =
-        2.0 * batch * (double)q_len * kv_len * (double)nq * (dk != NULL || dv != NULL ? 7.0 : 4.0);
+    const double flops = 1.0 * batch * (double)q_len * kv_len * (double)(nq + nq_v) *
+                         (dk != NULL || dv != NULL ? 7.0 : 4.0);
     const int workers = sa_workers_for(layer, flops);
     /* lse, D, scratch and, for the single pass, O (D = rowsum(dO o O) needs it) */
     sa_ws_plan wp = {0};
     const size_t o_lse = sa_ws_reserve(&wp, head_rows), o_dsum = sa_ws_reserve(&wp, head_rows);
     const size_t o_scratch = sa_ws_reserve_n(&wp, (size_t)workers, w.per_worker);
-    const size_t o_out = sa_ws_reserve(&wp, w.onepass ? q_rows * nq : 0);
+    const size_t o_out = sa_ws_reserve(&wp, w.onepass ? q_rows * nq_v : 0);
     sa_ws *ws;
     st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -346,15 +347,19 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     w.a.q = q;
     w.a.k = k;
     w.a.v = v;
-    w.a.ldq = w.a.ldo = nq;
-    w.a.ldk = w.a.ldv = nkv;
+    w.a.ldq = nq;
+    w.a.ldo = nq_v;
+    w.a.ldk = nkv;
+    w.a.ldv = nkv_v;
     w.a.out = w.onepass ? base + o_out : NULL; /* passes A and B take D from P and dP */
     w.lse = base + o_lse;
     w.dsum = base + o_dsum;
     w.scratch = base + o_scratch;
     w.dout = dout;
-    w.lddo = w.lddq = nq;
-    w.lddk = w.lddv = nkv;
+    w.lddq = nq;
+    w.lddo = nq_v;
+    w.lddk = nkv;
+    w.lddv = nkv_v;
     w.dq = dq;
     w.dk = dk;
     w.dv = dv;

@@ -29,7 +29,7 @@ static selfattn_status bw_check_grads(const selfattn_grads *g, const selfattn_la
    caller buffer is read but the lengths): the plan is made, and every check passed, before the
    workspace is taken and anything is written. */
 typedef struct bw_plan {
-    size_t dm, nq, nkv, nqkv, rows, head_rows, valid;
+    size_t dm, nq, nkv, nq_v, nkv_v, nqkv, rows, head_rows, valid;
     sa_rows batch_rows;
     const selfattn_grads *g; /* grads, or a struct of NULLs */
     int want_q, want_k, want_v, want_o, want_qkv;
@@ -57,9 +57,12 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
 
     memset(p, 0, sizeof *p);
     p->dm = (size_t)layer->d_model;
-    p->nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    p->nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
-    p->nqkv = p->nq + 2 * p->nkv;
+    const sa_widths wd = sa_layer_widths(layer);
+    p->nq = wd.nq;
+    p->nkv = wd.nkv;
+    p->nq_v = wd.nq_v;
+    p->nkv_v = wd.nkv_v;
+    p->nqkv = wd.nqkv;
     p->rows = (size_t)batch * (size_t)seq_len; /* addressable: checked */
     SA_CHECK(sa_mul_size(p->rows, (size_t)layer->n_heads, &p->head_rows) &&
                  sa_rowprod_chunks_fit(p->rows),
@@ -85,15 +88,15 @@ static selfattn_status bw_plan_make(const selfattn_layer *layer, int32_t batch, 
     SA_CHECK(st == SELFATTN_OK, st);
     /* recomputed projections, dO, weight gradients and dx; the attention: forward and backward */
     const double flops =
-        2.0 * (double)p->valid * (double)p->dm * (double)(3 * p->nqkv + 2 * p->nq) +
-        14.0 * (double)p->valid * seq_len * (double)p->nq;
+        2.0 * (double)p->valid * (double)p->dm * (double)(3 * p->nqkv + 2 * p->nq_v) +
+        7.0 * (double)p->valid * seq_len * (double)(p->nq + p->nq_v);
     p->workers = sa_workers_for(layer, flops);
 
     const int own_lse = !(kept != NULL && p->w.onepass);
     p->o_qkv = sa_ws_reserve(&p->ws, kept == NULL ? p->rows * p->nqkv : 0);
     p->o_dqkv = sa_ws_reserve(&p->ws, p->want_qkv ? p->rows * p->nqkv : 0);
-    p->o_attn = sa_ws_reserve(&p->ws, kept == NULL ? p->rows * p->nq : 0);
-    p->o_dattn = sa_ws_reserve(&p->ws, layer->out_proj ? p->rows * p->nq : 0);
+    p->o_attn = sa_ws_reserve(&p->ws, kept == NULL ? p->rows * p->nq_v : 0);
+    p->o_dattn = sa_ws_reserve(&p->ws, layer->out_proj ? p->rows * p->nq_v : 0);
     p->o_lse = sa_ws_reserve(&p->ws, own_lse ? p->head_rows : 0);
     p->o_dsum = sa_ws_reserve(&p->ws, p->head_rows);
     p->o_scratch = sa_ws_reserve_n(&p->ws, (size_t)p->workers, p->w.per_worker);
@@ -141,8 +144,8 @@ static void bw_weight_grads(const bw_plan *p, const float *x, const float *dy, c
          .c0 = 0,
          .c1 = dm,
          .in = attn,
-         .ld_in = nq,
-         .n_in = nq,
+         .ld_in = p->nq_v,
+         .n_in = p->nq_v,
          .dw = g->w_o,
          .db = g->b_o},
     };
@@ -165,7 +168,7 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
-    const size_t nq = p.nq, nkv = p.nkv, nqkv = p.nqkv, dm = p.dm;
+    const size_t nq = p.nq, nkv = p.nkv, nq_v = p.nq_v, nqkv = p.nqkv, dm = p.dm;
     const int workers = p.workers;
     float *base = ws->data;
     /* kept arrays are only read: O through a.out, lse through w.lse by the single pass, which
@@ -185,10 +188,10 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
                                   .w16 = layer->h_o,
                                   .w_dtype = layer->weight_dtype,
                                   .panel = base + p.o_panel,
-                                  .ld_w = nq,
+                                  .ld_w = nq_v,
                                   .out = dattn,
-                                  .ld_out = nq,
-                                  .n = nq,
+                                  .ld_out = nq_v,
+                                  .n = nq_v,
                                   .rows = p.batch_rows,
                                   .valid_rows = p.valid,
                                   .fixed_chunks = 1};
@@ -200,14 +203,14 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     w->a.v = qkv + nq + nkv;
     w->a.ldq = w->a.ldk = w->a.ldv = nqkv;
     w->a.out = kept != NULL && !w->onepass ? NULL : attn;
-    w->a.ldo = nq;
+    w->a.ldo = nq_v;
     w->lse = kept != NULL && w->onepass ? (float *)kept->lse : base + p.o_lse;
     w->have_forward = kept != NULL;
     w->dsum = base + p.o_dsum;
     w->scratch = base + p.o_scratch;
     /* dO and the gradients; without any of them (O alone, for dW_O) only the forward runs */
     w->dout = p.want_qkv ? dattn : NULL;
-    w->lddo = nq;
+    w->lddo = nq_v;
     w->dq = p.want_q ? dqkv : NULL;
     w->dk = p.want_k ? dqkv + nq : NULL;
     w->dv = p.want_v ? dqkv + nq + nkv : NULL;

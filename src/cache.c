@@ -1,6 +1,7 @@
 /* The key/value cache and selfattn_forward_cached.
  *
- * Keys and values are stored head-major, [seq][kv head][row][head_dim]: a decoding step streams
+ * Keys and values are stored head-major, [seq][kv head][row][head_dim] (values: [dv], the value
+ * heads' width, SELFATTN_OPT_V_HEAD_DIM): a decoding step streams
  * each head's keys and values as one contiguous block (the core reads them through its K/V head
  * stride), and appending a token copies one head_dim row per head. Without a window, position p is
  * row p. With a window the cache is a ring of `capacity` slots, position p in slot p % capacity,
@@ -21,14 +22,15 @@ struct selfattn_cache {
     const selfattn_layer *layer;
     int32_t n_seqs, capacity;
     /* the layer's settings at create */
-    int32_t window, rope, rope_dims, n_kv_heads, head_dim, kv_dtype;
+    int32_t window, rope, rope_dims, n_kv_heads, head_dim, v_dim, kv_dtype;
     double rope_theta;
-    size_t elem;   /* bytes of a stored element: 4, or 2 for F16 and BF16 */
-    size_t width;  /* n_kv_heads * head_dim */
-    size_t rows;   /* rows per sequence: capacity, or 2 * capacity for a ring */
-    int64_t *len;  /* [n_seqs] positions processed */
-    int64_t *kept; /* [n_seqs] the first position still stored (a ring overwrites older ones) */
-    void *k, *v;   /* [n_seqs][n_kv_heads][rows][head_dim] of kv_dtype */
+    size_t elem;    /* bytes of a stored element: 4, or 2 for F16 and BF16 */
+    size_t width;   /* n_kv_heads * head_dim */
+    size_t v_width; /* n_kv_heads * v_dim */
+    size_t rows;    /* rows per sequence: capacity, or 2 * capacity for a ring */
+    int64_t *len;   /* [n_seqs] positions processed */
+    int64_t *kept;  /* [n_seqs] the first position still stored (a ring overwrites older ones) */
+    void *k, *v;    /* [n_seqs][n_kv_heads][rows][head_dim or v_dim] of kv_dtype */
 };
 
 selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seqs, int32_t capacity,
@@ -42,19 +44,23 @@ selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seq
     const selfattn_status st_hd = sa_check_head_dim(layer);
     SA_CHECK(st_hd == SELFATTN_OK, st_hd);
     const size_t width = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    const size_t v_width = (size_t)layer->n_kv_heads * (size_t)sa_layer_dv(layer);
     const size_t rows = (size_t)capacity * (layer->window > 0 ? 2 : 1);
-    size_t per_seq;
+    size_t per_seq, v_per_seq;
     SA_CHECK(sa_mul_size(rows, width, &per_seq) && per_seq <= INT32_MAX &&
-                 sa_array_bytes((size_t)n_seqs, per_seq) != 0,
+                 sa_array_bytes((size_t)n_seqs, per_seq) != 0 &&
+                 sa_mul_size(rows, v_width, &v_per_seq) && v_per_seq <= INT32_MAX &&
+                 sa_array_bytes((size_t)n_seqs, v_per_seq) != 0,
              SELFATTN_ERR_OVERFLOW);
     const size_t elem = layer->kv_dtype == SELFATTN_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     const size_t bytes = sa_array_bytes((size_t)n_seqs, per_seq) / sizeof(float) * elem;
+    const size_t v_bytes = sa_array_bytes((size_t)n_seqs, v_per_seq) / sizeof(float) * elem;
 
     selfattn_cache *c = sa_calloc(1, sizeof *c);
     SA_CHECK(c != NULL, SELFATTN_ERR_NOMEM);
     c->len = sa_calloc(2 * (size_t)n_seqs, sizeof *c->len);
     c->k = sa_malloc(bytes);
-    c->v = sa_malloc(bytes);
+    c->v = sa_malloc(v_bytes);
     if (c->len == NULL || c->k == NULL || c->v == NULL) {
         selfattn_cache_destroy(c);
         return SELFATTN_ERR_NOMEM;
@@ -69,9 +75,11 @@ selfattn_status selfattn_cache_create(const selfattn_layer *layer, int32_t n_seq
     c->rope_theta = layer->rope_theta;
     c->n_kv_heads = layer->n_kv_heads;
     c->head_dim = layer->head_dim;
+    c->v_dim = sa_layer_dv(layer);
     c->kv_dtype = layer->kv_dtype;
     c->elem = elem;
     c->width = width;
+    c->v_width = v_width;
     c->rows = rows;
     *out = c;
     return SELFATTN_OK;
@@ -145,32 +153,36 @@ selfattn_status selfattn_cache_copy(selfattn_cache *cache, int32_t src_seq, int3
     if (src_seq == dst_seq)
         return SELFATTN_OK;
     const size_t hd = (size_t)cache->head_dim, head = cache->rows * hd;
+    const size_t dv = (size_t)cache->v_dim, v_head = cache->rows * dv;
     /* only the rows in use: a short prompt in a large cache copies little */
     const int64_t used = cache->window > 0 ? (int64_t)cache->rows : cache->len[src_seq];
-    const size_t n = (size_t)used * hd * cache->elem;
+    const size_t n = (size_t)used * hd * cache->elem, v_n = (size_t)used * dv * cache->elem;
     char *k = cache->k, *v = cache->v;
     for (int32_t g = 0; g < cache->n_kv_heads; g++) {
         const size_t src = ((size_t)src_seq * cache->n_kv_heads + g) * head * cache->elem;
         const size_t dst = ((size_t)dst_seq * cache->n_kv_heads + g) * head * cache->elem;
+        const size_t v_src = ((size_t)src_seq * cache->n_kv_heads + g) * v_head * cache->elem;
+        const size_t v_dst = ((size_t)dst_seq * cache->n_kv_heads + g) * v_head * cache->elem;
         memcpy(k + dst, k + src, n);
-        memcpy(v + dst, v + src, n);
+        memcpy(v + v_dst, v + v_src, v_n);
     }
     cache->len[dst_seq] = cache->len[src_seq];
     cache->kept[dst_seq] = cache->kept[src_seq];
     return SELFATTN_OK;
 }
 
-/* Offset of row `slot` of K/V head 0 of sequence s. */
-static size_t sa_cache_at(const selfattn_cache *c, int32_t s, size_t slot)
+/* Offset of row `slot` of K/V head 0 of sequence s in the K (width head_dim) or V (v_dim) store. */
+static size_t sa_cache_at(const selfattn_cache *c, int32_t s, size_t slot, int32_t width)
 {
-    return ((size_t)s * (size_t)c->n_kv_heads * c->rows + slot) * (size_t)c->head_dim;
+    return ((size_t)s * (size_t)c->n_kv_heads * c->rows + slot) * (size_t)width;
 }
 
-/* Stores the K and V rows (all heads, [n_kv_heads * head_dim] as projected) of position p of
-   sequence s (twice in a ring). */
+/* Stores the K and V rows (all heads, [n_kv_heads * head_dim] and [n_kv_heads * v_dim] as
+   projected) of position p of sequence s (twice in a ring). */
 static void sa_cache_store(selfattn_cache *c, int32_t s, int64_t p, const float *k, const float *v)
 {
     const size_t hd = (size_t)c->head_dim, head = c->rows * hd;
+    const size_t dv = (size_t)c->v_dim, v_head = c->rows * dv;
     const size_t slot = c->window > 0 ? (size_t)(p % c->capacity) : (size_t)p;
     const int copies = c->window > 0 ? 2 : 1;
     /* 16 bits: rounded to nearest even; a value past the range becomes +-inf (it reaches only
@@ -180,32 +192,35 @@ static void sa_cache_store(selfattn_cache *c, int32_t s, int64_t p, const float 
     if (c->window > 0 && p - c->capacity + 1 > c->kept[s])
         c->kept[s] = p - c->capacity + 1;
     for (int copy = 0; copy < copies; copy++) {
-        const size_t at = sa_cache_at(c, s, slot + (size_t)copy * (size_t)c->capacity);
+        const size_t row = slot + (size_t)copy * (size_t)c->capacity;
+        const size_t at = sa_cache_at(c, s, row, c->head_dim);
+        const size_t v_at = sa_cache_at(c, s, row, c->v_dim);
         for (int32_t g = 0; g < c->n_kv_heads; g++) {
-            const size_t to = at + (size_t)g * head;
+            const size_t to = at + (size_t)g * head, v_to = v_at + (size_t)g * v_head;
             if (narrow != NULL) {
                 narrow(k + (size_t)g * hd, (uint16_t *)c->k + to, hd);
-                narrow(v + (size_t)g * hd, (uint16_t *)c->v + to, hd);
+                narrow(v + (size_t)g * dv, (uint16_t *)c->v + v_to, dv);
             } else {
                 memcpy((float *)c->k + to, k + (size_t)g * hd, hd * sizeof(float));
-                memcpy((float *)c->v + to, v + (size_t)g * hd, hd * sizeof(float));
+                memcpy((float *)c->v + v_to, v + (size_t)g * dv, dv * sizeof(float));
             }
         }
     }
 }
 
-/* Where the rows holding positions [lo, lo + n) of sequence s start: one contiguous run. */
-static size_t sa_cache_row(const selfattn_cache *c, int32_t s, int64_t lo)
+/* Where the rows holding positions [lo, lo + n) of sequence s start in a store of rows of width:
+   one contiguous run. */
+static size_t sa_cache_row(const selfattn_cache *c, int32_t s, int64_t lo, int32_t width)
 {
-    return sa_cache_at(c, s, c->window > 0 ? (size_t)(lo % c->capacity) : (size_t)lo);
+    return sa_cache_at(c, s, c->window > 0 ? (size_t)(lo % c->capacity) : (size_t)lo, width);
 }
 
 /* What one forward_cached call needs, from the arguments alone (n_new read once the sizes are
    known): every check passes here, before the workspace is taken and anything is written. */
 typedef struct sa_cached_plan {
-    size_t dm, nq, nkv, nqkv, rows, valid, per_worker;
+    size_t dm, nq, nkv, nq_v, nkv_v, nqkv, rows, valid, per_worker;
     int workers;
-    sa_ws_plan ws; /* qkv [rows][nqkv], attn [rows][nq], scratch, and per sequence its attention
+    sa_ws_plan ws; /* qkv [rows][nqkv], attn [rows][nq_v], scratch, and per sequence its attention
                       description, plan, first position and new-token count */
     size_t o_qkv, o_attn, o_scratch, o_desc, o_plans, o_pos0, o_lens, o_panel;
 } sa_cached_plan;
@@ -231,12 +246,13 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     SA_CHECKF(layer->window == cache->window && layer->rope == cache->rope &&
                   layer->rope_dims == cache->rope_dims && layer->rope_theta == cache->rope_theta &&
                   layer->n_kv_heads == cache->n_kv_heads && layer->head_dim == cache->head_dim &&
-                  layer->kv_dtype == cache->kv_dtype,
+                  sa_layer_dv(layer) == cache->v_dim && layer->kv_dtype == cache->kv_dtype,
               SELFATTN_ERR_STATE,
-              "the layer's WINDOW, ROPE, ROPE_DIMS, ROPE_THETA, N_KV_HEADS, HEAD_DIM or KV_DTYPE "
-              "changed since the cache was created (WINDOW %d then %d now, KV_DTYPE %d then %d "
-              "now)",
-              cache->window, layer->window, cache->kv_dtype, layer->kv_dtype);
+              "the layer's WINDOW, ROPE, ROPE_DIMS, ROPE_THETA, N_KV_HEADS, HEAD_DIM, V_HEAD_DIM "
+              "or KV_DTYPE changed since the cache was created (WINDOW %d then %d now, V_HEAD_DIM "
+              "%d then %d now, KV_DTYPE %d then %d now)",
+              cache->window, layer->window, cache->v_dim, sa_layer_dv(layer), cache->kv_dtype,
+              layer->kv_dtype);
     const selfattn_status st_w = sa_check_weights(layer);
     SA_CHECK(st_w == SELFATTN_OK, st_w);
     SA_CHECKF(max_new >= 1, SELFATTN_ERR_INVALID, "max_new %d must be >= 1", max_new);
@@ -244,9 +260,12 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     memset(p, 0, sizeof *p);
     const int32_t n_seqs = cache->n_seqs;
     p->dm = (size_t)layer->d_model;
-    p->nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    p->nkv = cache->width;
-    p->nqkv = p->nq + 2 * p->nkv;
+    const sa_widths wd = sa_layer_widths(layer); /* the cache's widths: checked above */
+    p->nq = wd.nq;
+    p->nkv = wd.nkv;
+    p->nq_v = wd.nq_v;
+    p->nkv_v = wd.nkv_v;
+    p->nqkv = wd.nqkv;
     p->rows = (size_t)n_seqs * (size_t)max_new;
     SA_CHECK(sa_array_bytes(p->rows, p->dm) != 0, SELFATTN_ERR_OVERFLOW);
     /* Per sequence: the checks, then the scratch a worker needs for its plan (the most any
@@ -283,14 +302,14 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     SA_CHECK((int64_t)n_seqs * layer->n_heads * (((int64_t)max_new + 31) / 32) <= INT32_MAX,
              SELFATTN_ERR_OVERFLOW);
 
-    const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(p->nqkv + p->nq) +
-                         4.0 * (double)p->valid * max_keys * (double)p->nq;
+    const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(p->nqkv + p->nq_v) +
+                         2.0 * (double)p->valid * max_keys * (double)(p->nq + p->nq_v);
     p->workers = sa_workers_for(layer, flops);
-    SA_CHECK(sa_array_bytes(p->rows, p->nqkv) != 0 && sa_array_bytes(p->rows, p->nq) != 0,
+    SA_CHECK(sa_array_bytes(p->rows, p->nqkv) != 0 && sa_array_bytes(p->rows, p->nq_v) != 0,
              SELFATTN_ERR_OVERFLOW);
     const size_t ns = (size_t)n_seqs;
     p->o_qkv = sa_ws_reserve(&p->ws, p->rows * p->nqkv);
-    p->o_attn = sa_ws_reserve(&p->ws, layer->out_proj ? p->rows * p->nq : 0);
+    p->o_attn = sa_ws_reserve(&p->ws, layer->out_proj ? p->rows * p->nq_v : 0);
     p->o_scratch = sa_ws_reserve_n(&p->ws, (size_t)p->workers, p->per_worker);
     p->o_desc = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(sa_attn)));
     p->o_plans = sa_ws_reserve(&p->ws, sa_floats_for(ns, sizeof(sa_attn_plan)));
@@ -307,7 +326,7 @@ static int sa_cached_describe(const selfattn_layer *layer, selfattn_cache *cache
                               const int32_t *lens, const sa_cached_plan *p, const float *qkv,
                               float *attn, sa_attn *desc, sa_attn_plan *plans)
 {
-    const size_t nq = p->nq, nkv = p->nkv, nqkv = p->nqkv;
+    const size_t nq = p->nq, nkv = p->nkv, nq_v = p->nq_v, nqkv = p->nqkv;
     int n_desc = 0;
     for (int32_t s = 0; s < cache->n_seqs; s++) {
         const int32_t n = lens[s];
@@ -324,20 +343,24 @@ static int sa_cached_describe(const selfattn_layer *layer, selfattn_cache *cache
         a->stack_heads = 1;
         a->q = qkv + (size_t)s * max_new * nqkv;
         a->ldq = nqkv;
-        const size_t row = sa_cache_row(cache, s, lo);
+        const size_t row = sa_cache_row(cache, s, lo, cache->head_dim);
+        const size_t v_row = sa_cache_row(cache, s, lo, cache->v_dim);
         if (cache->kv_dtype != SELFATTN_DTYPE_F32) {
             a->kv_dtype = cache->kv_dtype;
             a->k16 = (const uint16_t *)cache->k + row;
-            a->v16 = (const uint16_t *)cache->v + row;
+            a->v16 = (const uint16_t *)cache->v + v_row;
         } else {
             a->k = (const float *)cache->k + row;
-            a->v = (const float *)cache->v + row;
+            a->v = (const float *)cache->v + v_row;
         }
-        a->ldk = a->ldv = (size_t)cache->head_dim;
-        a->k_hs = a->v_hs = cache->rows * (size_t)cache->head_dim; /* head-major */
-        a->k_bs = a->v_bs = nkv * cache->rows;
-        a->out = attn + (size_t)s * max_new * nq;
-        a->ldo = nq;
+        a->ldk = (size_t)cache->head_dim;
+        a->ldv = (size_t)cache->v_dim;
+        a->k_hs = cache->rows * (size_t)cache->head_dim; /* head-major */
+        a->v_hs = cache->rows * (size_t)cache->v_dim;
+        a->k_bs = nkv * cache->rows;
+        a->v_bs = cache->v_width * cache->rows;
+        a->out = attn + (size_t)s * max_new * nq_v;
+        a->ldo = nq_v;
         sa_attn_plan_make(a, &plans[n_desc]); /* made, and checked, in the plan */
         n_desc++;
         cache->len[s] = L + n;

@@ -71,12 +71,13 @@ selfattn_status sa_check_batch_call(const selfattn_layer *l, int32_t batch, int3
     const selfattn_status st = sa_check_weights(l);
     SA_CHECK(st == SELFATTN_OK, st);
     const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
-    const size_t nqkv = (size_t)(l->n_heads + 2 * (size_t)l->n_kv_heads) * (size_t)l->head_dim;
-    SA_CHECKF(sa_array_bytes(rows, (size_t)l->d_model) != 0 && sa_array_bytes(rows, nqkv) != 0,
+    const sa_widths wd = sa_layer_widths(l);
+    SA_CHECKF(sa_array_bytes(rows, (size_t)l->d_model) != 0 && sa_array_bytes(rows, wd.nqkv) != 0 &&
+                  sa_array_bytes(rows, wd.nq_v) != 0,
               SELFATTN_ERR_OVERFLOW,
-              "batch %d x seq_len %d rows of d_model %d (and of the %zu projected columns) do "
-              "not fit in memory's address range",
-              batch, seq_len, l->d_model, nqkv);
+              "batch %d x seq_len %d rows of d_model %d (and of the %zu projected columns, the "
+              "%zu attention outputs) do not fit in memory's address range",
+              batch, seq_len, l->d_model, wd.nqkv, wd.nq_v);
     return SELFATTN_OK;
 }
 
@@ -87,8 +88,9 @@ selfattn_status sa_check_attend_call(const selfattn_layer *l, int32_t batch, int
               "batch %d, q_len %d and kv_len %d must all be >= 1", batch, q_len, kv_len);
     const selfattn_status st = sa_check_head_dim(l);
     SA_CHECK(st == SELFATTN_OK, st);
-    const size_t nq = (size_t)l->n_heads * (size_t)l->head_dim;
-    const size_t nkv = (size_t)l->n_kv_heads * (size_t)l->head_dim;
+    const sa_widths wd = sa_layer_widths(l);
+    const size_t nq = wd.nq > wd.nq_v ? wd.nq : wd.nq_v,
+                 nkv = wd.nkv > wd.nkv_v ? wd.nkv : wd.nkv_v;
     SA_CHECKF(sa_array_bytes((size_t)batch * (size_t)q_len, nq) != 0 &&
                   sa_array_bytes((size_t)batch * (size_t)kv_len, nkv) != 0,
               SELFATTN_ERR_OVERFLOW,
@@ -165,6 +167,7 @@ void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int3
     a->n_heads = l->n_heads;
     a->group = l->n_heads / l->n_kv_heads;
     a->head_dim = l->head_dim;
+    a->v_dim = sa_layer_dv(l);
     a->scale = sa_layer_scale(l);
     a->softcap = l->softcap;
     a->alibi = l->alibi;
@@ -184,9 +187,8 @@ size_t sa_layer_panel_floats(const selfattn_layer *l)
 {
     if (l->weight_dtype == SELFATTN_DTYPE_F32)
         return 0;
-    const size_t dm = (size_t)l->d_model, nq = (size_t)l->n_heads * (size_t)l->head_dim;
-    const size_t nqkv = nq + 2 * (size_t)l->n_kv_heads * (size_t)l->head_dim;
-    const size_t k[3] = {dm, nq, nqkv};
+    const sa_widths wd = sa_layer_widths(l);
+    const size_t k[3] = {(size_t)l->d_model, wd.nq_v, wd.nqkv}; /* the products' inner sizes */
     size_t most = 0;
     for (int i = 0; i < 3; i++) {
         const size_t f = sa_rowprod_panel_floats(k[i]);
@@ -199,7 +201,7 @@ void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_ro
                 size_t valid, int fixed_chunks, float *panel, int workers)
 {
     const size_t dm = (size_t)l->d_model;
-    const size_t nqkv = (size_t)(l->n_heads + 2 * l->n_kv_heads) * (size_t)l->head_dim;
+    const size_t nqkv = sa_layer_widths(l).nqkv;
     const sa_rowprod p = {.in = x,
                           .ld_in = dm,
                           .k = dm,
@@ -222,7 +224,7 @@ void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_ro
 void sa_out_proj(const selfattn_layer *l, const float *attn, float *y, const sa_rows *rows,
                  size_t valid, float *panel, int workers)
 {
-    const size_t dm = (size_t)l->d_model, nq = (size_t)l->n_heads * (size_t)l->head_dim;
+    const size_t dm = (size_t)l->d_model, nq = sa_layer_widths(l).nq_v;
     const sa_rowprod p = {.in = attn,
                           .ld_in = nq,
                           .k = nq,

@@ -52,11 +52,11 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
 #define SA_HEADMAJOR_MIN_Q 64
 
 typedef struct sa_kv_copy {
-    const float *k, *v; /* [batch][len][ld]: K/V head g at column g * hd */
-    size_t ld;
-    int32_t batch, len, n_kv, hd;
+    const float *k, *v; /* [batch][len][ldk or ldv]: K head g at column g * hd, V head at g * dv */
+    size_t ldk, ldv;
+    int32_t batch, len, n_kv, hd, dv;
     const int32_t *lengths; /* rows past lengths[b] are not needed */
-    float *kh, *vh;         /* [batch][n_kv][len][hd] */
+    float *kh, *vh;         /* [batch][n_kv][len][hd], [batch][n_kv][len][dv] */
 } sa_kv_copy;
 
 static void sa_kv_copy_task(void *arg, int worker, int task)
@@ -65,11 +65,16 @@ static void sa_kv_copy_task(void *arg, int worker, int task)
     const sa_kv_copy *c = arg;
     const int32_t b = task / c->n_kv, g = task % c->n_kv;
     const int32_t rows = c->lengths != NULL ? c->lengths[b] : c->len;
-    const size_t hd = (size_t)c->hd, src0 = (size_t)b * c->len * c->ld + (size_t)g * hd;
-    const size_t dst0 = ((size_t)b * c->n_kv + g) * c->len * hd;
+    const size_t hd = (size_t)c->hd, dv = (size_t)c->dv;
+    const size_t ksrc0 = (size_t)b * c->len * c->ldk + (size_t)g * hd;
+    const size_t vsrc0 = (size_t)b * c->len * c->ldv + (size_t)g * dv;
+    const size_t kdst0 = ((size_t)b * c->n_kv + g) * c->len * hd;
+    const size_t vdst0 = ((size_t)b * c->n_kv + g) * c->len * dv;
     for (int32_t t = 0; t < rows; t++) {
-        memcpy(c->kh + dst0 + (size_t)t * hd, c->k + src0 + (size_t)t * c->ld, hd * sizeof(float));
-        memcpy(c->vh + dst0 + (size_t)t * hd, c->v + src0 + (size_t)t * c->ld, hd * sizeof(float));
+        memcpy(c->kh + kdst0 + (size_t)t * hd, c->k + ksrc0 + (size_t)t * c->ldk,
+               hd * sizeof(float));
+        memcpy(c->vh + vdst0 + (size_t)t * dv, c->v + vsrc0 + (size_t)t * c->ldv,
+               dv * sizeof(float));
     }
 }
 
@@ -81,9 +86,12 @@ static void sa_use_headmajor(sa_attn *a, const sa_kv_copy *c, int workers)
     sa_run_tasks(workers, c->batch * c->n_kv, sa_kv_copy_task, (void *)c);
     a->k = c->kh;
     a->v = c->vh;
-    a->ldk = a->ldv = (size_t)c->hd;
-    a->k_hs = a->v_hs = (size_t)c->len * (size_t)c->hd;
-    a->k_bs = a->v_bs = (size_t)c->n_kv * a->k_hs;
+    a->ldk = (size_t)c->hd;
+    a->ldv = (size_t)c->dv;
+    a->k_hs = (size_t)c->len * (size_t)c->hd;
+    a->v_hs = (size_t)c->len * (size_t)c->dv;
+    a->k_bs = (size_t)c->n_kv * a->k_hs;
+    a->v_bs = (size_t)c->n_kv * a->v_hs;
 }
 
 /* ---- Entry points ---- */
@@ -100,8 +108,8 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     SA_CHECK_NULL(out);
     selfattn_status st = sa_check_attend_call(layer, batch, q_len, kv_len);
     SA_CHECK(st == SELFATTN_OK, st);
-    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    const sa_widths wd = sa_layer_widths(layer);
+    const size_t nq = wd.nq, nkv = wd.nkv, nq_v = wd.nq_v, nkv_v = wd.nkv_v;
     st = sa_check_extras(extras, layer, batch, q_len, kv_len);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
@@ -114,15 +122,15 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     a.stack_heads = 1;
     st = sa_attn_plan_make(&a, &plan);
     SA_CHECK(st == SELFATTN_OK, st);
-    const double flops = 4.0 * batch * (double)q_len * kv_len * (double)nq;
+    const double flops = 2.0 * batch * (double)q_len * kv_len * (double)(nq + nq_v);
     const int workers = sa_workers_for(layer, flops);
     /* scores per worker, then (enough queries to be GEMM-bound) head-major copies of K and V */
     const int headmajor = q_len >= SA_HEADMAJOR_MIN_Q;
-    const size_t kv_floats = (size_t)batch * (size_t)kv_len * nkv; /* addressable: checked */
+    const size_t kv_rows = (size_t)batch * (size_t)kv_len; /* times nkv, nkv_v: addressable */
     sa_ws_plan wp = {0};
     const size_t o_scores = sa_ws_reserve_n(&wp, (size_t)workers, plan.floats_per_worker);
-    const size_t o_k = sa_ws_reserve(&wp, headmajor ? kv_floats : 0);
-    const size_t o_v = sa_ws_reserve(&wp, headmajor ? kv_floats : 0);
+    const size_t o_k = sa_ws_reserve(&wp, headmajor ? kv_rows * nkv : 0);
+    const size_t o_v = sa_ws_reserve(&wp, headmajor ? kv_rows * nkv_v : 0);
     sa_ws *ws;
     st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -132,18 +140,22 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     a.q = q;
     a.k = k;
     a.v = v;
-    a.ldq = a.ldo = nq;
-    a.ldk = a.ldv = nkv;
+    a.ldq = nq;
+    a.ldo = nq_v;
+    a.ldk = nkv;
+    a.ldv = nkv_v;
     a.out = out;
     float *wsf = ws->data;
     if (headmajor) {
         const sa_kv_copy c = {.k = k,
                               .v = v,
-                              .ld = nkv,
+                              .ldk = nkv,
+                              .ldv = nkv_v,
                               .batch = batch,
                               .len = kv_len,
                               .n_kv = layer->n_kv_heads,
                               .hd = layer->head_dim,
+                              .dv = sa_layer_dv(layer),
                               .lengths = kv_lengths,
                               .kh = wsf + o_k,
                               .vh = wsf + o_v};
@@ -174,12 +186,12 @@ selfattn_status selfattn_attend(const selfattn_layer *layer, int32_t batch, int3
 /* What one forward call needs, from the arguments alone (lengths read once the sizes are known):
    every check passes here, before the workspace is taken and anything is written. */
 typedef struct sa_fwd_plan {
-    size_t dm, nq, nkv, nqkv, rows, valid;
+    size_t dm, nq, nkv, nq_v, nkv_v, nqkv, rows, valid;
     sa_rows batch_rows;
     int workers, headmajor;
     sa_attn a; /* the core's description, its pointers set at run time */
     sa_attn_plan attn;
-    sa_ws_plan ws; /* qkv [rows][nqkv] and attn [rows][nq] (unless the training state keeps them
+    sa_ws_plan ws; /* qkv [rows][nqkv] and attn [rows][nq_v] (unless the training state keeps them
                       or, for attn, y takes it), the scores per worker, head-major K and V */
     size_t o_qkv, o_attn, o_scores, o_kv, o_panel;
 } sa_fwd_plan;
@@ -197,9 +209,12 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
 
     memset(p, 0, sizeof *p);
     p->dm = (size_t)layer->d_model;
-    p->nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    p->nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
-    p->nqkv = p->nq + 2 * p->nkv;
+    const sa_widths wd = sa_layer_widths(layer);
+    p->nq = wd.nq;
+    p->nkv = wd.nkv;
+    p->nq_v = wd.nq_v;
+    p->nkv_v = wd.nkv_v;
+    p->nqkv = wd.nqkv;
     p->rows = (size_t)batch * (size_t)seq_len; /* addressable: checked */
     st = sa_check_extras(extras, layer, batch, seq_len, seq_len);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -209,8 +224,8 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
 
     p->valid = sa_valid_rows(lengths, batch, seq_len);
     p->batch_rows = (sa_rows){.batch = batch, .seq_len = seq_len, .lengths = lengths};
-    const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(p->nqkv + p->nq) +
-                         4.0 * (double)p->valid * seq_len * (double)p->nq;
+    const double flops = 2.0 * (double)p->valid * (double)p->dm * (double)(p->nqkv + p->nq_v) +
+                         2.0 * (double)p->valid * seq_len * (double)(p->nq + p->nq_v);
     p->workers = sa_workers_for(layer, flops);
     sa_attn_from_layer(&p->a, layer, batch, seq_len, seq_len, extras);
     p->a.stack_heads = 1;
@@ -219,9 +234,9 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
 
     p->headmajor = seq_len >= SA_HEADMAJOR_MIN_Q;
     p->o_qkv = sa_ws_reserve(&p->ws, kept ? 0 : p->rows * p->nqkv);
-    p->o_attn = sa_ws_reserve(&p->ws, !kept && layer->out_proj ? p->rows * p->nq : 0);
+    p->o_attn = sa_ws_reserve(&p->ws, !kept && layer->out_proj ? p->rows * p->nq_v : 0);
     p->o_scores = sa_ws_reserve_n(&p->ws, (size_t)p->workers, p->attn.floats_per_worker);
-    p->o_kv = sa_ws_reserve(&p->ws, p->headmajor ? 2 * p->rows * p->nkv : 0);
+    p->o_kv = sa_ws_reserve(&p->ws, p->headmajor ? p->rows * (p->nkv + p->nkv_v) : 0);
     p->o_panel = sa_ws_reserve_n(&p->ws, (size_t)p->workers, sa_layer_panel_floats(layer));
     return SELFATTN_OK;
 }
@@ -239,7 +254,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     SA_CHECK(st == SELFATTN_OK, st);
 
     sa_blas_init();
-    const size_t dm = p.dm, nq = p.nq, nkv = p.nkv, nqkv = p.nqkv;
+    const size_t dm = p.dm, nq = p.nq, nkv = p.nkv, nq_v = p.nq_v, nqkv = p.nqkv;
     const int workers = p.workers;
     float *wsf = ws->data;
     float *qkv = keep != NULL ? keep->qkv : wsf + p.o_qkv;
@@ -252,7 +267,7 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     a->v = qkv + nq + nkv;
     a->ldq = a->ldk = a->ldv = nqkv;
     a->out = attn;
-    a->ldo = nq;
+    a->ldo = nq_v;
     if (keep != NULL)
         a->lse = keep->lse;
 
@@ -262,11 +277,13 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
         if (p.headmajor) {
             const sa_kv_copy c = {.k = qkv + nq,
                                   .v = qkv + nq + nkv,
-                                  .ld = nqkv,
+                                  .ldk = nqkv,
+                                  .ldv = nqkv,
                                   .batch = batch,
                                   .len = seq_len,
                                   .n_kv = layer->n_kv_heads,
                                   .hd = layer->head_dim,
+                                  .dv = sa_layer_dv(layer),
                                   .lengths = lengths,
                                   .kh = wsf + p.o_kv,
                                   .vh = wsf + p.o_kv + p.rows * nkv};
@@ -280,8 +297,8 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     } else if (!layer->out_proj && attn != y) { /* kept O without an output projection: y is O */
         for (int32_t b = 0; b < batch; b++) {
             const size_t len = lengths != NULL ? (size_t)lengths[b] : (size_t)seq_len;
-            memcpy(y + (size_t)b * seq_len * dm, attn + (size_t)b * seq_len * nq,
-                   len * nq * sizeof(float));
+            memcpy(y + (size_t)b * seq_len * dm, attn + (size_t)b * seq_len * nq_v,
+                   len * nq_v * sizeof(float));
         }
     }
     sa_zero_padding(y, dm, lengths, batch, seq_len);

@@ -197,6 +197,7 @@ struct selfattn_layer {
     int32_t n_heads;
     int32_t n_kv_heads; /* resolved: never 0 */
     int32_t head_dim;   /* resolved; 0 while undetermined */
+    int32_t v_head_dim; /* SELFATTN_OPT_V_HEAD_DIM: 0 = head_dim (sa_layer_dv resolves it) */
     int32_t causal;
     int32_t out_proj;
     int32_t threads_opt; /* 0 = library default */
@@ -211,9 +212,10 @@ struct selfattn_layer {
     int weights_set;       /* any weight or bias set: the shape is frozen */
     int32_t weight_dtype;  /* selfattn_dtype of w_qkv and w_o */
     int32_t kv_dtype;      /* selfattn_dtype of the caches created from now on */
-    float *w_qkv;          /* [nq + 2 nkv][d_model], Q rows then K then V (float32 weights) */
-    float *b_qkv;          /* [nq + 2 nkv] or NULL (all zero) */
-    float *w_o;            /* [d_model][nq] or NULL (float32 weights) */
+    float *w_qkv;          /* [nq + nkv + nkv_v][d_model], Q rows then K then V (nkv_v =
+                              n_kv_heads dv; float32 weights) */
+    float *b_qkv;          /* [nq + nkv + nkv_v] or NULL (all zero) */
+    float *w_o;            /* [d_model][n_heads dv] or NULL (float32 weights) */
     uint16_t *h_qkv, *h_o; /* the same in 16 bits, for an F16 or BF16 weight_dtype */
     float *b_o;            /* [d_model] or NULL (all zero) */
     sa_ws_cache *ws;       /* workspaces of forward/attend calls: mutable through a const layer */
@@ -222,6 +224,29 @@ struct selfattn_layer {
        to the options that change its results (not THREADS). */
     uint64_t serial, version;
 };
+
+/* The width of a value head, dv: SELFATTN_OPT_V_HEAD_DIM, or head_dim (0 while undetermined). */
+static inline int32_t sa_layer_dv(const selfattn_layer *l)
+{
+    return l->v_head_dim != 0 ? l->v_head_dim : l->head_dim;
+}
+/* The layer's projected widths: Q and K (nq, nkv: head_dim wide heads), V and the attention
+   output (nkv_v, nq_v: dv wide heads) and the projected row Q | K | V (nqkv). Each fits an
+   int32 once head_dim is determined (checked when the shape is set). */
+typedef struct sa_widths {
+    size_t nq, nkv, nkv_v, nq_v, nqkv;
+} sa_widths;
+static inline sa_widths sa_layer_widths(const selfattn_layer *l)
+{
+    sa_widths w;
+    const size_t hd = (size_t)l->head_dim, dv = (size_t)sa_layer_dv(l);
+    w.nq = (size_t)l->n_heads * hd;
+    w.nkv = (size_t)l->n_kv_heads * hd;
+    w.nkv_v = (size_t)l->n_kv_heads * dv;
+    w.nq_v = (size_t)l->n_heads * dv;
+    w.nqkv = w.nq + w.nkv + w.nkv_v;
+    return w;
+}
 
 /* Number of worker threads a call on this layer uses. */
 SA_HIDDEN int sa_layer_threads(const selfattn_layer *layer);
@@ -234,10 +259,12 @@ SA_HIDDEN float sa_layer_scale(const selfattn_layer *layer);
 typedef struct sa_attn {
     int32_t batch, q_len, kv_len;
     int32_t n_heads, group, head_dim;
+    int32_t v_dim;          /* the width of a value head and of an output head (0: head_dim) */
     const float *q, *k, *v; /* row-major, row strides ldq/ldk/ldv, q_len/kv_len rows per sequence */
     size_t ldq, ldk, ldv;
     /* K/V strides between sequences and between K/V heads; 0 = the interleaved layout
-       (kv_len * ld, head_dim). A head-major layout has each head's rows contiguous. */
+       (kv_len * ld, and head_dim for K, v_dim for V). A head-major layout has each head's rows
+       contiguous. */
     size_t k_bs, k_hs, v_bs, v_hs;
     float *out;
     size_t ldo;
@@ -261,6 +288,11 @@ typedef struct sa_attn {
     int kv_dtype;
     const uint16_t *k16, *v16;
 } sa_attn;
+/* The width of a value head of a description. */
+static inline int32_t sa_attn_dv(const sa_attn *a)
+{
+    return a->v_dim != 0 ? a->v_dim : a->head_dim;
+}
 
 /* How the core blocks a call: query blocks, the score block's row stride, and the scratch each
    worker needs (a score block, then inverse sums and lse of its rows). */
@@ -270,7 +302,8 @@ typedef struct sa_attn_plan {
     int stacked;              /* rows of a task are the query heads of a group (see sa_attn) */
     int32_t rows;             /* rows of a task's score block: block, or the group when stacked */
     size_t floats_per_worker; /* rows * ld_s + 2 * rows, rounded up to a multiple of 16, and
-                                 with 16-bit K/V a block of ld_s x head_dim floats at kv_conv */
+                                 with 16-bit K/V a block of ld_s x max(head_dim, v_dim) floats
+                                 at kv_conv */
     size_t kv_conv;
     int n_tasks;
 } sa_attn_plan;
@@ -280,7 +313,7 @@ SA_HIDDEN selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p);
 SA_HIDDEN void sa_attn_run(const sa_attn *a, const sa_attn_plan *p, int workers, float *scratch);
 /* O = P V for rows of probabilities s (row stride ld_s, unnormalised) over the keys
    [klo, klo + nk) of K/V head g of sequence b, each output row scaled by inv[r] = 1 / sum, and
-   zeros for a row that sees no key (inv 0) even where V holds a NaN: ob [mb][head_dim], row
+   zeros for a row that sees no key (inv 0) even where V holds a NaN: ob [mb][v_dim], row
    stride ldo. conv: the plan's kv_conv block, for 16-bit V. */
 SA_HIDDEN void sa_attn_pv(const sa_attn *a, int32_t b, int32_t g, int32_t klo, int32_t mb,
                           int32_t nk, const float *s, size_t ld_s, const float *inv, float *ob,
@@ -460,8 +493,8 @@ SA_HIDDEN void sa_rope_apply(const selfattn_layer *l, float *qkv, size_t ld, int
 /* The score description of a layer's options (and extras, NULL for none) for a call. */
 SA_HIDDEN void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int32_t q_len,
                                   int32_t kv_len, const selfattn_extras *e);
-/* selfattn_forward_ex, and with keep non-NULL (training) Q, K, V after RoPE ([rows][nq + 2 nkv]),
-   the attention output before the output projection ([rows][nq]) and each row's log-sum-exp
+/* selfattn_forward_ex, and with keep non-NULL (training) Q, K, V after RoPE ([rows][nqkv]),
+   the attention output before the output projection ([rows][nq_v]) and each row's log-sum-exp
    ([batch][n_heads][seq_len]) are written there, the valid rows only (lse: every row). */
 typedef struct sa_keep {
     float *qkv, *o, *lse;
@@ -503,8 +536,8 @@ SA_HIDDEN void sa_zero_padding(float *out, size_t width, const int32_t *lengths,
    is zero (SELFATTN_ERR_UNSUPPORTED otherwise). */
 SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known,
                                                const char *name);
-/* The layer's input projection qkv = x W_qkv^T + b_qkv ([rows][d_model] to [rows][nq + 2 nkv])
-   and output projection y = attn W_O^T + b_O ([rows][nq] to [rows][d_model]) over the valid
+/* The layer's input projection qkv = x W_qkv^T + b_qkv ([rows][d_model] to [rows][nqkv])
+   and output projection y = attn W_O^T + b_O ([rows][nq_v] to [rows][d_model]) over the valid
    rows; fixed_chunks as in sa_rowprod (the backward). */
 SA_HIDDEN void sa_in_proj(const selfattn_layer *l, const float *x, float *qkv, const sa_rows *rows,
                           size_t valid, int fixed_chunks, float *panel, int workers);

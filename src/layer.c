@@ -18,24 +18,32 @@ const char *selfattn_version_string(void)
 }
 
 /* Checks that the weight shapes of a configuration are addressable and that their row widths fit
-   the int dimensions of CBLAS. */
+   the int dimensions of CBLAS;
+   v_dim is the value heads' width (SELFATTN_OPT_V_HEAD_DIM: 0 = head_dim). */
 static selfattn_status sa_check_shape(int64_t d_model, int64_t n_heads, int64_t n_kv_heads,
-                                      int64_t head_dim)
+                                      int64_t head_dim, int64_t v_dim)
 {
     if (head_dim == 0)
-        return SELFATTN_OK;                /* undetermined: checked again when it is set */
-    const int64_t nq = n_heads * head_dim; /* both < 2^31: no int64 overflow */
+        return SELFATTN_OK; /* undetermined: checked again when it is set */
+    const int64_t dv = v_dim != 0 ? v_dim : head_dim;
+    const int64_t nq = n_heads * head_dim; /* all < 2^31: no int64 overflow */
     const int64_t nkv = n_kv_heads * head_dim;
-    /* nq and nkv are checked before their sum is formed (each may be near 2^62) */
-    const int64_t nqkv = nq <= INT32_MAX && nkv <= INT32_MAX ? nq + 2 * nkv : INT64_MAX;
+    const int64_t nkv_v = n_kv_heads * dv, nq_v = n_heads * dv; /* W_V's rows, W_O's columns */
+    /* each part is checked before their sum is formed (each may be near 2^62) */
+    const int64_t nqkv =
+        nq <= INT32_MAX && nkv <= INT32_MAX && nkv_v <= INT32_MAX ? nq + nkv + nkv_v : INT64_MAX;
     size_t bytes;
-    if (nqkv > INT32_MAX || !sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
-        !sa_mul_size(bytes, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX) {
+    if (nqkv > INT32_MAX || nq_v > INT32_MAX ||
+        !sa_mul_size((size_t)nqkv, (size_t)d_model, &bytes) ||
+        !sa_mul_size(bytes, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX ||
+        sa_array_bytes((size_t)nq_v, (size_t)d_model) == 0) {
         sa_fail(SELFATTN_ERR_OVERFLOW,
                 "the weights of d_model %lld, %lld heads (%lld K/V heads) of head_dim %lld "
-                "do not fit (the weight rows, n_heads + 2 n_kv_heads times head_dim, must fit an "
+                "(value heads of %lld) do not fit (the weight rows, n_heads + n_kv_heads times "
+                "head_dim plus n_kv_heads times dv, and W_O's n_heads x dv columns must fit an "
                 "int32, and the weights memory's address range)",
-                (long long)d_model, (long long)n_heads, (long long)n_kv_heads, (long long)head_dim);
+                (long long)d_model, (long long)n_heads, (long long)n_kv_heads, (long long)head_dim,
+                (long long)dv);
         return SELFATTN_ERR_OVERFLOW;
     }
     return SELFATTN_OK;
@@ -48,7 +56,7 @@ selfattn_status selfattn_layer_create(int32_t d_model, int32_t n_heads, selfattn
     SA_CHECKF(d_model >= 1 && n_heads >= 1, SELFATTN_ERR_INVALID,
               "d_model %d and n_heads %d must both be >= 1", d_model, n_heads);
     const int32_t head_dim = (d_model % n_heads == 0) ? d_model / n_heads : 0;
-    selfattn_status st = sa_check_shape(d_model, n_heads, n_heads, head_dim);
+    selfattn_status st = sa_check_shape(d_model, n_heads, n_heads, head_dim, 0);
     if (st != SELFATTN_OK)
         return st;
     selfattn_layer *l = sa_calloc(1, sizeof *l);
@@ -127,6 +135,7 @@ static selfattn_status sa_option_bounds(selfattn_option opt, int64_t *lower, int
     switch (opt) {
     case SELFATTN_OPT_N_KV_HEADS:
     case SELFATTN_OPT_HEAD_DIM:
+    case SELFATTN_OPT_V_HEAD_DIM:
         lo = 1;
         hi = INT32_MAX;
         break;
@@ -178,7 +187,8 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
     SA_CHECKF(sa_option_bounds(opt, &lo, &hi) == SELFATTN_OK, SELFATTN_ERR_INVALID,
               "%d is not an option (selfattn_option)", (int)opt);
     const int shape_option = opt == SELFATTN_OPT_N_KV_HEADS || opt == SELFATTN_OPT_HEAD_DIM ||
-                             opt == SELFATTN_OPT_OUT_PROJ || opt == SELFATTN_OPT_WEIGHT_DTYPE;
+                             opt == SELFATTN_OPT_OUT_PROJ || opt == SELFATTN_OPT_WEIGHT_DTYPE ||
+                             opt == SELFATTN_OPT_V_HEAD_DIM;
     SA_CHECKF(!(shape_option && layer->weights_set), SELFATTN_ERR_STATE,
               "option %d changes how the weights are laid out or stored: not allowed once a "
               "weight is set (set the options first, then the weights)",
@@ -195,32 +205,45 @@ selfattn_status selfattn_layer_set(selfattn_layer *layer, selfattn_option opt, i
         const int64_t nkv = value == 0 ? n_heads : value;
         SA_CHECKF(nkv <= n_heads && n_heads % nkv == 0, SELFATTN_ERR_INVALID,
                   "N_KV_HEADS %lld must divide n_heads %lld", (long long)nkv, (long long)n_heads);
-        st = sa_check_shape(d_model, n_heads, nkv, layer->head_dim);
+        st = sa_check_shape(d_model, n_heads, nkv, layer->head_dim, layer->v_head_dim);
         SA_CHECK(st == SELFATTN_OK, st);
         layer->n_kv_heads = (int32_t)nkv;
         break;
     }
     case SELFATTN_OPT_HEAD_DIM: {
         const int64_t hd = value != 0 ? value : (d_model % n_heads == 0 ? d_model / n_heads : 0);
-        SA_CHECKF(layer->out_proj || hd * n_heads == d_model, SELFATTN_ERR_INVALID,
-                  "HEAD_DIM %lld: with OUT_PROJ 0, n_heads %lld x head_dim must equal d_model "
-                  "%lld",
-                  (long long)hd, (long long)n_heads, (long long)d_model);
+        const int64_t dv = layer->v_head_dim != 0 ? layer->v_head_dim : hd;
+        SA_CHECKF(layer->out_proj || dv * n_heads == d_model, SELFATTN_ERR_INVALID,
+                  "HEAD_DIM %lld: with OUT_PROJ 0, n_heads %lld x dv %lld (the value heads' "
+                  "width) must equal d_model %lld",
+                  (long long)hd, (long long)n_heads, (long long)dv, (long long)d_model);
         SA_CHECKF(sa_rope_fits(layer->rope, layer->rope_dims, hd), SELFATTN_ERR_INVALID,
                   "HEAD_DIM %lld does not fit ROPE_DIMS %d (even, <= head_dim)", (long long)hd,
                   layer->rope_dims);
-        st = sa_check_shape(d_model, n_heads, layer->n_kv_heads, hd);
+        st = sa_check_shape(d_model, n_heads, layer->n_kv_heads, hd, layer->v_head_dim);
         SA_CHECK(st == SELFATTN_OK, st);
         layer->head_dim = (int32_t)hd;
+        break;
+    }
+    case SELFATTN_OPT_V_HEAD_DIM: {
+        const int64_t dv = value != 0 ? value : layer->head_dim;
+        SA_CHECKF(layer->out_proj || dv * n_heads == d_model, SELFATTN_ERR_INVALID,
+                  "V_HEAD_DIM %lld: with OUT_PROJ 0, n_heads %lld x dv %lld must equal d_model "
+                  "%lld",
+                  (long long)value, (long long)n_heads, (long long)dv, (long long)d_model);
+        st = sa_check_shape(d_model, n_heads, layer->n_kv_heads, layer->head_dim, value);
+        SA_CHECK(st == SELFATTN_OK, st);
+        layer->v_head_dim = (int32_t)value;
         break;
     }
     case SELFATTN_OPT_CAUSAL:
         layer->causal = (int32_t)value;
         break;
     case SELFATTN_OPT_OUT_PROJ:
-        SA_CHECKF(value == 1 || (int64_t)layer->head_dim * n_heads == d_model, SELFATTN_ERR_INVALID,
-                  "OUT_PROJ 0 needs n_heads %lld x head_dim %d == d_model %lld", (long long)n_heads,
-                  layer->head_dim, (long long)d_model);
+        SA_CHECKF(value == 1 || (int64_t)sa_layer_dv(layer) * n_heads == d_model,
+                  SELFATTN_ERR_INVALID,
+                  "OUT_PROJ 0 needs n_heads %lld x dv %d (the value heads' width) == d_model %lld",
+                  (long long)n_heads, sa_layer_dv(layer), (long long)d_model);
         layer->out_proj = (int32_t)value;
         break;
     case SELFATTN_OPT_THREADS:
@@ -293,6 +316,9 @@ selfattn_status selfattn_layer_get(const selfattn_layer *layer, selfattn_option 
         return SELFATTN_OK;
     case SELFATTN_OPT_KV_DTYPE:
         *value = layer->kv_dtype;
+        return SELFATTN_OK;
+    case SELFATTN_OPT_V_HEAD_DIM:
+        *value = sa_layer_dv(layer);
         return SELFATTN_OK;
     }
     sa_fail(SELFATTN_ERR_INVALID, "%d is not an option", (int)opt);
@@ -427,9 +453,8 @@ static selfattn_status sa_weight_slot_of(const selfattn_layer *layer, selfattn_w
                                          sa_weight_slot *w)
 {
     const size_t d_model = (size_t)layer->d_model;
-    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
-    const size_t nqkv = nq + 2 * nkv; /* fits: checked when the shape was set */
+    const sa_widths wd = sa_layer_widths(layer); /* fit: checked when the shape was set */
+    const size_t nq = wd.nq, nkv = wd.nkv, nqkv = wd.nqkv;
     selfattn_layer *l = (selfattn_layer *)layer;
     const int is_bias = which == SELFATTN_B_Q || which == SELFATTN_B_K || which == SELFATTN_B_V ||
                         which == SELFATTN_B_QKV || which == SELFATTN_B_O;
@@ -439,7 +464,7 @@ static selfattn_status sa_weight_slot_of(const selfattn_layer *layer, selfattn_w
         *w = (sa_weight_slot){.buf = is_bias ? &l->b_o : &l->w_o,
                               .hbuf = &l->h_o,
                               .buf_rows = d_model,
-                              .width = is_bias ? 1 : nq,
+                              .width = is_bias ? 1 : wd.nq_v,
                               .first = 0,
                               .rows = d_model,
                               .is_bias = is_bias,
@@ -450,13 +475,15 @@ static selfattn_status sa_weight_slot_of(const selfattn_layer *layer, selfattn_w
                          : which == SELFATTN_W_V || which == SELFATTN_B_V ? 2
                                                                           : 3; /* packed */
         if (slot == 3)
-            SA_CHECKF(layer->n_kv_heads == layer->n_heads && nq == d_model, SELFATTN_ERR_INVALID,
-                      "W_QKV/B_QKV need n_kv_heads == n_heads and n_heads x head_dim == d_model "
-                      "(here %d, %d, %zu, %zu): set W_Q, W_K, W_V apart",
-                      layer->n_kv_heads, layer->n_heads, nq, d_model);
+            SA_CHECKF(layer->n_kv_heads == layer->n_heads && nq == d_model &&
+                          sa_layer_dv(layer) == layer->head_dim,
+                      SELFATTN_ERR_INVALID,
+                      "W_QKV/B_QKV need n_kv_heads == n_heads, n_heads x head_dim == d_model and "
+                      "dv == head_dim (here %d, %d, %zu, %zu, dv %d): set W_Q, W_K, W_V apart",
+                      layer->n_kv_heads, layer->n_heads, nq, d_model, sa_layer_dv(layer));
         static const unsigned bits[4] = {SA_HAVE_Q, SA_HAVE_K, SA_HAVE_V,
                                          SA_HAVE_Q | SA_HAVE_K | SA_HAVE_V};
-        const size_t first[4] = {0, nq, nq + nkv, 0}, rows[4] = {nq, nkv, nkv, nqkv};
+        const size_t first[4] = {0, nq, nq + nkv, 0}, rows[4] = {nq, nkv, wd.nkv_v, nqkv};
         *w = (sa_weight_slot){.buf = is_bias ? &l->b_qkv : &l->w_qkv,
                               .hbuf = &l->h_qkv,
                               .buf_rows = nqkv,

@@ -9,7 +9,7 @@
  * refuses a state whose header does not match its own call (SELFATTN_ERR_STATE), so a state
  * filled by another layer, for other shapes, or before the layer's weights or options changed is
  * never used. Layout (each part on a 64-byte boundary from the start of the buffer):
- *   header, lengths [batch] | qkv [batch * seq_len][nq + 2 nkv] | O [batch * seq_len][nq] |
+ *   header, lengths [batch] | qkv [batch * seq_len][nq + nkv + nkv_v] | O [batch * seq_len][nq_v] |
  *   lse [batch][n_heads][seq_len] */
 #include <stdint.h>
 #include <string.h>
@@ -38,17 +38,16 @@ static selfattn_status sa_train_plan(const selfattn_layer *layer, int32_t batch,
               "batch %d and seq_len %d must both be >= 1", batch, seq_len);
     const selfattn_status st_hd = sa_check_head_dim(layer);
     SA_CHECK(st_hd == SELFATTN_OK, st_hd);
-    const size_t nq = (size_t)layer->n_heads * (size_t)layer->head_dim;
-    const size_t nkv = (size_t)layer->n_kv_heads * (size_t)layer->head_dim;
+    const sa_widths wd = sa_layer_widths(layer);
     const size_t rows = (size_t)batch * (size_t)seq_len; /* < 2^62 */
     size_t head_rows;
-    SA_CHECK(sa_array_bytes(rows, nq + 2 * nkv) != 0 &&
+    SA_CHECK(sa_array_bytes(rows, wd.nqkv) != 0 && sa_array_bytes(rows, wd.nq_v) != 0 &&
                  sa_mul_size(rows, (size_t)layer->n_heads, &head_rows),
              SELFATTN_ERR_OVERFLOW);
     sa_ws_plan wp = {0};
     sa_ws_reserve(&wp, (sizeof(sa_train_header) + (size_t)batch * sizeof(int32_t) + 3) / 4);
-    t->o_qkv = sa_ws_reserve(&wp, rows * (nq + 2 * nkv));
-    t->o_o = sa_ws_reserve(&wp, rows * nq);
+    t->o_qkv = sa_ws_reserve(&wp, rows * wd.nqkv);
+    t->o_o = sa_ws_reserve(&wp, rows * wd.nq_v);
     t->o_lse = sa_ws_reserve(&wp, head_rows);
     t->bytes = sa_ws_plan_bytes(&wp);
     SA_CHECK(t->bytes != 0, SELFATTN_ERR_OVERFLOW);

@@ -113,7 +113,8 @@ typedef enum selfattn_option {
                                     selfattn_layer_get reports 0 while it is undetermined. */
     SELFATTN_OPT_CAUSAL = 3,     /* 0 or 1, default 0. */
     SELFATTN_OPT_OUT_PROJ = 4,   /* 0 or 1, default 1: apply W_O. With 0 the attention output is y
-                                    itself and n_heads * head_dim must equal d_model. */
+                                    itself and n_heads * head_dim (n_heads * dv with
+                                    SELFATTN_OPT_V_HEAD_DIM) must equal d_model. */
     SELFATTN_OPT_THREADS = 5,    /* worker threads one call may use, the caller's included;
                                     0 = library default (the number of online CPUs, at most 64). */
     /* 1.1. Positions: in selfattn_forward* token t of a sequence is at position t; in
@@ -146,11 +147,25 @@ typedef enum selfattn_option {
                                     selfattn_dtype, default F32. Biases always stay float32. Like
                                     the shape options it is SELFATTN_ERR_STATE once any weight is
                                     set. */
-    SELFATTN_OPT_KV_DTYPE = 11      /* how a key/value cache created from now on stores K and V: a
+    SELFATTN_OPT_KV_DTYPE = 11,     /* how a key/value cache created from now on stores K and V: a
                                     selfattn_dtype, default F32. A cache keeps the dtype it was
                                     created with; a call on it while the layer's value differs is
                                     SELFATTN_ERR_STATE (setting it back makes the cache usable
                                     again), like the other options a cache records. */
+    /* 1.3. A value head size of its own. */
+    SELFATTN_OPT_V_HEAD_DIM = 12    /* dv, the width of each value head; default (0) head_dim
+                                    (selfattn_layer_get reports the effective dv). A shape option:
+                                    SELFATTN_ERR_STATE once any weight is set. With dv != head_dim
+                                    W_V is [n_kv_heads * dv][d_model], B_V [n_kv_heads * dv], W_O
+                                    [d_model][n_heads * dv], and W_QKV/B_QKV are
+                                    SELFATTN_ERR_INVALID; with OUT_PROJ 0, n_heads * dv must equal
+                                    d_model (the HEAD_DIM, V_HEAD_DIM or OUT_PROJ setting that
+                                    would break it is SELFATTN_ERR_INVALID and changes nothing).
+                                    In selfattn_attend* v (and dv) are
+                                    [batch][kv_len][n_kv_heads * dv], out (and dout)
+                                    [batch][q_len][n_heads * dv]; a cache stores V at width dv
+                                    (and records it, as it records KV_DTYPE). Q and K keep
+                                    head_dim; RoPE never touches V. */
 } selfattn_option;
 
 /* Storage types (1.3). Whatever the storage, arithmetic stays float32 (products, softmax,
@@ -296,7 +311,9 @@ SELFATTN_API selfattn_status selfattn_forward(const selfattn_layer *layer, int32
 /* Attention alone on already projected tensors (for callers that project themselves, e.g. with
    rotary embeddings). Uses the layer's n_heads, n_kv_heads, head_dim, causal flag and scale
    (and, 1.1, its WINDOW, ALIBI and SOFTCAP; not ROPE: q and k come rotated); needs no weights. q and out are [batch][q_len][n_heads * head_dim]; k and v are
-   [batch][kv_len][n_kv_heads * head_dim]; out must not overlap the inputs. kv_lengths is NULL or
+   [batch][kv_len][n_kv_heads * head_dim] (1.3, SELFATTN_OPT_V_HEAD_DIM: v is
+   [batch][kv_len][n_kv_heads * dv], out [batch][q_len][n_heads * dv]); out must not overlap the
+   inputs. kv_lengths is NULL or
    [batch] valid key counts in [0, kv_len]. Every query row is computed (rows that can see no key
    are zeros). Returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (sizes < 1, a length out of range),
    SELFATTN_ERR_STATE (head_dim undetermined), SELFATTN_ERR_OVERFLOW, SELFATTN_ERR_NOMEM.
@@ -310,7 +327,8 @@ SELFATTN_API selfattn_status selfattn_attend(const selfattn_layer *layer, int32_
 /* ---- Incremental decoding (1.1): the key/value cache ---------------------------------------- */
 /* Opaque: keys and values (after bias and RoPE) of n_seqs sequences for one causal layer, so that
    generation runs each new token against every earlier position without recomputing them.
-   Memory, allocated once at create: n_seqs * capacity * n_kv_heads * head_dim * 2 (K and V)
+   Memory, allocated once at create: n_seqs * capacity * n_kv_heads * (head_dim + dv) (K and V;
+   dv = head_dim unless SELFATTN_OPT_V_HEAD_DIM)
    * 4 bytes (2 bytes with a half-precision KV_DTYPE, recorded at create), twice that with SELFATTN_OPT_WINDOW set (a window's cache is a ring whose rows are
    stored twice, so that any run of positions is contiguous). A cache is used by one call at a
    time; distinct caches of one layer may run concurrently (each with the layer, which they only
@@ -488,8 +506,9 @@ SELFATTN_API selfattn_status selfattn_attend_backward(const selfattn_layer *laye
    seq_len 2048, d_model 768). Results match selfattn_backward to rounding.
 
    The state holds Q, K and V after RoPE, the attention output before the output projection and
-   each row's log-sum-exp: (batch * seq_len * (2 n_heads + 2 n_kv_heads) * head_dim +
-   batch * n_heads * seq_len) floats plus a small header, linear in seq_len.
+   each row's log-sum-exp: (batch * seq_len * (n_heads + n_kv_heads) * (head_dim + dv) +
+   batch * n_heads * seq_len) floats plus a small header, linear in seq_len (dv: the value
+   heads' width, head_dim unless SELFATTN_OPT_V_HEAD_DIM).
    selfattn_train_state_size gives its bytes for (batch, seq_len) on this layer in *bytes;
    returns SELFATTN_ERR_NULL, SELFATTN_ERR_INVALID (batch or seq_len < 1), SELFATTN_ERR_STATE
    (head_dim undetermined), SELFATTN_ERR_OVERFLOW. */
