@@ -183,7 +183,7 @@ int main(int argc, char **argv)
 
     /* Self-check: sampled rows against the float64 reference. */
     ref_layer rl = {dm, heads, kv_heads, hd, causal, 1, 1.0 / sqrt((double)hd), wq, wk,
-                    wv, wo,    bq,       bk, bv,     bo};
+                    wv, wo,    bq,       bk, bv,     bo, 0};
     double err = 0.0, ymax = 0.0;
     double *yr = malloc(sizeof(double) * (size_t)dm);
     for (int c = 0; c < check_rows; c++) {

@@ -165,6 +165,12 @@ void ref_max_err(const float *a, const double *b, size_t n, double *err, double 
 
 /* ---- 1.1 options ---- */
 
+/* The value heads' width. */
+static int ref_dv(const ref_layer *l)
+{
+    return l->v_dim > 0 ? l->v_dim : l->head_dim;
+}
+
 static void ref_alibi_pow2(int n, double *out)
 {
     /* a geometric sequence starting at 2^(-8/n), with that same ratio */
@@ -240,6 +246,7 @@ static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int 
                               double *out, double *weights, double *lse)
 {
     const int hd = l->head_dim, nq = l->n_heads * hd, nkv = l->n_kv_heads * hd;
+    const int dv = ref_dv(l), nqv = l->n_heads * dv, nkvv = l->n_kv_heads * dv;
     const int group = l->n_heads / l->n_kv_heads;
     double *slopes = malloc(sizeof(double) * (size_t)l->n_heads);
     double *s = malloc(sizeof(double) * (size_t)kv_len);
@@ -255,9 +262,9 @@ static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int 
                 if (s[j] > mx)
                     mx = s[j];
             }
-            double *orow = out + (size_t)i * nq + h * hd;
+            double *orow = out + (size_t)i * nqv + h * dv;
             double *wrow = weights ? weights + ((size_t)h * q_len + i) * kv_len : NULL;
-            for (int d = 0; d < hd; d++)
+            for (int d = 0; d < dv; d++)
                 orow[d] = 0.0;
             if (mx == -INFINITY) { /* sees no key */
                 if (wrow)
@@ -277,8 +284,8 @@ static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int 
                 if (wrow)
                     wrow[j] = pj;
                 if (pj != 0.0)
-                    for (int d = 0; d < hd; d++)
-                        orow[d] += pj * v[(size_t)j * nkv + kh * hd + d];
+                    for (int d = 0; d < dv; d++)
+                        orow[d] += pj * v[(size_t)j * nkvv + kh * dv + d];
             }
         }
     }
@@ -291,13 +298,15 @@ void ref_attend_ex(const ref_layer *l, const ref_opts *o, int batch, int q_len, 
                    double *out, double *weights, double *lse)
 {
     const size_t nq = (size_t)l->n_heads * l->head_dim, nkv = (size_t)l->n_kv_heads * l->head_dim;
+    const size_t nqv = (size_t)l->n_heads * ref_dv(l), nkvv = (size_t)l->n_kv_heads * ref_dv(l);
     const size_t qn = (size_t)batch * q_len * nq, kn = (size_t)batch * kv_len * nkv;
-    double *qd = ref_to_double(q, qn), *kd = ref_to_double(k, kn), *vd = ref_to_double(v, kn);
+    const size_t vn = (size_t)batch * kv_len * nkvv;
+    double *qd = ref_to_double(q, qn), *kd = ref_to_double(k, kn), *vd = ref_to_double(v, vn);
     for (int b = 0; b < batch; b++) {
         const size_t hr = (size_t)b * l->n_heads * q_len;
         ref_attend_ex_seq(l, o, b, q_len, kv_len, qd + (size_t)b * q_len * nq,
-                          kd + (size_t)b * kv_len * nkv, vd + (size_t)b * kv_len * nkv,
-                          kv_lengths ? kv_lengths[b] : kv_len, out + (size_t)b * q_len * nq,
+                          kd + (size_t)b * kv_len * nkv, vd + (size_t)b * kv_len * nkvv,
+                          kv_lengths ? kv_lengths[b] : kv_len, out + (size_t)b * q_len * nqv,
                           weights ? weights + hr * kv_len : NULL, lse ? lse + hr : NULL);
     }
     free(qd);
@@ -311,13 +320,13 @@ static void ref_project_seq(const ref_layer *l, const ref_opts *o, const float *
 {
     const int dm = l->d_model, hd = l->head_dim;
     const size_t L = (size_t)seq_len, nq = (size_t)l->n_heads * hd;
-    const size_t nkv = (size_t)l->n_kv_heads * hd;
+    const size_t nkv = (size_t)l->n_kv_heads * hd, nkvv = (size_t)l->n_kv_heads * ref_dv(l);
     memset(q, 0, sizeof(double) * L * nq);
     memset(k, 0, sizeof(double) * L * nkv);
-    memset(v, 0, sizeof(double) * L * nkv);
+    memset(v, 0, sizeof(double) * L * nkvv);
     ref_linear(xs, len, dm, l->wq, l->bq, (int)nq, q);
     ref_linear(xs, len, dm, l->wk, l->bk, (int)nkv, k);
-    ref_linear(xs, len, dm, l->wv, l->bv, (int)nkv, v);
+    ref_linear(xs, len, dm, l->wv, l->bv, (int)nkvv, v);
     for (int t = 0; t < len; t++) {
         ref_rope_row(o, l->n_heads, hd, t, q + (size_t)t * nq);
         ref_rope_row(o, l->n_kv_heads, hd, t, k + (size_t)t * nkv);
@@ -329,9 +338,10 @@ void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_le
 {
     const int dm = l->d_model, hd = l->head_dim;
     const size_t nq = (size_t)l->n_heads * hd, nkv = (size_t)l->n_kv_heads * hd;
+    const size_t nqv = (size_t)l->n_heads * ref_dv(l), nkvv = (size_t)l->n_kv_heads * ref_dv(l);
     const size_t L = (size_t)seq_len;
     double *q = calloc(L * nq, sizeof(double)), *k = calloc(L * nkv, sizeof(double));
-    double *v = calloc(L * nkv, sizeof(double)), *a = calloc(L * nq, sizeof(double));
+    double *v = calloc(L * nkvv, sizeof(double)), *a = calloc(L * nqv, sizeof(double));
     for (int b = 0; b < batch; b++) {
         const int len = lengths ? lengths[b] : seq_len;
         const float *xs = x + (size_t)b * L * dm;
@@ -353,9 +363,9 @@ void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_le
                 continue;
             }
             if (l->out_proj)
-                ref_linear_d(a + (size_t)t * nq, 1, (int)nq, l->wo, l->bo, dm, yr);
+                ref_linear_d(a + (size_t)t * nqv, 1, (int)nqv, l->wo, l->bo, dm, yr);
             else
-                memcpy(yr, a + (size_t)t * nq, sizeof(double) * dm);
+                memcpy(yr, a + (size_t)t * nqv, sizeof(double) * dm);
         }
     }
     free(q);
@@ -375,6 +385,7 @@ static void ref_attend_bwd_seq(const ref_layer *l, const ref_opts *o, int q_len,
                                double *dv)
 {
     const int hd = l->head_dim, nq = l->n_heads * hd, nkv = l->n_kv_heads * hd;
+    const int dvw = ref_dv(l), nqv = l->n_heads * dvw, nkvv = l->n_kv_heads * dvw;
     const int group = l->n_heads / l->n_kv_heads;
     double *slopes = malloc(sizeof(double) * (size_t)l->n_heads);
     double *s = malloc(sizeof(double) * (size_t)kv_len), *raw = malloc(sizeof(double) * (size_t)kv_len);
@@ -399,15 +410,15 @@ static void ref_attend_bwd_seq(const ref_layer *l, const ref_opts *o, int q_len,
             double sum = 0.0;
             for (int j = 0; j < kv_len; j++)
                 sum += s[j] == -INFINITY ? 0.0 : exp(s[j] - mx);
-            const double *go = dout + (size_t)i * nq + h * hd;
+            const double *go = dout + (size_t)i * nqv + h * dvw;
             double dsum = 0.0;
             for (int j = 0; j < kv_len; j++) {
                 if (s[j] == -INFINITY)
                     continue;
                 s[j] = exp(s[j] - mx) / sum; /* now P */
                 double acc = 0.0;
-                for (int d = 0; d < hd; d++)
-                    acc += go[d] * v[(size_t)j * nkv + kh * hd + d];
+                for (int d = 0; d < dvw; d++)
+                    acc += go[d] * v[(size_t)j * nkvv + kh * dvw + d];
                 dp[j] = acc;
                 dsum += s[j] * acc;
             }
@@ -423,8 +434,9 @@ static void ref_attend_bwd_seq(const ref_layer *l, const ref_opts *o, int q_len,
                 for (int d = 0; d < hd; d++) {
                     dq[(size_t)i * nq + h * hd + d] += ds * k[(size_t)j * nkv + kh * hd + d];
                     dk[(size_t)j * nkv + kh * hd + d] += ds * q[(size_t)i * nq + h * hd + d];
-                    dv[(size_t)j * nkv + kh * hd + d] += s[j] * go[d];
                 }
+                for (int d = 0; d < dvw; d++)
+                    dv[(size_t)j * nkvv + kh * dvw + d] += s[j] * go[d];
             }
         }
     }
@@ -439,17 +451,20 @@ void ref_attend_backward(const ref_layer *l, const ref_opts *o, int batch, int q
                          const float *dout, double *dq, double *dk, double *dv)
 {
     const size_t nq = (size_t)l->n_heads * l->head_dim, nkv = (size_t)l->n_kv_heads * l->head_dim;
+    const size_t nqv = (size_t)l->n_heads * ref_dv(l), nkvv = (size_t)l->n_kv_heads * ref_dv(l);
     const size_t qn = (size_t)batch * q_len * nq, kn = (size_t)batch * kv_len * nkv;
-    double *qd = ref_to_double(q, qn), *kd = ref_to_double(k, kn), *vd = ref_to_double(v, kn);
-    double *gd = ref_to_double(dout, qn);
+    const size_t qvn = (size_t)batch * q_len * nqv, vn = (size_t)batch * kv_len * nkvv;
+    double *qd = ref_to_double(q, qn), *kd = ref_to_double(k, kn), *vd = ref_to_double(v, vn);
+    double *gd = ref_to_double(dout, qvn);
     memset(dq, 0, sizeof(double) * qn);
     memset(dk, 0, sizeof(double) * kn);
-    memset(dv, 0, sizeof(double) * kn);
+    memset(dv, 0, sizeof(double) * vn);
     for (int b = 0; b < batch; b++) {
         const size_t qo = (size_t)b * q_len * nq, ko = (size_t)b * kv_len * nkv;
-        ref_attend_bwd_seq(l, o, q_len, kv_len, qd + qo, kd + ko, vd + ko, q_len,
-                           kv_lengths ? kv_lengths[b] : kv_len, gd + qo, dq + qo, dk + ko,
-                           dv + ko);
+        const size_t qvo = (size_t)b * q_len * nqv, vo = (size_t)b * kv_len * nkvv;
+        ref_attend_bwd_seq(l, o, q_len, kv_len, qd + qo, kd + ko, vd + vo, q_len,
+                           kv_lengths ? kv_lengths[b] : kv_len, gd + qvo, dq + qo, dk + ko,
+                           dv + vo);
     }
     free(qd);
     free(kd);
@@ -462,43 +477,44 @@ void ref_backward(const ref_layer *l, const ref_opts *o, int batch, int seq_len,
 {
     const int dm = l->d_model, hd = l->head_dim;
     const size_t nq = (size_t)l->n_heads * hd, nkv = (size_t)l->n_kv_heads * hd;
+    const size_t nqv = (size_t)l->n_heads * ref_dv(l), nkvv = (size_t)l->n_kv_heads * ref_dv(l);
     const size_t L = (size_t)seq_len;
     const float *w[3] = {l->wq, l->wk, l->wv};
-    const size_t width[3] = {nq, nkv, nkv};
+    const size_t width[3] = {nq, nkv, nkvv};
     for (int i = 0; i < 8; i++) {
         if (!l->out_proj && (i == 3 || i == 7))
             continue;
-        const size_t n = i < 4 ? (i == 3 ? (size_t)dm * nq : width[i] * dm)
+        const size_t n = i < 4 ? (i == 3 ? (size_t)dm * nqv : width[i] * dm)
                                : (i == 7 ? (size_t)dm : width[i - 4]);
         memset(g[i], 0, sizeof(double) * n);
     }
     double *q = calloc(L * nq, sizeof(double)), *k = calloc(L * nkv, sizeof(double));
-    double *v = calloc(L * nkv, sizeof(double)), *a = calloc(L * nq, sizeof(double));
-    double *go = calloc(L * nq, sizeof(double));
+    double *v = calloc(L * nkvv, sizeof(double)), *a = calloc(L * nqv, sizeof(double));
+    double *go = calloc(L * nqv, sizeof(double));
     double *dq = calloc(L * nq, sizeof(double)), *dk = calloc(L * nkv, sizeof(double));
-    double *dv = calloc(L * nkv, sizeof(double));
+    double *dv = calloc(L * nkvv, sizeof(double));
     for (int b = 0; b < batch; b++) {
         const int len = lengths ? lengths[b] : seq_len;
         const float *xs = x + (size_t)b * L * dm, *dys = dy + (size_t)b * L * dm;
         double *dxs = dx + (size_t)b * L * dm;
         ref_project_seq(l, o, xs, len, seq_len, q, k, v);
-        memset(go, 0, sizeof(double) * L * nq);
+        memset(go, 0, sizeof(double) * L * nqv);
         memset(dq, 0, sizeof(double) * L * nq);
         memset(dk, 0, sizeof(double) * L * nkv);
-        memset(dv, 0, sizeof(double) * L * nkv);
+        memset(dv, 0, sizeof(double) * L * nkvv);
         ref_attend_ex_seq(l, o, b, seq_len, seq_len, q, k, v, len, a, NULL, NULL);
         for (int t = 0; t < len; t++) { /* back through W_O */
             const float *dyr = dys + (size_t)t * dm;
-            double *gr = go + (size_t)t * nq;
+            double *gr = go + (size_t)t * nqv;
             if (!l->out_proj) {
-                for (size_t c = 0; c < nq; c++)
+                for (size_t c = 0; c < nqv; c++)
                     gr[c] = dyr[c];
                 continue;
             }
             for (int oo = 0; oo < dm; oo++) {
-                for (size_t c = 0; c < nq; c++) {
-                    gr[c] += (double)dyr[oo] * l->wo[(size_t)oo * nq + c];
-                    g[3][(size_t)oo * nq + c] += (double)dyr[oo] * a[(size_t)t * nq + c];
+                for (size_t c = 0; c < nqv; c++) {
+                    gr[c] += (double)dyr[oo] * l->wo[(size_t)oo * nqv + c];
+                    g[3][(size_t)oo * nqv + c] += (double)dyr[oo] * a[(size_t)t * nqv + c];
                 }
                 g[7][oo] += dyr[oo];
             }

@@ -14,6 +14,10 @@ typedef struct ref_layer {
     /* PyTorch layout [out][in]; biases may be NULL (zero) */
     const float *wq, *wk, *wv, *wo;
     const float *bq, *bk, *bv, *bo;
+    /* 1.3: the value heads' width dv (0 = head_dim): wv [n_kv_heads*dv][d_model], wo
+       [d_model][n_heads*dv]; honoured by the 1.1 functions (ref_attend_ex, ref_forward_ex and
+       the gradients), where v is [..][n_kv_heads*dv] and out [..][n_heads*dv] */
+    int v_dim;
 } ref_layer;
 
 /* y[r][o] = sum_i x[r][i] * w[o][i] + b[o], in double. */

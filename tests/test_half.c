@@ -198,7 +198,7 @@ typedef struct cache_ref {
 static void cache_reference(const cache_ref *w, int window, int kvdt, const float *x, double *y)
 {
     const ref_layer rl = {CD, CH, CKV, CHD, 1, 1, 1.0 / sqrt((double)CHD), w->wq, w->wk,
-                          w->wv, w->wo, w->bq, w->bk, w->bv, w->bo};
+                          w->wv, w->wo, w->bq, w->bk, w->bv, w->bo, 0};
     double q[CT * CH * CHD], k[CT * CKV * CHD], v[CT * CKV * CHD], a[CT * CH * CHD];
     float qf[CT * CH * CHD], kf[CT * CKV * CHD], vf[CT * CKV * CHD];
     ref_linear(x, CT, CD, w->wq, w->bq, CH * CHD, q);

@@ -169,7 +169,8 @@ static void test_attend_grid(void **state)
                        NULL,
                        NULL,
                        NULL,
-                       NULL};
+                       NULL,
+                       0};
         tu_rng rng = {ci + 31};
         const size_t qn = (size_t)c->batch * c->q_len * nq, kn = (size_t)c->batch * c->kv_len * nkv;
         float *q = tu_random(&rng, qn, -2, 2), *k = tu_random(&rng, kn, -2, 2),

@@ -71,6 +71,12 @@ selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *t)
 selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_dtype,
                                     tu_layer *t)
 {
+    return tu_layer_make_v(s, 0, seed, weight_dtype, t);
+}
+
+selfattn_status tu_layer_make_v(const tu_spec *s, int v_head_dim, uint64_t seed, int weight_dtype,
+                                tu_layer *t)
+{
     memset(t, 0, sizeof *t);
     tu_rng rng = {seed};
     selfattn_status st = selfattn_layer_create(s->d_model, s->n_heads, &t->layer);
@@ -81,6 +87,9 @@ selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_
     if (s->n_kv_heads && (st = selfattn_layer_set(t->layer, SELFATTN_OPT_N_KV_HEADS, nkvh)))
         return st;
     if (s->head_dim && (st = selfattn_layer_set(t->layer, SELFATTN_OPT_HEAD_DIM, hd)))
+        return st;
+    const int dv = v_head_dim ? v_head_dim : hd;
+    if (v_head_dim && (st = selfattn_layer_set(t->layer, SELFATTN_OPT_V_HEAD_DIM, dv)))
         return st;
     if ((st = selfattn_layer_set(t->layer, SELFATTN_OPT_CAUSAL, s->causal)))
         return st;
@@ -95,8 +104,9 @@ selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_
         return st;
 
     const size_t dm = (size_t)s->d_model, nq = (size_t)s->n_heads * hd, nkv = (size_t)nkvh * hd;
-    const float a = (float)(1.0 / sqrt((double)dm)), ao = (float)(1.0 / sqrt((double)nq));
-    const size_t sizes[8] = {nq * dm, nkv * dm, nkv * dm, dm * nq, nq, nkv, nkv, dm};
+    const size_t nqv = (size_t)s->n_heads * dv, nkvv = (size_t)nkvh * dv;
+    const float a = (float)(1.0 / sqrt((double)dm)), ao = (float)(1.0 / sqrt((double)nqv));
+    const size_t sizes[8] = {nq * dm, nkv * dm, nkvv * dm, dm * nqv, nq, nkv, nkvv, dm};
     for (int i = 0; i < 8; i++) {
         if (i == 3 || i == 7) {
             if (!s->out_proj)
@@ -144,6 +154,7 @@ selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_
     r->n_heads = s->n_heads;
     r->n_kv_heads = nkvh;
     r->head_dim = hd;
+    r->v_dim = dv;
     r->causal = s->causal;
     r->out_proj = s->out_proj;
     r->scale = s->scale != 0.0f ? (double)s->scale : 1.0 / sqrt((double)hd);

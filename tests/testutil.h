@@ -46,6 +46,10 @@ selfattn_status tu_layer_make(const tu_spec *s, uint64_t seed, tu_layer *out);
    the reference's weights are rounded to it by the test's own rounding (biases stay float32). */
 selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_dtype,
                                     tu_layer *out);
+/* The same with SELFATTN_OPT_V_HEAD_DIM set to v_head_dim (1.3; 0: the default, head_dim) after
+   HEAD_DIM; the reference's v_dim is the effective dv. */
+selfattn_status tu_layer_make_v(const tu_spec *s, int v_head_dim, uint64_t seed, int weight_dtype,
+                                tu_layer *out);
 void tu_layer_free(tu_layer *t);
 
 #endif

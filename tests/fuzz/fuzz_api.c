@@ -645,7 +645,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fz_extras_check(&fx, fs, 0, NULL, NULL);
     } else if (!hostile) {
         ref_layer rl = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   w[0],
-                        w[1],    w[2],    w[3], w[4], w[5],   w[6],     w[7]};
+                        w[1],    w[2],    w[3], w[4], w[5],   w[6],     w[7], 0};
         rl.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)hd);
         double *yr = malloc(n_x * sizeof(double));
         double *wr = malloc((f_rows * (size_t)seq + 1) * sizeof(double));
@@ -709,7 +709,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fz_extras_check(&ax, as, 0, NULL, NULL);
     } else if (a_small && !a_hostile) {
         ref_layer rl = {d_model, n_heads, nkv,  hd,   causal, 1,    0,   NULL,
-                        NULL,    NULL,    NULL, NULL, NULL,   NULL, NULL};
+                        NULL,    NULL,    NULL, NULL, NULL,   NULL, NULL, 0};
         rl.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)hd);
         double *od = malloc(nqe * sizeof(double));
         double *wr = malloc((a_rows * (size_t)kl + 1) * sizeof(double));
@@ -729,7 +729,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* backward of the forward above, then of the attend */
     ref_layer shape = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   NULL,
-                       NULL,    NULL,    NULL, NULL, NULL,   NULL,     NULL};
+                       NULL,    NULL,    NULL, NULL, NULL,   NULL,     NULL, 0};
     shape.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)(hd > 0 ? hd : 1));
     const uint8_t gb = rd(&r);
     fz_backward(&r, l, &shape, gb, small, batch, seq, x, use_len && batch <= 3 ? lens : NULL, w,
