@@ -1,11 +1,11 @@
 /* Allocation failure: a script of API calls (create, options, every weight and bias, forward
  * with and without lengths, attend, the 1.1 calls, backward and attend_backward, the 1.2 train
- * state calls, destroy) is run with its n-th allocation made to fail, for
- * n = 1, 2, ... until a run meets no failure. Each time the failing call must return
- * SELFATTN_ERR_NOMEM with caller outputs untouched and the handle unchanged and usable: the same
- * call is retried without the failure and the script finishes with results bit-identical to a
- * run without failures. Leaks are caught by LeakSanitizer in the sanitizer build. Helper-thread
- * start failures are injected too. */
+ * state calls, 16-bit storage, a value head size of its own, destroy) is run with its n-th
+ * allocation made to fail, for n = 1, 2, ... until a run meets no failure. Each time the failing
+ * call must return SELFATTN_ERR_NOMEM with caller outputs untouched and the handle unchanged and
+ * usable: the same call is retried without the failure and the script finishes with results
+ * bit-identical to a run without failures. Leaks are caught by LeakSanitizer in the sanitizer
+ * build. Helper-thread start failures are injected too. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -34,6 +34,12 @@
 #define BW_N (B * L * D + 2 * D * D + 2 * NKV * D + 2 * D + 2 * NKV) /* dx, then the grads */
 #define ABW_N (B * L * D + 2 * B * L * NKV)                          /* dq, dk, dv */
 
+/* 1.3 V_HEAD_DIM: value heads twice head_dim wide */
+#define DV (2 * (D / H))
+#define NKVV (KV * DV)
+#define NQV (H * DV)
+#define VBW_N (B * L * D + D * D + NKV * D + NKVV * D + D * NQV + D + NKV + NKVV + D)
+
 typedef struct script_out {
     float y1[B * L * D], y2[B * L * D], att[B * L * D];
     float ex[EX_N];   /* forward_ex: y, weights, lse */
@@ -43,6 +49,7 @@ typedef struct script_out {
     float ty[B * L * D], tbw[BW_N]; /* forward_train, backward_train */
     float cached[B * L * D], cached2[B * D]; /* forward_cached: a prompt, then one step */
     float hy[B * L * D], hbw[BW_N], hcached[B * L * D]; /* 1.3: bf16 weights, an f16 cache */
+    float vy[B * L * D], vatt[B * L * NQV], vbw[VBW_N], vty[B * L * D], vcached[B * L * D];
 } script_out;
 
 /* The gradients' places in o->bw. */
@@ -57,6 +64,7 @@ static selfattn_grads script_grads(float *bw)
 }
 
 static float w[8][D * D];
+static float wvo[D * NQV]; /* W_V and W_O of the V_HEAD_DIM layer */
 
 /* Runs the call; on failure checks the contract and retries it without the failure. Counts
    failures seen in *failed. */
@@ -195,6 +203,54 @@ static void script(script_out *o, int *failed, int *create_failed)
     STEP(selfattn_forward_cached(l, c, L, x, NULL, o->hcached), o->hcached, B * L * D);
     selfattn_cache_destroy(c);
     selfattn_layer_destroy(l);
+
+    /* 1.3: value heads of their own width (W_V, W_O, the workspaces, the train state and the
+       cache's V take dv) */
+    st = selfattn_layer_create(D, H, &l);
+    if (st != SELFATTN_OK) {
+        assert_int_equal(st, SELFATTN_ERR_NOMEM);
+        (*failed)++;
+        sa_test_fail_allocation(0);
+        assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
+    }
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, KV), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_V_HEAD_DIM, DV), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
+    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 2), SELFATTN_OK);
+    const int64_t vcounts[8] = {D * D, nkv * D, NKVV * D, D * NQV, D, nkv, NKVV, D};
+    for (int i = 0; i < 8; i++)
+        STEP(selfattn_layer_set_weight(l, (selfattn_weight)(i + 1),
+                                       i == 2 || i == 3 || i == 6 ? wvo : w[i], vcounts[i]),
+             NULL, 0);
+    STEP(selfattn_forward(l, B, L, x, lens, o->vy), o->vy, B * L * D);
+    STEP(selfattn_attend(l, B, L, L, q, k2, v2, lens, o->vatt), o->vatt, B * L * NQV);
+    float *vp = o->vbw + B * L * D;
+    const selfattn_grads vg = {sizeof vg,
+                               vp,
+                               vp + D * D,
+                               vp + D * D + NKV * D,
+                               vp + D * D + NKV * D + NKVV * D,
+                               vp + D * D + NKV * D + NKVV * D + D * NQV,
+                               vp + D * D + NKV * D + NKVV * D + D * NQV + D,
+                               vp + D * D + NKV * D + NKVV * D + D * NQV + D + NKV,
+                               vp + D * D + NKV * D + NKVV * D + D * NQV + D + NKV + NKVV};
+    STEP(selfattn_backward(l, B, L, x, lens, dy, o->vbw, &vg), o->vbw, VBW_N);
+    assert_int_equal(selfattn_train_state_size(l, B, L, &state_bytes), SELFATTN_OK);
+    assert_true(state_bytes <= sizeof train_state);
+    STEP(selfattn_forward_train(l, B, L, x, lens, o->vty, train_state, state_bytes), o->vty,
+         B * L * D);
+    c = NULL;
+    const selfattn_status vcs = selfattn_cache_create(l, B, 2 * L, &c);
+    if (vcs != SELFATTN_OK) {
+        assert_int_equal(vcs, SELFATTN_ERR_NOMEM);
+        assert_null(c);
+        (*failed)++;
+        sa_test_fail_allocation(0);
+        assert_int_equal(selfattn_cache_create(l, B, 2 * L, &c), SELFATTN_OK);
+    }
+    STEP(selfattn_forward_cached(l, c, L, x, NULL, o->vcached), o->vcached, B * L * D);
+    selfattn_cache_destroy(c);
+    selfattn_layer_destroy(l);
 }
 
 static void test_every_allocation_fails_once(void **state)
@@ -203,6 +259,7 @@ static void test_every_allocation_fails_once(void **state)
     tu_rng r = {1};
     for (int i = 0; i < 8; i++)
         tu_fill(&r, w[i], D * D, -0.3f, 0.3f);
+    tu_fill(&r, wvo, D * NQV, -0.3f, 0.3f);
     static script_out clean, run;
     int failed = 0, create_failed = 0;
     sa_test_fail_allocation(0);

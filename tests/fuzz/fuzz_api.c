@@ -64,7 +64,7 @@ static void fill_sentinel(float *p, size_t n)
         p[i] = -7777.0f;
 }
 
-#define N_OPTS 11 /* integer options 1..11 (10, 11: the 1.3 storage dtypes) */
+#define N_OPTS 12 /* integer options 1..12 (10, 11: the 1.3 storage dtypes; 12: V_HEAD_DIM) */
 
 static void snapshot(const selfattn_layer *l, int64_t v[N_OPTS])
 {
@@ -392,27 +392,29 @@ static void fz_backward(reader *r, const selfattn_layer *l, const ref_layer *sha
 }
 
 /* selfattn_attend_backward on the attend call's inputs; a byte chooses which outputs. */
+/* (q, k: nqe, nke floats; v and out, of width dv: nve, noe) */
 static void fz_attend_backward(reader *r, const selfattn_layer *l, const ref_layer *shape,
                                int a_small, int32_t qb, int32_t ql, int32_t kl, const float *q,
                                const float *k, const float *v, const int32_t *kvl, size_t nqe,
-                               size_t nke, int hostile, const ref_opts *ro)
+                               size_t nke, size_t nve, size_t noe, int hostile, const ref_opts *ro)
 {
     const uint8_t which = rd(r);
-    float *go = malloc(nqe * sizeof(float));
-    for (size_t i = 0; i < nqe; i++)
+    float *go = malloc(noe * sizeof(float));
+    for (size_t i = 0; i < noe; i++)
         go[i] = rd_float(r, &hostile);
+    const size_t n3[3] = {nqe, nke, nve};
     float *d[3] = {malloc(nqe * sizeof(float)), malloc(nke * sizeof(float)),
-                   malloc(nke * sizeof(float))};
+                   malloc(nve * sizeof(float))};
     fill_sentinel(d[0], nqe);
     fill_sentinel(d[1], nke);
-    fill_sentinel(d[2], nke);
+    fill_sentinel(d[2], nve);
     const selfattn_status st = selfattn_attend_backward(
         l, qb, ql, kl, q, k, v, kvl, go, (which & 1) ? NULL : d[0], (which & 2) ? NULL : d[1],
         (which & 4) ? NULL : d[2]);
     if (!a_small)
         CHECK(st != SELFATTN_OK);
     if (st != SELFATTN_OK || (which & 7) == 7) {
-        CHECK(is_sentinel(d[0], nqe) && is_sentinel(d[1], nke) && is_sentinel(d[2], nke));
+        CHECK(is_sentinel(d[0], nqe) && is_sentinel(d[1], nke) && is_sentinel(d[2], nve));
     } else if (a_small && !hostile &&
                well_conditioned(shape->scale,
                                 max_head_norm(q, nqe / ((size_t)shape->n_heads * shape->head_dim),
@@ -427,18 +429,18 @@ static void fz_attend_backward(reader *r, const selfattn_layer *l, const ref_lay
         o.bias = NULL;
         o.rope = 0;
         double *rd3[3] = {malloc(nqe * sizeof(double)), malloc(nke * sizeof(double)),
-                          malloc(nke * sizeof(double))};
+                          malloc(nve * sizeof(double))};
         ref_attend_backward(&rl, &o, qb, ql, kl, q, k, v, kvl, go, rd3[0], rd3[1], rd3[2]);
         double all = 0.0;
         for (int m = 0; m < 3; m++) {
-            const double mx = max_abs(rd3[m], m == 0 ? nqe : nke);
+            const double mx = max_abs(rd3[m], n3[m]);
             all = mx > all ? mx : all;
         }
         for (int m = 0; m < 3; m++) {
             if (which & (1 << m))
-                CHECK(is_sentinel(d[m], m == 0 ? nqe : nke));
+                CHECK(is_sentinel(d[m], n3[m]));
             else
-                check_grad(d[m], rd3[m], m == 0 ? nqe : nke, all);
+                check_grad(d[m], rd3[m], n3[m], all);
             free(rd3[m]);
         }
     }
@@ -586,13 +588,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    opt[7] == opt[1] ? 0 : (int)opt[7], 0};
     const ref_opts ro_layer = ro; /* ro is changed for the attend checks below */
     const int nkv = (int)opt[0], hd = (int)opt[1], causal = (int)opt[2], out_proj = (int)opt[3];
+    const int dv = (int)opt[11]; /* the value heads' width (head_dim unless V_HEAD_DIM) */
     const size_t nq = (size_t)n_heads * (size_t)hd, nkvd = (size_t)nkv * (size_t)hd;
+    const size_t nqv = (size_t)n_heads * (size_t)dv, nkvv = (size_t)nkv * (size_t)dv;
     const size_t dm = (size_t)d_model;
     /* weights, possibly with wrong counts */
     float *w[8] = {0};
-    const size_t counts[8] = {nq * dm, nkvd * dm, nkvd * dm, dm * nq, nq, nkvd, nkvd, dm};
+    const size_t counts[8] = {nq * dm, nkvd * dm, nkvv * dm, dm * nqv, nq, nkvd, nkvv, dm};
     const uint8_t wmask = rd(&r);
-    for (int i = 0; i < 8 && hd > 0 && nq * dm <= 4096; i++) {
+    for (int i = 0; i < 8 && hd > 0 && nq * dm <= 4096 && nqv * dm <= 4096; i++) {
         if (!(wmask & (1u << i)) && i != 0 && i != 1 && i != 2)
             continue;
         w[i] = malloc((counts[i] ? counts[i] : 1) * sizeof(float));
@@ -645,7 +649,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fz_extras_check(&fx, fs, 0, NULL, NULL);
     } else if (!hostile) {
         ref_layer rl = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   w[0],
-                        w[1],    w[2],    w[3], w[4], w[5],   w[6],     w[7], 0};
+                        w[1],    w[2],    w[3], w[4], w[5],   w[6],     w[7], dv};
         rl.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)hd);
         double *yr = malloc(n_x * sizeof(double));
         double *wr = malloc((f_rows * (size_t)seq + 1) * sizeof(double));
@@ -667,7 +671,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     rd_pair(&r, &qb, &ql, 2, 9);
     const int32_t kl = rd_dim(&r, 9);
     const int a_dims_ok = qb >= 1 && qb <= 2 && ql >= 1 && ql <= 9 && kl >= 1 && kl <= 9;
-    if (a_dims_ok && (nq > 4096 || nkvd > 4096)) { /* valid but too large to fuzz: skip */
+    if (a_dims_ok && (nq > 4096 || nkvd > 4096 || nqv > 4096 || nkvv > 4096)) {
+        /* valid but too large to fuzz: skip */
         free(x);
         for (int i = 0; i < 8; i++)
             free(w[i]);
@@ -677,25 +682,27 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const int a_small = a_dims_ok && hd > 0;
     const size_t nqe = a_small ? (size_t)qb * ql * nq : 1,
                  nke = a_small ? (size_t)qb * kl * nkvd : 1;
+    const size_t noe = a_small ? (size_t)qb * ql * nqv : 1, /* out and v: dv wide heads */
+        nve = a_small ? (size_t)qb * kl * nkvv : 1;
     float *q = malloc(nqe * sizeof(float)), *k = malloc(nke * sizeof(float)),
-          *v = malloc(nke * sizeof(float)), *o = malloc(nqe * sizeof(float));
+          *v = malloc(nve * sizeof(float)), *o = malloc(noe * sizeof(float));
     int a_hostile = hostile;
     for (size_t i = 0; i < nqe; i++)
         q[i] = rd_float(&r, &a_hostile);
-    for (size_t i = 0; i < nke; i++) {
+    for (size_t i = 0; i < nke; i++)
         k[i] = rd_float(&r, &a_hostile);
+    for (size_t i = 0; i < nve; i++)
         v[i] = rd_float(&r, &a_hostile);
-    }
     int32_t kvl[2] = {(int32_t)(rd(&r) % (kl > 0 ? kl + 2 : 2)), (int32_t)(rd(&r) % 11)};
     const int use_kvl = rd(&r) & 1;
-    fill_sentinel(o, nqe);
+    fill_sentinel(o, noe);
     const size_t a_rows = a_small ? (size_t)qb * (size_t)n_heads * (size_t)ql : 0;
     fz_extras ax;
     fz_extras_make(&r, &ax, a_small && n_heads <= 6, a_rows, ql, kl, &a_hostile);
     const int32_t *a_lens = use_kvl && qb <= 2 ? kvl : NULL;
     if (a_small && lens_valid(a_lens, qb, kl)) { /* keys past the lengths, masked bias */
         plant_rows(k, qb, kl, nkvd, a_lens);
-        plant_rows(v, qb, kl, nkvd, a_lens);
+        plant_rows(v, qb, kl, nkvv, a_lens);
         plant_bias(ax.bias, ql, kl, qb, a_lens, causal, ro.window, 0);
     }
     const int use_ax = ax.e.struct_size != sizeof ax.e || ax.bias || ax.weights || ax.lse;
@@ -705,20 +712,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!a_small || ax.e.struct_size != sizeof ax.e)
         CHECK(as != SELFATTN_OK);
     if (as != SELFATTN_OK) {
-        CHECK(is_sentinel(o, nqe));
+        CHECK(is_sentinel(o, noe));
         fz_extras_check(&ax, as, 0, NULL, NULL);
     } else if (a_small && !a_hostile) {
         ref_layer rl = {d_model, n_heads, nkv,  hd,   causal, 1,    0,   NULL,
-                        NULL,    NULL,    NULL, NULL, NULL,   NULL, NULL, 0};
+                        NULL,    NULL,    NULL, NULL, NULL,   NULL, NULL, dv};
         rl.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)hd);
-        double *od = malloc(nqe * sizeof(double));
+        double *od = malloc(noe * sizeof(double));
         double *wr = malloc((a_rows * (size_t)kl + 1) * sizeof(double));
         double *lr = malloc((a_rows + 1) * sizeof(double));
         ro.bias = ax.bias;
         ro.sr = kl;
         ro.rope = 0; /* attend takes q and k already rotated */
         ref_attend_ex(&rl, &ro, qb, ql, kl, q, k, v, use_kvl ? kvl : NULL, od, wr, lr);
-        check_close(o, od, nqe);
+        check_close(o, od, noe);
         fz_extras_check(&ax, as, 1, wr, lr);
         free(od);
         free(wr);
@@ -729,13 +736,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* backward of the forward above, then of the attend */
     ref_layer shape = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   NULL,
-                       NULL,    NULL,    NULL, NULL, NULL,   NULL,     NULL, 0};
+                       NULL,    NULL,    NULL, NULL, NULL,   NULL,     NULL, dv};
     shape.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)(hd > 0 ? hd : 1));
     const uint8_t gb = rd(&r);
     fz_backward(&r, l, &shape, gb, small, batch, seq, x, use_len && batch <= 3 ? lens : NULL, w,
                 counts, dm, nq, hostile, &ro_layer, out_proj);
     fz_attend_backward(&r, l, &shape, a_small, qb, ql, kl, q, k, v,
-                       use_kvl && qb <= 2 ? kvl : NULL, nqe, nke, a_hostile, &ro);
+                       use_kvl && qb <= 2 ? kvl : NULL, nqe, nke, nve, noe, a_hostile, &ro);
     if (hd > 0 && d_model <= 64) {
         const int weights_ok = w[0] && w[1] && w[2] && (w[3] || !out_proj);
         fz_cache(&r, l, causal && weights_ok, d_model, hostile);
