@@ -67,6 +67,7 @@ _INT_OPTIONS = {
     "alibi": (_lib.OPT_ALIBI, bool),
     "weight_dtype": (_lib.OPT_WEIGHT_DTYPE, _dtype_str),    # 1.3: read back as "f32"/"f16"/"bf16"
     "kv_dtype": (_lib.OPT_KV_DTYPE, _dtype_str),
+    "v_head_dim": (_lib.OPT_V_HEAD_DIM, int),                  # 1.3: reads the effective dv
 }
 _FLOAT_OPTIONS = {"scale": _lib.FOPT_SCALE, "rope_theta": _lib.FOPT_ROPE_THETA,
                   "softcap": _lib.FOPT_SOFTCAP}
@@ -294,9 +295,15 @@ class Layer(_Handle):
 
     Layer(d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False, out_proj=True,
           threads=0, scale=None, window=None, rope=None, rope_dims=None, rope_theta=None,
-          alibi=None, softcap=None, batch_first=True, weight_dtype="f32", kv_dtype="f32")
+          alibi=None, softcap=None, batch_first=True, weight_dtype="f32", kv_dtype="f32",
+          v_head_dim=None)
 
     None leaves an option at the library default.
+
+    v_head_dim (libselfattn 1.3, SELFATTN_OPT_V_HEAD_DIM): dv, the width of each value head
+    (default head_dim). Q and K keep head_dim; W_V is [n_kv_heads*dv][d_model], W_O
+    [d_model][n_heads*dv], attend's v [batch][kv_len][n_kv_heads*dv] and its output
+    [batch][q_len][n_heads*dv]; w_qkv is refused when dv != head_dim. Fixed once a weight is set.
 
     weight_dtype and kv_dtype (libselfattn 1.3: "f32", "f16" or "bf16", or np.float32 /
     np.float16): how the layer stores W_Q, W_K, W_V, W_O (rounded once, to nearest even, when set;
@@ -321,7 +328,7 @@ class Layer(_Handle):
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False,
                  out_proj=True, threads=0, scale=None, window=None, rope=None, rope_dims=None,
                  rope_theta=None, alibi=None, softcap=None, batch_first=True,
-                 weight_dtype="f32", kv_dtype="f32"):
+                 weight_dtype="f32", kv_dtype="f32", v_head_dim=None):
         self._h = None
         self._seq_first = batch_first is not None and not batch_first
         self._caches = weakref.WeakSet()
@@ -336,6 +343,7 @@ class Layer(_Handle):
         try:
             # shape options first (they must precede any weight), ROPE_DIMS after HEAD_DIM
             for name, value in (("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
+                                ("v_head_dim", v_head_dim),
                                 ("out_proj", None if out_proj is True else out_proj),
                                 ("weight_dtype", None if weight_dtype is None
                                  else _dtype_code(weight_dtype, "weight_dtype") or None),
@@ -390,7 +398,8 @@ class Layer(_Handle):
 
     def set(self, name, value):
         """Set an option by name: an integer option (n_kv_heads, head_dim, causal, out_proj,
-        threads, window, rope, rope_dims, alibi, weight_dtype, kv_dtype) with selfattn_layer_set,
+        threads, window, rope, rope_dims, alibi, weight_dtype, kv_dtype, v_head_dim) with
+        selfattn_layer_set,
         or a real one (scale, rope_theta, softcap) with selfattn_layer_set_float (scale:
         selfattn_layer_set_scale). weight_dtype and kv_dtype take "f32", "f16", "bf16" (or a
         NumPy dtype, see Layer)."""
@@ -445,6 +454,8 @@ class Layer(_Handle):
 
     n_kv_heads = _prop("n_kv_heads", "key/value heads (grouped-query attention); must divide n_heads")
     head_dim = _prop("head_dim", "size of one head; 0 while undetermined")
+    v_head_dim = _prop("v_head_dim", "width of each value head, dv (1.3): head_dim by default "
+                       "(reading gives the effective dv); fixed once a weight is set")
     causal = _prop("causal", "causal (bottom-right aligned) mask")
     out_proj = _prop("out_proj", "apply W_O")
     threads = _prop("threads", "worker threads one call may use (reading gives the effective count)")
@@ -465,8 +476,10 @@ class Layer(_Handle):
         if self._h is None:
             return "<selfattn.Layer (closed)>"
         return ("selfattn.Layer(d_model=%d, n_heads=%d, n_kv_heads=%d, head_dim=%d, causal=%s, "
-                "out_proj=%s%s%s%s)" % (self._d_model, self._n_heads, self.n_kv_heads,
+                "out_proj=%s%s%s%s%s)" % (self._d_model, self._n_heads, self.n_kv_heads,
                                         self.head_dim, self.causal, self.out_proj,
+                                        "" if self._dv() == self.head_dim
+                                        else ", v_head_dim=%d" % self._dv(),
                                         "" if self.weight_dtype == "f32"
                                         else ", weight_dtype=%r" % self.weight_dtype,
                                         "" if self.kv_dtype == "f32"
@@ -476,13 +489,16 @@ class Layer(_Handle):
     # ---- weights -------------------------------------------------------------------------------
     def weight_shape(self, name):
         """The shape a weight or bias must have, e.g. weight_shape("w_q") == (n_heads*head_dim,
-        d_model). None while head_dim is undetermined."""
+        d_model); w_v, b_v and w_o take the value heads' width dv (v_head_dim). None while
+        head_dim is undetermined."""
         hd = self.head_dim
         if not hd:
             return None
+        dv = self._dv()
         q, kv, d = self._n_heads * hd, self.n_kv_heads * hd, self._d_model
-        return {"w_q": (q, d), "w_k": (kv, d), "w_v": (kv, d), "w_o": (d, q),
-                "b_q": (q,), "b_k": (kv,), "b_v": (kv,), "b_o": (d,),
+        qv, kvv = self._n_heads * dv, self.n_kv_heads * dv
+        return {"w_q": (q, d), "w_k": (kv, d), "w_v": (kvv, d), "w_o": (d, qv),
+                "b_q": (q,), "b_k": (kv,), "b_v": (kvv,), "b_o": (d,),
                 "w_qkv": (3 * d, d), "b_qkv": (3 * d,)}[name]
 
     def set_weight(self, name, value, dtype=None):
@@ -662,28 +678,43 @@ class Layer(_Handle):
         if not hd:
             raise error_for(_lib.ERR_STATE, "selfattn_attend",
                             "head_dim undetermined: d_model not divisible by n_heads and head_dim unset")
-        qw, kw = self._n_heads * hd, self.n_kv_heads * hd
+        dv = self._dv()
+        qw, kw, vw = self._n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * dv
         q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
         bq, lq, two = _split3(q, "q", qw, "n_heads*head_dim")
         bk, lk, twok = _split3(k, "k", kw, "n_kv_heads*head_dim")
-        if v.shape != k.shape:
-            raise ValueError("v must have the shape of k %s, got %s" % (k.shape, v.shape))
+        if v.shape != k.shape[:-1] + (vw,):
+            raise ValueError("v must have the shape %s (k's rows, n_kv_heads*v_head_dim columns), "
+                             "got %s" % (k.shape[:-1] + (vw,), v.shape))
         if two != twok or bq != bk:
             raise ValueError("q %s and k %s must have the same batch" % (q.shape, k.shape))
         return q, k, v, bq, lq, lk, two
+
+    def _out_shape(self, q):
+        """The shape of attend's output for q: q's rows, n_heads*v_head_dim columns."""
+        return q.shape[:-1] + (self._n_heads * self._dv(),)
+
+    def _dv(self):
+        """The value heads' width: v_head_dim, or head_dim from a library before 1.3 (which
+        does not know the option)."""
+        try:
+            return self.get("v_head_dim")
+        except InvalidError:
+            return self.head_dim
 
     def attend(self, q, k, v, kv_lengths=None, attn_bias=None, return_weights=False,
                return_lse=False, out=None):
         """Attention alone on projected tensors (selfattn_attend; _ex for the 1.1 extras):
         q [batch][q_len][n_heads*head_dim], k and v [batch][kv_len][n_kv_heads*head_dim] (or all
-        2-D without batch). Returns out like q, or a tuple as layer(...) does."""
+        2-D without batch). Returns out like q, or a tuple as layer(...) does. With v_head_dim
+        (1.3) v is [batch][kv_len][n_kv_heads*v_head_dim] and out [batch][q_len][n_heads*v_head_dim]."""
         h = self._handle()
         q, k, v, batch, lq, lk, two = self._qkv(q, k, v)
         lp = None
         if kv_lengths is not None:
             kv_lengths = _int32_array(kv_lengths, batch, "kv_lengths")
             lp = kv_lengths.ctypes.data
-        o = _out_array(out, q.shape)
+        o = _out_array(out, self._out_shape(q))
         if attn_bias is None and not return_weights and not return_lse:
             _check(_C.selfattn_attend(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
                                       v.ctypes.data, lp, o.ctypes.data), "selfattn_attend")
@@ -815,8 +846,9 @@ class Layer(_Handle):
         h = self._handle()
         q, k, v, batch, lq, lk, two = self._qkv(q, k, v)
         dout = _f32(dout, "dout")
-        if dout.shape != q.shape:
-            raise ValueError("dout must have the shape of q %s, got %s" % (q.shape, dout.shape))
+        if dout.shape != self._out_shape(q):
+            raise ValueError("dout must have the shape of attend's output %s, got %s"
+                             % (self._out_shape(q), dout.shape))
         lp = None
         if kv_lengths is not None:
             kv_lengths = _int32_array(kv_lengths, batch, "kv_lengths")
@@ -973,7 +1005,7 @@ class Cache(_Handle):
                           "(layer.causal = True, i.e. SELFATTN_OPT_CAUSAL 1)")
             else:
                 detail = ("the layer's window, rope, rope_dims, rope_theta, n_kv_heads, "
-                          "head_dim or kv_dtype changed since the Cache was created")
+                          "head_dim, v_head_dim or kv_dtype changed since the Cache was created")
             raise error_for(st, "selfattn_forward_cached", detail, from_library=True)
         layer._check_call(st, "selfattn_forward_cached")
         if sf:

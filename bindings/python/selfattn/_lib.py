@@ -164,6 +164,7 @@ OK, ERR_NULL, ERR_INVALID, ERR_NOMEM, ERR_OVERFLOW, ERR_STATE, ERR_UNSUPPORTED =
 OPT_N_KV_HEADS, OPT_HEAD_DIM, OPT_CAUSAL, OPT_OUT_PROJ, OPT_THREADS = 1, 2, 3, 4, 5
 OPT_WINDOW, OPT_ROPE, OPT_ROPE_DIMS, OPT_ALIBI = 6, 7, 8, 9          # 1.1
 OPT_WEIGHT_DTYPE, OPT_KV_DTYPE = 10, 11                              # 1.3
+OPT_V_HEAD_DIM = 12                                                  # 1.3
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2                           # 1.3: selfattn_dtype
 FOPT_SCALE, FOPT_ROPE_THETA, FOPT_SOFTCAP = 1, 2, 3                  # 1.1
 

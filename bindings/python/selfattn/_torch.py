@@ -61,7 +61,9 @@ def from_torch(module, cls, **options):
         raise ValueError("from_torch: add_zero_attn=True is not supported")
     if options.get("out_proj", True) is not True:
         raise ValueError("from_torch: nn.MultiheadAttention always has an output projection")
-    for k in ("n_kv_heads", "head_dim"):
+    # (nn.MultiheadAttention's vdim is the width of its value *input*, not of a value head: its
+    # heads all have embed_dim / num_heads for Q, K and V alike)
+    for k in ("n_kv_heads", "head_dim", "v_head_dim"):
         if options.get(k) is not None:
             raise ValueError("from_torch: %s is fixed by the module" % k)
     if options.get("batch_first") is None:   # the module's layout (absent before PyTorch 1.9:

@@ -46,7 +46,7 @@ def make_layer(rng, d_model, n_heads, *, biases=True, packed=False, **options):
     """(layer, weights dict) with random float32 weights set."""
     layer = selfattn.Layer(d_model, n_heads, **options)
     W = ref.random_weights(rng, d_model, n_heads, layer.n_kv_heads, layer.head_dim,
-                           layer.out_proj, biases)
+                           layer.out_proj, biases, v_head_dim=layer._dv())
     if packed:
         layer.set_weights(w_qkv=np.concatenate([W["w_q"], W["w_k"], W["w_v"]]),
                           b_qkv=np.concatenate([W["b_q"], W["b_k"], W["b_v"]]) if biases else None,
@@ -67,7 +67,7 @@ def ref_opts(layer):
                 out_proj=layer.out_proj, scale=layer.get("scale"), window=get("window", 0),
                 rope_mode=get("rope", 0), rope_dims=get("rope_dims", None),
                 rope_theta=get("rope_theta", 10000.0), alibi=get("alibi", False),
-                softcap=get("softcap", 0.0))
+                softcap=get("softcap", 0.0), v_head_dim=layer._dv())
 
 
 def numeric_grads(f, params, eps=1e-6):

@@ -44,15 +44,17 @@ def rope(t, pos, mode, r, theta):
 
 
 def attend(q, k, v, n_heads, n_kv_heads, head_dim, *, causal=False, scale=None, kv_lengths=None,
-           window=0, alibi=False, softcap=0.0, bias=None):
-    """(out [B][Lq][H*hd], weights [B][H][Lq][Lk], lse [B][H][Lq]) in float64.
-    Query i is at position Lk - Lq + i, key j at position j."""
+           window=0, alibi=False, softcap=0.0, bias=None, v_head_dim=None):
+    """(out [B][Lq][H*dv], weights [B][H][Lq][Lk], lse [B][H][Lq]) in float64, dv = v_head_dim
+    (default head_dim; v is [B][Lk][KV*dv]). Query i is at position Lk - Lq + i, key j at
+    position j."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
     H, KV, hd = n_heads, n_kv_heads, head_dim
+    dv = v_head_dim or hd
     Q = q.reshape(B, Lq, H, hd).transpose(0, 2, 1, 3)
     K = np.repeat(k.reshape(B, Lk, KV, hd).transpose(0, 2, 1, 3), H // KV, axis=1)
-    V = np.repeat(v.reshape(B, Lk, KV, hd).transpose(0, 2, 1, 3), H // KV, axis=1)
+    V = np.repeat(v.reshape(B, Lk, KV, dv).transpose(0, 2, 1, 3), H // KV, axis=1)
     if scale is None or scale == 0:
         scale = 1.0 / math.sqrt(hd)
     s = Q @ K.transpose(0, 1, 3, 2) * scale                               # [B][H][Lq][Lk]
@@ -83,15 +85,16 @@ def attend(q, k, v, n_heads, n_kv_heads, head_dim, *, causal=False, scale=None, 
     w = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
     with np.errstate(divide="ignore"):
         lse = np.where(den > 0, np.log(np.where(den > 0, den, 1.0)) + m, -np.inf)[..., 0]
-    o = (w @ V).transpose(0, 2, 1, 3).reshape(B, Lq, H * hd)
+    o = (w @ V).transpose(0, 2, 1, 3).reshape(B, Lq, H * dv)
     return o, w, lse
 
 
 def forward(x, W, n_heads, *, n_kv_heads=None, head_dim=None, causal=False, out_proj=True,
             scale=None, lengths=None, window=0, rope_mode=0, rope_dims=None, rope_theta=10000.0,
-            alibi=False, softcap=0.0, bias=None):
+            alibi=False, softcap=0.0, bias=None, v_head_dim=None):
     """(y [B][L][D], weights [B][H][L][L], lse [B][H][L]) of the whole layer in float64.
-    W: dict of w_q, w_k, w_v, (w_o), optional b_*; missing biases are zero."""
+    W: dict of w_q, w_k, w_v, (w_o), optional b_*; missing biases are zero. v_head_dim: the
+    value heads' width dv (default head_dim; w_v [KV*dv][D], w_o [D][H*dv])."""
     x = np.asarray(x, np.float64)
     B, L, D = x.shape
     n_kv_heads = n_kv_heads or n_heads
@@ -113,7 +116,8 @@ def forward(x, W, n_heads, *, n_kv_heads=None, head_dim=None, causal=False, out_
         kh = np.concatenate([rope(kh[..., :r], pos, rope_mode, r, rope_theta), kh[..., r:]], -1)
         q, k = qh.reshape(B, L, -1), kh.reshape(B, L, -1)
     o, w, lse = attend(q, k, v, n_heads, n_kv_heads, head_dim, causal=causal, scale=scale,
-                       kv_lengths=lengths, window=window, alibi=alibi, softcap=softcap, bias=bias)
+                       kv_lengths=lengths, window=window, alibi=alibi, softcap=softcap, bias=bias,
+                       v_head_dim=v_head_dim)
     y = lin("w_o", "b_o", o) if out_proj else o
     if lengths is not None:
         for b, n in enumerate(lengths):
@@ -130,15 +134,17 @@ def max_err(got, ref):
 
 
 def random_weights(rng, d_model, n_heads, n_kv_heads=None, head_dim=None, out_proj=True,
-                   biases=True):
+                   biases=True, v_head_dim=None):
     """float32 weights (scaled 1/sqrt(fan_in)) and biases for a layer of that shape."""
     n_kv_heads = n_kv_heads or n_heads
     head_dim = head_dim or d_model // n_heads
+    dv = v_head_dim or head_dim
     q, kv = n_heads * head_dim, n_kv_heads * head_dim
-    shapes = {"w_q": (q, d_model), "w_k": (kv, d_model), "w_v": (kv, d_model),
-              "b_q": (q,), "b_k": (kv,), "b_v": (kv,)}
+    qv, kvv = n_heads * dv, n_kv_heads * dv
+    shapes = {"w_q": (q, d_model), "w_k": (kv, d_model), "w_v": (kvv, d_model),
+              "b_q": (q,), "b_k": (kv,), "b_v": (kvv,)}
     if out_proj:
-        shapes.update(w_o=(d_model, q), b_o=(d_model,))
+        shapes.update(w_o=(d_model, qv), b_o=(d_model,))
     W = {}
     for n, s in shapes.items():
         if n.startswith("b") and not biases:
