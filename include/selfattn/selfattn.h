@@ -14,6 +14,8 @@
  *     W_K  [n_kv_heads * head_dim][d_model]    B_K  [n_kv_heads * head_dim]
  *     W_V  [n_kv_heads * head_dim][d_model]    B_V  [n_kv_heads * head_dim]
  *     W_O  [d_model][n_heads * head_dim]       B_O  [d_model]
+ *   (1.3: with SELFATTN_OPT_V_HEAD_DIM, W_V, B_V and W_O take the value heads' width dv in place
+ *   of head_dim.)
  *     W_QKV [3 * d_model][d_model]: PyTorch's packed in_proj_weight (Q rows, then K, then V);
  *       only valid when n_kv_heads == n_heads and n_heads * head_dim == d_model. B_QKV likewise
  *       ([3 * d_model]). Setting W_QKV is the same as setting W_Q, W_K and W_V.
