@@ -47,10 +47,23 @@ static const float *sa_attn_widen(const sa_attn *a, const uint16_t *x, size_t ld
     return conv;
 }
 
+/* The position of query row i of a sequence of len keys: i plus the alignment's offset. */
+static int64_t sa_attn_query_pos(const sa_attn *a, int32_t len, int32_t i)
+{
+    switch (a->align) {
+    case 2: /* top-left */
+        return i;
+    case 3: /* bottom-right of the sequence's own keys */
+        return (int64_t)i + len - a->q_len;
+    default: /* bottom-right of kv_len */
+        return (int64_t)i + a->kv_len - a->q_len;
+    }
+}
+
 /* The keys [*lo, *hi) that query row i sees in a sequence of len keys (empty: *lo == *hi). */
 static void sa_row_range(const sa_attn *a, int32_t len, int32_t i, int32_t *lo, int32_t *hi)
 {
-    const int64_t p = (int64_t)i + a->kv_len - a->q_len;
+    const int64_t p = sa_attn_query_pos(a, len, i);
     int64_t l = 0, h = len;
     if (a->causal && p + 1 < h)
         h = p + 1;
@@ -119,9 +132,14 @@ typedef struct sa_attn_job {
     float *scratch;
 } sa_attn_job;
 
-/* Rows of padding (forward) and rows that see no key: weights 0, lse -inf. */
-static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
+/* Rows of padding (forward) and rows that see no key: weights 0, lse -inf; padding rows also
+   scores -inf (a row that sees no key still has scores at stages 0 and 1). */
+static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows, int padding)
 {
+    if (a->scores != NULL && padding)
+        for (size_t e = head_row * (size_t)a->kv_len; e < (head_row + (size_t)n_rows) * a->kv_len;
+             e++)
+            a->scores[e] = -INFINITY;
     if (a->weights != NULL)
         memset(a->weights + head_row * (size_t)a->kv_len, 0,
                (size_t)n_rows * (size_t)a->kv_len * sizeof(float));
@@ -137,7 +155,7 @@ static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows)
 static float sa_final_scores(const sa_attn *a, float *row, int32_t lo, int32_t n, int32_t b,
                              int32_t h, int32_t i, float slope, float *dcap)
 {
-    const int64_t pos = (int64_t)i + a->kv_len - a->q_len; /* the query's position */
+    const int64_t pos = sa_attn_query_pos(a, sa_attn_kv_length(a, b), i);
     const float *bias_row =
         a->bias != NULL ? a->bias + b * a->bias_sb + h * a->bias_sh + (int64_t)i * a->bias_sr
                         : NULL;
@@ -178,13 +196,12 @@ int32_t sa_attn_block_keys(const sa_attn *a, int32_t b, int32_t i0, int32_t mb, 
     return hi > lo ? hi - lo : 0;
 }
 
-void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
-                   int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse,
-                   float *dcap)
+/* The raw q.k of rows [i0, i0 + mb) of (b, h) (with stacking: query i0 of heads h ..) over the
+   keys [klo, klo + nk) into s (row stride p->ld_s, nk <= p->ld_s). */
+static void sa_attn_qk(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
+                       int32_t mb, int32_t klo, int32_t nk, float *s)
 {
-    const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
-    const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
-    const int32_t hd = a->head_dim, len = sa_attn_kv_length(a, b), khi = klo + nk;
+    const int32_t hd = a->head_dim;
     const float *qb = a->q + ((size_t)b * a->q_len + i0) * a->ldq + (size_t)h * hd;
     const size_t k_at = sa_attn_kv_at(a, a->ldk, a->k_bs, a->k_hs, hd, b, h / a->group, klo);
     const size_t ldq = p->stacked ? (size_t)hd : a->ldq; /* stacked rows: the group's heads */
@@ -209,6 +226,16 @@ void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nk, hd, 1.0f, qb, (int)a->ldq,
                         kh, (int)ldk, 0.0f, s, (int)p->ld_s);
     }
+}
+
+void sa_attn_probs(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h, int32_t i0,
+                   int32_t mb, int32_t klo, int32_t nk, float *s, float *inv, float *lse,
+                   float *dcap)
+{
+    const sa_f32_softmax_exp_fn softmax_exp = sa_kernels_get()->softmax_exp;
+    const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
+    const int32_t len = sa_attn_kv_length(a, b), khi = klo + nk;
+    sa_attn_qk(a, p, b, h, i0, mb, klo, nk, s);
     if (a->softcap <= 0.0f)
         dcap = NULL;
 
@@ -369,6 +396,48 @@ void sa_attn_pv(const sa_attn *a, int32_t b, int32_t g, int32_t klo, int32_t mb,
     }
 }
 
+/* The scores out of rows [i0, i0 + mb) of (b, h) (stacked: query i0 of heads h .. h + mb - 1),
+   at head row head_row, at the stage asked: stages 0 and 1 over every key below the sequence's
+   length, masked or not (so computed here, in chunks of the score block s, whatever the block
+   skipping), stage 2 over each row's visible keys of the block's [klo, klo + nk); -inf at every
+   other key. */
+static void sa_attn_scores(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
+                           int32_t i0, int32_t mb, int32_t klo, int32_t nk, size_t head_row,
+                           float *s)
+{
+    const int32_t len = sa_attn_kv_length(a, b), stage = a->scores_stage;
+    const int32_t k0 = stage == 2 ? klo : 0, k1 = stage == 2 ? klo + nk : len;
+    const size_t kv_len = (size_t)a->kv_len;
+    for (size_t e = head_row * kv_len; e < (head_row + (size_t)mb) * kv_len; e++)
+        a->scores[e] = -INFINITY;
+    for (int32_t c0 = k0; c0 < k1; c0 += (int32_t)p->ld_s) {
+        const int32_t cn = k1 - c0 < (int32_t)p->ld_s ? k1 - c0 : (int32_t)p->ld_s;
+        sa_attn_qk(a, p, b, h, i0, mb, c0, cn, s);
+        for (int32_t r = 0; r < mb; r++) {
+            const int32_t i = p->stacked ? i0 : i0 + r, hr = p->stacked ? h + r : h;
+            float *row = s + (size_t)r * p->ld_s, *o = a->scores + (head_row + (size_t)r) * kv_len;
+            int32_t lo = c0, hi = c0 + cn;
+            if (stage == 2) { /* the final scores, as the softmax takes them */
+                int32_t rlo, rhi;
+                sa_row_range(a, len, i, &rlo, &rhi);
+                lo = rlo > lo ? rlo : lo;
+                hi = rhi < hi ? rhi : hi;
+                if (hi <= lo)
+                    continue;
+                const float slope = a->alibi ? (float)sa_alibi_slope(hr, a->n_heads) : 0.0f;
+                sa_final_scores(a, row + (lo - c0), lo, hi - lo, b, hr, i, slope, NULL);
+                memcpy(o + lo, row + (lo - c0), (size_t)(hi - lo) * sizeof(float));
+            } else if (stage == 1 && a->softcap > 0.0f) {
+                sa_kernels_get()->softcap(row, (size_t)cn, a->scale, a->softcap);
+                memcpy(o + c0, row, (size_t)cn * sizeof(float));
+            } else {
+                for (int32_t j = 0; j < cn; j++)
+                    o[c0 + j] = row[j] * a->scale;
+            }
+        }
+    }
+}
+
 /* Task `task` of one attention description, with one worker's scratch s: the rows of one query
    block of one head, or with stacking the one query row of every head of one group. */
 static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int task)
@@ -384,17 +453,19 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
     const size_t ldo = p->stacked ? (size_t)dv : a->ldo;
     const size_t head_row = ((size_t)b * a->n_heads + h) * a->q_len + (size_t)i0;
     if (mb < rows) /* padding rows of this block */
-        sa_empty_extras(a, head_row + (size_t)mb, rows - mb);
+        sa_empty_extras(a, head_row + (size_t)mb, rows - mb, 1);
     if (mb == 0)
         return;
 
     float *ob = a->out + ((size_t)b * a->q_len + i0) * a->ldo + (size_t)h * dv;
     int32_t klo;
     const int32_t nk = sa_attn_block_keys(a, b, i0, q_mb, &klo);
+    if (a->scores != NULL) /* before the probabilities take s */
+        sa_attn_scores(a, p, b, h, i0, mb, klo, nk, head_row, s);
     if (nk == 0) { /* no row of the block sees a key */
         for (int32_t r = 0; r < mb; r++)
             memset(ob + (size_t)r * ldo, 0, (size_t)dv * sizeof(float));
-        sa_empty_extras(a, head_row, mb);
+        sa_empty_extras(a, head_row, mb, 0);
         return;
     }
 

@@ -326,6 +326,7 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     sa_attn_bwd w;
     memset(&w, 0, sizeof w);
     sa_attn_from_layer(&w.a, layer, batch, q_len, kv_len, NULL);
+    w.a.align = layer->causal; /* as selfattn_attend: every causal alignment */
     st = sa_attn_bwd_plan(&w);
     SA_CHECK(st == SELFATTN_OK, st);
     /* the forward and the single pass, or pass A's products and pass B's */

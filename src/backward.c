@@ -16,7 +16,8 @@ static selfattn_status bw_check_grads(const selfattn_grads *g, const selfattn_la
     if (g == NULL)
         return SELFATTN_OK;
     const selfattn_status st =
-        sa_check_struct_size(g, g->struct_size, sizeof(selfattn_grads), "grads");
+        sa_check_struct_size(g, g->struct_size, sizeof(selfattn_grads), sizeof(selfattn_grads),
+                             "grads");
     SA_CHECK(st == SELFATTN_OK, st);
     SA_CHECKF(l->out_proj || (g->w_o == NULL && g->b_o == NULL), SELFATTN_ERR_INVALID,
               "grads->w_o and grads->b_o must be NULL with the output projection off");

@@ -242,7 +242,7 @@ static selfattn_status sa_cached_plan_make(const selfattn_layer *layer, const se
     SA_CHECKF(cache->layer == layer, SELFATTN_ERR_INVALID,
               "the cache was created for another layer");
     SA_CHECKF(layer->causal, SELFATTN_ERR_STATE,
-              "the layer is not causal (SELFATTN_OPT_CAUSAL 1 is needed for a cache)");
+              "the layer is not causal (SELFATTN_OPT_CAUSAL 1, 2 or 3 is needed for a cache)");
     SA_CHECKF(layer->window == cache->window && layer->rope == cache->rope &&
                   layer->rope_dims == cache->rope_dims && layer->rope_theta == cache->rope_theta &&
                   layer->n_kv_heads == cache->n_kv_heads && layer->head_dim == cache->head_dim &&

@@ -141,12 +141,12 @@ void sa_zero_padding(float *out, size_t width, const int32_t *lengths, int32_t b
                    (size_t)(seq_len - lengths[b]) * width * sizeof(float));
 }
 
-selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known,
-                                     const char *name)
+selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t least,
+                                     size_t known, const char *name)
 {
-    SA_CHECKF(struct_size >= known, SELFATTN_ERR_INVALID,
-              "%s->struct_size %u is below this library's sizeof %zu (set it to sizeof)", name,
-              struct_size, known);
+    SA_CHECKF(struct_size >= least, SELFATTN_ERR_INVALID,
+              "%s->struct_size %u is below the smallest valid size %zu (set it to sizeof)", name,
+              struct_size, least);
     const unsigned char *bytes = s;
     for (size_t i = known; i < struct_size; i++)
         SA_CHECKF(bytes[i] == 0, SELFATTN_ERR_UNSUPPORTED,
@@ -171,7 +171,7 @@ void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int3
     a->scale = sa_layer_scale(l);
     a->softcap = l->softcap;
     a->alibi = l->alibi;
-    a->causal = l->causal;
+    a->causal = l->causal != 0; /* the alignment (2, 3) is the attend calls' to set */
     a->window = l->window;
     if (e != NULL) {
         a->bias = e->attn_bias;
@@ -180,6 +180,8 @@ void sa_attn_from_layer(sa_attn *a, const selfattn_layer *l, int32_t batch, int3
         a->bias_sr = e->bias_stride_row;
         a->weights = e->weights;
         a->lse = e->lse;
+        a->scores = e->scores;
+        a->scores_stage = e->scores_stage;
     }
 }
 

@@ -15,16 +15,36 @@
 
 #include "internal.h"
 
-/* The 1.1 layout of selfattn_extras: what this library knows. A newer caller's larger struct is
-   accepted when every byte past it is zero. */
-static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_layer *l,
-                                       int32_t batch, int32_t q_len, int32_t kv_len)
+/* Whether a caller's struct of `size` bytes ends inside the field at [at, at + n). */
+static int sa_cuts_field(uint32_t size, size_t at, size_t n)
 {
+    return size > at && size < at + n;
+}
+
+/* selfattn_extras as the caller compiled it: from the 1.1 layout (its fields up to lse) to this
+   header's; a newer caller's larger struct is accepted when every byte past it is zero. Checks
+   it and copies it into *copy, the fields the caller's struct_size does not cover NULL / 0;
+   *e_out is then copy (NULL without extras). */
+static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_layer *l,
+                                       int32_t batch, int32_t q_len, int32_t kv_len,
+                                       selfattn_extras *copy, const selfattn_extras **e_out)
+{
+    *e_out = NULL;
     if (e == NULL)
         return SELFATTN_OK;
-    const selfattn_status st =
-        sa_check_struct_size(e, e->struct_size, sizeof(selfattn_extras), "extras");
+    const size_t at_scores = offsetof(selfattn_extras, scores);
+    const size_t at_stage = offsetof(selfattn_extras, scores_stage);
+    const selfattn_status st = sa_check_struct_size(e, e->struct_size, at_scores,
+                                                    sizeof(selfattn_extras), "extras");
     SA_CHECK(st == SELFATTN_OK, st);
+    SA_CHECKF(!sa_cuts_field(e->struct_size, at_scores, sizeof e->scores) &&
+                  !sa_cuts_field(e->struct_size, at_stage, sizeof e->scores_stage),
+              SELFATTN_ERR_INVALID,
+              "extras->struct_size %u ends inside a field (1.1 size %zu, sizeof %zu)",
+              e->struct_size, at_scores, sizeof(selfattn_extras));
+    memset(copy, 0, sizeof *copy);
+    memcpy(copy, e, e->struct_size < sizeof *copy ? e->struct_size : sizeof *copy);
+    e = copy;
     size_t rows; /* of weights and lse: batch * n_heads * q_len */
     SA_CHECK(sa_mul_size((size_t)batch, (size_t)l->n_heads, &rows) &&
                  sa_mul_size(rows, (size_t)q_len, &rows),
@@ -33,6 +53,11 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
         SA_CHECK(sa_array_bytes(rows, (size_t)kv_len) != 0, SELFATTN_ERR_OVERFLOW);
     if (e->lse != NULL)
         SA_CHECK(sa_array_bytes(rows, 1) != 0, SELFATTN_ERR_OVERFLOW);
+    if (e->scores != NULL) {
+        SA_CHECKF(e->scores_stage >= 0 && e->scores_stage <= 2, SELFATTN_ERR_INVALID,
+                  "extras->scores_stage %d is not 0, 1 or 2", (int)e->scores_stage);
+        SA_CHECK(sa_array_bytes(rows, (size_t)kv_len) != 0, SELFATTN_ERR_OVERFLOW);
+    }
     if (e->attn_bias != NULL) {
         SA_CHECK(e->bias_stride_batch >= 0 && e->bias_stride_head >= 0 && e->bias_stride_row >= 0,
                  SELFATTN_ERR_INVALID);
@@ -42,6 +67,7 @@ static selfattn_status sa_check_extras(const selfattn_extras *e, const selfattn_
                             (double)e->bias_stride_row * (q_len - 1) + (double)(kv_len - 1);
         SA_CHECK(last < (double)PTRDIFF_MAX / (double)sizeof(float) / 2, SELFATTN_ERR_OVERFLOW);
     }
+    *e_out = copy;
     return SELFATTN_OK;
 }
 
@@ -110,7 +136,8 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     SA_CHECK(st == SELFATTN_OK, st);
     const sa_widths wd = sa_layer_widths(layer);
     const size_t nq = wd.nq, nkv = wd.nkv, nq_v = wd.nq_v, nkv_v = wd.nkv_v;
-    st = sa_check_extras(extras, layer, batch, q_len, kv_len);
+    selfattn_extras extras_copy;
+    st = sa_check_extras(extras, layer, batch, q_len, kv_len, &extras_copy, &extras);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
     st = sa_check_lengths(kv_lengths, batch, kv_len, "kv_lengths", "kv_len");
@@ -119,6 +146,7 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     sa_attn a;
     sa_attn_plan plan;
     sa_attn_from_layer(&a, layer, batch, q_len, kv_len, extras);
+    a.align = layer->causal; /* attend honours every causal alignment */
     a.stack_heads = 1;
     st = sa_attn_plan_make(&a, &plan);
     SA_CHECK(st == SELFATTN_OK, st);
@@ -216,7 +244,8 @@ static selfattn_status sa_fwd_plan_make(const selfattn_layer *layer, int32_t bat
     p->nkv_v = wd.nkv_v;
     p->nqkv = wd.nqkv;
     p->rows = (size_t)batch * (size_t)seq_len; /* addressable: checked */
-    st = sa_check_extras(extras, layer, batch, seq_len, seq_len);
+    selfattn_extras extras_copy;
+    st = sa_check_extras(extras, layer, batch, seq_len, seq_len, &extras_copy, &extras);
     SA_CHECK(st == SELFATTN_OK, st);
     /* Arrays are read only once the sizes are known to be addressable. */
     st = sa_check_lengths(lengths, batch, seq_len, "lengths", "seq_len");

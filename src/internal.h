@@ -255,7 +255,7 @@ SA_HIDDEN float sa_layer_scale(const selfattn_layer *layer);
 
 /* ---- The attention core (attention.c) ---- */
 /* What one attention call computes, for every entry point. Query i of sequence b is at position
-   i + kv_len - q_len, key j at position j. */
+   i + off_b (sa_attn_query_pos), key j at position j. */
 typedef struct sa_attn {
     int32_t batch, q_len, kv_len;
     int32_t n_heads, group, head_dim;
@@ -275,12 +275,17 @@ typedef struct sa_attn {
     float softcap; /* 0 = off */
     int alibi;
     int causal;
+    /* the causal alignment (SELFATTN_OPT_CAUSAL, selfattn_attend* only): off_b = kv_len - q_len
+       (0 or 1), 0 (2: top-left), kv_lengths[b] - q_len (3); positions follow it */
+    int align;
     int32_t window; /* 0 = none */
     const float *bias;
     int64_t bias_sb, bias_sh, bias_sr;
     /* optional outputs, [batch][n_heads][q_len]([kv_len]) */
     float *weights;
     float *lse;
+    float *scores; /* the scores at stage scores_stage (selfattn_extras) */
+    int scores_stage;
     /* with q_len 1, a task may take every query head of a K/V group (forward, attend, cache) */
     int stack_heads;
     /* K and V stored in 16 bits (the cache's KV_DTYPE): kv_dtype F16 or BF16, k16 and v16 in
@@ -531,11 +536,11 @@ SA_HIDDEN size_t sa_valid_rows(const int32_t *lengths, int32_t batch, int32_t se
 /* zeros in the padding rows (t >= lengths[b]) of out [batch][seq_len][width]; */
 SA_HIDDEN void sa_zero_padding(float *out, size_t width, const int32_t *lengths, int32_t batch,
                                int32_t seq_len);
-/* the struct_size rule of the 1.1 structs (selfattn_extras, selfattn_grads): below `known` bytes
-   (this header's sizeof) SELFATTN_ERR_INVALID, a larger one only when every byte past `known`
-   is zero (SELFATTN_ERR_UNSUPPORTED otherwise). */
-SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t known,
-                                               const char *name);
+/* the struct_size rule of the 1.1 structs (selfattn_extras, selfattn_grads): below `least`
+   bytes (the struct's first published size) SELFATTN_ERR_INVALID, above `known` (this header's
+   sizeof) only when every byte past `known` is zero (SELFATTN_ERR_UNSUPPORTED otherwise). */
+SA_HIDDEN selfattn_status sa_check_struct_size(const void *s, uint32_t struct_size, size_t least,
+                                               size_t known, const char *name);
 /* The layer's input projection qkv = x W_qkv^T + b_qkv ([rows][d_model] to [rows][nqkv])
    and output projection y = attn W_O^T + b_O ([rows][nq_v] to [rows][d_model]) over the valid
    rows; fixed_chunks as in sa_rowprod (the backward). */

@@ -139,7 +139,10 @@ static selfattn_status sa_option_bounds(selfattn_option opt, int64_t *lower, int
         lo = 1;
         hi = INT32_MAX;
         break;
-    case SELFATTN_OPT_CAUSAL:
+    case SELFATTN_OPT_CAUSAL: /* 0 off, 1 bottom-right, 2 top-left, 3 bottom-right per length */
+        lo = 0;
+        hi = 3;
+        break;
     case SELFATTN_OPT_OUT_PROJ:
         lo = 0;
         hi = 1;

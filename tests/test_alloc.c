@@ -122,7 +122,7 @@ static void script(script_out *o, int *failed, int *create_failed)
     static float bias[L * KL];
     tu_fill(&r, bias, L * KL, -1, 1);
     selfattn_extras e = {sizeof e, bias, 0, 0, L, o->ex + B * L * D,
-                         o->ex + B * L * D + B * H * L * L};
+                         o->ex + B * L * D + B * H * L * L, NULL, 0};
     STEP(selfattn_forward_ex(l, B, L, x, lens, &e, o->ex), o->ex, EX_N);
     static float k2[B * KL * D], v2[B * KL * D];
     tu_fill(&r, k2, B * KL * D, -1, 1);
@@ -131,7 +131,7 @@ static void script(script_out *o, int *failed, int *create_failed)
     /* without the window, so that its score rows span all KL keys */
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, 0), SELFATTN_OK);
     selfattn_extras e2 = {sizeof e2, bias, 0, 0, KL, o->ex2 + B * L * D,
-                          o->ex2 + B * L * D + B * H * L * KL};
+                          o->ex2 + B * L * D + B * H * L * KL, NULL, 0};
     STEP(selfattn_attend_ex(l, B, L, KL, q, k2, v2, klens, &e2, o->ex2), o->ex2, EX2_N);
 
     /* gradients, with RoPE, ALiBi and the softcap still on */

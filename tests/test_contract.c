@@ -167,7 +167,7 @@ static void test_options(void **state)
         {SELFATTN_OPT_HEAD_DIM, -1, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_HEAD_DIM, (int64_t)INT32_MAX + 1, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_HEAD_DIM, INT32_MAX, SELFATTN_ERR_OVERFLOW},
-        {SELFATTN_OPT_CAUSAL, 2, SELFATTN_ERR_INVALID},
+        {SELFATTN_OPT_CAUSAL, 4, SELFATTN_ERR_INVALID}, /* 0..3 (1.3: 2 top-left, 3 per length) */
         {SELFATTN_OPT_CAUSAL, -1, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_OUT_PROJ, 2, SELFATTN_ERR_INVALID},
         {SELFATTN_OPT_THREADS, -1, SELFATTN_ERR_INVALID},
@@ -211,7 +211,7 @@ static void test_options(void **state)
     assert_int_equal(selfattn_option_bounds(SELFATTN_OPT_THREADS, &lo, &hi), SELFATTN_OK);
     assert_true(lo == 1 && hi == 64);
     assert_int_equal(selfattn_option_bounds(SELFATTN_OPT_CAUSAL, &lo, &hi), SELFATTN_OK);
-    assert_true(lo == 0 && hi == 1);
+    assert_true(lo == 0 && hi == 3);
     /* scale */
     assert_int_equal(selfattn_layer_set_scale(NULL, 1.0f), SELFATTN_ERR_NULL);
     assert_int_equal(selfattn_layer_set_scale(l, NAN), SELFATTN_ERR_INVALID);

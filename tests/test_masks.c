@@ -266,7 +266,7 @@ static void test_all_masked_rows(void **state)
     for (int j = 0; j < L; j++)
         bias[2 * L + j] = -INFINITY; /* row 2 sees nothing */
     bias[4 * L + 1] = -INFINITY;     /* row 4 does not see key 1: its weight is exactly 0 */
-    selfattn_extras e = {sizeof e, bias, 0, 0, L, w, lse};
+    selfattn_extras e = {sizeof e, bias, 0, 0, L, w, lse, NULL, 0};
     assert_int_equal(selfattn_forward_ex(t.layer, 1, L, x, NULL, &e, y), SELFATTN_OK);
     for (int c = 0; c < H * D; c++)
         assert_true(y[2 * H * D + c] == t.w[7][c]); /* b_O */
@@ -310,9 +310,9 @@ static void test_lse_merge(void **state)
         float *o_all = malloc(sizeof(float) * B * Q * nq), *o1 = malloc(sizeof(float) * B * Q * nq);
         float *o2 = malloc(sizeof(float) * B * Q * nq);
         float l1[B * H * Q], l2[B * H * Q];
-        selfattn_extras e_all = {sizeof e_all, keyed ? bias : NULL, 0, 0, 0, NULL, NULL};
-        selfattn_extras e1 = {sizeof e1, keyed ? bias : NULL, 0, 0, 0, NULL, l1};
-        selfattn_extras e2 = {sizeof e2, keyed ? bias + half : NULL, 0, 0, 0, NULL, l2};
+        selfattn_extras e_all = {sizeof e_all, keyed ? bias : NULL, 0, 0, 0, NULL, NULL, NULL, 0};
+        selfattn_extras e1 = {sizeof e1, keyed ? bias : NULL, 0, 0, 0, NULL, l1, NULL, 0};
+        selfattn_extras e2 = {sizeof e2, keyed ? bias + half : NULL, 0, 0, 0, NULL, l2, NULL, 0};
         assert_int_equal(selfattn_attend_ex(l, B, Q, K, q, k, v, NULL, &e_all, o_all), SELFATTN_OK);
         assert_int_equal(selfattn_attend_ex(l, B, Q, half, q, k1, v1, NULL, &e1, o1), SELFATTN_OK);
         assert_int_equal(selfattn_attend_ex(l, B, Q, half, q, k2, v2, NULL, &e2, o2), SELFATTN_OK);
@@ -358,7 +358,7 @@ static void test_nan_bias_is_local(void **state)
     tu_rng r = {42};
     float *x = tu_random(&r, 2 * L * H * D, -1, 1), y[2 * L * H * D], y0[2 * L * H * D];
     float bias[L * L] = {0};
-    selfattn_extras e = {sizeof e, bias, 0, 0, L, NULL, NULL};
+    selfattn_extras e = {sizeof e, bias, 0, 0, L, NULL, NULL, NULL, 0};
     assert_int_equal(selfattn_forward_ex(t.layer, 2, L, x, NULL, &e, y0), SELFATTN_OK);
     bias[3 * L + 6] = NAN; /* key 6 of row 3: causal future, masked */
     assert_int_equal(selfattn_forward_ex(t.layer, 2, L, x, NULL, &e, y), SELFATTN_OK);
@@ -402,11 +402,11 @@ static void test_bad_input(void **state)
             lse[i] = 77.0f;
         memset(&big, 0, sizeof big);
         selfattn_extras *e = &big.e;
-        *e = (selfattn_extras){sizeof *e, bias, 0, 0, L, w, lse};
+        *e = (selfattn_extras){sizeof *e, bias, 0, 0, L, w, lse, NULL, 0};
         selfattn_status want = SELFATTN_ERR_INVALID;
         switch (round) {
-        case 0:
-            e->struct_size = sizeof *e - 1;
+        case 0: /* below the 1.1 struct (1.3 grew it: a 1.1 size is valid) */
+            e->struct_size = offsetof(selfattn_extras, scores) - 1;
             break;
         case 1:
             e->struct_size = 0;
@@ -440,7 +440,7 @@ static void test_bad_input(void **state)
     }
     /* a newer caller's larger struct with zero tail bytes is fine */
     memset(&big, 0, sizeof big);
-    big.e = (selfattn_extras){sizeof big, NULL, 0, 0, 0, w, NULL};
+    big.e = (selfattn_extras){sizeof big, NULL, 0, 0, 0, w, NULL, NULL, 0};
     assert_int_equal(selfattn_forward_ex(t.layer, 1, L, x, NULL, &big.e, y), SELFATTN_OK);
 
     /* float options: non-finite and out of range values change nothing */

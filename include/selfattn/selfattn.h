@@ -113,7 +113,21 @@ typedef enum selfattn_option {
     SELFATTN_OPT_N_KV_HEADS = 1, /* key/value heads, default n_heads; must divide n_heads. */
     SELFATTN_OPT_HEAD_DIM = 2,   /* default d_model / n_heads (which must then divide exactly).
                                     selfattn_layer_get reports 0 while it is undetermined. */
-    SELFATTN_OPT_CAUSAL = 3,     /* 0 or 1, default 0. */
+    SELFATTN_OPT_CAUSAL = 3,     /* 0 (default): none. 1: causal, aligned to the bottom right:
+                                    query i sees keys j <= i + kv_len - q_len. 1.3: 2: top-left,
+                                    query i sees keys j <= i (PyTorch SDPA is_causal; ONNX
+                                    Attention is_causal without past); 3: bottom-right of each
+                                    sequence's valid keys, query i of sequence b sees keys
+                                    j <= i + kv_lengths[b] - q_len (FlashAttention's varlen rule;
+                                    ONNX with nonpad_kv_seqlen), which is 1 without kv_lengths.
+                                    Positions for ALiBi and windows follow the alignment (query i
+                                    at position i for 2, i + kv_lengths[b] - q_len for 3); with
+                                    q_len == kv_len and no lengths the three agree.
+                                    selfattn_attend* and selfattn_attend_backward honour all four
+                                    values; the calls whose queries have known positions
+                                    (selfattn_forward*, selfattn_forward_cached,
+                                    selfattn_backward*, the train state) treat 2 and 3 as 1. A
+                                    row that sees no key outputs zeros (lse -INFINITY, dq 0). */
     SELFATTN_OPT_OUT_PROJ = 4,   /* 0 or 1, default 1: apply W_O. With 0 the attention output is y
                                     itself and n_heads * head_dim (n_heads * dv with
                                     SELFATTN_OPT_V_HEAD_DIM) must equal d_model. */
@@ -413,17 +427,34 @@ typedef struct selfattn_extras {
                                -INFINITY for a row that sees no key. With it, attentions over
                                separate key chunks merge exactly: lse = log(e^lse_a + e^lse_b),
                                out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b. */
+    /* 1.3: scores out (a 1.1 caller's struct_size ends before them: they read as NULL and 0) */
+    float *scores;          /* NULL, or out: [batch][n_heads][q_len][kv_len], the scores before
+                               the softmax at the stage below. Stages 0 and 1 hold the value at
+                               every key j < kv_lengths[b] (kv_len without lengths), whether
+                               causality or a window masks it or not (as ONNX Attention's
+                               qk_matmul_output modes 0 and 1): asking for them computes the
+                               blocks that those masks would skip. Keys at or past kv_lengths[b]
+                               (which are never read) are -INFINITY at every stage, and so are
+                               all keys of a padding row in selfattn_forward_ex. */
+    int32_t scores_stage;   /* 0: (q . k) * scale; 1: after the softcap (= 0 without one); 2: the
+                               final score (after ALiBi and attn_bias), -INFINITY at keys masked
+                               by causality, window or length: the value the softmax takes (ONNX's
+                               mode 2, plus ALiBi). Any other value is SELFATTN_ERR_INVALID;
+                               checked only when scores is not NULL. */
 } selfattn_extras;
 
 /* selfattn_forward with extras (NULL = none: then it is selfattn_forward). A struct_size below
-   this header's sizeof(selfattn_extras) is SELFATTN_ERR_INVALID; a larger one (a newer caller) is
-   accepted when every byte past this header's struct is zero, else SELFATTN_ERR_UNSUPPORTED.
-   Negative bias strides are SELFATTN_ERR_INVALID; a bias view, weights or lse too large to
-   address is SELFATTN_ERR_OVERFLOW. A query row that sees no key (all masked, by any mechanism)
+   the 1.1 struct's size (offsetof(selfattn_extras, scores)) is SELFATTN_ERR_INVALID; one that
+   ends at a field boundary reads the fields it covers and takes the others as NULL / 0 (a 1.1
+   caller's struct stays valid), one that ends inside a field is SELFATTN_ERR_INVALID; a larger
+   one than this header's sizeof (a newer caller) is accepted when every byte past this header's
+   struct is zero, else SELFATTN_ERR_UNSUPPORTED.
+   Negative bias strides and a scores_stage out of range (with scores) are SELFATTN_ERR_INVALID;
+   a bias view, weights, lse or scores too large to address is SELFATTN_ERR_OVERFLOW. A query row that sees no key (all masked, by any mechanism)
    has a zero attention output, so its y row is b_O (zero without an output projection), its
    weights row all 0 and its lse -INFINITY. Rows of padding (position >= lengths[b]) have y = 0,
-   weights 0 and lse -INFINITY. weights and lse must not overlap x, y or each other. Otherwise as
-   selfattn_forward. */
+   weights 0 and lse -INFINITY. weights, lse and scores must not overlap x, y or each other.
+   Otherwise as selfattn_forward. */
 SELFATTN_API selfattn_status selfattn_forward_ex(const selfattn_layer *layer, int32_t batch,
                                                  int32_t seq_len, const float *x,
                                                  const int32_t *lengths,
