@@ -213,6 +213,17 @@ void ref_rope_row(const ref_opts *o, int n_heads, int head_dim, double pos, doub
     }
 }
 
+/* The position of query i as the API text aligns it: causal 2 (top-left) i, causal 3 (the
+   bottom-right of the sequence's kv_valid keys) kv_valid - q_len + i, else kv_len - q_len + i. */
+static long ref_query_pos(const ref_layer *l, int q_len, int kv_len, int kv_valid, int i)
+{
+    if (l->causal == 2)
+        return i;
+    if (l->causal == 3)
+        return (long)kv_valid - q_len + i;
+    return (long)kv_len - q_len + i;
+}
+
 /* The final score of query row i (position p) of sequence b and key j for head h, as the API
    text orders it: (q . k) scale, softcap, ALiBi, bias; -inf when causality, the window or the
    length masks the key. *raw (when non-NULL) gets (q . k) scale. */
@@ -254,7 +265,7 @@ static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int 
     for (int h = 0; h < l->n_heads; h++) {
         const int kh = h / group;
         for (int i = 0; i < q_len; i++) {
-            const long p = (long)kv_len - q_len + i;
+            const long p = ref_query_pos(l, q_len, kv_len, kv_valid, i);
             double mx = -INFINITY;
             for (int j = 0; j < kv_len; j++) {
                 s[j] = ref_score(l, o, slopes[h], b, h, i, p, j, kv_valid,
@@ -291,6 +302,37 @@ static void ref_attend_ex_seq(const ref_layer *l, const ref_opts *o, int b, int 
     }
     free(slopes);
     free(s);
+}
+
+void ref_scores(const ref_layer *l, const ref_opts *o, int b, int q_len, int kv_len,
+                const double *q, const double *k, int kv_valid, int stage, double *scores)
+{
+    const int hd = l->head_dim, nq = l->n_heads * hd, nkv = l->n_kv_heads * hd;
+    const int group = l->n_heads / l->n_kv_heads;
+    double *slopes = malloc(sizeof(double) * (size_t)l->n_heads);
+    ref_alibi_slopes(l->n_heads, slopes);
+    for (int h = 0; h < l->n_heads; h++)
+        for (int i = 0; i < q_len; i++) {
+            const long p = ref_query_pos(l, q_len, kv_len, kv_valid, i);
+            double *row = scores + ((size_t)h * q_len + i) * kv_len;
+            for (int j = 0; j < kv_len; j++) {
+                const double *qi = q + (size_t)i * nq + h * hd, *kj = k + (size_t)j * nkv + (h / group) * hd;
+                if (j >= kv_valid) {
+                    row[j] = -INFINITY;
+                } else if (stage == 2) {
+                    row[j] = ref_score(l, o, slopes[h], b, h, i, p, j, kv_valid, qi, kj, NULL);
+                } else {
+                    double t = 0.0;
+                    for (int d = 0; d < hd; d++)
+                        t += qi[d] * kj[d];
+                    t *= l->scale;
+                    if (stage == 1 && o->softcap > 0)
+                        t = o->softcap * tanh(t / o->softcap);
+                    row[j] = t;
+                }
+            }
+        }
+    free(slopes);
 }
 
 void ref_attend_ex(const ref_layer *l, const ref_opts *o, int batch, int q_len, int kv_len,
@@ -396,7 +438,7 @@ static void ref_attend_bwd_seq(const ref_layer *l, const ref_opts *o, int q_len,
     for (int h = 0; h < l->n_heads; h++) {
         const int kh = h / group;
         for (int i = 0; i < q_valid; i++) {
-            const long p = (long)kv_len - q_len + i;
+            const long p = ref_query_pos(l, q_len, kv_len, kv_valid, i);
             double mx = -INFINITY;
             for (int j = 0; j < kv_len; j++) {
                 s[j] = ref_score(l, &o_nobias, slopes[h], 0, h, i, p, j, kv_valid,

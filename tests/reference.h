@@ -72,6 +72,17 @@ void ref_attend_ex(const ref_layer *l, const ref_opts *o, int batch, int q_len, 
                    const float *q, const float *k, const float *v, const int32_t *kv_lengths,
                    double *out, double *weights, double *lse);
 
+/* 1.3 causal alignment: in ref_attend_ex, ref_attend_backward and ref_scores, l->causal 2
+   puts query i at position i (top-left) and 3 at kv_lengths[b] - q_len + i (bottom-right of the
+   sequence's valid keys); 1 (and 0) at kv_len - q_len + i. Positions of ALiBi and the window
+   follow. (The whole-layer references are meant with causal 0 or 1.) */
+
+/* 1.3 scores out of one sequence b from double q [q_len][nq] and k [kv_len][nkv]:
+   scores [n_heads][q_len][kv_len] at stage 0 ((q . k) scale), 1 (softcapped) or 2 (the final
+   score, -inf at masked keys); keys at or past kv_valid -inf at every stage. */
+void ref_scores(const ref_layer *l, const ref_opts *o, int b, int q_len, int kv_len,
+                const double *q, const double *k, int kv_valid, int stage, double *scores);
+
 /* The whole layer with every 1.1 option (RoPE after the Q/K projections); padding rows give
    y = 0, weights 0, lse -inf. */
 void ref_forward_ex(const ref_layer *l, const ref_opts *o, int batch, int seq_len, const float *x,
