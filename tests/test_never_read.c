@@ -34,9 +34,11 @@
 #define NQ (NH * HD)
 #define NKVW (NKV * HD)
 
-/* One visibility rule and shape. lengths[0] < 0: no lengths array. */
+/* One visibility rule and shape. lengths[0] < 0: no lengths array. causal: the rule's alignment
+   (0 none, 1 bottom-right, 2 top-left, 3 bottom-right of each length); option_causal: the
+   layer's SELFATTN_OPT_CAUSAL when it differs (the layer's calls take 2 and 3 as 1). */
 typedef struct nr_case {
-    int causal, window, alibi;
+    int causal, option_causal, window, alibi;
     float softcap;
     int q_len, kv_len;
     int32_t lengths[NB];
@@ -53,11 +55,14 @@ static const int32_t *nr_lengths(const nr_case *c)
     return c->lengths[0] < 0 ? NULL : c->lengths;
 }
 
-/* The header's rule, written out here: query i at position kv_len - q_len + i sees key j when
-   j < length, j <= p when causal, and p - w < j (and |p - j| < w without causality). */
+/* The header's rule, written out here: query i at position kv_len - q_len + i (causal 2: i,
+   causal 3: length - q_len + i) sees key j when j < length, j <= p when causal, and p - w < j
+   (and |p - j| < w without causality). */
 static int nr_masked(const nr_case *c, int b, int i, int j)
 {
-    const long p = (long)c->kv_len - c->q_len + i;
+    const long p = c->causal == 2   ? (long)i
+                   : c->causal == 3 ? (long)nr_len(c, b) - c->q_len + i
+                                    : (long)c->kv_len - c->q_len + i;
     if (j >= nr_len(c, b))
         return 1;
     if (c->causal && j > p)
@@ -128,7 +133,8 @@ static void nr_same_bits(const float *a, const float *b, size_t n, const char *w
             e++;
         print_error("%s: element %zu is %g with finite values where nothing is read, %g with NaN "
                     "(causal %d window %d q %d kv %d lengths %d %d bias %d)\n",
-                    what, e, (double)a[e], (double)b[e], c->causal, c->window, c->q_len,
+                    what, e, (double)a[e], (double)b[e],
+                    c->option_causal ? c->option_causal : c->causal, c->window, c->q_len,
                     c->kv_len, c->lengths[0], c->lengths[1], c->bias);
         fail();
     }
@@ -145,7 +151,9 @@ static void nr_finite(const float *a, size_t n, const char *what)
 
 static void nr_layer_options(selfattn_layer *l, const nr_case *c)
 {
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, c->causal), SELFATTN_OK);
+    assert_int_equal(
+        selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, c->option_causal ? c->option_causal : c->causal),
+        SELFATTN_OK);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, c->window), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ALIBI, c->alibi), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, c->softcap), SELFATTN_OK);
@@ -476,12 +484,13 @@ static void test_attend_sweep(void **state)
     const int n_win = (int)(sizeof nr_windows / sizeof nr_windows[0]);
     int cases = 0;
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        for (int causal = 0; causal <= 1; causal++)
+        for (int causal = 0; causal <= 3; causal++)
             for (int wi = 0; wi < n_win; wi++)
                 for (int li = 0; li < n_len; li++) {
                     /* every pair of window and lengths on the square shape, a diagonal of them
-                       elsewhere (enough to cross every boundary once per shape) */
-                    if (s > 0 && (wi + li) % 3 != 0)
+                       elsewhere (enough to cross every boundary once per shape); the 1.3
+                       alignments 2 and 3 on a diagonal everywhere */
+                    if ((s > 0 || causal >= 2) && (wi + li + causal) % 3 != 0)
                         continue;
                     nr_case c = {.causal = causal, .window = nr_windows[wi],
                                  .q_len = shapes[s][0], .kv_len = shapes[s][1]};
@@ -504,13 +513,17 @@ static void test_layer_sweep(void **state)
     const int n_win = (int)(sizeof nr_windows / sizeof nr_windows[0]);
     int cases = 0;
     for (size_t s = 0; s < sizeof seq_lens / sizeof seq_lens[0]; s++)
-        for (int causal = 0; causal <= 1; causal++)
+        for (int causal = 0; causal <= 3; causal++)
             for (int wi = 0; wi < n_win; wi++)
                 for (int li = 0; li < n_len; li++) {
                     if ((s == 0 && (wi + li) % 2 != 0) || (s > 0 && (wi + li) % 4 != 0))
                         continue;
-                    nr_case c = {.causal = causal, .window = nr_windows[wi],
-                                 .q_len = seq_lens[s], .kv_len = seq_lens[s]};
+                    if (causal >= 2 && (s == 2 || (wi + li) % 3 != 0))
+                        continue; /* CAUSAL 2 and 3 act as 1 here: a few cases */
+                    /* the layer's calls take CAUSAL 2 and 3 as 1: the rule is 1's */
+                    nr_case c = {.causal = causal >= 1, .option_causal = causal,
+                                 .window = nr_windows[wi], .q_len = seq_lens[s],
+                                 .kv_len = seq_lens[s]};
                     nr_case_lengths(&c, li);
                     c.alibi = (wi + li + causal) % 4 == 1;
                     c.softcap = (wi + li) % 5 == 2 ? 3.0f : 0.0f;

@@ -85,7 +85,9 @@ static void fz_extras_make(reader *r, fz_extras *x, int small, size_t rows, int3
 {
     const uint8_t eb = rd(r);
     memset(x, 0, sizeof *x);
-    x->e.struct_size = (eb & 16) ? (uint32_t)sizeof x->e - 8 : (uint32_t)sizeof x->e;
+    /* too small: below the 1.1 struct (1.3 grew it; the 1.1 size is valid) */
+    x->e.struct_size = (eb & 16) ? (uint32_t)offsetof(selfattn_extras, scores) - 8
+                                 : (uint32_t)sizeof x->e;
     if (!small)
         return;
     if (eb & 2) {
@@ -164,11 +166,14 @@ static void plant_rows(float *t, int32_t batch, int32_t rows, size_t width, cons
             t[(size_t)b * rows * width + e] = NAN;
 }
 
-/* The header's visibility rule: query i (at position kv_len - q_len + i) and key j. */
+/* The header's visibility rule: query i (at position kv_len - q_len + i; with causal 2 at i,
+   with 3 at valid - q_len + i) and key j. */
 static int key_masked(int causal, int window, int32_t q_len, int32_t kv_len, int32_t valid,
                       int32_t i, int32_t j)
 {
-    const long p = (long)kv_len - q_len + i;
+    const long p = causal == 2 ? (long)i
+                   : causal == 3 ? (long)valid - q_len + i
+                                 : (long)kv_len - q_len + i;
     if (j >= valid || (causal && j > p))
         return 1;
     return window > 0 && (causal ? p - j >= window : labs(p - j) >= window);
@@ -589,6 +594,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const ref_opts ro_layer = ro; /* ro is changed for the attend checks below */
     const int nkv = (int)opt[0], hd = (int)opt[1], causal = (int)opt[2], out_proj = (int)opt[3];
     const int dv = (int)opt[11]; /* the value heads' width (head_dim unless V_HEAD_DIM) */
+    const int layer_causal = causal != 0; /* the layer's own calls treat CAUSAL 2 and 3 as 1 */
     const size_t nq = (size_t)n_heads * (size_t)hd, nkvd = (size_t)nkv * (size_t)hd;
     const size_t nqv = (size_t)n_heads * (size_t)dv, nkvv = (size_t)nkv * (size_t)dv;
     const size_t dm = (size_t)d_model;
@@ -636,7 +642,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const int32_t *f_lens = use_len && batch <= 3 ? lens : NULL;
     if (small && lens_valid(f_lens, batch, seq)) { /* padding rows and masked bias: not read */
         plant_rows(x, batch, seq, dm, f_lens);
-        plant_bias(fx.bias, seq, seq, batch, f_lens, causal, ro.window, 1);
+        plant_bias(fx.bias, seq, seq, batch, f_lens, layer_causal, ro.window, 1);
     }
     const int use_fx = fx.e.struct_size != sizeof fx.e || fx.bias || fx.weights || fx.lse;
     /* with invalid or overflowing sizes x and y are tiny: the call must fail before using them */
@@ -648,7 +654,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         CHECK(is_sentinel(y, n_x));
         fz_extras_check(&fx, fs, 0, NULL, NULL);
     } else if (!hostile) {
-        ref_layer rl = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   w[0],
+        ref_layer rl = {d_model, n_heads, nkv,  hd,   layer_causal, out_proj, 0,   w[0],
                         w[1],    w[2],    w[3], w[4], w[5],   w[6],     w[7], dv};
         rl.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)hd);
         double *yr = malloc(n_x * sizeof(double));
@@ -735,13 +741,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(o);
 
     /* backward of the forward above, then of the attend */
-    ref_layer shape = {d_model, n_heads, nkv,  hd,   causal, out_proj, 0,   NULL,
+    ref_layer shape = {d_model, n_heads, nkv,  hd,   layer_causal, out_proj, 0,   NULL,
                        NULL,    NULL,    NULL, NULL, NULL,   NULL,     NULL, dv};
     shape.scale = eff_scale != 0.0 ? eff_scale : 1.0 / sqrt((double)(hd > 0 ? hd : 1));
+    ref_layer a_shape = shape; /* attend_backward honours every alignment */
+    a_shape.causal = causal;
     const uint8_t gb = rd(&r);
     fz_backward(&r, l, &shape, gb, small, batch, seq, x, use_len && batch <= 3 ? lens : NULL, w,
                 counts, dm, nq, hostile, &ro_layer, out_proj);
-    fz_attend_backward(&r, l, &shape, a_small, qb, ql, kl, q, k, v,
+    fz_attend_backward(&r, l, &a_shape, a_small, qb, ql, kl, q, k, v,
                        use_kvl && qb <= 2 ? kvl : NULL, nqe, nke, nve, noe, a_hostile, &ro);
     if (hd > 0 && d_model <= 64) {
         const int weights_ok = w[0] && w[1] && w[2] && (w[3] || !out_proj);
