@@ -54,11 +54,47 @@ def _dtype_code(value, what):
 def _dtype_str(code):
     return _DTYPE_STR.get(code, code)
 
+# causal (SELFATTN_OPT_CAUSAL, 1.3 alignments): False/0 none, True/1/"bottom_right" aligned to
+# the bottom right of kv_len, 2/"top_left" (PyTorch SDPA is_causal), 3/"varlen" (bottom right of
+# each sequence's kv_lengths, FlashAttention's varlen rule). Read back: False, True, "top_left",
+# "varlen".
+_CAUSAL_NAMES = {"bottom_right": 1, "top_left": 2, "varlen": 3}
+_CAUSAL_STR = {0: False, 1: True, 2: "top_left", 3: "varlen"}
+
+
+def _causal_code(value):
+    if isinstance(value, str):
+        try:
+            return _CAUSAL_NAMES[value.lower()]
+        except KeyError:
+            raise ValueError("causal must be False, True or one of \"bottom_right\", \"top_left\", "
+                             "\"varlen\" (or 0..3), got %r" % (value,)) from None
+    return operator.index(value)       # bool included; the library checks the range
+
+
+def _causal_str(code):
+    return _CAUSAL_STR.get(code, code)
+
+
+# stage of the scores out (1.3): 0 (q.k)*scale, 1 after the softcap, 2 the final scores
+_STAGE_NAMES = {"raw": 0, "softcap": 1, "final": 2}
+
+
+def _stage_code(value):
+    if isinstance(value, str):
+        try:
+            return _STAGE_NAMES[value.lower()]
+        except KeyError:
+            raise ValueError("scores must be None, 0/\"raw\", 1/\"softcap\" or 2/\"final\", got "
+                             "%r" % (value,)) from None
+    return operator.index(value)       # the library checks the range (InvalidError)
+
+
 # name -> (option value, first version, converter for reading)
 _INT_OPTIONS = {
     "n_kv_heads": (_lib.OPT_N_KV_HEADS, int),
     "head_dim": (_lib.OPT_HEAD_DIM, int),
-    "causal": (_lib.OPT_CAUSAL, bool),
+    "causal": (_lib.OPT_CAUSAL, _causal_str),
     "out_proj": (_lib.OPT_OUT_PROJ, bool),
     "threads": (_lib.OPT_THREADS, int),
     "window": (_lib.OPT_WINDOW, int),
@@ -423,6 +459,8 @@ class Layer(_Handle):
                 raise ValueError("rope must be 0/1/2 or one of %s" % sorted(_ROPE_NAMES)) from None
         elif name in ("weight_dtype", "kv_dtype"):
             value = _dtype_code(value, name)
+        elif name == "causal":
+            value = _causal_code(value)
         v = operator.index(value)
         if not _I64_MIN <= v <= _I64_MAX:
             raise InvalidError(_lib.ERR_INVALID, "selfattn_layer_set", "%s=%d" % (name, v))
@@ -456,7 +494,10 @@ class Layer(_Handle):
     head_dim = _prop("head_dim", "size of one head; 0 while undetermined")
     v_head_dim = _prop("v_head_dim", "width of each value head, dv (1.3): head_dim by default "
                        "(reading gives the effective dv); fixed once a weight is set")
-    causal = _prop("causal", "causal (bottom-right aligned) mask")
+    causal = _prop("causal", "causal mask: False, True (= \"bottom_right\": aligned to the bottom "
+                   "right), or (1.3, attend and attend_backward) \"top_left\" (PyTorch SDPA "
+                   "is_causal) or \"varlen\" (bottom right of each sequence's kv_lengths); the "
+                   "whole-layer calls take the last two as True")
     out_proj = _prop("out_proj", "apply W_O")
     threads = _prop("threads", "worker threads one call may use (reading gives the effective count)")
     scale = _prop("scale", "score scale (default 1/sqrt(head_dim)); setting 0 restores it")
@@ -595,8 +636,9 @@ class Layer(_Handle):
 
     # ---- running -------------------------------------------------------------------------------
     def __call__(self, x, lengths=None, attn_bias=None, return_weights=False, return_lse=False,
-                 out=None):
-        """y = layer(x, lengths=None, attn_bias=None, return_weights=False, return_lse=False)
+                 out=None, scores=None):
+        """y = layer(x, lengths=None, attn_bias=None, return_weights=False, return_lse=False,
+        scores=None)
 
         x: [batch][seq_len][d_model] (or [seq_len][d_model]). lengths: None or [batch] valid
         lengths (keys at or past lengths[b] masked, those query rows zero). Returns y, the shape
@@ -604,15 +646,22 @@ class Layer(_Handle):
         tuple (y, weights) / (y, lse) / (y, weights, lse), weights [batch][n_heads][seq][seq],
         lse [batch][n_heads][seq] (batch dimension dropped for a 2-D x). attn_bias (1.1): an
         additive float bias broadcastable to [batch][n_heads][seq][seq] (-inf masks a key).
-        out: optional float32 C-contiguous array for y. With batch_first=False, x and y (and
-        out) are [seq_len][batch][d_model]; y is then a transposed view."""
+        scores (1.3): None, or a stage, 0/"raw" ((q.k)*scale), 1/"softcap" (after the softcap),
+        2/"final" (the scores the softmax takes, -inf at masked keys): the scores before the
+        softmax, [batch][n_heads][seq][seq], appended to the tuple (after weights and lse);
+        stages 0 and 1 hold every key below the length, masked or not, and padding rows and keys
+        past the length are -inf. out: optional float32 C-contiguous array for y. With
+        batch_first=False, x and y (and out) are [seq_len][batch][d_model]; y is then a
+        transposed view."""
         if self._seq_first:
-            return self._call_seq_first(x, lengths, attn_bias, return_weights, return_lse, out)
-        return self._call(x, lengths, attn_bias, return_weights, return_lse, out)
+            return self._call_seq_first(x, lengths, attn_bias, return_weights, return_lse, out,
+                                        scores)
+        return self._call(x, lengths, attn_bias, return_weights, return_lse, out, scores)
 
     forward = __call__
 
-    def _call_seq_first(self, x, lengths, attn_bias, return_weights, return_lse, out):
+    def _call_seq_first(self, x, lengths, attn_bias, return_weights, return_lse, out,
+                        scores=None):
         """__call__ of a batch_first=False layer: _call on x transposed to batch first (one
         copy), y transposed back (a view, or copied into out)."""
         x = _f32(x, "x", seq_first=True)                  # [batch][seq][d_model] now
@@ -620,17 +669,17 @@ class Layer(_Handle):
             if x.ndim != 2:
                 raise ValueError("x must be [seq_len][batch][d_model] (batch_first=False) or "
                                  "[seq_len][d_model], got shape %s" % (x.shape,))
-            return self._call(x, lengths, attn_bias, return_weights, return_lse, out)
+            return self._call(x, lengths, attn_bias, return_weights, return_lse, out, scores)
         if out is not None:
             out = _out_array(out, (x.shape[1], x.shape[0], x.shape[2]))
-        res = self._call(x, lengths, attn_bias, return_weights, return_lse, None)
+        res = self._call(x, lengths, attn_bias, return_weights, return_lse, None, scores)
         y = (res[0] if type(res) is tuple else res).swapaxes(0, 1)
         if out is not None:
             out[...] = y
             y = out
         return (y,) + res[1:] if type(res) is tuple else y
 
-    def _call(self, x, lengths, attn_bias, return_weights, return_lse, out):
+    def _call(self, x, lengths, attn_bias, return_weights, return_lse, out, scores=None):
         """__call__ on a batch-first x."""
         h = self._h
         if h is None:
@@ -643,18 +692,20 @@ class Layer(_Handle):
             lengths = _int32_array(lengths, batch, "lengths")
             lp = lengths.ctypes.data
         y = np.empty(x.shape, _F32) if out is None else _out_array(out, x.shape)
-        if attn_bias is None and not return_weights and not return_lse:
+        if attn_bias is None and not return_weights and not return_lse and scores is None:
             st = _C.selfattn_forward(h, batch, seq, x.ctypes.data, lp, y.ctypes.data)
             if st:
                 self._check_call(st, "selfattn_forward")
             return y
-        ex, keep, extra = self._extras(batch, seq, seq, attn_bias, return_weights, return_lse, two)
+        ex, keep, extra = self._extras(batch, seq, seq, attn_bias, return_weights, return_lse, two,
+                                       scores)
         self._check_call(_C.selfattn_forward_ex(h, batch, seq, x.ctypes.data, lp,
                                                 ctypes.addressof(ex), y.ctypes.data),
                          "selfattn_forward_ex")
         return (y,) + extra if extra else y
 
-    def _extras(self, batch, q_len, kv_len, attn_bias, return_weights, return_lse, two):
+    def _extras(self, batch, q_len, kv_len, attn_bias, return_weights, return_lse, two,
+                scores=None):
         ex = _lib.Extras()
         ex.struct_size = ctypes.sizeof(_lib.Extras)
         keep = None
@@ -671,6 +722,11 @@ class Layer(_Handle):
             lse = np.empty((batch, nh, q_len), _F32)
             ex.lse = lse.ctypes.data
             extra += (lse[0] if two else lse,)
+        if scores is not None:
+            ex.scores_stage = _stage_code(scores)
+            sc = np.empty((batch, nh, q_len, kv_len), _F32)
+            ex.scores = sc.ctypes.data
+            extra += (sc[0] if two else sc,)
         return ex, keep, extra
 
     def _qkv(self, q, k, v):
@@ -703,11 +759,14 @@ class Layer(_Handle):
             return self.head_dim
 
     def attend(self, q, k, v, kv_lengths=None, attn_bias=None, return_weights=False,
-               return_lse=False, out=None):
+               return_lse=False, out=None, scores=None):
         """Attention alone on projected tensors (selfattn_attend; _ex for the 1.1 extras):
         q [batch][q_len][n_heads*head_dim], k and v [batch][kv_len][n_kv_heads*head_dim] (or all
-        2-D without batch). Returns out like q, or a tuple as layer(...) does. With v_head_dim
-        (1.3) v is [batch][kv_len][n_kv_heads*v_head_dim] and out [batch][q_len][n_heads*v_head_dim]."""
+        2-D without batch). Returns out like q, or a tuple as layer(...) does (scores= as
+        there). With v_head_dim (1.3) v is [batch][kv_len][n_kv_heads*v_head_dim] and out
+        [batch][q_len][n_heads*v_head_dim]. Honours every causal alignment of the layer: with
+        causal "top_left" query i sees keys j <= i, with "varlen" keys j <= i + kv_lengths[b] -
+        q_len."""
         h = self._handle()
         q, k, v, batch, lq, lk, two = self._qkv(q, k, v)
         lp = None
@@ -715,11 +774,12 @@ class Layer(_Handle):
             kv_lengths = _int32_array(kv_lengths, batch, "kv_lengths")
             lp = kv_lengths.ctypes.data
         o = _out_array(out, self._out_shape(q))
-        if attn_bias is None and not return_weights and not return_lse:
+        if attn_bias is None and not return_weights and not return_lse and scores is None:
             _check(_C.selfattn_attend(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
                                       v.ctypes.data, lp, o.ctypes.data), "selfattn_attend")
             return o
-        ex, keep, extra = self._extras(batch, lq, lk, attn_bias, return_weights, return_lse, two)
+        ex, keep, extra = self._extras(batch, lq, lk, attn_bias, return_weights, return_lse, two,
+                                       scores)
         _check(_C.selfattn_attend_ex(h, batch, lq, lk, q.ctypes.data, k.ctypes.data,
                                      v.ctypes.data, lp, ctypes.addressof(ex), o.ctypes.data),
                "selfattn_attend_ex")
@@ -842,7 +902,8 @@ class Layer(_Handle):
 
     def attend_backward(self, q, k, v, dout, kv_lengths=None, wrt=("q", "k", "v")):
         """Gradients of attend(q, k, v, kv_lengths) given dout (selfattn_attend_backward,
-        libselfattn 1.1): a dict with "q", "k", "v" (those named in wrt)."""
+        libselfattn 1.1): a dict with "q", "k", "v" (those named in wrt). Honours every causal
+        alignment, as attend."""
         h = self._handle()
         q, k, v, batch, lq, lk, two = self._qkv(q, k, v)
         dout = _f32(dout, "dout")

@@ -172,14 +172,16 @@ W_Q, W_K, W_V, W_O, B_Q, B_K, B_V, B_O, W_QKV, B_QKV = range(1, 11)
 
 
 class Extras(ctypes.Structure):
-    """struct selfattn_extras (API 1.1)."""
+    """struct selfattn_extras (API 1.1; scores and scores_stage 1.3)."""
     _fields_ = [("struct_size", c_uint32),
                 ("attn_bias", c_void_p),
                 ("bias_stride_batch", c_int64),
                 ("bias_stride_head", c_int64),
                 ("bias_stride_row", c_int64),
                 ("weights", c_void_p),
-                ("lse", c_void_p)]
+                ("lse", c_void_p),
+                ("scores", c_void_p),
+                ("scores_stage", ctypes.c_int32)]
 
 
 class Grads(ctypes.Structure):

@@ -43,39 +43,66 @@ def rope(t, pos, mode, r, theta):
     return out
 
 
+_CAUSAL = {False: 0, True: 1, "bottom_right": 1, "top_left": 2, "varlen": 3}
+
+
+def scores(q, k, n_heads, n_kv_heads, head_dim, *, causal=False, scale=None, kv_lengths=None,
+           window=0, alibi=False, softcap=0.0, bias=None):
+    """(raw, capped, final, vis) [B][H][Lq][Lk] in float64: (q.k)*scale, after the softcap, the
+    final scores (ALiBi, bias; -inf where not visible) and the visibility. causal: False, True
+    (= 1, "bottom_right": query i at position Lk - Lq + i), 2 / "top_left" (at i), 3 / "varlen"
+    (at kv_lengths[b] - Lq + i; Lk - Lq + i without lengths); key j at position j."""
+    q, k = (np.asarray(a, np.float64) for a in (q, k))
+    B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
+    H, KV, hd = n_heads, n_kv_heads, head_dim
+    align = _CAUSAL[causal] if isinstance(causal, (str, bool)) else int(causal)
+    Q = q.reshape(B, Lq, H, hd).transpose(0, 2, 1, 3)
+    K = np.repeat(k.reshape(B, Lk, KV, hd).transpose(0, 2, 1, 3), H // KV, axis=1)
+    if scale is None or scale == 0:
+        scale = 1.0 / math.sqrt(hd)
+    raw = Q @ K.transpose(0, 1, 3, 2) * scale                             # [B][H][Lq][Lk]
+    s = softcap * np.tanh(raw / softcap) if softcap else raw
+    capped = s
+    lens = np.full(B, Lk) if kv_lengths is None else np.asarray(kv_lengths)
+    if align == 2:
+        off = np.zeros(B)
+    elif align == 3:
+        off = lens - Lq
+    else:
+        off = np.full(B, Lk - Lq)
+    qpos = off[:, None] + np.arange(Lq)[None, :]                          # [B][Lq]
+    kpos = np.arange(Lk)
+    dist = qpos[:, :, None] - kpos[None, None, :]                         # [B][Lq][Lk]
+    if alibi:
+        d = dist if align else np.abs(dist)
+        s = s - alibi_slopes(H)[None, :, None, None] * d[:, None]
+    if bias is not None:
+        s = s + np.broadcast_to(np.asarray(bias, np.float64), s.shape)
+    vis = np.ones((B, Lq, Lk), bool)
+    if align:
+        vis &= dist >= 0
+    if window:
+        vis &= (dist < window) if align else (np.abs(dist) < window)
+    vis &= (kpos[None, :] < lens[:, None])[:, None, :]
+    vis = np.broadcast_to(vis[:, None], s.shape)
+    with np.errstate(invalid="ignore"):
+        final = np.where(vis, s, -np.inf)
+    return raw, capped, final, vis
+
+
 def attend(q, k, v, n_heads, n_kv_heads, head_dim, *, causal=False, scale=None, kv_lengths=None,
            window=0, alibi=False, softcap=0.0, bias=None, v_head_dim=None):
     """(out [B][Lq][H*dv], weights [B][H][Lq][Lk], lse [B][H][Lq]) in float64, dv = v_head_dim
-    (default head_dim; v is [B][Lk][KV*dv]). Query i is at position Lk - Lq + i, key j at
-    position j."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    (default head_dim; v is [B][Lk][KV*dv]). Query i is at position Lk - Lq + i (causal
+    "top_left": i; "varlen": kv_lengths[b] - Lq + i), key j at position j."""
     B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
     H, KV, hd = n_heads, n_kv_heads, head_dim
     dv = v_head_dim or hd
-    Q = q.reshape(B, Lq, H, hd).transpose(0, 2, 1, 3)
-    K = np.repeat(k.reshape(B, Lk, KV, hd).transpose(0, 2, 1, 3), H // KV, axis=1)
-    V = np.repeat(v.reshape(B, Lk, KV, dv).transpose(0, 2, 1, 3), H // KV, axis=1)
-    if scale is None or scale == 0:
-        scale = 1.0 / math.sqrt(hd)
-    s = Q @ K.transpose(0, 1, 3, 2) * scale                               # [B][H][Lq][Lk]
-    if softcap:
-        s = softcap * np.tanh(s / softcap)
-    qpos = Lk - Lq + np.arange(Lq)
-    kpos = np.arange(Lk)
-    dist = qpos[:, None] - kpos[None, :]                                  # [Lq][Lk]
-    if alibi:
-        d = dist if causal else np.abs(dist)
-        s = s - alibi_slopes(H)[None, :, None, None] * d[None, None]
-    if bias is not None:
-        s = s + np.broadcast_to(np.asarray(bias, np.float64), s.shape)
-    vis = np.ones((B, 1, Lq, Lk), bool)
-    if causal:
-        vis &= (dist >= 0)[None, None]
-    if window:
-        vis &= ((dist < window) if causal else (np.abs(dist) < window))[None, None]
-    if kv_lengths is not None:
-        vis &= (kpos[None, :] < np.asarray(kv_lengths)[:, None])[:, None, None, :]
-    vis = np.broadcast_to(vis, s.shape)
+    V = np.repeat(np.asarray(v, np.float64).reshape(B, Lk, KV, dv).transpose(0, 2, 1, 3), H // KV,
+                  axis=1)
+    _, _, s, vis = scores(q, k, n_heads, n_kv_heads, head_dim, causal=causal, scale=scale,
+                          kv_lengths=kv_lengths, window=window, alibi=alibi, softcap=softcap,
+                          bias=bias)
     with np.errstate(invalid="ignore"):
         s = np.where(vis, s, -np.inf)
         m = s.max(axis=-1, keepdims=True)

@@ -85,7 +85,7 @@ def test_n_kv_heads_not_dividing():
 def test_bad_option_values():
     layer = selfattn.Layer(32, 4)
     with raises(InvalidError):
-        layer.causal = 2
+        layer.causal = 4
     with raises(InvalidError):
         layer.threads = selfattn.option_bounds("threads")[1] + 1
     with raises(InvalidError):
