@@ -26,9 +26,10 @@
  *   row of the unmasked keys; output = weights * V per head, then the output projection.
  * - Masking: a key position is masked when it is causal-future or at or past its sequence's
  *   length. Causal masking is aligned to the bottom right: with q_len queries over kv_len keys,
- *   query i may see keys j <= i + kv_len - q_len. A query row whose keys are all masked outputs
- *   zeros, never NaN. In selfattn_forward, rows of padding (position >= lengths[b]) are written
- *   as zeros and are not computed.
+ *   query i may see keys j <= i + kv_len - q_len (1.3: SELFATTN_OPT_CAUSAL 2 and 3 choose the
+ *   top-left and the per-sequence bottom-right alignments). A query row whose keys are all
+ *   masked outputs zeros, never NaN. In selfattn_forward, rows of padding (position >=
+ *   lengths[b]) are written as zeros and are not computed.
  * - Errors: every function that can fail returns a selfattn_status. On any status other than
  *   SELFATTN_OK the call has written nothing to caller outputs and changed no handle.
  *
@@ -134,7 +135,8 @@ typedef enum selfattn_option {
     SELFATTN_OPT_THREADS = 5,    /* worker threads one call may use, the caller's included;
                                     0 = library default (the number of online CPUs, at most 64). */
     /* 1.1. Positions: in selfattn_forward* token t of a sequence is at position t; in
-       selfattn_attend* query i is at position kv_len - q_len + i and key j at position j. None of
+       selfattn_attend* query i is at position kv_len - q_len + i (with CAUSAL 2: i, with 3:
+       kv_lengths[b] - q_len + i) and key j at position j. None of
        these changes a weight's shape: they may be set whenever the layer is not in use. */
     SELFATTN_OPT_WINDOW = 6,     /* 0 = none (default). w >= 1: the query at position p sees the
                                     keys at positions j with p - w < j <= p when causal,
