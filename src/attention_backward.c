@@ -342,7 +342,6 @@ selfattn_status selfattn_attend_backward(const selfattn_layer *layer, int32_t ba
     st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    sa_blas_init();
     float *base = ws->data;
     w.a.kv_lengths = kv_lengths;
     w.a.q = q;

@@ -168,7 +168,6 @@ selfattn_status sa_backward(const selfattn_layer *layer, int32_t batch, int32_t 
     st = sa_ws_acquire_plan(layer->ws, &p.ws, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    sa_blas_init();
     const size_t nq = p.nq, nkv = p.nkv, nq_v = p.nq_v, nqkv = p.nqkv, dm = p.dm;
     const int workers = p.workers;
     float *base = ws->data;

@@ -381,7 +381,6 @@ selfattn_status selfattn_forward_cached(const selfattn_layer *layer, selfattn_ca
     SA_CHECK(st == SELFATTN_OK, st);
 
     /* Nothing fails from here on. */
-    sa_blas_init();
     const int32_t n_seqs = cache->n_seqs;
     const size_t dm = p.dm, nqkv = p.nqkv;
     float *wsf = ws->data;

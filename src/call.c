@@ -1,45 +1,11 @@
-/* The plumbing every entry point shares: BLAS set-up, how many workers a call gets, the checks of
- * lengths and of the 1.1 structs' struct_size, the valid rows of a padded batch, and the score
- * description of a layer's options (sa_attn) that the attention core takes. */
-#include <pthread.h>
+/* The plumbing every entry point shares: the checks of lengths and of the 1.1 structs'
+ * struct_size, the valid rows of a padded batch, the score description of a layer's options
+ * (sa_attn) that the attention core takes, and the projections. (The BLAS and the worker count:
+ * blas.c.) */
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
-#include <cblas.h>
-
 #include "internal.h"
-
-static pthread_once_t sa_blas_once = PTHREAD_ONCE_INIT;
-
-/* All parallel work is done by the library's workers, each calling BLAS on its own shapes; a
-   multi-threaded OpenBLAS would start its own threads inside each call and oversubscribe the
-   cores (and serialise concurrent callers on its level-3 lock). */
-static void sa_blas_single_threaded(void)
-{
-#ifdef SELFATTN_HAVE_OPENBLAS
-    const char *env = getenv("SELFATTN_BLAS_THREADS");
-    if (env == NULL || strcmp(env, "keep") != 0)
-        openblas_set_num_threads(1);
-#endif
-}
-
-void sa_blas_init(void)
-{
-    pthread_once(&sa_blas_once, sa_blas_single_threaded);
-}
-
-/* Below about this much work handing tasks to a pool helper costs more than it saves: a
-   one-token forward at d_model 768 (~6 MFLOP, ~0.2 ms) still gains from a second thread, a tiny
-   test-sized call does not. */
-#define SA_PARALLEL_MIN_FLOPS 2e6
-
-int sa_workers_for(const selfattn_layer *l, double flops)
-{
-    if (flops < SA_PARALLEL_MIN_FLOPS)
-        return 1;
-    return sa_layer_threads(l);
-}
 
 selfattn_status sa_check_lengths(const int32_t *lengths, int32_t batch, int32_t max,
                                  const char *name, const char *max_name)

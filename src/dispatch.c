@@ -63,6 +63,8 @@ static const sa_kernels sa_kernels_avx512 = {
 
 static pthread_once_t sa_probe_once = PTHREAD_ONCE_INIT;
 static sa_isa sa_cpu_isa = SA_ISA_SCALAR; /* best the CPU and this build support */
+static sa_cpu_vec sa_cpu_vec_level = SA_CPU_VEC_UNKNOWN; /* the CPU's, whatever this build has */
+static int sa_cpu_bf16 = 0;                               /* AVX512-BF16 */
 static const sa_kernels *sa_chosen = &sa_kernels_scalar;
 
 static const sa_kernels *sa_table(sa_isa isa)
@@ -94,12 +96,32 @@ static int sa_cpu_has_f16c(void)
 }
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+/* The vector level of the CPU itself, for comparing the BLAS's kernels with it (blas.c). */
+static void sa_probe_vector_level(void)
+{
+    sa_cpu_vec v = SA_CPU_VEC_SSE;
+    if (__builtin_cpu_supports("avx"))
+        v = SA_CPU_VEC_AVX;
+    if (v == SA_CPU_VEC_AVX && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        v = SA_CPU_VEC_AVX2;
+    if (v == SA_CPU_VEC_AVX2 && __builtin_cpu_supports("avx512f"))
+        v = SA_CPU_VEC_AVX512;
+    sa_cpu_vec_level = v;
+    /* AVX512-BF16: CPUID leaf 7 sub-leaf 1, EAX bit 5 (OpenBLAS's Cooperlake core uses it) */
+    unsigned a, b, c, d;
+    sa_cpu_bf16 = v == SA_CPU_VEC_AVX512 && __get_cpuid_count(7, 1, &a, &b, &c, &d) &&
+                  (a & (1u << 5)) != 0;
+}
+#endif
+
 static void sa_probe(void)
 {
     sa_isa best = SA_ISA_SCALAR;
 #if defined(__x86_64__) || defined(__i386__)
     /* __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV). */
     __builtin_cpu_init();
+    sa_probe_vector_level();
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && sa_cpu_has_f16c())
         best = SA_ISA_AVX2;
@@ -138,6 +160,14 @@ const sa_kernels *sa_kernels_for_isa(sa_isa isa)
     if (isa > sa_cpu_isa)
         return NULL;
     return sa_table(isa);
+}
+
+sa_cpu_vec sa_cpu_vector_level(int *bf16)
+{
+    pthread_once(&sa_probe_once, sa_probe);
+    if (bf16 != NULL)
+        *bf16 = sa_cpu_bf16;
+    return sa_cpu_vec_level;
 }
 
 const char *selfattn_kernel_name(void)

@@ -163,7 +163,6 @@ static selfattn_status sa_attend_ex(const selfattn_layer *layer, int32_t batch, 
     st = sa_ws_acquire_plan(layer->ws, &wp, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    sa_blas_init();
     a.kv_lengths = kv_lengths;
     a.q = q;
     a.k = k;
@@ -282,7 +281,6 @@ selfattn_status sa_forward(const selfattn_layer *layer, int32_t batch, int32_t s
     st = sa_ws_acquire_plan(layer->ws, &p.ws, &ws);
     SA_CHECK(st == SELFATTN_OK, st);
 
-    sa_blas_init();
     const size_t dm = p.dm, nq = p.nq, nkv = p.nkv, nq_v = p.nq_v, nqkv = p.nqkv;
     const int workers = p.workers;
     float *wsf = ws->data;

@@ -102,6 +102,17 @@ SA_HIDDEN const sa_kernels *sa_kernels_get(void);
 /* The table for one ISA, or NULL when this build or this CPU cannot run it (for tests). */
 SA_HIDDEN const sa_kernels *sa_kernels_for_isa(sa_isa isa);
 
+/* The CPU's vector instruction set, whatever this build compiled (blas.c compares the BLAS's
+   kernels with it); *bf16 (when not NULL): whether it has AVX512-BF16. UNKNOWN off x86. */
+typedef enum sa_cpu_vec {
+    SA_CPU_VEC_UNKNOWN = 0,
+    SA_CPU_VEC_SSE = 1,
+    SA_CPU_VEC_AVX = 2,
+    SA_CPU_VEC_AVX2 = 3, /* with FMA */
+    SA_CPU_VEC_AVX512 = 4 /* AVX-512F */
+} sa_cpu_vec;
+SA_HIDDEN sa_cpu_vec sa_cpu_vector_level(int *bf16);
+
 /* ---- Attention blocking ---- */
 /* Query rows per attention task. Each task multiplies its block by all the keys it can see, and
    BLAS packs those keys (and values) again for every block: bigger blocks amortise that packing
@@ -551,10 +562,13 @@ SA_HIDDEN void sa_out_proj(const selfattn_layer *l, const float *attn, float *y,
 /* Floats of one worker's weight panel for any product of the layer's weights (0 for float32
    weights): a call reserves workers times this for `panel`. */
 SA_HIDDEN size_t sa_layer_panel_floats(const selfattn_layer *l);
-/* Makes BLAS single-threaded once per process (see call.c). */
-SA_HIDDEN void sa_blas_init(void);
-
-/* Workers for a call of about `flops` on layer l: helpers are not worth waking for tiny calls. */
+/* ---- The BLAS (blas.c) ---- */
+/* Workers for a call of about `flops` on layer l: 1 for tiny calls (helpers are not worth waking)
+   and whenever the BLAS runs several threads of its own (it parallelises the products then),
+   else the layer's SELFATTN_OPT_THREADS. Each call asks once and sizes and runs everything with
+   the answer. Applies SELFATTN_BLAS_THREADS=1 first (once per process). */
 SA_HIDDEN int sa_workers_for(const selfattn_layer *l, double flops);
+/* Threads the BLAS runs its products on: OpenBLAS's openblas_get_num_threads(), 1 otherwise. */
+SA_HIDDEN int sa_blas_threads(void);
 
 #endif /* SELFATTN_INTERNAL_H */

@@ -43,10 +43,22 @@
  * started on first need, reused by every later call on every layer, and sleeping (not spinning)
  * between calls. A process that forks may call the library in the child, which starts a pool of
  * its own. Each layer keeps the workspaces of its calls between calls (one per call running at
- * once), so a call in steady state allocates nothing; they are freed by selfattn_layer_destroy. When built against OpenBLAS the library does all the
- * parallel work itself and calls BLAS from its workers single-threaded: it sets OpenBLAS's thread
- * count to 1 at its first forward/attend call (see README, "Threads"), unless the environment
- * variable SELFATTN_BLAS_THREADS=keep is set.
+ * once), so a call in steady state allocates nothing; they are freed by selfattn_layer_destroy.
+ *
+ * The BLAS's threads (1.3): the library never changes the BLAS's thread count (a process-wide
+ * setting of OpenBLAS that NumPy and others share). Each call reads it instead: when the linked
+ * OpenBLAS runs more than one thread (openblas_get_num_threads() > 1) the call runs on one worker
+ * and lets OpenBLAS parallelise its matrix products; with a single-threaded BLAS (or a BLAS that
+ * is not OpenBLAS) it uses SELFATTN_OPT_THREADS workers. The second is faster: on a 2-core AMD
+ * EPYC (Zen 5, OpenBLAS 0.3.21 Haswell kernels), a forward at seq_len 2048, d_model 768, 12 heads
+ * took 122 ms with 2 workers and OpenBLAS at 1 thread, 166 ms with 1 worker and OpenBLAS at 2
+ * threads (and 298 ms when both ran 2 threads, which the library now avoids). For full speed make
+ * the BLAS single-threaded in the program: OPENBLAS_NUM_THREADS=1 in the environment, or
+ * openblas_set_num_threads(1), or in Python threadpoolctl's
+ * threadpool_limits(1, user_api="blas"). The environment variable SELFATTN_BLAS_THREADS=1 (read
+ * once) has the library do it itself: it sets OpenBLAS to one thread, process-wide, at its first
+ * call, a global change that every other user of that OpenBLAS in the process sees (the 1.2
+ * behaviour, then the default). SELFATTN_BLAS_THREADS=keep, now the default, changes nothing.
  */
 #ifndef SELFATTN_SELFATTN_H
 #define SELFATTN_SELFATTN_H
@@ -133,7 +145,10 @@ typedef enum selfattn_option {
                                     itself and n_heads * head_dim (n_heads * dv with
                                     SELFATTN_OPT_V_HEAD_DIM) must equal d_model. */
     SELFATTN_OPT_THREADS = 5,    /* worker threads one call may use, the caller's included;
-                                    0 = library default (the number of online CPUs, at most 64). */
+                                    0 = library default (the number of online CPUs, at most 64).
+                                    A call uses one while OpenBLAS runs several threads itself:
+                                    set the BLAS to 1 thread for full speed ("The BLAS's threads"
+                                    at the top of this header). */
     /* 1.1. Positions: in selfattn_forward* token t of a sequence is at position t; in
        selfattn_attend* query i is at position kv_len - q_len + i (with CAUSAL 2: i, with 3:
        kv_lengths[b] - q_len + i) and key j at position j. None of
@@ -583,6 +598,31 @@ SELFATTN_API selfattn_status selfattn_backward_train(const selfattn_layer *layer
    this thread's next selfattn_ call; never NULL. (Calls that return no status, and
    selfattn_status_string, never change it.) */
 SELFATTN_API const char *selfattn_last_error(void);
+
+/* The BLAS in use (1.3): static text naming the CBLAS the library runs on and, for OpenBLAS, its
+   version, threading and the core (kernel family) it chose, e.g. "OpenBLAS 0.3.21 pthread, core
+   Haswell"; for a BLAS that is not OpenBLAS e.g. "CBLAS (not OpenBLAS; version unknown)". Found
+   once, at the first call of any of these three functions. Never NULL; thread-safe. */
+SELFATTN_API const char *selfattn_blas_info(void);
+
+/* libselfattn's addition beyond the API (1.3): 1 when OpenBLAS runs a core whose instruction set
+   is below the CPU's, else 0 (also for a BLAS that is not OpenBLAS, a core name it does not know,
+   or a CPU that is not x86). Such a core is much slower: OpenBLAS 0.3.21 does not know some newer
+   CPUs and falls back to its SSE3 (Prescott) kernels, about 4x slower than its AVX-512 ones.
+   Counted as below: SSE cores (Prescott, Core2, Penryn, Dunnington, Nehalem, Atom, Nano, Opteron,
+   Barcelona, Bobcat, ...) on an AVX or AVX2 CPU, AVX cores (Sandybridge, Bulldozer, Piledriver,
+   Steamroller, Excavator) on an AVX2 CPU, and those and Haswell or Zen on an AVX-512F CPU.
+   Thread-safe. */
+SELFATTN_API int selfattn_blas_mismatch(void);
+
+/* libselfattn's addition beyond the API (1.3): when selfattn_blas_mismatch() is 1, static text
+   naming the fix, e.g. "OpenBLAS runs its Prescott kernels (SSE) on a CPU with AVX-512F: set
+   OPENBLAS_CORETYPE=SkylakeX in the environment before the program starts" (Cooperlake on CPUs
+   with AVX512-BF16, Haswell on AVX2 CPUs), adding "(this environment already sets
+   OPENBLAS_CORETYPE=...)" when the environment chose the core. "" otherwise. OpenBLAS reads
+   OPENBLAS_CORETYPE when it is loaded: the fix applies to the next process. Never NULL;
+   thread-safe. */
+SELFATTN_API const char *selfattn_blas_advice(void);
 
 /* Name of the softmax kernel this process uses, e.g. "f32-softmax-avx512-u64", chosen once from
    the CPU's features. The environment variable SELFATTN_ISA=scalar|avx2|avx512, read once, forces
