@@ -360,10 +360,8 @@ static bcfg cfgs[4 * MAX_SEQS];
 
 int main(int argc, char **argv)
 {
+    sb_blas_setup();
     const int smoke = sb_smoke(argc, argv);
-#ifdef SELFATTN_HAVE_OPENBLAS
-    openblas_set_num_threads(1); /* the ceiling calls BLAS single-threaded, as the library does */
-#endif
     int seqs[MAX_SEQS] = {smoke ? 256 : 2048};
     const int n_seqs = sb_int_list(argc, argv, "--seq=", seqs, MAX_SEQS);
     static char names[8 * MAX_SEQS][96];

@@ -434,6 +434,7 @@ static void bm_dtype_memory(sb_state *s, const void *arg)
 
 int main(int argc, char **argv)
 {
+    sb_blas_setup();
     const int smoke = sb_smoke(argc, argv);
     int more_ctx[8];
     const int n_more = sb_int_list(argc, argv, "--ctx=", more_ctx, 8);

@@ -309,6 +309,7 @@ static void bm_peak_memory(sb_state *s, const void *arg)
 
 int main(int argc, char **argv)
 {
+    sb_blas_setup();
     const int smoke = sb_smoke(argc, argv);
     ce_quick_calibration(smoke);
     static char names[N_SHAPES * 4][3][96];

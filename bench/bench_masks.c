@@ -171,6 +171,7 @@ static void bm_causal_attend(sb_state *s, const void *arg)
 
 int main(int argc, char **argv)
 {
+    sb_blas_setup();
     const int smoke = sb_smoke(argc, argv);
     static mcfg cfgs[7];
     static char names[7][96];

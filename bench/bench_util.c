@@ -1,10 +1,37 @@
 /* Set-up shared by the public-API benchmarks (see bench_util.h). */
+#define _GNU_SOURCE /* RTLD_DEFAULT */
 #include "bench_util.h"
 
+#include <dlfcn.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
+#include "fmapeak.h"
 #include "shim.h"
+
+void sb_blas_setup(void)
+{
+    /* found at run time, as the library finds it: any CBLAS links */
+    void *set = dlsym(RTLD_DEFAULT, "openblas_set_num_threads");
+    const char *threads = "as the environment sets them (not OpenBLAS)";
+    if (set != NULL) {
+        void (*set_threads)(int);
+        memcpy(&set_threads, &set, sizeof set);
+        set_threads(1);
+        threads = "1 (OpenBLAS set to one thread by the benchmark)";
+    }
+    sb_context("blas_info", selfattn_blas_info());
+    sb_context("blas_mismatch", selfattn_blas_mismatch() ? "1" : "0");
+    sb_context("blas_advice", selfattn_blas_advice());
+    sb_context("blas_threads", threads);
+    const char *isa = "?";
+    char peak[32];
+    snprintf(peak, sizeof peak, "%.1f", fp_peak_gflops_per_thread(1, 0.0, &isa));
+    sb_context("fma_peak_gflops_per_thread", peak);
+    sb_context("fma_peak_isa", isa);
+}
 
 selfattn_layer *sb_make_layer(const sb_layer_opts *o)
 {

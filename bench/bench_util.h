@@ -25,4 +25,12 @@ typedef struct sb_layer_opts {
    with the same options have the same weights. NULL on failure. */
 selfattn_layer *sb_make_layer(const sb_layer_opts *o);
 
+/* The BLAS of a benchmark process: sets OpenBLAS (when it is the BLAS) to one thread, so that the
+   library's own workers run every call and the ceilings call BLAS as the library's workers do
+   (the library leaves the count to the program), and records in the JSON context the BLAS
+   (blas_info, blas_mismatch, blas_advice, blas_threads) and the cores' FMA peak
+   (fma_peak_gflops_per_thread, one thread running, and fma_peak_isa; bench/fmapeak.h). Call
+   first in main. */
+void sb_blas_setup(void);
+
 #endif

@@ -657,7 +657,7 @@ static ce_ctx *create(const ce_shape *s, int attend_only)
         s->threads > CE_MAX_THREADS || (!attend_only && s->d_model < 1))
         return NULL;
 #ifdef SELFATTN_HAVE_OPENBLAS
-    /* as the library does: its own threads, single-threaded BLAS inside them */
+    /* as the library runs at full speed: its own threads, single-threaded BLAS inside them */
     openblas_set_num_threads(1);
 #endif
     ce_ctx *c = calloc(1, sizeof *c);

@@ -116,6 +116,11 @@ int sb_int_list(int argc, char **argv, const char *prefix, int *out, int max)
     return 0;
 }
 
+void sb_context(const char *key, const char *value)
+{
+    benchmark::AddCustomContext(key, value);
+}
+
 int sb_main(int argc, char **argv)
 {
     benchmark::Initialize(&argc, argv);

@@ -68,6 +68,10 @@ void sb_reset_peak_rss(void);
 void sb_fill(float *p, size_t n, float amp, unsigned seed);
 float *sb_filled(size_t n, float amp, unsigned seed);
 
+/* A key and value for the "context" object of the JSON output (and the console header); call
+   before sb_main. */
+void sb_context(const char *key, const char *value);
+
 /* Initialises Google Benchmark from the command line and runs the registered benchmarks. */
 int sb_main(int argc, char **argv);
 

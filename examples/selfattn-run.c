@@ -1,6 +1,10 @@
 /* selfattn-run: one self-attention forward pass with seeded random weights, checked against a
  * float64 reference on a sample of rows, timed beside the sgemm ceiling: the fastest formulation
- * of the same FLOPs as bare BLAS calls (bench/ceiling.c, chosen by a short calibration).
+ * of the same FLOPs as bare BLAS calls (bench/ceiling.c, chosen by a short calibration), and beside
+ * the cores' measured FMA peak (bench/fmapeak.c), which does not depend on the BLAS. It names the
+ * BLAS in use and prints a WARNING with the fix when OpenBLAS runs kernels below the CPU's
+ * instruction set. It sets OpenBLAS to one thread for itself (the library leaves the count to the
+ * program), so that the library's own workers run the call.
  *
  *   selfattn-run [--batch N] [--seq N] [--d-model N] [--heads N] [--kv-heads N] [--causal]
  *                [--threads N] [--repeat N] [--check-rows N] [--seed N] [--help]
@@ -18,9 +22,14 @@
 
 #include <selfattn/selfattn.h>
 
+#ifdef SELFATTN_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
 #include "args.h"
 
 #include "ceiling.h"
+#include "fmapeak.h"
 #include "reference.h"
 
 static double now_s(void)
@@ -110,6 +119,14 @@ int main(int argc, char **argv)
         ex_bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
     rng_state = seed;
 
+#ifdef SELFATTN_HAVE_OPENBLAS
+    /* the library's workers run the call only with a single-threaded BLAS (see its header) */
+    openblas_set_num_threads(1);
+    const char *blas_threads = "set to 1 thread by selfattn-run";
+#else
+    const char *blas_threads = "its threads as the environment sets them";
+#endif
+
     selfattn_layer *layer;
     CHECK(selfattn_layer_create(dm, heads, &layer));
     CHECK(selfattn_layer_set(layer, SELFATTN_OPT_N_KV_HEADS, kv_heads));
@@ -159,6 +176,10 @@ int main(int argc, char **argv)
     ce_ctx *ce = ce_create(&shape);
     if (ce)
         ce_run(ce);
+    /* The cores' FMA peak, on as many threads as the forward may use. */
+    const char *fma_isa = "?";
+    const double fma_per_thread = fp_peak_gflops_per_thread(threads, 0.0, &fma_isa);
+    const double fma_peak = fma_per_thread * threads;
     double *t = malloc(sizeof(double) * (size_t)repeat),
            *tc = malloc(sizeof(double) * (size_t)repeat);
     for (int r = 0; r < repeat; r++) {
@@ -202,6 +223,11 @@ int main(int argc, char **argv)
 
     printf("libselfattn %s, softmax kernel %s, %d thread%s\n", selfattn_version_string(),
            selfattn_kernel_name(), threads, threads == 1 ? "" : "s");
+    printf("blas:          %s (%s)\n", selfattn_blas_info(), blas_threads);
+    if (selfattn_blas_mismatch())
+        printf("WARNING: %s. Until then the forward and the sgemm ceiling below both run slow "
+               "kernels; compare with the FMA peak.\n",
+               selfattn_blas_advice());
     printf("shape: batch %d, seq_len %d, d_model %d, heads %d (kv %d, head_dim %d), %s\n", batch,
            seq, dm, heads, kv_heads, hd, causal ? "causal" : "not causal");
     printf("forward:       %9.3f ms  %7.1f GFLOP/s  (%.3f GFLOP needed)\n", t_fwd * 1e3,
@@ -209,6 +235,10 @@ int main(int argc, char **argv)
     printf("sgemm ceiling: %9.3f ms  %7.1f GFLOP/s  -> forward at %.1f%% of the ceiling\n",
            t_gemm * 1e3, flops / t_gemm * 1e-9, 100.0 * t_gemm / t_fwd);
     printf("ceiling:       %s\n", formulation);
+    printf("FMA peak:      %9.1f GFLOP/s per thread (%s) x %d = %.1f GFLOP/s  -> forward at "
+           "%.1f%% of the peak, sgemm ceiling at %.1f%%\n",
+           fma_per_thread, fma_isa, threads, fma_peak, 100.0 * flops / t_fwd * 1e-9 / fma_peak,
+           100.0 * flops / t_gemm * 1e-9 / fma_peak);
     printf("peak memory:   %9.1f MiB resident (the program after one forward pass)\n", peak_mib);
     printf("y[0][0][0..3]: %.6f %.6f %.6f %.6f\n", y[0], y[dm > 1], y[dm > 2 ? 2 : 0],
            y[dm > 3 ? 3 : 0]);
