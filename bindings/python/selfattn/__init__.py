@@ -39,6 +39,34 @@ def kernel_name():
     return _lib.lib.selfattn_kernel_name().decode()
 
 
+def _blas(name):
+    if not hasattr(_lib.lib, name):
+        raise UnsupportedError("%s is not exported by the loaded libselfattn %s (%s)"
+                               % (name, version(), library_path))
+    return getattr(_lib.lib, name)()
+
+
+def blas_info():
+    """The BLAS the library runs on, e.g. "OpenBLAS 0.3.21 pthread, core Haswell" (its version,
+    threading and the core it chose, for OpenBLAS). The library never changes the BLAS's thread
+    count; a call runs on one worker while OpenBLAS runs several threads. For full speed make
+    the BLAS single-threaded, e.g. threadpoolctl.threadpool_limits(1, user_api="blas") around the
+    calls, or OPENBLAS_NUM_THREADS=1 in the environment (selfattn.h, "The BLAS's threads")."""
+    return _blas("selfattn_blas_info").decode()
+
+
+def blas_mismatch():
+    """True when OpenBLAS runs kernels below the CPU's instruction set (e.g. its SSE3 Prescott
+    core on an AVX-512 CPU, several times slower); blas_advice() names the fix."""
+    return bool(_blas("selfattn_blas_mismatch"))
+
+
+def blas_advice():
+    """The fix when blas_mismatch() (which OPENBLAS_CORETYPE to set before the process starts),
+    else ""."""
+    return _blas("selfattn_blas_advice").decode()
+
+
 def has(symbol):
     """True when the loaded library exports the C function `symbol`
     (e.g. has("selfattn_forward_ex"))."""
@@ -48,4 +76,5 @@ def has(symbol):
 __all__ = ["Layer", "Cache", "TrainState", "from_torch", "Error", "NullError", "InvalidError",
            "NoMemoryError", "SizeOverflowError", "StateError", "UnsupportedError",
            "status_string", "option_bounds", "version", "version_number", "kernel_name", "has",
+           "blas_info", "blas_mismatch", "blas_advice",
            "library_path", "ROPE_NONE", "ROPE_HALF", "ROPE_ADJACENT"]

@@ -157,6 +157,18 @@ for _name, (_res, _args) in _DECLS.items():
     _f = getattr(lib, _name)
     _f.restype, _f.argtypes = _res, _args
 
+# 1.3, the BLAS in use (selfattn.h, "The BLAS in use"): declared when the library has them (a 1.3.0
+# library built before them lacks them; selfattn.blas_info() says so then)
+_BLAS_DECLS = {
+    "selfattn_blas_info": (c_char_p, []),
+    "selfattn_blas_mismatch": (c_int, []),
+    "selfattn_blas_advice": (c_char_p, []),
+}
+for _name, (_res, _args) in _BLAS_DECLS.items():
+    if hasattr(lib, _name):
+        _f = getattr(lib, _name)
+        _f.restype, _f.argtypes = _res, _args
+
 
 # ---- Enums (values fixed forever by the API contract) -----------------------------------------
 OK, ERR_NULL, ERR_INVALID, ERR_NOMEM, ERR_OVERFLOW, ERR_STATE, ERR_UNSUPPORTED = range(7)
