@@ -18,8 +18,8 @@
      calibration in ce_create (each candidate timed a few times, median, fastest kept) and cached
      per shape for the process; ce_formulation() names the choice;
    - threads: a persistent set of workers started in ce_create and parked between runs, calling
-     single-threaded BLAS (openblas_set_num_threads(1), as the library's workers run when the program
-     keeps OpenBLAS at one thread, as the benchmarks and selfattn-run do).
+     single-threaded BLAS (openblas_set_num_threads(1)), as the library's workers do when the
+     program keeps OpenBLAS at one thread (the benchmarks and selfattn-run do).
    SELFATTN_CEILING_VERBOSE=1 in the environment prints every candidate's calibration time. */
 #ifndef SELFATTN_BENCH_CEILING_H
 #define SELFATTN_BENCH_CEILING_H

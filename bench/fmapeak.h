@@ -15,8 +15,8 @@ extern "C" {
 
 /* GFLOP/s of one thread (2 flops per FMA lane; a multiply and an add count 1 each) while
    `threads` threads (>= 1) run the loop at once: each thread's best of 25 runs of about `seconds`
-   (0: 0.002) each, the mean over the threads. *isa (when not NULL) is set to the loop's instruction set,
-   "AVX-512F", "AVX2+FMA", "SSE" or "scalar". Returns 0 when a thread cannot be started. */
+   (0: 0.002) each, the mean over the threads. *isa (when not NULL) is set to the loop's instruction
+   set, "AVX-512F", "AVX2+FMA", "SSE" or "scalar". Returns 0 when a thread cannot be started. */
 double fp_peak_gflops_per_thread(int threads, double seconds, const char **isa);
 
 #ifdef __cplusplus

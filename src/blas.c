@@ -42,10 +42,9 @@ static void sa_lookup(void *fn, const char *name)
    listed, never reported as a mismatch). */
 static sa_cpu_vec sa_core_level(const char *core)
 {
-    static const char *const sse[] = {"prescott",  "core2",  "penryn",     "dunnington",
-                                      "nehalem",   "atom",   "nano",       "barcelona",
-                                      "bobcat",    "katmai", "coppermine", "northwood",
-                                      "banias",    "athlon"};
+    static const char *const sse[] = {
+        "prescott",  "core2",  "penryn", "dunnington", "nehalem",   "atom",   "nano",
+        "barcelona", "bobcat", "katmai", "coppermine", "northwood", "banias", "athlon"};
     static const char *const avx[] = {"sandybridge", "bulldozer", "piledriver", "steamroller",
                                       "excavator"};
     static const char *const avx2[] = {"haswell", "zen"};

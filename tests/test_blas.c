@@ -147,7 +147,8 @@ static void test_prescott_is_a_mismatch(void **state)
     report_under("Prescott", &r);
     assert_non_null(strstr(r.info, "core Prescott"));
     assert_int_equal(r.mismatch, 1);
-    const char *fix = cpu_has_avx512f() ? "OPENBLAS_CORETYPE=SkylakeX" : "OPENBLAS_CORETYPE=Haswell";
+    const char *fix =
+        cpu_has_avx512f() ? "OPENBLAS_CORETYPE=SkylakeX" : "OPENBLAS_CORETYPE=Haswell";
     if (cpu_has_avx512f() && strstr(r.advice, fix) == NULL)
         fix = "OPENBLAS_CORETYPE=Cooperlake"; /* CPUs with AVX512-BF16 */
     assert_non_null(strstr(r.advice, fix));
