@@ -12,6 +12,10 @@
  *                                        vs its bare BLAS calls, in microseconds; here
  *                                        ratio = forward time / ceiling time (>= 1 is slower)
  *   peak_memory/1/65536/128/2/2/causal/1 resident-memory high-water mark of one long forward
+ *   blas_threads_pair/1/L/D/H/full/2     the same forward (2 threads allowed) with OpenBLAS at 1
+ *                                        thread (the library's 2 workers run it) and at 2 (one
+ *                                        worker, OpenBLAS's threads run the products),
+ *                                        alternating; ratio = 2-thread time / 1-thread time
  * The ceiling includes nothing from the library's sources and makes its own choices (layout,
  * blocks, threads): a ceiling that shared the library's choices would measure the library against
  * itself.
@@ -159,6 +163,50 @@ static void bm_pair(sb_state *s, const void *arg)
     free(x);
     free(y);
     ce_destroy(ce);
+    selfattn_layer_destroy(l);
+}
+
+/* ---- blas_threads_pair: the library's workers against OpenBLAS's threads ------------------ */
+
+static int call_forward_blas1(void *p)
+{
+    sb_blas_set_threads(1);
+    return call_forward(p);
+}
+
+static int call_forward_blas2(void *p)
+{
+    sb_blas_set_threads(2);
+    return call_forward(p);
+}
+
+static void bm_blas_threads_pair(sb_state *s, const void *arg)
+{
+    const fcfg *c = arg;
+    if (!sb_blas_set_threads(1)) {
+        sb_skip_with_error(s, "the BLAS is not OpenBLAS");
+        return;
+    }
+    selfattn_layer *l = layer_of(c);
+    const size_t n = (size_t)c->batch * c->seq * c->dm;
+    float *x = sb_filled(n, 0.5f, 3), *y = malloc(n * sizeof *y);
+    int st = SELFATTN_ERR_NOMEM;
+    double t1 = 0, t2 = 0;
+    if (l && x && y) {
+        fwd_call call = {.l = l, .batch = c->batch, .seq = c->seq, .x = x, .y = y};
+        st = sb_alternate(s, call_forward_blas1, &call, call_forward_blas2, &call, &t1, &t2);
+        st = st < 0 ? SELFATTN_ERR_NOMEM : st;
+    }
+    sb_blas_set_threads(1); /* as the other benchmarks run */
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string((selfattn_status)st));
+    } else {
+        sb_counter(s, "blas1_ms", t1 * 1e3);
+        sb_counter(s, "blas2_ms", t2 * 1e3);
+        sb_counter(s, "ratio", t2 / t1);
+    }
+    free(x);
+    free(y);
     selfattn_layer_destroy(l);
 }
 
@@ -384,5 +432,11 @@ int main(int argc, char **argv)
 
     if (!smoke)
         sb_register("peak_memory/1/65536/128/2/2/causal/1", bm_peak_memory, &mem_cfg, 1);
+
+    static fcfg blas_cfg = {.batch = 1, .dm = 768, .heads = 12, .kv_heads = 12, .threads = 2};
+    static char bname[96];
+    blas_cfg.seq = smoke ? 256 : 2048;
+    snprintf(bname, sizeof bname, "blas_threads_pair/1/%d/768/12/full/2", blas_cfg.seq);
+    sb_register(bname, bm_blas_threads_pair, &blas_cfg, smoke ? 1 : 15);
     return sb_main(argc, argv);
 }

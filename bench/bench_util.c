@@ -11,17 +11,23 @@
 #include "fmapeak.h"
 #include "shim.h"
 
-void sb_blas_setup(void)
+int sb_blas_set_threads(int n)
 {
     /* found at run time, as the library finds it: any CBLAS links */
     void *set = dlsym(RTLD_DEFAULT, "openblas_set_num_threads");
-    const char *threads = "as the environment sets them (not OpenBLAS)";
-    if (set != NULL) {
-        void (*set_threads)(int);
-        memcpy(&set_threads, &set, sizeof set);
-        set_threads(1);
-        threads = "1 (OpenBLAS set to one thread by the benchmark)";
-    }
+    if (set == NULL)
+        return 0;
+    void (*set_threads)(int);
+    memcpy(&set_threads, &set, sizeof set);
+    set_threads(n);
+    return 1;
+}
+
+void sb_blas_setup(void)
+{
+    const char *threads = sb_blas_set_threads(1)
+                              ? "1 (OpenBLAS set to one thread by the benchmark)"
+                              : "as the environment sets them (not OpenBLAS)";
     sb_context("blas_info", selfattn_blas_info());
     sb_context("blas_mismatch", selfattn_blas_mismatch() ? "1" : "0");
     sb_context("blas_advice", selfattn_blas_advice());

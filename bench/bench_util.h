@@ -32,5 +32,7 @@ selfattn_layer *sb_make_layer(const sb_layer_opts *o);
    (fma_peak_gflops_per_thread, one thread running, and fma_peak_isa; bench/fmapeak.h). Call
    first in main. */
 void sb_blas_setup(void);
+/* Sets OpenBLAS to n threads; returns 0 when the BLAS is not OpenBLAS (nothing set). */
+int sb_blas_set_threads(int n);
 
 #endif
