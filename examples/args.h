@@ -4,10 +4,12 @@
 #ifndef SELFATTN_EXAMPLES_ARGS_H
 #define SELFATTN_EXAMPLES_ARGS_H
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static const char *ex_prog = "example";
 static const char *ex_usage_text = "";
@@ -51,6 +53,23 @@ static inline long ex_int_arg(int argc, char **argv, int *i, long lo, long hi)
     if (errno == ERANGE || v < lo || v > hi)
         ex_bad_usage("%s %s: out of range [%ld, %ld]", opt, s, lo, hi);
     return v;
+}
+
+/* The library leaves the BLAS's thread count to the program, and runs a call on one worker while
+   OpenBLAS runs several threads: a program that wants the library's own workers sets OpenBLAS to
+   one thread, as the examples do. Found at run time (dlopen(NULL) searches the program and the
+   libraries it loaded, OpenBLAS among them when the library links it), so that any CBLAS works.
+   Returns what it did, for the program's output. */
+static inline const char *ex_blas_one_thread(void)
+{
+    void *self = dlopen(NULL, RTLD_LAZY);
+    void *set = self != NULL ? dlsym(self, "openblas_set_num_threads") : NULL;
+    if (set == NULL)
+        return "not OpenBLAS: its threads as the environment sets them";
+    void (*set_threads)(int);
+    memcpy(&set_threads, &set, sizeof set);
+    set_threads(1);
+    return "set to 1 thread by this program";
 }
 
 #endif

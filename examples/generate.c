@@ -93,6 +93,7 @@ int main(int argc, char **argv)
     ex_usage_text = usage_text;
     int dm = 2048, heads = 16, kv_heads = 4, prompt = 512, steps = 64, seqs = 1, window = 0;
     int threads = 0, vocab = 512, wdt = 0, kvdt = 0;
+    const char *blas_threads = ex_blas_one_thread();
     static const char *const dtypes[3] = {"f32", "f16", "bf16"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -203,6 +204,9 @@ int main(int argc, char **argv)
 
     printf("libselfattn %s, %s, %d thread%s\n", selfattn_version_string(), selfattn_kernel_name(),
            threads, threads == 1 ? "" : "s");
+    printf("blas: %s (%s)\n", selfattn_blas_info(), blas_threads);
+    if (selfattn_blas_mismatch())
+        printf("WARNING: %s\n", selfattn_blas_advice());
     printf("layer: d_model %d, %d heads, %d K/V heads, head_dim %d, RoPE, causal%s; weights %s, "
            "K/V cache %s\n",
            dm, heads, kv_heads, hd, window > 0 ? ", sliding window" : "", dtypes[wdt],

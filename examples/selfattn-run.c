@@ -22,10 +22,6 @@
 
 #include <selfattn/selfattn.h>
 
-#ifdef SELFATTN_HAVE_OPENBLAS
-#include <cblas.h>
-#endif
-
 #include "args.h"
 
 #include "ceiling.h"
@@ -119,13 +115,7 @@ int main(int argc, char **argv)
         ex_bad_usage("--kv-heads %d does not divide --heads %d", kv_heads, heads);
     rng_state = seed;
 
-#ifdef SELFATTN_HAVE_OPENBLAS
-    /* the library's workers run the call only with a single-threaded BLAS (see its header) */
-    openblas_set_num_threads(1);
-    const char *blas_threads = "set to 1 thread by selfattn-run";
-#else
-    const char *blas_threads = "its threads as the environment sets them";
-#endif
+    const char *blas_threads = ex_blas_one_thread();
 
     selfattn_layer *layer;
     CHECK(selfattn_layer_create(dm, heads, &layer));
