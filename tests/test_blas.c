@@ -8,6 +8,7 @@
 #define _GNU_SOURCE /* RTLD_DEFAULT */
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -237,6 +238,9 @@ static void run_every_entry_point(int want)
 
     poller p = {.expect = want};
     assert_int_equal(pthread_create(&p.t, NULL, poll_threads, &p), 0);
+    /* the poller is running before the first call (on a loaded machine it may start late) */
+    while (__atomic_load_n(&p.reads, __ATOMIC_RELAXED) == 0)
+        sched_yield();
 
     CALL(selfattn_forward(tl.layer, batch, seq, x, NULL, y));
     CALL(selfattn_forward_ex(tl.layer, batch, seq, x, NULL, &ex, y2));
