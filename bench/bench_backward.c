@@ -20,6 +20,11 @@
  *                                   of a backward that keeps Q, K, V, O and lse: the ceiling
  *                                   above without the input projection and the forward's two
  *                                   attention products (8 projection and 5 attention products)
+ *   bwd_train_threads/B/L/E/H/mask/2   selfattn_backward_train on a 1-thread layer and on a
+ *                                   2-thread layer (each with its own state, filled once)
+ *                                   alternating; speedup = 1-thread time / 2-thread time (the
+ *                                   process's BLAS is single-threaded: the library's workers call
+ *                                   it each on their own shapes)
  *   bwd_peak_memory/1/65536/128/2/causal/2   resident high-water mark of one causal backward
  *                                   and of one forward of the same shape, and their ratio
  * Run with --smoke for a quick pass (small shapes). --seq=N[,N...] replaces L = 2048 of the pair
@@ -315,6 +320,31 @@ static void bm_ceiling(sb_state *s, const void *arg)
     ceil_free(&e);
 }
 
+/* The same kept-activation backward on 1 and on c->threads threads, alternating. */
+static void bm_threads(sb_state *s, const void *arg)
+{
+    const bcfg *c = arg;
+    bcfg c1 = *c;
+    c1.threads = 1;
+    bwd_ctx b1, bn;
+    double t1 = 0, tn = 0;
+    selfattn_status st = SELFATTN_ERR_NOMEM;
+    const int ok1 = bwd_ctx_make(&b1, &c1), okn = bwd_ctx_make(&bn, c);
+    if (ok1 && okn && run_forward_train(&b1) == SELFATTN_OK &&
+        run_forward_train(&bn) == SELFATTN_OK)
+        st = alternate(s, side_backward_train, &b1, side_backward_train, &bn, &t1, &tn);
+    if (st != SELFATTN_OK) {
+        sb_skip_with_error(s, selfattn_status_string(st));
+    } else {
+        sb_counter(s, "bwd_1t_ms", t1 * 1e3);
+        sb_counter(s, "bwd_nt_ms", tn * 1e3);
+        sb_counter(s, "speedup", t1 / tn);
+        sb_label(s, "speedup = 1-thread / n-thread backward_train");
+    }
+    bwd_ctx_free(&b1);
+    bwd_ctx_free(&bn);
+}
+
 static const bcfg mem_cfg = {
     .batch = 1, .seq = 65536, .dm = 128, .heads = 2, .causal = 1, .threads = 2, .kept = 0};
 
@@ -357,6 +387,7 @@ static void bm_peak_memory(sb_state *s, const void *arg)
 
 enum { MAX_SEQS = 8 };
 static bcfg cfgs[4 * MAX_SEQS];
+static bcfg thread_cfgs[2 * MAX_SEQS];
 
 int main(int argc, char **argv)
 {
@@ -364,7 +395,7 @@ int main(int argc, char **argv)
     const int smoke = sb_smoke(argc, argv);
     int seqs[MAX_SEQS] = {smoke ? 256 : 2048};
     const int n_seqs = sb_int_list(argc, argv, "--seq=", seqs, MAX_SEQS);
-    static char names[8 * MAX_SEQS][96];
+    static char names[10 * MAX_SEQS][96];
     int k = 0;
     for (int i = 0; i < 4 * (n_seqs ? n_seqs : 1); i++) {
         const int causal = i % 2, kept = i / 2 % 2;
@@ -381,6 +412,19 @@ int main(int argc, char **argv)
         sb_register(names[k++], bm_pair, c, smoke ? 1 : 15);
         snprintf(names[k], sizeof names[k], "%s_ceiling/1/%d/768/12/%s/1", kind, c->seq, mask);
         sb_register(names[k++], bm_ceiling, c, smoke ? 1 : 15);
+    }
+    for (int i = 0; i < 2 * (n_seqs ? n_seqs : 1); i++) {
+        bcfg *c = &thread_cfgs[i];
+        *c = (bcfg){.batch = 1,
+                    .seq = seqs[i / 2],
+                    .dm = 768,
+                    .heads = 12,
+                    .causal = i % 2,
+                    .threads = 2,
+                    .kept = 1};
+        snprintf(names[k], sizeof names[k], "bwd_train_threads/1/%d/768/12/%s/2", c->seq,
+                 c->causal ? "causal" : "full");
+        sb_register(names[k++], bm_threads, c, smoke ? 1 : 15);
     }
     if (!smoke)
         sb_register("bwd_peak_memory/1/65536/128/2/causal/2", bm_peak_memory, &mem_cfg, 1);
