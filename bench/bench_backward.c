@@ -24,7 +24,9 @@
  *                                   2-thread layer (each with its own state, filled once)
  *                                   alternating; speedup = 1-thread time / 2-thread time (the
  *                                   process's BLAS is single-threaded: the library's workers call
- *                                   it each on their own shapes)
+ *                                   it each on their own shapes); cores_1t, cores_nt = process
+ *                                   CPU time / wall time of each side, cpu_ratio = 2-thread /
+ *                                   1-thread CPU time (medians)
  *   bwd_peak_memory/1/65536/128/2/causal/2   resident high-water mark of one causal backward
  *                                   and of one forward of the same shape, and their ratio
  * Run with --smoke for a quick pass (small shapes). --seq=N[,N...] replaces L = 2048 of the pair
@@ -320,26 +322,62 @@ static void bm_ceiling(sb_state *s, const void *arg)
     ceil_free(&e);
 }
 
-/* The same kept-activation backward on 1 and on c->threads threads, alternating. */
+/* One side of bwd_train_threads: the process's CPU time of each call (all its threads), so that
+   CPU time / wall time tells how many cores the call actually got. */
+typedef struct thr_side {
+    bwd_ctx *b;
+    int n;
+    double cpu[512];
+} thr_side;
+
+static double process_cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int side_backward_train_cpu(void *ctx)
+{
+    thr_side *t = ctx;
+    const double c0 = process_cpu_s();
+    const int st = side_backward_train(t->b);
+    if (t->n < (int)(sizeof t->cpu / sizeof t->cpu[0]))
+        t->cpu[t->n++] = process_cpu_s() - c0;
+    return st;
+}
+
+/* The same kept-activation backward on 1 and on c->threads threads, alternating. Besides the
+   speed-up, the CPU time of each side: cores_* = CPU time / wall time (on a machine shared with
+   other sessions the n-thread side may get no more than one core's worth: the kernel's autogroup
+   scheduling shares CPU between sessions, not threads) and cpu_ratio = n-thread / 1-thread CPU
+   time, the work the extra threads add; speed-up with n free cores is at most n / cpu_ratio. */
 static void bm_threads(sb_state *s, const void *arg)
 {
     const bcfg *c = arg;
     bcfg c1 = *c;
     c1.threads = 1;
     bwd_ctx b1, bn;
+    static thr_side s1, sn;
     double t1 = 0, tn = 0;
     selfattn_status st = SELFATTN_ERR_NOMEM;
     const int ok1 = bwd_ctx_make(&b1, &c1), okn = bwd_ctx_make(&bn, c);
+    s1 = (thr_side){.b = &b1};
+    sn = (thr_side){.b = &bn};
     if (ok1 && okn && run_forward_train(&b1) == SELFATTN_OK &&
         run_forward_train(&bn) == SELFATTN_OK)
-        st = alternate(s, side_backward_train, &b1, side_backward_train, &bn, &t1, &tn);
+        st = alternate(s, side_backward_train_cpu, &s1, side_backward_train_cpu, &sn, &t1, &tn);
     if (st != SELFATTN_OK) {
         sb_skip_with_error(s, selfattn_status_string(st));
     } else {
+        const double cpu1 = sb_median(s1.cpu, s1.n), cpun = sb_median(sn.cpu, sn.n);
         sb_counter(s, "bwd_1t_ms", t1 * 1e3);
         sb_counter(s, "bwd_nt_ms", tn * 1e3);
         sb_counter(s, "speedup", t1 / tn);
-        sb_label(s, "speedup = 1-thread / n-thread backward_train");
+        sb_counter(s, "cores_1t", cpu1 / t1);
+        sb_counter(s, "cores_nt", cpun / tn);
+        sb_counter(s, "cpu_ratio", cpun / cpu1);
+        sb_label(s, "speedup = 1-thread / n-thread backward_train wall time");
     }
     bwd_ctx_free(&b1);
     bwd_ctx_free(&bn);
