@@ -42,22 +42,22 @@ static const sa_kernels sa_kernels_avx2 = {
 };
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
-/* the small-M products are memory-bound and the backward's row kernels a small part of the
-   time: the AVX2 ones serve AVX-512 CPUs as well */
+/* the backward's row kernels are a small part of the time: the AVX2 ones serve AVX-512 CPUs as
+   well; the small-M products are FMA-bound once K and V are 16-bit, and have their own */
 static const sa_kernels sa_kernels_avx512 = {
     .isa = SA_ISA_AVX512,
     .softmax_name = "f32-softmax-avx512-u64",
     .softmax_exp = sa_f32_softmax_exp_avx512_u64,
-    .qkt = sa_f32_qkt_avx2_g8,
-    .pv = sa_f32_pv_avx2_g8,
+    .qkt = sa_f32_qkt_avx512_g8,
+    .pv = sa_f32_pv_avx512_g8,
     .dot = sa_f32_dot_avx2,
     .dscores = sa_f32_dscores_avx2,
     .expsub = sa_f32_expsub_avx2,
     .softcap = sa_f32_softcap_avx2,
     .to_f32 = {sa_f16_to_f32_avx2, sa_bf16_to_f32_avx2},
     .from_f32 = {sa_f32_to_f16_avx2, sa_f32_to_bf16_avx2},
-    .qkt_x16 = {sa_f16_qkt_avx2_g8, sa_bf16_qkt_avx2_g8},
-    .pv_x16 = {sa_f16_pv_avx2_g8, sa_bf16_pv_avx2_g8},
+    .qkt_x16 = {sa_f16_qkt_avx512_g8, sa_bf16_qkt_avx512_g8},
+    .pv_x16 = {sa_f16_pv_avx512_g8, sa_bf16_pv_avx512_g8},
 };
 #endif
 

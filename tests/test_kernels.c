@@ -402,6 +402,7 @@ int main(void)
         cmocka_unit_test_setup(test_row_kernels, setup_avx512),
         cmocka_unit_test_setup(test_x16_kernels, setup_scalar),
         cmocka_unit_test_setup(test_x16_kernels, setup_avx2),
+        cmocka_unit_test_setup(test_x16_kernels, setup_avx512),
         cmocka_unit_test(test_dispatch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

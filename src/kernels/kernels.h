@@ -43,6 +43,12 @@ SA_HIDDEN void sa_f32_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, 
 SA_HIDDEN void sa_f32_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
                                  const float *v, size_t ldv, float *o, size_t ldo);
 #endif
+#ifdef SELFATTN_HAVE_AVX512_KERNELS
+SA_HIDDEN void sa_f32_qkt_avx512_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                    const float *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_f32_pv_avx512_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                   const float *v, size_t ldv, float *o, size_t ldo);
+#endif
 
 /* Row kernels of the softmax backward (f32-dsoftmax-*.c; the AVX2 ones serve AVX-512 CPUs):
      dot:     sum_j a[j] b[j], j < n, summed in an order that depends on n alone
@@ -117,6 +123,16 @@ SA_HIDDEN void sa_f16_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, s
                                  const uint16_t *v, size_t ldv, float *o, size_t ldo);
 SA_HIDDEN void sa_bf16_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
                                   const uint16_t *v, size_t ldv, float *o, size_t ldo);
+#endif
+#ifdef SELFATTN_HAVE_AVX512_KERNELS
+SA_HIDDEN void sa_f16_qkt_avx512_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                    const uint16_t *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_bf16_qkt_avx512_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
+                                     const uint16_t *k, size_t ldk, float *s, size_t lds);
+SA_HIDDEN void sa_f16_pv_avx512_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                   const uint16_t *v, size_t ldv, float *o, size_t ldo);
+SA_HIDDEN void sa_bf16_pv_avx512_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
+                                    const uint16_t *v, size_t ldv, float *o, size_t ldo);
 #endif
 
 #endif /* SELFATTN_KERNELS_H */
