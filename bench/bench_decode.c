@@ -13,7 +13,8 @@
  *                                  1.3 half precision: the same step with W-stored weights and a
  *                                  KV-stored cache (f32, f16, bf16), alternating with the float32
  *                                  step and a plain vectorised read (a 4-way integer sum, not a
- *                                  BLAS routine) of the bytes the typed step must read. Counters:
+ *                                  BLAS routine, on as many threads as the step) of the bytes the
+ *                                  typed step must read. Counters:
  *                                  f32_us, step_us, read_us, vs_f32 = step / float32 step,
  *                                  read_frac = read / step (1: the step reads at memory speed).
  *   dtype_prefill/E/H/KV/L/W/KV    a prompt of L tokens into a KV-stored cache with W-stored
@@ -27,6 +28,7 @@
  * --ctx=N[,N...] adds decode/ benchmarks (1 and 2 threads) at those cached positions, for a curve
  * of step time against positions (bench/plot.py draws it). */
 #include <malloc.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -256,6 +258,99 @@ static uint64_t plain_read(const uint64_t *p, size_t n)
     return a + b + c + d;
 }
 
+/* plain_read on as many threads as the step it is compared with: the calling thread reads the
+   first part, threads - 1 helpers parked on a barrier (created once, as the library's workers
+   are) read the others, each a contiguous part of 4 KiB pages. */
+#define READ_THREADS_MAX 64
+typedef struct reader {
+    int threads, quit;
+    const uint64_t *p;
+    size_t n;
+    uint64_t sum[READ_THREADS_MAX];
+    pthread_t helper[READ_THREADS_MAX];
+    pthread_barrier_t go, done;
+} reader;
+
+static void reader_part(reader *r, int t)
+{
+    const size_t per = (r->n / (size_t)r->threads + 511) / 512 * 512; /* whole pages */
+    const size_t i0 = per * (size_t)t < r->n ? per * (size_t)t : r->n;
+    const size_t i1 = i0 + per < r->n ? i0 + per : r->n;
+    r->sum[t] = plain_read(r->p + i0, i1 - i0);
+}
+
+typedef struct reader_arg {
+    reader *r;
+    int t;
+} reader_arg;
+
+static void *reader_main(void *arg)
+{
+    reader_arg *a = arg;
+    for (;;) {
+        pthread_barrier_wait(&a->r->go);
+        if (a->r->quit)
+            break;
+        reader_part(a->r, a->t);
+        pthread_barrier_wait(&a->r->done);
+    }
+    free(a);
+    return NULL;
+}
+
+/* 0 on success; threads is clamped to [1, READ_THREADS_MAX]. */
+static int reader_start(reader *r, int threads)
+{
+    memset(r, 0, sizeof *r);
+    r->threads = threads < 1 ? 1 : threads > READ_THREADS_MAX ? READ_THREADS_MAX : threads;
+    if (r->threads == 1)
+        return 0;
+    if (pthread_barrier_init(&r->go, NULL, (unsigned)r->threads) != 0)
+        return -1;
+    if (pthread_barrier_init(&r->done, NULL, (unsigned)r->threads) != 0) {
+        pthread_barrier_destroy(&r->go);
+        return -1;
+    }
+    for (int t = 1; t < r->threads; t++) {
+        reader_arg *a = malloc(sizeof *a);
+        if (a != NULL)
+            *a = (reader_arg){r, t};
+        if (a == NULL || pthread_create(&r->helper[t], NULL, reader_main, a) != 0) {
+            /* no helper can be left waiting: abort rather than hang the benchmark */
+            fprintf(stderr, "bench_decode: cannot start the reader threads\n");
+            abort();
+        }
+    }
+    return 0;
+}
+
+static uint64_t reader_read(reader *r, const uint64_t *p, size_t n)
+{
+    r->p = p;
+    r->n = n;
+    if (r->threads == 1)
+        return plain_read(p, n);
+    pthread_barrier_wait(&r->go);
+    reader_part(r, 0);
+    pthread_barrier_wait(&r->done);
+    uint64_t s = 0;
+    for (int t = 0; t < r->threads; t++)
+        s += r->sum[t];
+    return s;
+}
+
+static void reader_stop(reader *r)
+{
+    if (r->threads == 1)
+        return;
+    r->quit = 1;
+    pthread_barrier_wait(&r->go);
+    for (int t = 1; t < r->threads; t++)
+        pthread_join(r->helper[t], NULL);
+    pthread_barrier_destroy(&r->go);
+    pthread_barrier_destroy(&r->done);
+}
+
 static size_t dtype_bytes(int dt)
 {
     return dt == 0 ? 4 : 2;
@@ -274,8 +369,9 @@ static void bm_dtype_decode(sb_state *s, const void *arg)
     uint64_t *big = calloc(words, 8);
     float *x = sb_filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
     static double tf[MAX_RUNS], tt[MAX_RUNS], tr[MAX_RUNS];
+    static reader rd;
     int k = 0;
-    if (!c32 || !ct || !big || !x || !y) {
+    if (!c32 || !ct || !big || !x || !y || reader_start(&rd, c->threads) != 0) {
         sb_skip_with_error(s, "set-up failed");
     } else {
         for (size_t i = 0; i < words; i++)
@@ -287,7 +383,7 @@ static void bm_dtype_decode(sb_state *s, const void *arg)
             const double t1 = sb_now_s();
             st |= selfattn_forward_cached(lt, ct, 1, x, NULL, y);
             const double t2 = sb_now_s();
-            sink += plain_read(big, words);
+            sink += reader_read(&rd, big, words);
             const double t3 = sb_now_s();
             selfattn_cache_truncate(c32, 0, c->ctx);
             selfattn_cache_truncate(ct, 0, c->ctx);
@@ -312,6 +408,7 @@ static void bm_dtype_decode(sb_state *s, const void *arg)
             sb_counter(s, "read_frac", r / t);
             sb_counter(s, "MB", (double)bytes / 1e6);
         }
+        reader_stop(&rd);
     }
     free(big);
     free(x);
