@@ -8,6 +8,7 @@
  * by 1 / sum. The row's log-sum-exp and its normalised weights are written when asked. Memory
  * is one score block per worker: never an L x L matrix. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cblas.h>
@@ -96,16 +97,48 @@ static int64_t sa_key_span(const sa_attn *a, int64_t block)
     return span;
 }
 
+/* Keys per chunk of a long row (the online softmax), or 0 to take whole rows. A task's score
+   block (block x span floats) is read again by the softmax and by the P V product: once it
+   outgrows SA_KEY_CHUNK_FROM_BYTES those passes run from L3 instead of L2, and chunks of
+   SA_KEY_CHUNK keys keep it small. Only where nothing needs a whole row at once: not for the
+   weights (normalised by the final sum), nor the backward's plan, nor stacked decoding rows.
+   SELFATTN_KEY_CHUNK overrides the choice (tests, tuning): 0 never, N > 0 chunks of N keys
+   whenever a block's span is longer. */
+#define SA_KEY_CHUNK 512
+#define SA_KEY_CHUNK_FROM_BYTES (4u << 20)
+static int32_t sa_key_chunk(const sa_attn *a, int32_t block, int64_t span, int stacked)
+{
+    if (a->whole_rows || a->weights != NULL || stacked)
+        return 0;
+    const char *env = getenv("SELFATTN_KEY_CHUNK");
+    if (env != NULL && *env != '\0') {
+        const long n = strtol(env, NULL, 10);
+        if (n <= 0)
+            return 0;
+        const int32_t kc = n > (1L << 20) ? (1 << 20) : (int32_t)n;
+        return span > kc ? kc : 0;
+    }
+    if (block <= SA_ROWS_MAX || span <= 2 * SA_KEY_CHUNK ||
+        (uint64_t)block * (uint64_t)span * sizeof(float) <= SA_KEY_CHUNK_FROM_BYTES)
+        return 0;
+    return SA_KEY_CHUNK;
+}
+
 selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
 {
     int64_t span = sa_key_span(a, SA_BLOCK_MAX);
     p->block = sa_block_rows(a->q_len, (int32_t)span, a->causal);
     span = sa_key_span(a, p->block);
     p->n_blocks = (int32_t)(((int64_t)a->q_len + p->block - 1) / p->block);
-    p->ld_s = ((size_t)span + SA_ALIGN_FLOATS - 1) / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
     /* One query row and shared K/V heads: a task takes all the query heads of a group, so that
        the group's keys and values are streamed once instead of once per head. */
     p->stacked = a->stack_heads && a->q_len == 1 && a->group > 1;
+    p->ld_s = ((size_t)span + SA_ALIGN_FLOATS - 1) / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
+    if (p->ld_s > INT32_MAX) /* the whole-row bound, chunks or not: the same calls fail */
+        return SELFATTN_ERR_OVERFLOW;
+    p->key_chunk = sa_key_chunk(a, p->block, span, p->stacked);
+    if (p->key_chunk > 0)
+        p->ld_s = ((size_t)p->key_chunk + SA_ALIGN_FLOATS - 1) / SA_ALIGN_FLOATS * SA_ALIGN_FLOATS;
     p->rows = p->stacked ? a->group : p->block;
     size_t per;
     if (!sa_mul_size((size_t)p->rows, p->ld_s + 2, &per) ||
@@ -438,6 +471,93 @@ static void sa_attn_scores(const sa_attn *a, const sa_attn_plan *p, int32_t b, i
     }
 }
 
+/* Rows [i0, i0 + mb) of (b, h) over the keys [klo, klo + nk) taken p->key_chunk at a time, with
+   an online softmax (Milakov and Gimelshein 2018; FlashAttention's forward): per row a running
+   maximum m and sum l; each chunk's probabilities are taken relative to the running maximum
+   (raised first when the chunk holds a larger score, the output row and l then rescaled by
+   exp(m_old - m_new) <= 1), and O += P_c V_c (one sgemm per chunk). At the end each output row is
+   divided by l, lse = m + log l; a row that sees no key gets zeros and -inf. Each chunk reads
+   only keys of [klo, klo + nk), as the whole-row path does. */
+static void sa_attn_chunked(const sa_attn *a, const sa_attn_plan *p, int32_t b, int32_t h,
+                            int32_t i0, int32_t mb, int32_t klo, int32_t nk, float *s, float *ob,
+                            size_t ldo, size_t head_row)
+{
+    const sa_f32_softmax_exp_above_fn exp_above = sa_kernels_get()->softmax_exp_above;
+    const int modified = a->softcap > 0.0f || a->alibi || a->bias != NULL;
+    const int32_t len = sa_attn_kv_length(a, b), dv = sa_attn_dv(a), khi = klo + nk;
+    const float slope = a->alibi ? (float)sa_alibi_slope(h, a->n_heads) : 0.0f;
+    float *run_m = s + (size_t)p->rows * p->ld_s, *run_l = run_m + p->rows;
+    for (int32_t r = 0; r < mb; r++) {
+        run_m[r] = -INFINITY;
+        run_l[r] = 0.0f;
+        memset(ob + (size_t)r * ldo, 0, (size_t)dv * sizeof(float));
+    }
+    const size_t v_at = sa_attn_kv_at(a, a->ldv, a->v_bs, a->v_hs, dv, b, h / a->group, 0);
+    for (int32_t c0 = klo; c0 < khi; c0 += p->key_chunk) {
+        const int32_t cn = khi - c0 < p->key_chunk ? khi - c0 : p->key_chunk, c1 = c0 + cn;
+        sa_attn_qk(a, p, b, h, i0, mb, c0, cn, s);
+        int32_t seen = 0; /* rows that see a key of this chunk */
+        for (int32_t r = 0; r < mb; r++) {
+            float *row = s + (size_t)r * p->ld_s;
+            int32_t lo, hi;
+            sa_row_range(a, len, i0 + r, &lo, &hi);
+            lo = lo > c0 ? lo : c0;
+            hi = hi < c1 ? hi : c1;
+            float scale = a->scale;
+            if (hi > lo && modified) {
+                const float mc =
+                    sa_final_scores(a, row + (lo - c0), lo, hi - lo, b, h, i0 + r, slope, NULL);
+                scale = 1.0f;
+                if (mc == -INFINITY)
+                    hi = lo; /* every key of the chunk masked by the bias: nothing to add */
+            }
+            if (hi <= lo) {
+                memset(row, 0, (size_t)cn * sizeof(float));
+                continue;
+            }
+            float m;
+            const float sum = exp_above(row + (lo - c0), (size_t)(hi - lo), (size_t)(c1 - lo),
+                                        scale, run_m[r], &m);
+            memset(row, 0, (size_t)(lo - c0) * sizeof(float));
+            if (m > run_m[r] && run_l[r] != 0.0f) { /* the maximum grew: rescale what is summed */
+                const float f = expf(run_m[r] - m);
+                float *o = ob + (size_t)r * ldo;
+                for (int32_t c = 0; c < dv; c++)
+                    o[c] *= f;
+                run_l[r] *= f;
+            }
+            run_m[r] = m;
+            run_l[r] += sum;
+            seen++;
+        }
+        if (seen == 0)
+            continue;
+        const float *vc = a->v != NULL ? a->v + v_at + (size_t)c0 * a->ldv : NULL;
+        size_t ldv = a->ldv;
+        if (a->kv_dtype != SELFATTN_DTYPE_F32) {
+            vc = sa_attn_widen(a, a->v16 + v_at + (size_t)c0 * a->ldv, a->ldv, cn, dv,
+                               s + p->kv_conv);
+            ldv = (size_t)dv;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mb, dv, cn, 1.0f, s, (int)p->ld_s,
+                    vc, (int)ldv, 1.0f, ob, (int)ldo);
+    }
+    for (int32_t r = 0; r < mb; r++) {
+        float *o = ob + (size_t)r * ldo;
+        if (run_l[r] == 0.0f) { /* a row that sees no key: zeros, even where V holds a NaN */
+            memset(o, 0, (size_t)dv * sizeof(float));
+            if (a->lse != NULL)
+                a->lse[head_row + (size_t)r] = -INFINITY;
+            continue;
+        }
+        const float f = 1.0f / run_l[r];
+        for (int32_t c = 0; c < dv; c++)
+            o[c] *= f;
+        if (a->lse != NULL)
+            a->lse[head_row + (size_t)r] = run_m[r] + logf(run_l[r]);
+    }
+}
+
 /* Task `task` of one attention description, with one worker's scratch s: the rows of one query
    block of one head, or with stacking the one query row of every head of one group. */
 static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int task)
@@ -469,6 +589,10 @@ static void sa_attn_block(const sa_attn *a, const sa_attn_plan *p, float *s, int
         return;
     }
 
+    if (p->key_chunk > 0) {
+        sa_attn_chunked(a, p, b, h, i0, mb, klo, nk, s, ob, ldo, head_row);
+        return;
+    }
     float *inv = s + (size_t)p->rows * p->ld_s, *lse = inv + p->rows;
     sa_attn_probs(a, p, b, h, i0, mb, klo, nk, s, inv, lse, NULL);
     for (int32_t r = 0; r < mb; r++) {

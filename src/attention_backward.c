@@ -51,6 +51,7 @@ static size_t bw_round(size_t n)
 selfattn_status sa_attn_bwd_plan(sa_attn_bwd *w)
 {
     const sa_attn *a = &w->a;
+    w->a.whole_rows = 1; /* pass A's score blocks hold every key a block sees */
     selfattn_status st = sa_attn_plan_make(a, &w->plan);
     SA_CHECK(st == SELFATTN_OK, st);
     w->nbuf = a->softcap > 0.0f ? 3 : 2;

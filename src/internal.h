@@ -84,6 +84,7 @@ typedef struct sa_kernels {
     sa_isa isa;
     const char *softmax_name;
     sa_f32_softmax_exp_fn softmax_exp;
+    sa_f32_softmax_exp_above_fn softmax_exp_above; /* chunks of a long row */
     sa_f32_qkt_fn qkt;
     sa_f32_pv_fn pv;
     sa_f32_dot_fn dot; /* the softmax backward's row kernels */
@@ -303,6 +304,8 @@ typedef struct sa_attn {
        the layout above instead of k and v (the forward core only) */
     int kv_dtype;
     const uint16_t *k16, *v16;
+    /* whole rows only (the backward's plan: its score blocks hold every key a block sees) */
+    int whole_rows;
 } sa_attn;
 /* The width of a value head of a description. */
 static inline int32_t sa_attn_dv(const sa_attn *a)
@@ -311,9 +314,13 @@ static inline int32_t sa_attn_dv(const sa_attn *a)
 }
 
 /* How the core blocks a call: query blocks, the score block's row stride, and the scratch each
-   worker needs (a score block, then inverse sums and lse of its rows). */
+   worker needs (a score block, then inverse sums and lse of its rows). With key_chunk, a task
+   takes its keys key_chunk at a time (an online softmax: running maximum and sum per row, the
+   output rows rescaled when the maximum grows), so that the score block is block x key_chunk
+   however long the rows. */
 typedef struct sa_attn_plan {
     int32_t block, n_blocks;
+    int32_t key_chunk;        /* keys per chunk, 0: whole rows */
     size_t ld_s;              /* row stride of a score block */
     int stacked;              /* rows of a task are the query heads of a group (see sa_attn) */
     int32_t rows;             /* rows of a task's score block: block, or the group when stacked */

@@ -51,12 +51,15 @@ static float sa_extreme_avx512(const float *row, size_t n, int want_max)
     return want_max ? _mm512_reduce_max_ps(m) : _mm512_reduce_min_ps(m);
 }
 
-/* The exp argument of x: fma(x, scale, -m), or (x - x_ext) * scale on the exact-max path.
+/* The exp argument of x: fma(x, scale, -m), or (x - x_ext) * scale - d on the exact-max path
+   (d = m - x_ext * scale: 0 unless a given bound is the maximum).
    `exact` is a constant at each call site, so each path compiles to its own loop. */
-#define SA_ARG(x) (exact ? _mm512_mul_ps(_mm512_sub_ps((x), vc), vs) : _mm512_fmadd_ps((x), vs, vc))
+#define SA_ARG(x)                                                                                  \
+    (exact ? _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps((x), vc), vs), vd)                          \
+           : _mm512_fmadd_ps((x), vs, vc))
 
 static inline __attribute__((always_inline)) float
-sa_exp_row_avx512(float *row, size_t n_valid, __m512 vs, __m512 vc, const int exact)
+sa_exp_row_avx512(float *row, size_t n_valid, __m512 vs, __m512 vc, __m512 vd, const int exact)
 {
     /* Two-level sum: 4 vector accumulators over chunks of SA_SUM_CHUNK elements, chunk sums
        added into `total`, so that long rows do not lose the small terms to rounding. */
@@ -97,17 +100,26 @@ sa_exp_row_avx512(float *row, size_t n_valid, __m512 vs, __m512 vc, const int ex
 }
 #undef SA_ARG
 
-float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale,
-                                    float *max_out)
+float sa_f32_softmax_exp_above_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale,
+                                          float m_in, float *max_out)
 {
     const float ext = sa_extreme_avx512(row, n_valid, scale >= 0.0f);
-    const float m = ext * scale;
+    const float own = ext * scale, m = m_in > own ? m_in : own;
     *max_out = m;
     const __m512 vs = _mm512_set1_ps(scale);
+    /* the bound's excess over the row's own maximum, for the exact path (0 when the row's own) */
+    const __m512 vd =
+        _mm512_set1_ps(m_in > own ? (float)((double)m_in - (double)ext * scale) : 0.0f);
     const float sum = fabsf(m) < SA_EXP_EXACT_MAX_FROM
-                          ? sa_exp_row_avx512(row, n_valid, vs, _mm512_set1_ps(-m), 0)
-                          : sa_exp_row_avx512(row, n_valid, vs, _mm512_set1_ps(ext), 1);
+                          ? sa_exp_row_avx512(row, n_valid, vs, _mm512_set1_ps(-m), vd, 0)
+                          : sa_exp_row_avx512(row, n_valid, vs, _mm512_set1_ps(ext), vd, 1);
     if (n_total > n_valid)
         memset(row + n_valid, 0, (n_total - n_valid) * sizeof *row);
     return sum;
+}
+
+float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total, float scale,
+                                    float *max_out)
+{
+    return sa_f32_softmax_exp_above_avx512_u64(row, n_valid, n_total, scale, -INFINITY, max_out);
 }

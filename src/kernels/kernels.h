@@ -23,6 +23,13 @@
  */
 typedef float (*sa_f32_softmax_exp_fn)(float *row, size_t n_valid, size_t n_total, float scale,
                                        float *max_out);
+/* The same with a lower bound on the maximum, for a row taken in chunks (the online softmax of
+   long rows): m = max(m_in, max_{i < n_valid} row[i] * scale), the rest as above; m_in may be
+   -inf (then exactly sa_f32_softmax_exp_fn). Needs m finite. When m_in wins and |m| reaches
+   SA_EXP_EXACT_MAX_FROM the argument is (x - x_max) scale - (m - x_max scale), exact at the
+   row's own maximum, so that huge scores stay in range. */
+typedef float (*sa_f32_softmax_exp_above_fn)(float *row, size_t n_valid, size_t n_total,
+                                             float scale, float m_in, float *max_out);
 
 /* Small-M products for decoding (m <= SA_ROWS_MAX rows, e.g. the query heads of one GQA group
    for one token), streaming each row of K or V once without packing:
@@ -76,15 +83,20 @@ SA_HIDDEN void sa_f32_softcap_avx2(float *row, size_t n, float scale, float cap)
 
 SA_HIDDEN float sa_f32_softmax_exp_scalar_u1(float *row, size_t n_valid, size_t n_total,
                                              float scale, float *max_out);
+SA_HIDDEN float sa_f32_softmax_exp_above_scalar_u1(float *row, size_t n_valid, size_t n_total,
+                                                   float scale, float m_in, float *max_out);
 #ifdef SELFATTN_HAVE_AVX2_KERNELS
 SA_HIDDEN float sa_f32_softmax_exp_avx2_u32(float *row, size_t n_valid, size_t n_total, float scale,
                                             float *max_out);
+SA_HIDDEN float sa_f32_softmax_exp_above_avx2_u32(float *row, size_t n_valid, size_t n_total,
+                                                  float scale, float m_in, float *max_out);
 #endif
 #ifdef SELFATTN_HAVE_AVX512_KERNELS
 SA_HIDDEN float sa_f32_softmax_exp_avx512_u64(float *row, size_t n_valid, size_t n_total,
                                               float scale, float *max_out);
+SA_HIDDEN float sa_f32_softmax_exp_above_avx512_u64(float *row, size_t n_valid, size_t n_total,
+                                                    float scale, float m_in, float *max_out);
 #endif
-
 
 /* ---- 16-bit storage (f16: IEEE binary16; bf16: bfloat16) ---- */
 /* Array conversions, round to nearest with ties to even (half-scalar.h is the reference, bit for
