@@ -23,6 +23,7 @@
 #include <cmocka.h>
 
 #include "internal.h"
+#include "kernels/exp-constants.h"
 #include "testutil.h"
 
 #define REL_TOL 2e-6
@@ -159,6 +160,80 @@ static void test_isa(void **state)
     check_kernel(k, sa_kernels_for_isa(SA_ISA_SCALAR));
 }
 
+/* softmax_exp_above, the chunks of a long row: with a bound below the row's own maximum (or
+   -inf) the same bits as softmax_exp; with a bound above it, m = the bound and row[i] =
+   exp(x[i] scale - m) against float64 with that m (relative 1e-5 on the sum, 2e-6 normwise on
+   the normalised row), the tail zeroed; on the exact-max path (|m| >= SA_EXP_EXACT_MAX_FROM,
+   kind 4 at scale 1.7) too. */
+static void test_above(void **state)
+{
+    const sa_isa isa = (sa_isa)(intptr_t)*state;
+    const sa_kernels *k = sa_kernels_for_isa(isa);
+    if (k == NULL)
+        skip();
+    static const size_t ns[] = {1, 2, 7, 8, 9, 16, 31, 33, 64, 65, 127, 1000, 4097};
+    static const float scales[] = {1.0f, 0.125f, -0.5f, 1.7f};
+    tu_rng r = {4242};
+    float *x = malloc(sizeof(float) * 4097), *a = malloc(sizeof(float) * 4097),
+          *b = malloc(sizeof(float) * 4097);
+    double worst_sum = 0.0, worst_norm = 0.0;
+    for (size_t in = 0; in < sizeof ns / sizeof ns[0]; in++)
+        for (int kind = 0; kind < 6; kind++)
+            for (size_t si = 0; si < 4; si++) {
+                const size_t n_total = ns[in], n_valid = n_total > 2 ? n_total - in % 3 : n_total;
+                const float scale = kind == 3 ? 1.0f : scales[si];
+                make_row(&r, kind, x, n_total);
+                float own;
+                memcpy(a, x, n_total * sizeof(float));
+                const float plain = k->softmax_exp(a, n_valid, n_total, scale, &own);
+                /* a bound at or below the row's own maximum: the same bits */
+                const float below[] = {-INFINITY, own - fabsf(own) * 0.5f - 3.0f};
+                for (size_t bi = 0; bi < 2; bi++) {
+                    float m;
+                    memcpy(b, x, n_total * sizeof(float));
+                    const float sum =
+                        k->softmax_exp_above(b, n_valid, n_total, scale, below[bi], &m);
+                    assert_true(m == own);
+                    assert_true(memcmp(&sum, &plain, sizeof sum) == 0);
+                    assert_memory_equal(a, b, n_total * sizeof(float));
+                }
+                if (kind == 3 || kind == 5)
+                    continue; /* huge scores: a bound above them leaves only zeros, below */
+                for (int up = 1; up <= 2; up++) {
+                    const float bound =
+                        own + (up == 1 ? 0.75f : 9.0f) * (1.0f + fabsf(own) * 1e-6f);
+                    float m;
+                    memcpy(b, x, n_total * sizeof(float));
+                    const float sum = k->softmax_exp_above(b, n_valid, n_total, scale, bound, &m);
+                    assert_true(m == bound);
+                    for (size_t i = n_valid; i < n_total; i++)
+                        assert_true(b[i] == 0.0f);
+                    double ref_sum = 0.0, ref_max = 0.0, s_check = 0.0;
+                    for (size_t i = 0; i < n_valid; i++) {
+                        const double e = exp((double)x[i] * scale - (double)m);
+                        ref_sum += e;
+                        ref_max = fmax(ref_max, e);
+                        s_check += b[i];
+                        assert_true(b[i] <= 1.0f);
+                    }
+                    assert_true(fabs(s_check - sum) <= 1e-5 * s_check);
+                    worst_sum = fmax(worst_sum, fabs(sum - ref_sum) / ref_sum);
+                    for (size_t i = 0; i < n_valid; i++) {
+                        const double e = exp((double)x[i] * scale - (double)m);
+                        worst_norm = fmax(worst_norm, fabs((double)b[i] / sum - e / ref_sum) /
+                                                          (ref_max / ref_sum));
+                    }
+                }
+            }
+    printf("  %-24s above a bound: sum %.3e relative, normwise %.3e\n", k->softmax_name, worst_sum,
+           worst_norm);
+    assert_true(worst_sum <= 1e-5);
+    assert_true(worst_norm <= REL_TOL);
+    free(x);
+    free(a);
+    free(b);
+}
+
 static int setup_scalar(void **s)
 {
     *s = (void *)(intptr_t)SA_ISA_SCALAR;
@@ -177,9 +252,9 @@ static int setup_avx512(void **s)
 
 /* The decoding and backward row kernels of one ISA against float64: small-M products
    (qkt, pv) for 1..8 rows, lengths around the vector widths, strided rows; the softmax
-   backward's dot, dscores and expsub; the scores' softcap. Bounds: a float32 sum of n products errs by at most about
-   n * 2^-24 * sum |terms| (Higham, sec. 3.1), so 1e-5 * sum |terms| holds for n <= ~160 and
-   typical sums far beyond; the exp is the softmax kernels' (2e-6 relative). */
+   backward's dot, dscores and expsub; the scores' softcap. Bounds: a float32 sum of n products errs
+   by at most about n * 2^-24 * sum |terms| (Higham, sec. 3.1), so 1e-5 * sum |terms| holds for n <=
+   ~160 and typical sums far beyond; the exp is the softmax kernels' (2e-6 relative). */
 static void test_row_kernels(void **state)
 {
     const sa_isa isa = (sa_isa)(intptr_t)*state;
@@ -397,6 +472,9 @@ int main(void)
         cmocka_unit_test_setup(test_isa, setup_scalar),
         cmocka_unit_test_setup(test_isa, setup_avx2),
         cmocka_unit_test_setup(test_isa, setup_avx512),
+        cmocka_unit_test_setup(test_above, setup_scalar),
+        cmocka_unit_test_setup(test_above, setup_avx2),
+        cmocka_unit_test_setup(test_above, setup_avx512),
         cmocka_unit_test_setup(test_row_kernels, setup_scalar),
         cmocka_unit_test_setup(test_row_kernels, setup_avx2),
         cmocka_unit_test_setup(test_row_kernels, setup_avx512),
