@@ -6,7 +6,8 @@
  * final scores (scale, then softcap, ALiBi and bias when asked), runs the scaled-softmax kernel
  * on the row's own visible range, computes O_blk = P V with one sgemm and scales each output row
  * by 1 / sum. The row's log-sum-exp and its normalised weights are written when asked. Memory
- * is one score block per worker: never an L x L matrix. */
+ * is one score block per worker: never an L x L matrix. Long rows (sa_key_chunk) go through the
+ * same steps a chunk of keys at a time, with an online softmax (sa_attn_chunked). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -324,7 +324,9 @@ typedef struct sa_attn_plan {
     size_t ld_s;              /* row stride of a score block */
     int stacked;              /* rows of a task are the query heads of a group (see sa_attn) */
     int32_t rows;             /* rows of a task's score block: block, or the group when stacked */
-    size_t floats_per_worker; /* rows * ld_s + 2 * rows, rounded up to a multiple of 16, and
+    size_t floats_per_worker; /* rows * ld_s + 2 * rows (inverse sums and lse, or with
+                                 key_chunk each row's running maximum and sum), rounded up to a
+                                 multiple of 16, and
                                  with 16-bit K/V a block of ld_s x max(head_dim, v_dim) floats
                                  at kv_conv */
     size_t kv_conv;
