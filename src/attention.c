@@ -119,7 +119,7 @@ static int32_t sa_key_chunk(const sa_attn *a, int32_t block, int64_t span, int s
         const int32_t kc = n > (1L << 20) ? (1 << 20) : (int32_t)n;
         return span > kc ? kc : 0;
     }
-    if (block <= SA_ROWS_MAX || span <= 2 * SA_KEY_CHUNK ||
+    if (block <= SA_ROWS_MAX || span <= 2 * (int64_t)SA_KEY_CHUNK ||
         (uint64_t)block * (uint64_t)span * sizeof(float) <= SA_KEY_CHUNK_FROM_BYTES)
         return 0;
     return SA_KEY_CHUNK;
