@@ -52,6 +52,27 @@ def title(ax, what, ctx, note):
     ax.set_title("\n".join(lines), fontsize=9)
 
 
+def finish_axes(ax, ticks, ticklabels, xlabel, ylabel, legend, what, ctx, note, tick_kw=None):
+    """The log2 x axis, the labels, the grid, the legend (legend: its keyword arguments) and the
+    title that every plot here shares."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(ticklabels, **(tick_kw or {}))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+    title(ax, what, ctx, note)
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def fwd_series(runs):
     """{threads: {mask: [(L, config, fwd_GFLOPs, ceil_GFLOPs)]}} over batch-1 configurations, one
     configuration per L: the one with the most common (d_model, heads) when several share an L."""
@@ -100,20 +121,14 @@ def plot_forward(plt, runs, ctx, path, note):
         if peak:
             ax.axhline(peak * t, color="tab:red", lw=1, ls=":",
                        label=f"FMA peak x {t} thread{'s' if t > 1 else ''} ({peak * t:.0f})")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([L for L, _ in ls])
-        ax.set_xticklabels([f"{L}\n{c[0]}/{c[1]}" + (f"/kv{c[2]}" if c[2] != c[1] else "")
-                            for L, c in ls], fontsize=7)
-        ax.set_xlabel("seq_len L (d_model/heads below), batch 1")
-        ax.set_ylabel("GFLOP/s (work actually needed)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        title(ax, f"selfattn_forward, {t} thread{'s' if t > 1 else ''}", ctx, note)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+        finish_axes(ax, [L for L, _ in ls],
+                    [f"{L}\n{c[0]}/{c[1]}" + (f"/kv{c[2]}" if c[2] != c[1] else "")
+                     for L, c in ls],
+                    "seq_len L (d_model/heads below), batch 1", "GFLOP/s (work actually needed)",
+                    {"fontsize": 7, "loc": "lower right"},
+                    f"selfattn_forward, {t} thread{'s' if t > 1 else ''}", ctx, note,
+                    {"fontsize": 7})
+    return save_figure(plt, fig, path)
 
 
 def plot_decode(plt, runs, ctx, path, note):
@@ -141,21 +156,12 @@ def plot_decode(plt, runs, ctx, path, note):
     x = sorted(reads)
     ax.plot(x, [sorted(reads[n])[len(reads[n]) // 2] / 1e3 for n in x], "k--",
             label="read bound: cblas_sasum over the same bytes, 1 thread")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(x)
-    ax.set_xticklabels([str(n) for n in x])
-    ax.set_xlabel("cached positions")
-    ax.set_ylabel("ms per step (one token, one sequence)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     E, H, KV = shape
-    title(ax, f"selfattn_forward_cached, d_model {E}, {H} heads, {KV} K/V heads of {E // H}, RoPE",
-          ctx, note)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    finish_axes(ax, x, [str(n) for n in x], "cached positions",
+                "ms per step (one token, one sequence)", {"fontsize": 8},
+                f"selfattn_forward_cached, d_model {E}, {H} heads, {KV} K/V heads of {E // H}, RoPE",
+                ctx, note)
+    return save_figure(plt, fig, path)
 
 
 def plot_backward(plt, runs, ctx, path, note):
@@ -180,21 +186,12 @@ def plot_backward(plt, runs, ctx, path, note):
         ls |= {q[0] for q in p}
         ax.plot([q[0] for q in p], [q[1] for q in p], styles[mask],
                 color="tab:blue" if kind == "bwd" else "tab:green", label=f"{names[kind]}, {mask}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(ls))
-    ax.set_xticklabels([str(L) for L in sorted(ls)])
-    ax.set_xlabel("seq_len L, batch 1")
-    ax.set_ylabel("backward time / forward time")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
     D, H, t = shape
-    title(ax, f"backward / forward, d_model {D}, {H} heads, {t} thread{'s' if t != '1' else ''}, "
-              "dx and every weight gradient", ctx, note)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    finish_axes(ax, sorted(ls), [str(L) for L in sorted(ls)], "seq_len L, batch 1",
+                "backward time / forward time", {"fontsize": 7, "loc": "lower right"},
+                f"backward / forward, d_model {D}, {H} heads, {t} thread{'s' if t != '1' else ''}, "
+                "dx and every weight gradient", ctx, note)
+    return save_figure(plt, fig, path)
 
 
 def main():
