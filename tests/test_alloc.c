@@ -85,17 +85,40 @@ static float wvo[D * NQV]; /* W_V and W_O of the V_HEAD_DIM layer */
         }                                                                                          \
     } while (0)
 
-static void script(script_out *o, int *failed, int *create_failed)
+/* Creates a layer; on failure checks the contract (*out unchanged) and retries without the
+   failure. Counts failures seen in *failed. */
+static selfattn_layer *create_layer(int *failed)
 {
     selfattn_layer *l = NULL;
-    selfattn_status st = selfattn_layer_create(D, H, &l);
+    const selfattn_status st = selfattn_layer_create(D, H, &l);
     if (st != SELFATTN_OK) {
         assert_int_equal(st, SELFATTN_ERR_NOMEM);
         assert_null(l); /* *out unchanged */
-        (*create_failed)++;
+        (*failed)++;
         sa_test_fail_allocation(0);
         assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
     }
+    return l;
+}
+
+/* The same for a cache of B sequences of 2 * L positions. */
+static selfattn_cache *create_cache(selfattn_layer *l, int *failed)
+{
+    selfattn_cache *c = NULL;
+    const selfattn_status st = selfattn_cache_create(l, B, 2 * L, &c);
+    if (st != SELFATTN_OK) {
+        assert_int_equal(st, SELFATTN_ERR_NOMEM);
+        assert_null(c); /* *out unchanged */
+        (*failed)++;
+        sa_test_fail_allocation(0);
+        assert_int_equal(selfattn_cache_create(l, B, 2 * L, &c), SELFATTN_OK);
+    }
+    return c;
+}
+
+static void script(script_out *o, int *failed, int *create_failed)
+{
+    selfattn_layer *l = create_layer(create_failed);
     const int nkv = KV * (D / H);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, KV), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
@@ -155,28 +178,14 @@ static void script(script_out *o, int *failed, int *create_failed)
          o->tbw, BW_N);
 
     /* the cache: create (its allocations), a prompt and a step */
-    selfattn_cache *c = NULL;
-    const selfattn_status cs = selfattn_cache_create(l, B, 2 * L, &c);
-    if (cs != SELFATTN_OK) {
-        assert_int_equal(cs, SELFATTN_ERR_NOMEM);
-        assert_null(c); /* *out unchanged */
-        (*failed)++;
-        sa_test_fail_allocation(0);
-        assert_int_equal(selfattn_cache_create(l, B, 2 * L, &c), SELFATTN_OK);
-    }
+    selfattn_cache *c = create_cache(l, failed);
     STEP(selfattn_forward_cached(l, c, L, x, NULL, o->cached), o->cached, B * L * D);
     STEP(selfattn_forward_cached(l, c, 1, x, NULL, o->cached2), o->cached2, B * D);
     selfattn_cache_destroy(c);
     selfattn_layer_destroy(l);
 
     /* 1.3: bf16 weights (their own buffers, panels in the workspace) and an f16 cache */
-    st = selfattn_layer_create(D, H, &l);
-    if (st != SELFATTN_OK) {
-        assert_int_equal(st, SELFATTN_ERR_NOMEM);
-        (*failed)++;
-        sa_test_fail_allocation(0);
-        assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
-    }
+    l = create_layer(failed);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, KV), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_THREADS, 2), SELFATTN_OK);
@@ -191,28 +200,14 @@ static void script(script_out *o, int *failed, int *create_failed)
     STEP(selfattn_forward(l, B, L, x, lens, o->hy), o->hy, B * L * D);
     const selfattn_grads hg = script_grads(o->hbw);
     STEP(selfattn_backward(l, B, L, x, lens, dy, o->hbw, &hg), o->hbw, BW_N);
-    c = NULL;
-    const selfattn_status hcs = selfattn_cache_create(l, B, 2 * L, &c);
-    if (hcs != SELFATTN_OK) {
-        assert_int_equal(hcs, SELFATTN_ERR_NOMEM);
-        assert_null(c);
-        (*failed)++;
-        sa_test_fail_allocation(0);
-        assert_int_equal(selfattn_cache_create(l, B, 2 * L, &c), SELFATTN_OK);
-    }
+    c = create_cache(l, failed);
     STEP(selfattn_forward_cached(l, c, L, x, NULL, o->hcached), o->hcached, B * L * D);
     selfattn_cache_destroy(c);
     selfattn_layer_destroy(l);
 
     /* 1.3: value heads of their own width (W_V, W_O, the workspaces, the train state and the
        cache's V take dv) */
-    st = selfattn_layer_create(D, H, &l);
-    if (st != SELFATTN_OK) {
-        assert_int_equal(st, SELFATTN_ERR_NOMEM);
-        (*failed)++;
-        sa_test_fail_allocation(0);
-        assert_int_equal(selfattn_layer_create(D, H, &l), SELFATTN_OK);
-    }
+    l = create_layer(failed);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_N_KV_HEADS, KV), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_V_HEAD_DIM, DV), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_CAUSAL, 1), SELFATTN_OK);
@@ -239,15 +234,7 @@ static void script(script_out *o, int *failed, int *create_failed)
     assert_true(state_bytes <= sizeof train_state);
     STEP(selfattn_forward_train(l, B, L, x, lens, o->vty, train_state, state_bytes), o->vty,
          B * L * D);
-    c = NULL;
-    const selfattn_status vcs = selfattn_cache_create(l, B, 2 * L, &c);
-    if (vcs != SELFATTN_OK) {
-        assert_int_equal(vcs, SELFATTN_ERR_NOMEM);
-        assert_null(c);
-        (*failed)++;
-        sa_test_fail_allocation(0);
-        assert_int_equal(selfattn_cache_create(l, B, 2 * L, &c), SELFATTN_OK);
-    }
+    c = create_cache(l, failed);
     STEP(selfattn_forward_cached(l, c, L, x, NULL, o->vcached), o->vcached, B * L * D);
     selfattn_cache_destroy(c);
     selfattn_layer_destroy(l);
