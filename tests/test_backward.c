@@ -41,20 +41,6 @@ static void expect_close(const char *what, const float *a, const double *r, size
     }
 }
 
-static void fill(float *p, size_t n, float v)
-{
-    for (size_t i = 0; i < n; i++)
-        p[i] = v;
-}
-
-static int all_equal(const float *p, size_t n, float v)
-{
-    for (size_t i = 0; i < n; i++)
-        if (memcmp(&p[i], &v, sizeof v) != 0)
-            return 0;
-    return 1;
-}
-
 /* ---- A test layer with every option -------------------------------------------------------- */
 
 typedef struct bcase {
@@ -106,11 +92,11 @@ static void bufs_make(bufs *b, const ref_layer *r, size_t n_x)
     size_t n[8];
     grad_sizes(r, n);
     b->dx = malloc(sizeof(float) * n_x);
-    fill(b->dx, n_x, SENT);
+    tu_set(b->dx, n_x, SENT);
     for (int i = 0; i < 8; i++) {
         b->g[i] = n[i] ? malloc(sizeof(float) * n[i]) : NULL;
         if (b->g[i])
-            fill(b->g[i], n[i], SENT);
+            tu_set(b->g[i], n[i], SENT);
     }
     memset(&b->grads, 0, sizeof b->grads);
     b->grads.struct_size = sizeof b->grads;
@@ -254,9 +240,9 @@ static void run_attend_case(const bcase *c, int q_len, int kv_len, uint64_t seed
     }
     float *dq = malloc(sizeof(float) * n_q), *dk = malloc(sizeof(float) * n_k);
     float *dv = malloc(sizeof(float) * n_k);
-    fill(dq, n_q, SENT);
-    fill(dk, n_k, SENT);
-    fill(dv, n_k, SENT);
+    tu_set(dq, n_q, SENT);
+    tu_set(dk, n_k, SENT);
+    tu_set(dv, n_k, SENT);
     assert_int_equal(selfattn_attend_backward(t.layer, c->batch, q_len, kv_len, q, k, v, lp, go,
                                               dq, dk, dv),
                      SELFATTN_OK);
@@ -302,35 +288,14 @@ static void run_attend_case(const bcase *c, int q_len, int kv_len, uint64_t seed
 
 /* ---- The reference against finite differences ------------------------------------------------ */
 
-static double fd_loss(const ref_layer *l, const ref_opts *o, int batch, int seq, const float *x,
-                      const int32_t *lens, const float *dy, double *y)
-{
-    ref_forward_ex(l, o, batch, seq, x, lens, y, NULL, NULL);
-    double s = 0.0;
-    for (size_t i = 0; i < (size_t)batch * seq * l->d_model; i++)
-        s += (double)dy[i] * y[i];
-    return s;
-}
-
 /* d loss / d p[i] for every i by central differences, against the analytic g. */
 static void fd_check(const char *what, float *p, size_t n, const double *g, const ref_layer *l,
                      const ref_opts *o, int batch, int seq, const float *x, const int32_t *lens,
                      const float *dy, double *y)
 {
-    double mx = 0.0, err = 0.0;
-    for (size_t i = 0; i < n; i++)
-        mx = fabs(g[i]) > mx ? fabs(g[i]) : mx;
-    for (size_t i = 0; i < n; i++) {
-        const float keep = p[i];
-        const float hi = keep + 1e-3f, lo = keep - 1e-3f;
-        p[i] = hi;
-        const double fh = fd_loss(l, o, batch, seq, x, lens, dy, y);
-        p[i] = lo;
-        const double fl = fd_loss(l, o, batch, seq, x, lens, dy, y);
-        p[i] = keep;
-        const double fd = (fh - fl) / ((double)hi - (double)lo);
-        err = fabs(fd - g[i]) > err ? fabs(fd - g[i]) : err;
-    }
+    const tu_fd_forward f = {l, o, batch, seq, x, lens, dy, y};
+    double mx;
+    const double err = tu_fd_error(p, n, g, tu_fd_forward_loss, &f, &mx);
     if (!(err <= FD_TOL * (1.0 + mx))) {
         print_message("%s: finite differences differ by %g (scale %g)\n", what, err, mx);
         fail();
@@ -367,17 +332,6 @@ static void fd_layer_case(const bcase *c, uint64_t seed)
     tu_layer_free(&t);
 }
 
-static double fd_attend_loss(const ref_layer *l, const ref_opts *o, int batch, int ql, int kl,
-                             const float *q, const float *k, const float *v, const int32_t *lens,
-                             const float *go, double *out)
-{
-    ref_attend_ex(l, o, batch, ql, kl, q, k, v, lens, out, NULL, NULL);
-    double s = 0.0;
-    for (size_t i = 0; i < (size_t)batch * ql * l->n_heads * l->head_dim; i++)
-        s += (double)go[i] * out[i];
-    return s;
-}
-
 static void fd_attend_case(const bcase *c, int ql, int kl, uint64_t seed)
 {
     tu_layer t;
@@ -397,20 +351,10 @@ static void fd_attend_case(const bcase *c, int ql, int kl, uint64_t seed)
     ref_attend_backward(&t.ref, &o, c->batch, ql, kl, q, k, v, lp, go, g[0], g[1], g[2]);
     float *p[3] = {q, k, v};
     const size_t n[3] = {n_q, n_k, n_k};
+    const tu_fd_attend f = {&t.ref, &o, c->batch, ql, kl, q, k, v, lp, go, out};
     for (int m = 0; m < 3; m++) {
-        double mx = 0.0, err = 0.0;
-        for (size_t i = 0; i < n[m]; i++)
-            mx = fabs(g[m][i]) > mx ? fabs(g[m][i]) : mx;
-        for (size_t i = 0; i < n[m]; i++) {
-            const float keep = p[m][i], hi = keep + 1e-3f, lo = keep - 1e-3f;
-            p[m][i] = hi;
-            const double fh = fd_attend_loss(&t.ref, &o, c->batch, ql, kl, q, k, v, lp, go, out);
-            p[m][i] = lo;
-            const double fl = fd_attend_loss(&t.ref, &o, c->batch, ql, kl, q, k, v, lp, go, out);
-            p[m][i] = keep;
-            const double fd = (fh - fl) / ((double)hi - (double)lo);
-            err = fabs(fd - g[m][i]) > err ? fabs(fd - g[m][i]) : err;
-        }
+        double mx;
+        const double err = tu_fd_error(p[m], n[m], g[m], tu_fd_attend_loss, &f, &mx);
         if (!(err <= FD_TOL * (1.0 + mx))) {
             print_message("attend d%c: finite differences differ by %g\n", "qkv"[m], err);
             fail();
@@ -571,9 +515,9 @@ static void test_padding(void **state)
     const int32_t zero[3] = {0, 0, 0};
     assert_int_equal(selfattn_backward(t.layer, 3, c.seq, x, zero, dy, a.dx, &a.grads),
                      SELFATTN_OK);
-    assert_true(all_equal(a.dx, n_x, 0.0f));
+    assert_true(tu_all_equal(a.dx, n_x, 0.0f));
     for (int i = 0; i < 8; i++)
-        assert_true(all_equal(a.g[i], n[i], 0.0f));
+        assert_true(tu_all_equal(a.g[i], n[i], 0.0f));
     free(x);
     free(dy);
     bufs_free(&a);
@@ -701,7 +645,7 @@ static void test_partial(void **state)
         assert_memory_equal(keep, full.g[want], sizeof(float) * n[want]);
         for (int i = 0; i < 8; i++)
             if (i != want)
-                assert_true(all_equal(one.g[i], n[i], SENT));
+                assert_true(tu_all_equal(one.g[i], n[i], SENT));
         bufs_free(&one);
     }
     bufs only;
@@ -709,7 +653,7 @@ static void test_partial(void **state)
     assert_int_equal(selfattn_backward(t.layer, 2, c.seq, x, lens, dy, only.dx, NULL),
                      SELFATTN_OK);
     assert_memory_equal(only.dx, full.dx, sizeof(float) * n_x);
-    fill(only.dx, n_x, SENT);
+    tu_set(only.dx, n_x, SENT);
     assert_int_equal(selfattn_backward(t.layer, 2, c.seq, x, lens, dy, NULL, NULL), SELFATTN_OK);
     /* a newer caller's larger struct with a zero tail */
     struct {
@@ -756,9 +700,9 @@ static void test_errors(void **state)
     const selfattn_layer *l = t.layer;
 #define UNTOUCHED()                                                                                \
     do {                                                                                           \
-        assert_true(all_equal(b.dx, n_x, SENT));                                                   \
+        assert_true(tu_all_equal(b.dx, n_x, SENT));                                                   \
         for (int i_ = 0; i_ < 8; i_++)                                                             \
-            assert_true(all_equal(b.g[i_], n[i_], SENT));                                          \
+            assert_true(tu_all_equal(b.g[i_], n[i_], SENT));                                          \
     } while (0)
 #define EXPECT(call, status)                                                                       \
     do {                                                                                           \
@@ -797,14 +741,14 @@ static void test_errors(void **state)
     tu_layer t2;
     make_layer(&c2, 8, &t2, &o);
     float wo[64], bo[8];
-    fill(wo, 64, SENT);
-    fill(bo, 8, SENT);
+    tu_set(wo, 64, SENT);
+    tu_set(bo, 8, SENT);
     b.grads.w_o = wo;
     EXPECT(selfattn_backward(t2.layer, 2, 5, x, NULL, dy, b.dx, &b.grads), SELFATTN_ERR_INVALID);
     b.grads.w_o = NULL;
     b.grads.b_o = bo;
     EXPECT(selfattn_backward(t2.layer, 2, 5, x, NULL, dy, b.dx, &b.grads), SELFATTN_ERR_INVALID);
-    assert_true(all_equal(wo, 64, SENT) && all_equal(bo, 8, SENT));
+    assert_true(tu_all_equal(wo, 64, SENT) && tu_all_equal(bo, 8, SENT));
     b.grads.b_o = b.g[7];
     tu_layer_free(&t2);
 
@@ -830,14 +774,14 @@ static void test_errors(void **state)
     float *v = tu_random(&r, n_q, -1, 1), *go = tu_random(&r, n_q, -1, 1);
     float *dq = malloc(sizeof(float) * n_q), *dk = malloc(sizeof(float) * n_q);
     float *dv = malloc(sizeof(float) * n_q);
-    fill(dq, n_q, SENT);
-    fill(dk, n_q, SENT);
-    fill(dv, n_q, SENT);
+    tu_set(dq, n_q, SENT);
+    tu_set(dk, n_q, SENT);
+    tu_set(dv, n_q, SENT);
 #define AEXPECT(call, status)                                                                      \
     do {                                                                                           \
         assert_int_equal((call), (status));                                                        \
-        assert_true(all_equal(dq, n_q, SENT) && all_equal(dk, n_q, SENT) &&                        \
-                    all_equal(dv, n_q, SENT));                                                     \
+        assert_true(tu_all_equal(dq, n_q, SENT) && tu_all_equal(dk, n_q, SENT) &&                        \
+                    tu_all_equal(dv, n_q, SENT));                                                     \
     } while (0)
     AEXPECT(selfattn_attend_backward(NULL, 2, 5, 5, q, k, v, NULL, go, dq, dk, dv),
             SELFATTN_ERR_NULL);
@@ -922,9 +866,9 @@ static void test_train_state(void **state)
     memcpy(copy, st, bytes + 8);
 #define STATE_AND_Y_UNTOUCHED(call, status)                                                        \
     do {                                                                                           \
-        fill(y, n_x, SENT);                                                                        \
+        tu_set(y, n_x, SENT);                                                                        \
         assert_int_equal((call), (status));                                                        \
-        assert_true(all_equal(y, n_x, SENT));                                                      \
+        assert_true(tu_all_equal(y, n_x, SENT));                                                      \
         assert_memory_equal(st, copy, bytes + 8);                                                  \
     } while (0)
     STATE_AND_Y_UNTOUCHED(selfattn_forward_train(NULL, 2, 5, x, lens, y, st, bytes),
@@ -950,9 +894,9 @@ static void test_train_state(void **state)
 #define UNTOUCHED(call, status)                                                                    \
     do {                                                                                           \
         assert_int_equal((call), (status));                                                        \
-        assert_true(all_equal(b.dx, n_x, SENT));                                                   \
+        assert_true(tu_all_equal(b.dx, n_x, SENT));                                                   \
         for (int i_ = 0; i_ < 8; i_++)                                                             \
-            assert_true(all_equal(b.g[i_], n[i_], SENT));                                          \
+            assert_true(tu_all_equal(b.g[i_], n[i_], SENT));                                          \
     } while (0)
     /* never filled */
     UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),
@@ -1003,8 +947,8 @@ static void test_train_state(void **state)
                      SELFATTN_OK);
     expect_same_bits(&b, &first, n_x, n);
     for (int i = 0; i < 8; i++)
-        fill(b.g[i], n[i], SENT);
-    fill(b.dx, n_x, SENT);
+        tu_set(b.g[i], n[i], SENT);
+    tu_set(b.dx, n_x, SENT);
     /* a weight set again (even to the same values) or an option changed: STATE */
     assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_Q, t.w[0], (int64_t)n[0]),
                      SELFATTN_OK);

@@ -184,11 +184,6 @@ static void test_weights_backward(void **state)
 #define CHD 4
 #define CT 14 /* positions per sequence: a prompt, then single steps */
 
-static float dyadic(tu_rng *r, int bits, double amp)
-{
-    return (float)(ldexp(floor(tu_uniform(r) * ldexp(2.0 * amp, bits)), -bits) - amp);
-}
-
 typedef struct cache_ref {
     float wq[CH * CHD * CD], wk[CKV * CHD * CD], wv[CKV * CHD * CD], wo[CD * CH * CHD];
     float bq[CH * CHD], bk[CKV * CHD], bv[CKV * CHD], bo[CD];
@@ -239,7 +234,7 @@ static void test_cache_dtypes(void **state)
                 for (int i = 0; i < 8; i++) {
                     const size_t m = cnt[i] / sizeof(float);
                     for (size_t j = 0; j < m; j++)
-                        all[i][j] = dyadic(&r, 8, 0.5);
+                        all[i][j] = tu_dyadic(&r, 8, 0.5);
                     assert_int_equal(selfattn_layer_set_weight(l, (selfattn_weight)(i + 1), all[i],
                                                                (int64_t)m),
                                      SELFATTN_OK);
@@ -254,7 +249,7 @@ static void test_cache_dtypes(void **state)
                 double yr[2][CT * CD];
                 for (int s = 0; s < 2; s++) {
                     for (int i = 0; i < CT * CD; i++)
-                        x[s][i] = dyadic(&r, 6, 1.0);
+                        x[s][i] = tu_dyadic(&r, 6, 1.0);
                     cache_reference(&w, windows[wi], kvdt, x[s], yr[s]);
                 }
                 int32_t done[2] = {0, 0};

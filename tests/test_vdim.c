@@ -42,20 +42,6 @@ static void expect_close(const char *what, int dv, const float *a, const double 
     }
 }
 
-static void fill(float *p, size_t n, float v)
-{
-    for (size_t i = 0; i < n; i++)
-        p[i] = v;
-}
-
-static int all_equal(const float *p, size_t n, float v)
-{
-    for (size_t i = 0; i < n; i++)
-        if (memcmp(&p[i], &v, sizeof v) != 0)
-            return 0;
-    return 1;
-}
-
 /* ---- A test layer ---------------------------------------------------------------------------- */
 
 typedef struct vcase {
@@ -104,47 +90,17 @@ static const int32_t *case_lengths(const vcase *c, int32_t *lens)
 
 /* ---- The float64 reference's gradients at dv != head_dim, by finite differences ------------ */
 
-static double fd_loss(const ref_layer *l, const ref_opts *o, int batch, int seq, const float *x,
-                      const float *dy, double *y)
-{
-    ref_forward_ex(l, o, batch, seq, x, NULL, y, NULL, NULL);
-    double s = 0.0;
-    for (size_t i = 0; i < (size_t)batch * seq * l->d_model; i++)
-        s += (double)dy[i] * y[i];
-    return s;
-}
-
 static void fd_check(const char *what, float *p, size_t n, const double *g, const ref_layer *l,
                      const ref_opts *o, int batch, int seq, const float *x, const float *dy,
                      double *y)
 {
-    double mx = 0.0, err = 0.0;
-    for (size_t i = 0; i < n; i++)
-        mx = fabs(g[i]) > mx ? fabs(g[i]) : mx;
-    for (size_t i = 0; i < n; i++) {
-        const float keep = p[i], hi = keep + 1e-3f, lo = keep - 1e-3f;
-        p[i] = hi;
-        const double fh = fd_loss(l, o, batch, seq, x, dy, y);
-        p[i] = lo;
-        const double fl = fd_loss(l, o, batch, seq, x, dy, y);
-        p[i] = keep;
-        const double fd = (fh - fl) / ((double)hi - (double)lo);
-        err = fabs(fd - g[i]) > err ? fabs(fd - g[i]) : err;
-    }
+    const tu_fd_forward f = {l, o, batch, seq, x, NULL, dy, y};
+    double mx;
+    const double err = tu_fd_error(p, n, g, tu_fd_forward_loss, &f, &mx);
     if (!(err <= FD_TOL * (1.0 + mx))) {
         print_error("%s: finite differences differ by %g (scale %g)\n", what, err, mx);
         fail();
     }
-}
-
-static double fd_attend_loss(const ref_layer *l, const ref_opts *o, int ql, int kl, const float *q,
-                             const float *k, const float *v, const float *go, double *out)
-{
-    ref_attend_ex(l, o, 1, ql, kl, q, k, v, NULL, out, NULL, NULL);
-    double s = 0.0;
-    for (size_t i = 0; i < (size_t)ql * l->n_heads * l->v_dim; i++)
-        s += (double)go[i] * out[i];
-    return s;
 }
 
 static void test_reference_finite_differences(void **state)
@@ -189,20 +145,10 @@ static void test_reference_finite_differences(void **state)
         ref_attend_backward(&t.ref, &oa, 1, ql, kl, q, k, v, NULL, go, ga[0], ga[1], ga[2]);
         float *p[3] = {q, k, v};
         const size_t na[3] = {ql * nq, kl * nkv, kl * nkvv};
+        const tu_fd_attend f = {&t.ref, &oa, 1, ql, kl, q, k, v, NULL, go, out};
         for (int m = 0; m < 3; m++) {
-            double mx = 0.0, err = 0.0;
-            for (size_t i = 0; i < na[m]; i++)
-                mx = fabs(ga[m][i]) > mx ? fabs(ga[m][i]) : mx;
-            for (size_t i = 0; i < na[m]; i++) {
-                const float keep = p[m][i], hi = keep + 1e-3f, lo = keep - 1e-3f;
-                p[m][i] = hi;
-                const double fh = fd_attend_loss(&t.ref, &oa, ql, kl, q, k, v, go, out);
-                p[m][i] = lo;
-                const double fl = fd_attend_loss(&t.ref, &oa, ql, kl, q, k, v, go, out);
-                p[m][i] = keep;
-                const double fd = (fh - fl) / ((double)hi - (double)lo);
-                err = fabs(fd - ga[m][i]) > err ? fabs(fd - ga[m][i]) : err;
-            }
+            double mx;
+            const double err = tu_fd_error(p[m], na[m], ga[m], tu_fd_attend_loss, &f, &mx);
             assert_true(err <= FD_TOL * (1.0 + mx));
         }
         free(q);
@@ -250,7 +196,7 @@ static void run_forward_case(const vcase *c, int dv, int wdt, uint64_t seed)
     double *lr = malloc(sizeof(double) * n_l);
     ref_forward_ex(&t.ref, &o, c->batch, c->seq, x, lp, yr, wr, lr);
 
-    fill(y, n_x, SENT);
+    tu_set(y, n_x, SENT);
     assert_int_equal(selfattn_forward(t.layer, c->batch, c->seq, x, lp, y), SELFATTN_OK);
     expect_close("forward", dv, y, yr, n_x);
     selfattn_extras e;
@@ -258,7 +204,7 @@ static void run_forward_case(const vcase *c, int dv, int wdt, uint64_t seed)
     e.struct_size = sizeof e;
     e.weights = wts;
     e.lse = lse;
-    fill(y, n_x, SENT);
+    tu_set(y, n_x, SENT);
     assert_int_equal(selfattn_forward_ex(t.layer, c->batch, c->seq, x, lp, &e, y), SELFATTN_OK);
     expect_close("forward_ex", dv, y, yr, n_x);
     expect_close("forward_ex weights", dv, wts, wr, n_w);
@@ -322,7 +268,7 @@ static void run_attend_case(const vcase *c, int dv, int q_len, int kv_len, uint6
     }
     double *ro = malloc(sizeof(double) * n_o), *rw = malloc(sizeof(double) * n_w);
     ref_attend_ex(&t.ref, &o, c->batch, q_len, kv_len, q, k, v, lp, ro, rw, NULL);
-    fill(out, n_o, SENT);
+    tu_set(out, n_o, SENT);
     assert_int_equal(selfattn_attend(t.layer, c->batch, q_len, kv_len, q, k, v, lp, out),
                      SELFATTN_OK);
     expect_close("attend", dv, out, ro, n_o);
@@ -330,7 +276,7 @@ static void run_attend_case(const vcase *c, int dv, int q_len, int kv_len, uint6
     memset(&e, 0, sizeof e);
     e.struct_size = sizeof e;
     e.weights = wts;
-    fill(out, n_o, SENT);
+    tu_set(out, n_o, SENT);
     assert_int_equal(selfattn_attend_ex(t.layer, c->batch, q_len, kv_len, q, k, v, lp, &e, out),
                      SELFATTN_OK);
     expect_close("attend_ex", dv, out, ro, n_o);
@@ -340,9 +286,9 @@ static void run_attend_case(const vcase *c, int dv, int q_len, int kv_len, uint6
     float *go = tu_random(&r, n_o, -1, 1);
     float *dq = malloc(sizeof(float) * n_q), *dk = malloc(sizeof(float) * n_k);
     float *dvv = malloc(sizeof(float) * n_v);
-    fill(dq, n_q, SENT);
-    fill(dk, n_k, SENT);
-    fill(dvv, n_v, SENT);
+    tu_set(dq, n_q, SENT);
+    tu_set(dk, n_k, SENT);
+    tu_set(dvv, n_v, SENT);
     assert_int_equal(
         selfattn_attend_backward(t.layer, c->batch, q_len, kv_len, q, k, v, lp, go, dq, dk, dvv),
         SELFATTN_OK);
@@ -417,14 +363,14 @@ static void run_backward_case(const vcase *c, int dv, int wdt, uint64_t seed)
                                          "db_Q", "db_K", "db_V", "db_O"};
     for (int train = 0; train <= 1; train++) {
         float *dx = malloc(sizeof(float) * n_x), *g[8];
-        fill(dx, n_x, SENT);
+        tu_set(dx, n_x, SENT);
         selfattn_grads gr;
         memset(&gr, 0, sizeof gr);
         gr.struct_size = sizeof gr;
         for (int i = 0; i < 8; i++) {
             g[i] = n[i] ? malloc(sizeof(float) * n[i]) : NULL;
             if (g[i])
-                fill(g[i], n[i], SENT);
+                tu_set(g[i], n[i], SENT);
         }
         gr.w_q = g[0];
         gr.w_k = g[1];
@@ -500,11 +446,6 @@ static void test_backward(void **state)
 #define CHD 4
 #define CT 12 /* positions per sequence: a prompt, then single steps */
 
-static float dyadic(tu_rng *r, int bits, double amp)
-{
-    return (float)(ldexp(floor(tu_uniform(r) * ldexp(2.0 * amp, bits)), -bits) - amp);
-}
-
 /* y rows of one sequence x [CT][CD] from the float64 reference with K and V rounded to kvdt
    (RoPE, when on, applied in double before: only with F32, where no rounding follows). */
 static void cache_reference(const ref_layer *rl, const ref_opts *o, int kvdt, const float *x,
@@ -559,7 +500,7 @@ static void run_cache_case(int dv, int kvdt, int window, int rope, uint64_t seed
     for (int i = 0; i < 8; i++) {
         w[i] = malloc(sizeof(float) * cnt[i]);
         for (size_t j = 0; j < cnt[i]; j++)
-            w[i][j] = dyadic(&r, 8, 0.5);
+            w[i][j] = tu_dyadic(&r, 8, 0.5);
         assert_int_equal(
             selfattn_layer_set_weight(l, (selfattn_weight)(i + 1), w[i], (int64_t)cnt[i]),
             SELFATTN_OK);
@@ -589,7 +530,7 @@ static void run_cache_case(int dv, int kvdt, int window, int rope, uint64_t seed
     double yr[2][CT * CD];
     for (int s = 0; s < 2; s++) {
         for (int i = 0; i < CT * CD; i++)
-            x[s][i] = dyadic(&r, 6, 1.0);
+            x[s][i] = tu_dyadic(&r, 6, 1.0);
         cache_reference(&rl, &o, kvdt, x[s], yr[s]);
     }
     int32_t done[2] = {0, 0};
@@ -764,11 +705,11 @@ static void test_calls(void **state)
     ref_opts o;
     make_layer(&c, HD, 2 * HD, 0, 31, &t, &o);
     float x[4 * 40], y[4 * 40];
-    fill(x, 4 * 40, 0.5f);
-    fill(y, 4 * 40, SENT);
+    tu_set(x, 4 * 40, 0.5f);
+    tu_set(y, 4 * 40, SENT);
     const int32_t bad_len[1] = {5};
     assert_int_equal(selfattn_forward(t.layer, 1, 4, x, bad_len, y), SELFATTN_ERR_INVALID);
-    assert_true(all_equal(y, 4 * 40, SENT));
+    assert_true(tu_all_equal(y, 4 * 40, SENT));
 
     /* attend needs no weights: q [1][2][4 x 12], k [1][3][2 x 12], v [1][3][2 x dv] */
     selfattn_layer *l;
@@ -780,11 +721,11 @@ static void test_calls(void **state)
     tu_fill(&r, q, 2 * 48, -1, 1);
     tu_fill(&r, k, 3 * 24, -1, 1);
     tu_fill(&r, v, 3 * 10, -1, 1);
-    fill(out, 2 * 20, SENT);
+    tu_set(out, 2 * 20, SENT);
     assert_int_equal(selfattn_attend(l, 1, 2, 3, q, k, v, bad_len, out), SELFATTN_ERR_INVALID);
-    assert_true(all_equal(out, 2 * 20, SENT));
+    assert_true(tu_all_equal(out, 2 * 20, SENT));
     assert_int_equal(selfattn_attend(l, 1, 2, 3, q, k, v, NULL, out), SELFATTN_OK);
-    assert_false(all_equal(out, 2 * 20, SENT));
+    assert_false(tu_all_equal(out, 2 * 20, SENT));
     selfattn_layer_destroy(l);
 
     /* a cache records dv: a layer whose dv differs cannot use it (the shape changes before
@@ -801,10 +742,10 @@ static void test_calls(void **state)
     assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_V, w, 8 * 16), SELFATTN_OK);
     assert_int_equal(selfattn_layer_set_weight(l, SELFATTN_W_O, w, 16 * 8), SELFATTN_OK);
     float xc[16], yc[16];
-    fill(xc, 16, 0.25f);
-    fill(yc, 16, SENT);
+    tu_set(xc, 16, 0.25f);
+    tu_set(yc, 16, SENT);
     assert_int_equal(selfattn_forward_cached(l, cache, 1, xc, NULL, yc), SELFATTN_ERR_STATE);
-    assert_true(all_equal(yc, 16, SENT));
+    assert_true(tu_all_equal(yc, 16, SENT));
     int32_t len = -1;
     assert_int_equal(selfattn_cache_length(cache, 0, &len), SELFATTN_OK);
     assert_int_equal(len, 0);

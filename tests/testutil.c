@@ -178,3 +178,64 @@ void tu_layer_free(tu_layer *t)
     free(t->bqkv);
     memset(t, 0, sizeof *t);
 }
+
+void tu_set(float *p, size_t n, float v)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = v;
+}
+
+int tu_all_equal(const float *p, size_t n, float v)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&p[i], &v, sizeof v) != 0)
+            return 0;
+    return 1;
+}
+
+float tu_dyadic(tu_rng *r, int bits, double amp)
+{
+    return (float)(ldexp(floor(tu_uniform(r) * ldexp(2.0 * amp, bits)), -bits) - amp);
+}
+
+double tu_fd_forward_loss(const void *ctx)
+{
+    const tu_fd_forward *c = ctx;
+    ref_forward_ex(c->l, c->o, c->batch, c->seq, c->x, c->lens, c->y, NULL, NULL);
+    double s = 0.0;
+    for (size_t i = 0; i < (size_t)c->batch * c->seq * c->l->d_model; i++)
+        s += (double)c->dy[i] * c->y[i];
+    return s;
+}
+
+double tu_fd_attend_loss(const void *ctx)
+{
+    const tu_fd_attend *c = ctx;
+    ref_attend_ex(c->l, c->o, c->batch, c->ql, c->kl, c->q, c->k, c->v, c->lens, c->out, NULL,
+                  NULL);
+    const int dv = c->l->v_dim > 0 ? c->l->v_dim : c->l->head_dim;
+    double s = 0.0;
+    for (size_t i = 0; i < (size_t)c->batch * c->ql * c->l->n_heads * dv; i++)
+        s += (double)c->go[i] * c->out[i];
+    return s;
+}
+
+double tu_fd_error(float *p, size_t n, const double *g, double (*loss)(const void *ctx),
+                   const void *ctx, double *scale)
+{
+    double mx = 0.0, err = 0.0;
+    for (size_t i = 0; i < n; i++)
+        mx = fabs(g[i]) > mx ? fabs(g[i]) : mx;
+    for (size_t i = 0; i < n; i++) {
+        const float keep = p[i], hi = keep + 1e-3f, lo = keep - 1e-3f;
+        p[i] = hi;
+        const double fh = loss(ctx);
+        p[i] = lo;
+        const double fl = loss(ctx);
+        p[i] = keep;
+        const double fd = (fh - fl) / ((double)hi - (double)lo);
+        err = fabs(fd - g[i]) > err ? fabs(fd - g[i]) : err;
+    }
+    *scale = mx;
+    return err;
+}

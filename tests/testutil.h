@@ -52,4 +52,44 @@ selfattn_status tu_layer_make_v(const tu_spec *s, int v_head_dim, uint64_t seed,
                                 tu_layer *out);
 void tu_layer_free(tu_layer *t);
 
+
+/* p[0..n) = v; whether every p[i] has v's bits (memcmp, so -0.0 and NaN payloads count). */
+void tu_set(float *p, size_t n, float v);
+int tu_all_equal(const float *p, size_t n, float v);
+/* A multiple of 2^-bits in [-amp, amp): exact in float32 and in the products of a few. */
+float tu_dyadic(tu_rng *r, int bits, double amp);
+
+/* ---- Finite differences of the float64 reference ---- */
+
+/* loss = sum dy . y over ref_forward_ex(l, o, batch, seq, x, lens) (y: its scratch output). */
+typedef struct tu_fd_forward {
+    const ref_layer *l;
+    const ref_opts *o;
+    int batch, seq;
+    const float *x;
+    const int32_t *lens;
+    const float *dy;
+    double *y;
+} tu_fd_forward;
+double tu_fd_forward_loss(const void *ctx);
+
+/* loss = sum go . out over ref_attend_ex(l, o, batch, ql, kl, q, k, v, lens) (out: its scratch
+   output, batch * ql * n_heads * dv). */
+typedef struct tu_fd_attend {
+    const ref_layer *l;
+    const ref_opts *o;
+    int batch, ql, kl;
+    const float *q, *k, *v;
+    const int32_t *lens;
+    const float *go;
+    double *out;
+} tu_fd_attend;
+double tu_fd_attend_loss(const void *ctx);
+
+/* d loss / d p[i] for every i by central differences (p[i] +- 1e-3, restored after), against the
+   analytic g: returns the largest |difference| and puts the largest |g[i]| in *scale. loss reads
+   p through ctx. */
+double tu_fd_error(float *p, size_t n, const double *g, double (*loss)(const void *ctx),
+                   const void *ctx, double *scale);
+
 #endif
