@@ -56,13 +56,6 @@ static void make_layer(const bcase *c, uint64_t seed, tu_layer *t, ref_opts *o)
     const tu_spec spec = {dm,          c->heads,  c->kv_heads, c->hd,      c->causal,
                           c->out_proj, c->packed, c->biases,   c->threads, (float)c->scale};
     assert_int_equal(tu_layer_make(&spec, seed, t), SELFATTN_OK);
-    selfattn_layer *l = t->layer;
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, c->window), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ALIBI, c->alibi), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ROPE, c->rope), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ROPE_DIMS, c->rope_dims), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, c->softcap), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_ROPE_THETA, c->theta), SELFATTN_OK);
     memset(o, 0, sizeof *o);
     o->window = c->window;
     o->alibi = c->alibi;
@@ -70,6 +63,7 @@ static void make_layer(const bcase *c, uint64_t seed, tu_layer *t, ref_opts *o)
     o->rope = c->rope;
     o->rope_dims = c->rope_dims;
     o->rope_theta = c->theta;
+    assert_int_equal(tu_layer_set_opts(t->layer, o), SELFATTN_OK);
 }
 
 /* The sizes of the eight gradients (0: not there). */

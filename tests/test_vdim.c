@@ -67,16 +67,12 @@ static void make_layer(const vcase *c, int hd, int dv, int wdt, uint64_t seed, t
     int64_t got = -1;
     assert_int_equal(selfattn_layer_get(t->layer, SELFATTN_OPT_V_HEAD_DIM, &got), SELFATTN_OK);
     assert_int_equal(got, dv);
-    selfattn_layer *l = t->layer;
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_WINDOW, c->window), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ALIBI, c->alibi), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_ROPE, c->rope), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, c->softcap), SELFATTN_OK);
     memset(o, 0, sizeof *o);
     o->window = c->window;
     o->alibi = c->alibi;
     o->softcap = c->softcap;
     o->rope = c->rope;
+    assert_int_equal(tu_layer_set_opts(t->layer, o), SELFATTN_OK);
 }
 
 static const int32_t *case_lengths(const vcase *c, int32_t *lens)

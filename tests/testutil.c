@@ -239,3 +239,19 @@ double tu_fd_error(float *p, size_t n, const double *g, double (*loss)(const voi
     *scale = mx;
     return err;
 }
+
+selfattn_status tu_layer_set_opts(selfattn_layer *l, const ref_opts *o)
+{
+    selfattn_status st = selfattn_layer_set(l, SELFATTN_OPT_WINDOW, o->window);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set(l, SELFATTN_OPT_ALIBI, o->alibi);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set(l, SELFATTN_OPT_ROPE, o->rope);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set(l, SELFATTN_OPT_ROPE_DIMS, o->rope_dims);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set_float(l, SELFATTN_FOPT_SOFTCAP, o->softcap);
+    if (st == SELFATTN_OK)
+        st = selfattn_layer_set_float(l, SELFATTN_FOPT_ROPE_THETA, o->rope_theta);
+    return st;
+}

@@ -51,6 +51,9 @@ selfattn_status tu_layer_make_typed(const tu_spec *s, uint64_t seed, int weight_
 selfattn_status tu_layer_make_v(const tu_spec *s, int v_head_dim, uint64_t seed, int weight_dtype,
                                 tu_layer *out);
 void tu_layer_free(tu_layer *t);
+/* Sets the layer's score options from o (WINDOW, ALIBI, ROPE, ROPE_DIMS, SOFTCAP, ROPE_THETA; the
+   0s of ref_opts are the library's defaults too); returns the status of the first failing call. */
+selfattn_status tu_layer_set_opts(selfattn_layer *l, const ref_opts *o);
 
 
 /* p[0..n) = v; whether every p[i] has v's bits (memcmp, so -0.0 and NaN payloads count). */
