@@ -532,14 +532,8 @@ static void run_cache_case(int dv, int kvdt, int window, int rope, uint64_t seed
     int32_t done[2] = {0, 0};
     while (done[0] < CT || done[1] < CT) {
         int32_t n_new[2];
-        for (int s = 0; s < 2; s++) {
-            const int32_t want = done[s] == 0 ? prompt[s] : 1;
-            n_new[s] = done[s] + want <= CT ? want : CT - done[s];
-        }
-        const int32_t max_new = n_new[0] > n_new[1] ? n_new[0] : n_new[1];
-        for (int s = 0; s < 2; s++)
-            memcpy(xin + (size_t)s * max_new * CD, x[s] + (size_t)done[s] * CD,
-                   (size_t)n_new[s] * CD * sizeof(float));
+        const float *const xs[2] = {x[0], x[1]};
+        const int32_t max_new = tu_decode_step(2, xs, CD, CT, prompt, done, n_new, xin);
         assert_int_equal(selfattn_forward_cached(l, c, max_new, xin, n_new, y), SELFATTN_OK);
         for (int s = 0; s < 2; s++) {
             char what[64];

@@ -255,3 +255,18 @@ selfattn_status tu_layer_set_opts(selfattn_layer *l, const ref_opts *o)
         st = selfattn_layer_set_float(l, SELFATTN_FOPT_ROPE_THETA, o->rope_theta);
     return st;
 }
+
+int32_t tu_decode_step(int n_seq, const float *const *x, int width, int32_t total,
+                       const int32_t *prompt, const int32_t *done, int32_t *n_new, float *xin)
+{
+    int32_t max_new = 0;
+    for (int s = 0; s < n_seq; s++) {
+        const int32_t want = done[s] == 0 ? prompt[s] : 1;
+        n_new[s] = done[s] + want <= total ? want : total - done[s];
+        max_new = n_new[s] > max_new ? n_new[s] : max_new;
+    }
+    for (int s = 0; s < n_seq; s++)
+        memcpy(xin + (size_t)s * max_new * width, x[s] + (size_t)done[s] * width,
+               (size_t)n_new[s] * width * sizeof(float));
+    return max_new;
+}

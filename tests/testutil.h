@@ -95,4 +95,10 @@ double tu_fd_attend_loss(const void *ctx);
 double tu_fd_error(float *p, size_t n, const double *g, double (*loss)(const void *ctx),
                    const void *ctx, double *scale);
 
+/* The next forward_cached call of a decode of n_seq sequences x[s] [total][width]: sets n_new[s]
+   (prompt[s] positions first, then one at a time, never past total; done[s] already fed), packs
+   those rows into xin [n_seq][max_new][width] and returns max_new. */
+int32_t tu_decode_step(int n_seq, const float *const *x, int width, int32_t total,
+                       const int32_t *prompt, const int32_t *done, int32_t *n_new, float *xin);
+
 #endif
