@@ -642,47 +642,65 @@ static void test_options(void **state)
     selfattn_layer_destroy(l);
 }
 
+/* One step of an option script: set opt to value and expect status, or (get) expect value. */
+typedef struct opt_step {
+    int get;
+    selfattn_option opt;
+    int64_t value;
+    selfattn_status status;
+} opt_step;
+
+/* Runs the steps on a new layer of d_model 16, 2 heads. */
+static void run_opt_steps(const opt_step *s, size_t n)
+{
+    selfattn_layer *l;
+    assert_int_equal(selfattn_layer_create(16, 2, &l), SELFATTN_OK);
+    for (size_t i = 0; i < n; i++) {
+        if (s[i].get)
+            assert_int_equal(get_opt(l, s[i].opt), s[i].value);
+        else
+            assert_int_equal(selfattn_layer_set(l, s[i].opt, s[i].value), s[i].status);
+    }
+    selfattn_layer_destroy(l);
+}
+
 /* OUT_PROJ 0 needs n_heads dv == d_model: the setting that would break it, in any order, is
    INVALID and changes nothing. d_model 16, 2 heads: head_dim 8 by default. */
 static void test_out_proj_rule(void **state)
 {
     (void)state;
-    selfattn_layer *l;
     /* OUT_PROJ 0 first, then a dv that breaks it */
-    assert_int_equal(selfattn_layer_create(16, 2, &l), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_V_HEAD_DIM, 4), SELFATTN_ERR_INVALID);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_V_HEAD_DIM), 8);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_V_HEAD_DIM, 8), SELFATTN_OK);
-    /* dv given: head_dim may change, dv stays 8 */
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 4), SELFATTN_OK);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_HEAD_DIM), 4);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_V_HEAD_DIM), 8);
-    /* back to the default (dv = head_dim = 4): 2 x 4 != 16 */
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_V_HEAD_DIM, 0), SELFATTN_ERR_INVALID);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_V_HEAD_DIM), 8);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_OUT_PROJ), 0);
-    selfattn_layer_destroy(l);
+    static const opt_step first[] = {{0, SELFATTN_OPT_OUT_PROJ, 0, SELFATTN_OK},
+                                     {0, SELFATTN_OPT_V_HEAD_DIM, 4, SELFATTN_ERR_INVALID},
+                                     {1, SELFATTN_OPT_V_HEAD_DIM, 8, SELFATTN_OK},
+                                     {0, SELFATTN_OPT_V_HEAD_DIM, 8, SELFATTN_OK},
+                                     /* dv given: head_dim may change, dv stays 8 */
+                                     {0, SELFATTN_OPT_HEAD_DIM, 4, SELFATTN_OK},
+                                     {1, SELFATTN_OPT_HEAD_DIM, 4, SELFATTN_OK},
+                                     {1, SELFATTN_OPT_V_HEAD_DIM, 8, SELFATTN_OK},
+                                     /* back to the default (dv = head_dim = 4): 2 x 4 != 16 */
+                                     {0, SELFATTN_OPT_V_HEAD_DIM, 0, SELFATTN_ERR_INVALID},
+                                     {1, SELFATTN_OPT_V_HEAD_DIM, 8, SELFATTN_OK},
+                                     {1, SELFATTN_OPT_OUT_PROJ, 0, SELFATTN_OK}};
+    run_opt_steps(first, sizeof first / sizeof first[0]);
 
     /* dv default, OUT_PROJ 0, then HEAD_DIM (which is dv) breaking it */
-    assert_int_equal(selfattn_layer_create(16, 2, &l), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 4), SELFATTN_ERR_INVALID);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_HEAD_DIM), 8);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_V_HEAD_DIM), 8);
-    selfattn_layer_destroy(l);
+    static const opt_step head_dim[] = {{0, SELFATTN_OPT_OUT_PROJ, 0, SELFATTN_OK},
+                                        {0, SELFATTN_OPT_HEAD_DIM, 4, SELFATTN_ERR_INVALID},
+                                        {1, SELFATTN_OPT_HEAD_DIM, 8, SELFATTN_OK},
+                                        {1, SELFATTN_OPT_V_HEAD_DIM, 8, SELFATTN_OK}};
+    run_opt_steps(head_dim, sizeof head_dim / sizeof head_dim[0]);
 
     /* dv first, then OUT_PROJ 0: INVALID; with a fitting dv, fine */
-    assert_int_equal(selfattn_layer_create(16, 2, &l), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_V_HEAD_DIM, 12), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_ERR_INVALID);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_OUT_PROJ), 1);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_V_HEAD_DIM), 12);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_HEAD_DIM, 6), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_V_HEAD_DIM, 8), SELFATTN_OK);
-    assert_int_equal(selfattn_layer_set(l, SELFATTN_OPT_OUT_PROJ, 0), SELFATTN_OK);
-    assert_int_equal(get_opt(l, SELFATTN_OPT_HEAD_DIM), 6);
-    selfattn_layer_destroy(l);
+    static const opt_step dv_first[] = {{0, SELFATTN_OPT_V_HEAD_DIM, 12, SELFATTN_OK},
+                                        {0, SELFATTN_OPT_OUT_PROJ, 0, SELFATTN_ERR_INVALID},
+                                        {1, SELFATTN_OPT_OUT_PROJ, 1, SELFATTN_OK},
+                                        {1, SELFATTN_OPT_V_HEAD_DIM, 12, SELFATTN_OK},
+                                        {0, SELFATTN_OPT_HEAD_DIM, 6, SELFATTN_OK},
+                                        {0, SELFATTN_OPT_V_HEAD_DIM, 8, SELFATTN_OK},
+                                        {0, SELFATTN_OPT_OUT_PROJ, 0, SELFATTN_OK},
+                                        {1, SELFATTN_OPT_HEAD_DIM, 6, SELFATTN_OK}};
+    run_opt_steps(dv_first, sizeof dv_first / sizeof dv_first[0]);
 }
 
 /* Calls whose checks fail write nothing; a cache made before dv changed is STATE. */
