@@ -694,9 +694,9 @@ static void test_errors(void **state)
     const selfattn_layer *l = t.layer;
 #define UNTOUCHED()                                                                                \
     do {                                                                                           \
-        assert_true(tu_all_equal(b.dx, n_x, SENT));                                                   \
+        assert_true(tu_all_equal(b.dx, n_x, SENT));                                                \
         for (int i_ = 0; i_ < 8; i_++)                                                             \
-            assert_true(tu_all_equal(b.g[i_], n[i_], SENT));                                          \
+            assert_true(tu_all_equal(b.g[i_], n[i_], SENT));                                       \
     } while (0)
 #define EXPECT(call, status)                                                                       \
     do {                                                                                           \
@@ -774,8 +774,8 @@ static void test_errors(void **state)
 #define AEXPECT(call, status)                                                                      \
     do {                                                                                           \
         assert_int_equal((call), (status));                                                        \
-        assert_true(tu_all_equal(dq, n_q, SENT) && tu_all_equal(dk, n_q, SENT) &&                        \
-                    tu_all_equal(dv, n_q, SENT));                                                     \
+        assert_true(tu_all_equal(dq, n_q, SENT) && tu_all_equal(dk, n_q, SENT) &&                  \
+                    tu_all_equal(dv, n_q, SENT));                                                  \
     } while (0)
     AEXPECT(selfattn_attend_backward(NULL, 2, 5, 5, q, k, v, NULL, go, dq, dk, dv),
             SELFATTN_ERR_NULL);
@@ -860,9 +860,9 @@ static void test_train_state(void **state)
     memcpy(copy, st, bytes + 8);
 #define STATE_AND_Y_UNTOUCHED(call, status)                                                        \
     do {                                                                                           \
-        tu_set(y, n_x, SENT);                                                                        \
+        tu_set(y, n_x, SENT);                                                                      \
         assert_int_equal((call), (status));                                                        \
-        assert_true(tu_all_equal(y, n_x, SENT));                                                      \
+        assert_true(tu_all_equal(y, n_x, SENT));                                                   \
         assert_memory_equal(st, copy, bytes + 8);                                                  \
     } while (0)
     STATE_AND_Y_UNTOUCHED(selfattn_forward_train(NULL, 2, 5, x, lens, y, st, bytes),
@@ -888,9 +888,9 @@ static void test_train_state(void **state)
 #define UNTOUCHED(call, status)                                                                    \
     do {                                                                                           \
         assert_int_equal((call), (status));                                                        \
-        assert_true(tu_all_equal(b.dx, n_x, SENT));                                                   \
+        assert_true(tu_all_equal(b.dx, n_x, SENT));                                                \
         for (int i_ = 0; i_ < 8; i_++)                                                             \
-            assert_true(tu_all_equal(b.g[i_], n[i_], SENT));                                          \
+            assert_true(tu_all_equal(b.g[i_], n[i_], SENT));                                       \
     } while (0)
     /* never filled */
     UNTOUCHED(selfattn_backward_train(l, 2, 5, x, lens, dy, b.dx, &b.grads, st, bytes),

@@ -257,8 +257,7 @@ static void test_cache_dtypes(void **state)
                     int32_t n_new[2];
                     float xin[2 * 8 * CD];
                     const float *const xs[2] = {x[0], x[1]};
-                    const int32_t max_new =
-                        tu_decode_step(2, xs, CD, CT, prompt, done, n_new, xin);
+                    const int32_t max_new = tu_decode_step(2, xs, CD, CT, prompt, done, n_new, xin);
                     assert_int_equal(selfattn_forward_cached(l, c, max_new, xin, n_new, y),
                                      SELFATTN_OK);
                     for (int s = 0; s < 2; s++) {

@@ -55,7 +55,6 @@ void tu_layer_free(tu_layer *t);
    0s of ref_opts are the library's defaults too); returns the status of the first failing call. */
 selfattn_status tu_layer_set_opts(selfattn_layer *l, const ref_opts *o);
 
-
 /* p[0..n) = v; whether every p[i] has v's bits (memcmp, so -0.0 and NaN payloads count). */
 void tu_set(float *p, size_t n, float v);
 int tu_all_equal(const float *p, size_t n, float v);
