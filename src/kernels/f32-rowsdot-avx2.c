@@ -8,10 +8,8 @@
 #include <stdint.h>
 
 #include "kernels.h"
+#include "rowsdot-common.h"
 #include "exp-avx2.h"
-
-/* How K or V is stored: T is a constant at every call site, so each variant compiles apart. */
-enum { SA_T_F32 = 0, SA_T_F16 = 1, SA_T_BF16 = 2 };
 
 static inline __attribute__((always_inline)) __m256 sa_ld8(const int T, const void *base, size_t i)
 {
@@ -21,19 +19,6 @@ static inline __attribute__((always_inline)) __m256 sa_ld8(const int T, const vo
     if (T == SA_T_F16)
         return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline __attribute__((always_inline)) float sa_ld1(const int T, const void *base, size_t i)
-{
-    if (T == SA_T_F32)
-        return ((const float *)base)[i];
-    const uint16_t h = ((const uint16_t *)base)[i];
-    if (T == SA_T_F16)
-        return _cvtsh_ss(h);
-    const uint32_t x = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &x, sizeof f);
-    return f;
 }
 
 /* The 8 sums of a[0..7] in one vector, in order: three rounds of pairwise adds (hadd) and one
@@ -72,56 +57,8 @@ sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t d, c
     }
     float t[8];
     _mm256_storeu_ps(t, sa_sum8_avx2(acc));
-    for (size_t r = 0; r < M; r++)
-        for (size_t g = 0; g < G; g++) {
-            float u = t[r * G + g];
-            for (size_t c = d8; c < d; c++) /* fewer than 8 dimensions left */
-                u += q[r * ldq + c] * sa_ld1(T, k, (j0 + g) * ldk + c);
-            s[r * lds + j0 + g] = u;
-        }
-}
-
-/* s[r][j] = q_r . k_j for rows r < M: keys in groups of 8 / M (the last few one at a time). */
-static inline __attribute__((always_inline)) void
-sa_qkt_rows(const int T, const size_t M, size_t n, size_t d, const float *q, size_t ldq,
-            const void *k, size_t ldk, float *s, size_t lds)
-{
-    const size_t G = 8 / M;
-    size_t j = 0;
-    for (; j + G <= n; j += G)
-        sa_qkt_group(T, M, G, j, d, q, ldq, k, ldk, s, lds);
-    for (; j < n; j++)
-        sa_qkt_group(T, M, 1, j, d, q, ldq, k, ldk, s, lds);
-}
-
-#define SA_QKT_SWITCH(T)                                                                           \
-    switch (m) {                                                                                   \
-    case 1: sa_qkt_rows(T, 1, n, d, q, ldq, k, ldk, s, lds); break;                                \
-    case 2: sa_qkt_rows(T, 2, n, d, q, ldq, k, ldk, s, lds); break;                                \
-    case 3: sa_qkt_rows(T, 3, n, d, q, ldq, k, ldk, s, lds); break;                                \
-    case 4: sa_qkt_rows(T, 4, n, d, q, ldq, k, ldk, s, lds); break;                                \
-    case 5: sa_qkt_rows(T, 5, n, d, q, ldq, k, ldk, s, lds); break;                                \
-    case 6: sa_qkt_rows(T, 6, n, d, q, ldq, k, ldk, s, lds); break;                                \
-    case 7: sa_qkt_rows(T, 7, n, d, q, ldq, k, ldk, s, lds); break;                                \
-    default: sa_qkt_rows(T, 8, n, d, q, ldq, k, ldk, s, lds); break;                               \
-    }
-
-void sa_f32_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq, const float *k,
-                        size_t ldk, float *s, size_t lds)
-{
-    SA_QKT_SWITCH(SA_T_F32)
-}
-
-void sa_f16_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
-                        const uint16_t *k, size_t ldk, float *s, size_t lds)
-{
-    SA_QKT_SWITCH(SA_T_F16)
-}
-
-void sa_bf16_qkt_avx2_g8(size_t m, size_t n, size_t d, const float *q, size_t ldq,
-                         const uint16_t *k, size_t ldk, float *s, size_t lds)
-{
-    SA_QKT_SWITCH(SA_T_BF16)
+    /* and the fewer than 8 dimensions left */
+    sa_qkt_finish(T, M, G, j0, d8, d, t, q, ldq, k, ldk, s, lds);
 }
 
 /* o[r][c] (+)= sum_{j0 <= j < j1} p[r][j] v_j[c] for columns [c, c1), a slice of W (8 or 16)
@@ -153,60 +90,18 @@ sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, siz
     return c;
 }
 
-/* Keys in blocks of SA_PV_KEYS: the first slice of a block reads its V rows from memory in order,
-   the other slices find them in L2 (a slice per pass over all keys would stream V as many strided
-   passes, 64 bytes of every row at a time, which the prefetchers follow poorly). */
-#define SA_PV_KEYS 256
-
-static inline __attribute__((always_inline)) void
-sa_pv_rows(const int T, const size_t M, size_t n, size_t d, const float *p, size_t ldp,
-           const void *v, size_t ldv, float *o, size_t ldo)
+/* The columns of o from c on in slices of whole vectors, for keys [j0, j1); returns the first
+   of the fewer than 8 columns left. */
+static inline __attribute__((always_inline)) size_t
+sa_pv_slices(const int T, const size_t M, size_t c, size_t d, size_t j0, size_t j1, int first,
+             const float *p, size_t ldp, const void *v, size_t ldv, float *o, size_t ldo)
 {
-    for (size_t j0 = 0; j0 < n || j0 == 0; j0 += SA_PV_KEYS) {
-        const size_t j1 = n - j0 < SA_PV_KEYS ? n : j0 + SA_PV_KEYS;
-        const int first = j0 == 0;
-        size_t c = 0;
-        if (M <= 4) /* 16-column slices while 2 x M accumulators fit the 16 registers */
-            c = sa_pv_cols(T, M, 16, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
-        c = sa_pv_cols(T, M, 8, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
-        for (; c < d; c++) /* fewer than 8 columns left */
-            for (size_t r = 0; r < M; r++) {
-                float t = first ? 0.0f : o[r * ldo + c];
-                for (size_t j = j0; j < j1; j++)
-                    t += p[r * ldp + j] * sa_ld1(T, v, j * ldv + c);
-                o[r * ldo + c] = t;
-            }
-        if (j1 >= n)
-            break;
-    }
+    if (M <= 4) /* 16-column slices while 2 x M accumulators fit the 16 registers */
+        c = sa_pv_cols(T, M, 16, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
+    c = sa_pv_cols(T, M, 8, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
+    return c;
 }
 
-#define SA_PV_SWITCH(T)                                                                            \
-    switch (m) {                                                                                   \
-    case 1: sa_pv_rows(T, 1, n, d, p, ldp, v, ldv, o, ldo); break;                                 \
-    case 2: sa_pv_rows(T, 2, n, d, p, ldp, v, ldv, o, ldo); break;                                 \
-    case 3: sa_pv_rows(T, 3, n, d, p, ldp, v, ldv, o, ldo); break;                                 \
-    case 4: sa_pv_rows(T, 4, n, d, p, ldp, v, ldv, o, ldo); break;                                 \
-    case 5: sa_pv_rows(T, 5, n, d, p, ldp, v, ldv, o, ldo); break;                                 \
-    case 6: sa_pv_rows(T, 6, n, d, p, ldp, v, ldv, o, ldo); break;                                 \
-    case 7: sa_pv_rows(T, 7, n, d, p, ldp, v, ldv, o, ldo); break;                                 \
-    default: sa_pv_rows(T, 8, n, d, p, ldp, v, ldv, o, ldo); break;                                \
-    }
-
-void sa_f32_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp, const float *v,
-                       size_t ldv, float *o, size_t ldo)
-{
-    SA_PV_SWITCH(SA_T_F32)
-}
-
-void sa_f16_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp, const uint16_t *v,
-                       size_t ldv, float *o, size_t ldo)
-{
-    SA_PV_SWITCH(SA_T_F16)
-}
-
-void sa_bf16_pv_avx2_g8(size_t m, size_t n, size_t d, const float *p, size_t ldp,
-                        const uint16_t *v, size_t ldv, float *o, size_t ldo)
-{
-    SA_PV_SWITCH(SA_T_BF16)
-}
+#define SA_RD_ISA avx2
+#define SA_RD_GROUP 8
+#include "rowsdot-template.h"
