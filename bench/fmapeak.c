@@ -35,93 +35,99 @@ typedef double (*fp_loop)(int64_t iters);
 #define FP_REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #define FP_REP16(X) FP_REP12(X) X(12) X(13) X(14) X(15)
 
+/* One loop: n_acc accumulators (rep: FP_REP12 or FP_REP16) of lanes floats, all in registers,
+   in the vector type FP_V with FP_V_SET1, FP_V_STEP (c * a + b), FP_V_ADD, FP_V_ZERO and
+   FP_V_STORE, which each loop below defines for its ISA (the function keeps its own target
+   attribute, so the loop compiles with that ISA's instructions). */
+#define FP_DECL(i) FP_V c##i = FP_V_SET1((float)(i));
+#define FP_STEP(i) c##i = FP_V_STEP(c##i);
+#define FP_SUM(i) s = FP_V_ADD(s, c##i);
+#define FP_BODY(rep, n_acc, lanes)                                                                 \
+    const FP_V a = FP_V_SET1(fp_a), b = FP_V_SET1(fp_b);                                           \
+    rep(FP_DECL)                                                                                   \
+    for (int64_t it = 0; it < iters; it++) {                                                       \
+        rep(FP_STEP)                                                                               \
+    }                                                                                              \
+    FP_V s = FP_V_ZERO();                                                                          \
+    rep(FP_SUM)                                                                                    \
+    float out[lanes];                                                                              \
+    FP_V_STORE(out, s);                                                                            \
+    fp_sink = out[0];                                                                              \
+    return (double)iters * (n_acc) * (lanes) * 2;
+
 #ifdef FP_X86
 /* 16 accumulators of 16 lanes (of AVX-512's 32 registers). */
+#define FP_V __m512
+#define FP_V_SET1 _mm512_set1_ps
+#define FP_V_STEP(c) _mm512_fmadd_ps(c, a, b)
+#define FP_V_ADD _mm512_add_ps
+#define FP_V_ZERO _mm512_setzero_ps
+#define FP_V_STORE _mm512_storeu_ps
 __attribute__((target("avx512f"))) static double fp_loop_avx512(int64_t iters)
 {
-    const __m512 a = _mm512_set1_ps(fp_a), b = _mm512_set1_ps(fp_b);
-#define FP_DECL(i) __m512 c##i = _mm512_set1_ps((float)(i));
-#define FP_STEP(i) c##i = _mm512_fmadd_ps(c##i, a, b);
-#define FP_SUM(i) s = _mm512_add_ps(s, c##i);
-    FP_REP16(FP_DECL)
-    for (int64_t it = 0; it < iters; it++) {
-        FP_REP16(FP_STEP)
-    }
-    __m512 s = _mm512_setzero_ps();
-    FP_REP16(FP_SUM)
-    float out[16];
-    _mm512_storeu_ps(out, s);
-    fp_sink = out[0];
-#undef FP_DECL
-#undef FP_STEP
-#undef FP_SUM
-    return (double)iters * 16 * 16 * 2;
+    FP_BODY(FP_REP16, 16, 16)
 }
+#undef FP_V
+#undef FP_V_SET1
+#undef FP_V_STEP
+#undef FP_V_ADD
+#undef FP_V_ZERO
+#undef FP_V_STORE
 
 /* 12 accumulators of 8 lanes (of AVX2's 16 registers, a and b included). */
+#define FP_V __m256
+#define FP_V_SET1 _mm256_set1_ps
+#define FP_V_STEP(c) _mm256_fmadd_ps(c, a, b)
+#define FP_V_ADD _mm256_add_ps
+#define FP_V_ZERO _mm256_setzero_ps
+#define FP_V_STORE _mm256_storeu_ps
 __attribute__((target("avx2,fma"))) static double fp_loop_avx2(int64_t iters)
 {
-    const __m256 a = _mm256_set1_ps(fp_a), b = _mm256_set1_ps(fp_b);
-#define FP_DECL(i) __m256 c##i = _mm256_set1_ps((float)(i));
-#define FP_STEP(i) c##i = _mm256_fmadd_ps(c##i, a, b);
-#define FP_SUM(i) s = _mm256_add_ps(s, c##i);
-    FP_REP12(FP_DECL)
-    for (int64_t it = 0; it < iters; it++) {
-        FP_REP12(FP_STEP)
-    }
-    __m256 s = _mm256_setzero_ps();
-    FP_REP12(FP_SUM)
-    float out[8];
-    _mm256_storeu_ps(out, s);
-    fp_sink = out[0];
-#undef FP_DECL
-#undef FP_STEP
-#undef FP_SUM
-    return (double)iters * 12 * 8 * 2;
+    FP_BODY(FP_REP12, 12, 8)
 }
+#undef FP_V
+#undef FP_V_SET1
+#undef FP_V_STEP
+#undef FP_V_ADD
+#undef FP_V_ZERO
+#undef FP_V_STORE
 
 /* SSE has no FMA: a multiply and an add, 12 accumulators of 4 lanes. */
+#define FP_V __m128
+#define FP_V_SET1 _mm_set1_ps
+#define FP_V_STEP(c) _mm_add_ps(_mm_mul_ps(c, a), b)
+#define FP_V_ADD _mm_add_ps
+#define FP_V_ZERO _mm_setzero_ps
+#define FP_V_STORE _mm_storeu_ps
 __attribute__((target("sse2"))) static double fp_loop_sse(int64_t iters)
 {
-    const __m128 a = _mm_set1_ps(fp_a), b = _mm_set1_ps(fp_b);
-#define FP_DECL(i) __m128 c##i = _mm_set1_ps((float)(i));
-#define FP_STEP(i) c##i = _mm_add_ps(_mm_mul_ps(c##i, a), b);
-#define FP_SUM(i) s = _mm_add_ps(s, c##i);
-    FP_REP12(FP_DECL)
-    for (int64_t it = 0; it < iters; it++) {
-        FP_REP12(FP_STEP)
-    }
-    __m128 s = _mm_setzero_ps();
-    FP_REP12(FP_SUM)
-    float out[4];
-    _mm_storeu_ps(out, s);
-    fp_sink = out[0];
-#undef FP_DECL
-#undef FP_STEP
-#undef FP_SUM
-    return (double)iters * 12 * 4 * 2;
+    FP_BODY(FP_REP12, 12, 4)
 }
+#undef FP_V
+#undef FP_V_SET1
+#undef FP_V_STEP
+#undef FP_V_ADD
+#undef FP_V_ZERO
+#undef FP_V_STORE
 #endif
 
 /* Elsewhere: scalar multiply-adds (what the compiler makes of them). */
+#define FP_V float
+#define FP_V_SET1(x) (x)
+#define FP_V_STEP(c) ((c) * a + b)
+#define FP_V_ADD(s, c) ((s) + (c))
+#define FP_V_ZERO() 0.0f
+#define FP_V_STORE(p, s) ((p)[0] = (s))
 static double fp_loop_scalar(int64_t iters)
 {
-    const float a = fp_a, b = fp_b;
-#define FP_DECL(i) float c##i = (float)(i);
-#define FP_STEP(i) c##i = c##i * a + b;
-#define FP_SUM(i) s += c##i;
-    FP_REP12(FP_DECL)
-    for (int64_t it = 0; it < iters; it++) {
-        FP_REP12(FP_STEP)
-    }
-    float s = 0.0f;
-    FP_REP12(FP_SUM)
-    fp_sink = s;
-#undef FP_DECL
-#undef FP_STEP
-#undef FP_SUM
-    return (double)iters * 12 * 2;
+    FP_BODY(FP_REP12, 12, 1)
 }
+#undef FP_V
+#undef FP_V_SET1
+#undef FP_V_STEP
+#undef FP_V_ADD
+#undef FP_V_ZERO
+#undef FP_V_STORE
 
 static fp_loop fp_choose(const char **isa)
 {
