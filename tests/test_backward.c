@@ -226,12 +226,7 @@ static void run_attend_case(const bcase *c, int q_len, int kv_len, uint64_t seed
     float *q = tu_random(&r, n_q, -1.5f, 1.5f), *k = tu_random(&r, n_k, -1.5f, 1.5f);
     float *v = tu_random(&r, n_k, -1, 1), *go = tu_random(&r, n_q, -1, 1);
     int32_t lens[4];
-    const int32_t *lp = NULL;
-    if (c->lengths) {
-        for (int b = 0; b < c->batch; b++)
-            lens[b] = b == 0 ? kv_len : b == 1 ? kv_len / 2 : 0;
-        lp = lens;
-    }
+    const int32_t *lp = tu_key_lengths(c->lengths, c->batch, kv_len, lens);
     float *dq = malloc(sizeof(float) * n_q), *dk = malloc(sizeof(float) * n_k);
     float *dv = malloc(sizeof(float) * n_k);
     tu_set(dq, n_q, SENT);

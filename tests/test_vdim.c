@@ -256,12 +256,7 @@ static void run_attend_case(const vcase *c, int dv, int q_len, int kv_len, uint6
     float *v = tu_random(&r, n_v, -1, 1), *out = malloc(sizeof(float) * n_o);
     float *wts = malloc(sizeof(float) * n_w);
     int32_t lens[4];
-    const int32_t *lp = NULL;
-    if (c->lengths) {
-        for (int b = 0; b < c->batch; b++)
-            lens[b] = b == 0 ? kv_len : b == 1 ? kv_len / 2 : 0;
-        lp = lens;
-    }
+    const int32_t *lp = tu_key_lengths(c->lengths, c->batch, kv_len, lens);
     double *ro = malloc(sizeof(double) * n_o), *rw = malloc(sizeof(double) * n_w);
     ref_attend_ex(&t.ref, &o, c->batch, q_len, kv_len, q, k, v, lp, ro, rw, NULL);
     tu_set(out, n_o, SENT);

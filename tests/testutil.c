@@ -270,3 +270,12 @@ int32_t tu_decode_step(int n_seq, const float *const *x, int width, int32_t tota
                (size_t)n_new[s] * width * sizeof(float));
     return max_new;
 }
+
+const int32_t *tu_key_lengths(int lengths, int batch, int kv_len, int32_t *lens)
+{
+    if (!lengths)
+        return NULL;
+    for (int b = 0; b < batch; b++)
+        lens[b] = b == 0 ? kv_len : b == 1 ? kv_len / 2 : 0;
+    return lens;
+}

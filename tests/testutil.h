@@ -100,4 +100,8 @@ double tu_fd_error(float *p, size_t n, const double *g, double (*loss)(const voi
 int32_t tu_decode_step(int n_seq, const float *const *x, int width, int32_t total,
                        const int32_t *prompt, const int32_t *done, int32_t *n_new, float *xin);
 
+/* Key lengths of the attend tests when lengths is set: kv_len, kv_len / 2, then 0 for
+   sequences b = 0, 1, 2.. of batch; returns lens, or NULL (all kv_len) when lengths is 0. */
+const int32_t *tu_key_lengths(int lengths, int batch, int kv_len, int32_t *lens);
+
 #endif
