@@ -32,102 +32,73 @@ static double fp_now(void)
 /* Each loop runs iters iterations and returns the flops it did. */
 typedef double (*fp_loop)(int64_t iters);
 
-#define FP_REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define FP_REP16(X) FP_REP12(X) X(12) X(13) X(14) X(15)
+/* X(i, ...) for i = 0..11 or 0..15, the other arguments passed on */
+#define FP_REP12(X, ...)                                                                           \
+    X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__)      \
+    X(5, __VA_ARGS__) X(6, __VA_ARGS__) X(7, __VA_ARGS__) X(8, __VA_ARGS__) X(9, __VA_ARGS__)      \
+    X(10, __VA_ARGS__) X(11, __VA_ARGS__)
+#define FP_REP16(X, ...)                                                                           \
+    FP_REP12(X, __VA_ARGS__) X(12, __VA_ARGS__) X(13, __VA_ARGS__) X(14, __VA_ARGS__)              \
+    X(15, __VA_ARGS__)
 
-/* One loop: n_acc accumulators (rep: FP_REP12 or FP_REP16) of lanes floats, all in registers,
-   in the vector type FP_V with FP_V_SET1, FP_V_STEP (c * a + b), FP_V_ADD, FP_V_ZERO and
-   FP_V_STORE, which each loop below defines for its ISA (the function keeps its own target
-   attribute, so the loop compiles with that ISA's instructions). */
-#define FP_DECL(i) FP_V c##i = FP_V_SET1((float)(i));
-#define FP_STEP(i) c##i = FP_V_STEP(c##i);
-#define FP_SUM(i) s = FP_V_ADD(s, c##i);
-#define FP_BODY(rep, n_acc, lanes)                                                                 \
-    const FP_V a = FP_V_SET1(fp_a), b = FP_V_SET1(fp_b);                                           \
-    rep(FP_DECL)                                                                                   \
+/* One loop: n_acc accumulators (rep: FP_REP12 or FP_REP16) of lanes floats, all in registers, of
+   vector type V with the intrinsics of prefix P (_mm512, _mm256, _mm) and the update STEP (FP_FMA,
+   or FP_MULADD where there is no FMA). Each loop below is still a function of its own with its
+   own target attribute, so that it compiles with that ISA's instructions. */
+#define FP_FMA(P, c) P##_fmadd_ps(c, a, b)
+#define FP_MULADD(P, c) P##_add_ps(P##_mul_ps(c, a), b)
+#define FP_DECL(i, V, P, STEP) V c##i = P##_set1_ps((float)(i));
+#define FP_STEP(i, V, P, STEP) c##i = STEP(P, c##i);
+#define FP_SUM(i, V, P, STEP) s = P##_add_ps(s, c##i);
+#define FP_BODY(V, P, STEP, rep, n_acc, lanes)                                                     \
+    const V a = P##_set1_ps(fp_a), b = P##_set1_ps(fp_b);                                          \
+    rep(FP_DECL, V, P, STEP)                                                                       \
     for (int64_t it = 0; it < iters; it++) {                                                       \
-        rep(FP_STEP)                                                                               \
+        rep(FP_STEP, V, P, STEP)                                                                   \
     }                                                                                              \
-    FP_V s = FP_V_ZERO();                                                                          \
-    rep(FP_SUM)                                                                                    \
+    V s = P##_setzero_ps();                                                                        \
+    rep(FP_SUM, V, P, STEP)                                                                        \
     float out[lanes];                                                                              \
-    FP_V_STORE(out, s);                                                                            \
+    P##_storeu_ps(out, s);                                                                         \
     fp_sink = out[0];                                                                              \
     return (double)iters * (n_acc) * (lanes) * 2;
 
 #ifdef FP_X86
 /* 16 accumulators of 16 lanes (of AVX-512's 32 registers). */
-#define FP_V __m512
-#define FP_V_SET1 _mm512_set1_ps
-#define FP_V_STEP(c) _mm512_fmadd_ps(c, a, b)
-#define FP_V_ADD _mm512_add_ps
-#define FP_V_ZERO _mm512_setzero_ps
-#define FP_V_STORE _mm512_storeu_ps
 __attribute__((target("avx512f"))) static double fp_loop_avx512(int64_t iters)
 {
-    FP_BODY(FP_REP16, 16, 16)
+    FP_BODY(__m512, _mm512, FP_FMA, FP_REP16, 16, 16)
 }
-#undef FP_V
-#undef FP_V_SET1
-#undef FP_V_STEP
-#undef FP_V_ADD
-#undef FP_V_ZERO
-#undef FP_V_STORE
 
 /* 12 accumulators of 8 lanes (of AVX2's 16 registers, a and b included). */
-#define FP_V __m256
-#define FP_V_SET1 _mm256_set1_ps
-#define FP_V_STEP(c) _mm256_fmadd_ps(c, a, b)
-#define FP_V_ADD _mm256_add_ps
-#define FP_V_ZERO _mm256_setzero_ps
-#define FP_V_STORE _mm256_storeu_ps
 __attribute__((target("avx2,fma"))) static double fp_loop_avx2(int64_t iters)
 {
-    FP_BODY(FP_REP12, 12, 8)
+    FP_BODY(__m256, _mm256, FP_FMA, FP_REP12, 12, 8)
 }
-#undef FP_V
-#undef FP_V_SET1
-#undef FP_V_STEP
-#undef FP_V_ADD
-#undef FP_V_ZERO
-#undef FP_V_STORE
 
 /* SSE has no FMA: a multiply and an add, 12 accumulators of 4 lanes. */
-#define FP_V __m128
-#define FP_V_SET1 _mm_set1_ps
-#define FP_V_STEP(c) _mm_add_ps(_mm_mul_ps(c, a), b)
-#define FP_V_ADD _mm_add_ps
-#define FP_V_ZERO _mm_setzero_ps
-#define FP_V_STORE _mm_storeu_ps
 __attribute__((target("sse2"))) static double fp_loop_sse(int64_t iters)
 {
-    FP_BODY(FP_REP12, 12, 4)
+    FP_BODY(__m128, _mm, FP_MULADD, FP_REP12, 12, 4)
 }
-#undef FP_V
-#undef FP_V_SET1
-#undef FP_V_STEP
-#undef FP_V_ADD
-#undef FP_V_ZERO
-#undef FP_V_STORE
 #endif
 
 /* Elsewhere: scalar multiply-adds (what the compiler makes of them). */
-#define FP_V float
-#define FP_V_SET1(x) (x)
-#define FP_V_STEP(c) ((c) * a + b)
-#define FP_V_ADD(s, c) ((s) + (c))
-#define FP_V_ZERO() 0.0f
-#define FP_V_STORE(p, s) ((p)[0] = (s))
+#define FP_SDECL(i, V, P, STEP) float c##i = (float)(i);
+#define FP_SSTEP(i, V, P, STEP) c##i = c##i * a + b;
+#define FP_SSUM(i, V, P, STEP) s += c##i;
 static double fp_loop_scalar(int64_t iters)
 {
-    FP_BODY(FP_REP12, 12, 1)
+    const float a = fp_a, b = fp_b;
+    FP_REP12(FP_SDECL, , , )
+    for (int64_t it = 0; it < iters; it++) {
+        FP_REP12(FP_SSTEP, , , )
+    }
+    float s = 0.0f;
+    FP_REP12(FP_SSUM, , , )
+    fp_sink = s;
+    return (double)iters * 12 * 2;
 }
-#undef FP_V
-#undef FP_V_SET1
-#undef FP_V_STEP
-#undef FP_V_ADD
-#undef FP_V_ZERO
-#undef FP_V_STORE
 
 static fp_loop fp_choose(const char **isa)
 {
