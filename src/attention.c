@@ -166,14 +166,20 @@ typedef struct sa_attn_job {
     float *scratch;
 } sa_attn_job;
 
+/* -inf in the scores out of n_rows head rows from head_row: every key of them. */
+static void sa_scores_masked(const sa_attn *a, size_t head_row, int32_t n_rows)
+{
+    const size_t kv_len = (size_t)a->kv_len;
+    for (size_t e = head_row * kv_len; e < (head_row + (size_t)n_rows) * kv_len; e++)
+        a->scores[e] = -INFINITY;
+}
+
 /* Rows of padding (forward) and rows that see no key: weights 0, lse -inf; padding rows also
    scores -inf (a row that sees no key still has scores at stages 0 and 1). */
 static void sa_empty_extras(const sa_attn *a, size_t head_row, int32_t n_rows, int padding)
 {
     if (a->scores != NULL && padding)
-        for (size_t e = head_row * (size_t)a->kv_len; e < (head_row + (size_t)n_rows) * a->kv_len;
-             e++)
-            a->scores[e] = -INFINITY;
+        sa_scores_masked(a, head_row, n_rows);
     if (a->weights != NULL)
         memset(a->weights + head_row * (size_t)a->kv_len, 0,
                (size_t)n_rows * (size_t)a->kv_len * sizeof(float));
@@ -442,8 +448,7 @@ static void sa_attn_scores(const sa_attn *a, const sa_attn_plan *p, int32_t b, i
     const int32_t len = sa_attn_kv_length(a, b), stage = a->scores_stage;
     const int32_t k0 = stage == 2 ? klo : 0, k1 = stage == 2 ? klo + nk : len;
     const size_t kv_len = (size_t)a->kv_len;
-    for (size_t e = head_row * kv_len; e < (head_row + (size_t)mb) * kv_len; e++)
-        a->scores[e] = -INFINITY;
+    sa_scores_masked(a, head_row, mb);
     for (int32_t c0 = k0; c0 < k1; c0 += (int32_t)p->ld_s) {
         const int32_t cn = k1 - c0 < (int32_t)p->ld_s ? k1 - c0 : (int32_t)p->ld_s;
         sa_attn_qk(a, p, b, h, i0, mb, c0, cn, s);
