@@ -466,6 +466,52 @@ static void test_x16_kernels(void **state)
             }
 }
 
+/* The small-M QK^T at the shape of a projection (a weight matrix of many rows, thousands of
+   dimensions wide): several chunks of dimensions (each row of q in L1), several blocks of keys
+   with the next block prefetched, and the tails of both, for 1..8 rows and each storage type.
+   Bound: each dot product is a float32 sum of about d / 8 products in a lane plus the reduction
+   of lanes and chunks, so n' 2^-24 sum |terms| with n' about 600 gives 4e-5 (Higham, sec. 3.1). */
+static void test_wide_qkt(void **state)
+{
+    const sa_isa isa = (sa_isa)(intptr_t)*state;
+    const sa_kernels *k = sa_kernels_for_isa(isa), *ref = sa_kernels_for_isa(SA_ISA_SCALAR);
+    if (k == NULL)
+        skip();
+    tu_rng r = {4242 + (uint64_t)isa};
+    const size_t n = 53, d = 4133, ldq = d + 3, ldk = d + 5, lds = n + 2;
+    float *kf = tu_random(&r, n * ldk, -1, 1), *kw = malloc(n * ldk * sizeof(float));
+    uint16_t *kh = malloc(n * ldk * sizeof(uint16_t));
+    for (int t = -1; t < 2; t++) {
+        if (t >= 0) { /* the stored values, and their widening for the reference */
+            ref->from_f32[t](kf, kh, n * ldk);
+            ref->to_f32[t](kh, kw, n * ldk);
+        } else {
+            memcpy(kw, kf, n * ldk * sizeof(float));
+        }
+        for (size_t m = 1; m <= SA_ROWS_MAX; m++) {
+            float *q = tu_random(&r, m * ldq, -1, 1), *sc = tu_random(&r, m * lds, -1, 1);
+            if (t >= 0)
+                k->qkt_x16[t](m, n, d, q, ldq, kh, ldk, sc, lds);
+            else
+                k->qkt(m, n, d, q, ldq, kf, ldk, sc, lds);
+            for (size_t i = 0; i < m; i++)
+                for (size_t j = 0; j < n; j++) {
+                    double want = 0, mag = 0;
+                    for (size_t c = 0; c < d; c++) {
+                        want += (double)q[i * ldq + c] * kw[j * ldk + c];
+                        mag += fabs((double)q[i * ldq + c] * kw[j * ldk + c]);
+                    }
+                    assert_true(fabs(sc[i * lds + j] - want) <= 4e-5 * mag);
+                }
+            free(q);
+            free(sc);
+        }
+    }
+    free(kf);
+    free(kw);
+    free(kh);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -481,6 +527,9 @@ int main(void)
         cmocka_unit_test_setup(test_x16_kernels, setup_scalar),
         cmocka_unit_test_setup(test_x16_kernels, setup_avx2),
         cmocka_unit_test_setup(test_x16_kernels, setup_avx512),
+        cmocka_unit_test_setup(test_wide_qkt, setup_scalar),
+        cmocka_unit_test_setup(test_wide_qkt, setup_avx2),
+        cmocka_unit_test_setup(test_wide_qkt, setup_avx512),
         cmocka_unit_test(test_dispatch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -7,9 +7,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "exp-avx2.h"
 #include "kernels.h"
 #include "rowsdot-common.h"
-#include "exp-avx2.h"
+
+#define SA_RD_ISA avx2
+#define SA_RD_GROUP 8           /* accumulators of a group of dot products */
+#define SA_RD_KEYS(M) (8 / (M)) /* keys a group for M rows */
 
 static inline __attribute__((always_inline)) __m256 sa_ld8(const int T, const void *base, size_t i)
 {
@@ -32,25 +36,32 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx2(const __m256 a[
     return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-/* s[r][j0 + g] = q_r . k_{j0 + g} for rows r < M and G keys g < G (M G <= 8): one accumulator per
-   (row, key), so up to 8 independent FMA chains whatever M (one row against one key alone would
-   be bound by the FMA latency), and the M G dot products reduced together at the end (one
-   horizontal sum per product made the loop compute-bound once K is read at 2 bytes). M and G
-   are constants at each call site, so the loops unroll into registers. */
+/* s[r][j0 + g] (+)= q_r . k_{j0 + g} over dimensions [c0, c1) for rows r < M and G keys g < G
+   (M G <= 8): one accumulator per (row, key), so up to 8 independent FMA chains whatever M (one
+   row against one key alone would be bound by the FMA latency), and the M G dot products
+   reduced together at the end (one horizontal sum per product made the loop compute-bound once
+   K is read at 2 bytes). M and G are constants at each call site, so the loops unroll into
+   registers. */
 static inline __attribute__((always_inline)) void
-sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t d, const float *q,
-             size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
+sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
+             size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
 {
-    const size_t d8 = d / 8 * 8;
+    const size_t cv = c0 + (c1 - c0) / 8 * 8;
     __m256 acc[8];
     for (size_t i = 0; i < 8; i++)
         acc[i] = _mm256_setzero_ps();
-    for (size_t c = 0; c < d8; c += 8) {
+    for (size_t c = c0; c < cv; c += 8) {
         __m256 kv[8];
         for (size_t g = 0; g < G; g++)
             kv[g] = sa_ld8(T, k, (j0 + g) * ldk + c);
+        if (pf != 0) /* rows ahead (rowsdot-template.h) */
+            for (size_t g = 0; g < G; g++)
+                _mm_prefetch((const char *)k + ((j0 + g) * ldk + c + pf) * SA_T_SIZE(T),
+                             _MM_HINT_T0);
         for (size_t r = 0; r < M; r++) {
-            const __m256 qr = _mm256_loadu_ps(q + r * ldq + c);
+            __m256 qr = _mm256_loadu_ps(q + r * ldq + c);
+            if (G > 1) /* one load of q_r for the G keys (GCC would fold one into each FMA) */
+                __asm__("" : "+x"(qr));
             for (size_t g = 0; g < G; g++)
                 acc[r * G + g] = _mm256_fmadd_ps(qr, kv[g], acc[r * G + g]);
         }
@@ -58,14 +69,15 @@ sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t d, c
     float t[8];
     _mm256_storeu_ps(t, sa_sum8_avx2(acc));
     /* and the fewer than 8 dimensions left */
-    sa_qkt_finish(T, M, G, j0, d8, d, t, q, ldq, k, ldk, s, lds);
+    sa_qkt_finish(T, M, G, j0, cv, c1, add, t, q, ldq, k, ldk, s, lds);
 }
 
 /* o[r][c] (+)= sum_{j0 <= j < j1} p[r][j] v_j[c] for columns [c, c1), a slice of W (8 or 16)
    columns at a time: the M x W accumulators stay in registers (loaded from o unless `first`). */
 static inline __attribute__((always_inline)) size_t
 sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, size_t j0, size_t j1,
-           int first, const float *p, size_t ldp, const void *v, size_t ldv, float *o, size_t ldo)
+           int first, size_t pf, size_t jp, const float *p, size_t ldp, const void *v, size_t ldv,
+           float *o, size_t ldo)
 {
     for (; c + W <= c1; c += W) {
         __m256 acc[8][2];
@@ -74,6 +86,9 @@ sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, siz
                 acc[r][u] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + r * ldo + c + 8 * u);
         for (size_t j = j0; j < j1; j++) {
             const size_t vj = j * ldv + c;
+            if (pf != 0 && j < jp) /* the slice's bytes of a row ahead (rowsdot-template.h) */
+                for (size_t b = 0; b < W * SA_T_SIZE(T); b += 64)
+                    _mm_prefetch((const char *)v + (vj + pf) * SA_T_SIZE(T) + b, _MM_HINT_T0);
             __m256 vv[2];
             for (size_t u = 0; u < W / 8; u++)
                 vv[u] = sa_ld8(T, v, vj + 8 * u);
@@ -94,14 +109,13 @@ sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, siz
    of the fewer than 8 columns left. */
 static inline __attribute__((always_inline)) size_t
 sa_pv_slices(const int T, const size_t M, size_t c, size_t d, size_t j0, size_t j1, int first,
-             const float *p, size_t ldp, const void *v, size_t ldv, float *o, size_t ldo)
+             size_t pf, size_t jp, const float *p, size_t ldp, const void *v, size_t ldv, float *o,
+             size_t ldo)
 {
     if (M <= 4) /* 16-column slices while 2 x M accumulators fit the 16 registers */
-        c = sa_pv_cols(T, M, 16, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
-    c = sa_pv_cols(T, M, 8, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
+        c = sa_pv_cols(T, M, 16, c, d, j0, j1, first, pf, jp, p, ldp, v, ldv, o, ldo);
+    c = sa_pv_cols(T, M, 8, c, d, j0, j1, first, pf, jp, p, ldp, v, ldv, o, ldo);
     return c;
 }
 
-#define SA_RD_ISA avx2
-#define SA_RD_GROUP 8
 #include "rowsdot-template.h"

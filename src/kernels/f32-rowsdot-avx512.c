@@ -9,8 +9,13 @@
 #include "kernels.h"
 #include "rowsdot-common.h"
 
-static inline __attribute__((always_inline)) __m512 sa_ld16(const int T, const void *base,
-                                                            size_t i)
+#define SA_RD_ISA avx512
+#define SA_RD_GROUP 24 /* accumulators of a group of dot products */
+/* keys a group for M rows: M G accumulators, G keys and a row of q in the 32 registers (with one
+   or two rows, 16 accumulators, the loads of K folded into the FMAs) */
+#define SA_RD_KEYS(M) ((M) <= 2 ? 16 / (M) : 24 / (M) < 31 / ((M) + 1) ? 24 / (M) : 31 / ((M) + 1))
+
+static inline __attribute__((always_inline)) __m512 sa_ld16(const int T, const void *base, size_t i)
 {
     if (T == SA_T_F32)
         return _mm512_loadu_ps((const float *)base + i);
@@ -33,39 +38,45 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx512(const __m512 
     return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-/* s[r][j0 + g] = q_r . k_{j0 + g} for rows r < M and keys g < G (M G <= 16): one accumulator per
-   (row, key), reduced together at the end. */
+/* s[r][j0 + g] (+)= q_r . k_{j0 + g} over dimensions [c0, c1) for rows r < M and keys g < G
+   (M G <= 24): one accumulator per (row, key), reduced together at the end. */
 static inline __attribute__((always_inline)) void
-sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t d, const float *q,
-             size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
+sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
+             size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
 {
-    const size_t d16 = d / 16 * 16;
-    __m512 acc[16];
-    for (size_t i = 0; i < 16; i++)
+    const size_t cv = c0 + (c1 - c0) / 16 * 16;
+    __m512 acc[SA_RD_GROUP];
+    for (size_t i = 0; i < SA_RD_GROUP; i++)
         acc[i] = _mm512_setzero_ps();
-    for (size_t c = 0; c < d16; c += 16) {
-        __m512 kv[16];
+    for (size_t c = c0; c < cv; c += 16) {
+        __m512 kv[SA_RD_GROUP];
         for (size_t g = 0; g < G; g++)
             kv[g] = sa_ld16(T, k, (j0 + g) * ldk + c);
+        if (pf != 0) /* rows ahead (rowsdot-template.h) */
+            for (size_t g = 0; g < G; g++)
+                _mm_prefetch((const char *)k + ((j0 + g) * ldk + c + pf) * SA_T_SIZE(T),
+                             _MM_HINT_T0);
         for (size_t r = 0; r < M; r++) {
-            const __m512 qr = _mm512_loadu_ps(q + r * ldq + c);
+            __m512 qr = _mm512_loadu_ps(q + r * ldq + c);
+            if (G > 1) /* one load of q_r for the G keys (GCC would fold one into each FMA) */
+                __asm__("" : "+v"(qr));
             for (size_t g = 0; g < G; g++)
                 acc[r * G + g] = _mm512_fmadd_ps(qr, kv[g], acc[r * G + g]);
         }
     }
-    float t[16];
-    _mm256_storeu_ps(t, sa_sum8_avx512(acc));
-    if (M * G > 8)
-        _mm256_storeu_ps(t + 8, sa_sum8_avx512(acc + 8));
+    float t[SA_RD_GROUP];
+    for (size_t i = 0; i < M * G; i += 8) /* the unused accumulators past M G hold zeros */
+        _mm256_storeu_ps(t + i, sa_sum8_avx512(acc + i));
     /* and the fewer than 16 dimensions left */
-    sa_qkt_finish(T, M, G, j0, d16, d, t, q, ldq, k, ldk, s, lds);
+    sa_qkt_finish(T, M, G, j0, cv, c1, add, t, q, ldq, k, ldk, s, lds);
 }
 
 /* o[r][c] (+)= sum_{j0 <= j < j1} p[r][j] v_j[c] for columns [c, c1), a slice of W (16, 32 or
    64) columns at a time: the M x W / 16 accumulators stay in registers. */
 static inline __attribute__((always_inline)) size_t
 sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, size_t j0, size_t j1,
-           int first, const float *p, size_t ldp, const void *v, size_t ldv, float *o, size_t ldo)
+           int first, size_t pf, size_t jp, const float *p, size_t ldp, const void *v, size_t ldv,
+           float *o, size_t ldo)
 {
     for (; c + W <= c1; c += W) {
         __m512 acc[8][4];
@@ -74,6 +85,9 @@ sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, siz
                 acc[r][u] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * ldo + c + 16 * u);
         for (size_t j = j0; j < j1; j++) {
             const size_t vj = j * ldv + c;
+            if (pf != 0 && j < jp) /* the slice's bytes of a row ahead (rowsdot-template.h) */
+                for (size_t b = 0; b < W * SA_T_SIZE(T); b += 64)
+                    _mm_prefetch((const char *)v + (vj + pf) * SA_T_SIZE(T) + b, _MM_HINT_T0);
             __m512 vv[4];
             for (size_t u = 0; u < W / 16; u++)
                 vv[u] = sa_ld16(T, v, vj + 16 * u);
@@ -94,15 +108,14 @@ sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, siz
    of the fewer than 16 columns left. */
 static inline __attribute__((always_inline)) size_t
 sa_pv_slices(const int T, const size_t M, size_t c, size_t d, size_t j0, size_t j1, int first,
-             const float *p, size_t ldp, const void *v, size_t ldv, float *o, size_t ldo)
+             size_t pf, size_t jp, const float *p, size_t ldp, const void *v, size_t ldv, float *o,
+             size_t ldo)
 {
     if (M <= 4) /* 64-column slices while 4 x M accumulators fit half the 32 registers */
-        c = sa_pv_cols(T, M, 64, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
-    c = sa_pv_cols(T, M, 32, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
-    c = sa_pv_cols(T, M, 16, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo);
+        c = sa_pv_cols(T, M, 64, c, d, j0, j1, first, pf, jp, p, ldp, v, ldv, o, ldo);
+    c = sa_pv_cols(T, M, 32, c, d, j0, j1, first, pf, jp, p, ldp, v, ldv, o, ldo);
+    c = sa_pv_cols(T, M, 16, c, d, j0, j1, first, pf, jp, p, ldp, v, ldv, o, ldo);
     return c;
 }
 
-#define SA_RD_ISA avx512
-#define SA_RD_GROUP 16
 #include "rowsdot-template.h"

@@ -11,6 +11,7 @@
 
 /* How K or V is stored: T is a constant at every call site, so each variant compiles apart. */
 enum { SA_T_F32 = 0, SA_T_F16 = 1, SA_T_BF16 = 2 };
+#define SA_T_SIZE(T) ((T) == SA_T_F32 ? 4 : 2) /* bytes an element */
 
 static inline __attribute__((always_inline)) float sa_ld1(const int T, const void *base, size_t i)
 {
@@ -25,19 +26,20 @@ static inline __attribute__((always_inline)) float sa_ld1(const int T, const voi
     return f;
 }
 
-/* s[r][j0 + g] = t[r G + g] (the vector part of q_r . k_{j0 + g} over dimensions [0, d0)) plus
-   the dimensions [d0, d) left over, for rows r < M and keys g < G. */
+/* s[r][j0 + g] (+)= t[r G + g] (the vector part of q_r . k_{j0 + g} over a chunk of the
+   dimensions, ending at d0) plus the dimensions [d0, d1) left over, for rows r < M and keys
+   g < G; `add` when an earlier chunk is already in s. */
 static inline __attribute__((always_inline)) void
-sa_qkt_finish(const int T, const size_t M, const size_t G, size_t j0, size_t d0, size_t d,
+sa_qkt_finish(const int T, const size_t M, const size_t G, size_t j0, size_t d0, size_t d1, int add,
               const float *t, const float *q, size_t ldq, const void *k, size_t ldk, float *s,
               size_t lds)
 {
     for (size_t r = 0; r < M; r++)
         for (size_t g = 0; g < G; g++) {
             float u = t[r * G + g];
-            for (size_t c = d0; c < d; c++)
+            for (size_t c = d0; c < d1; c++)
                 u += q[r * ldq + c] * sa_ld1(T, k, (j0 + g) * ldk + c);
-            s[r * lds + j0 + g] = u;
+            s[r * lds + j0 + g] = add ? s[r * lds + j0 + g] + u : u;
         }
 }
 
