@@ -96,8 +96,9 @@ static inline __attribute__((always_inline)) void
 sa_pv_rows(const int T, const size_t M, size_t n, size_t d, const float *p, size_t ldp,
            const void *v, size_t ldv, float *o, size_t ldo)
 {
-    size_t pf_rows = SA_QKT_PREFETCH_BYTES / (ldv * SA_T_SIZE(T) + 1);
-    pf_rows = pf_rows < 1 ? 1 : pf_rows;
+    const size_t row_bytes = ldv * SA_T_SIZE(T);
+    const size_t pf_rows =
+        row_bytes >= SA_QKT_PREFETCH_BYTES ? 1 : SA_QKT_PREFETCH_BYTES / (row_bytes + 1) + 1;
     const size_t jp = n > pf_rows ? n - pf_rows : 0; /* keys whose row pf_rows on exists */
     const size_t pf = pf_rows * ldv;
     for (size_t j0 = 0; j0 < n || j0 == 0; j0 += SA_PV_KEYS) {
