@@ -54,8 +54,7 @@ sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t c0, 
             kv[g] = sa_ld16(T, k, (j0 + g) * ldk + c);
         if (pf != 0) /* rows ahead (rowsdot-template.h) */
             for (size_t g = 0; g < G; g++)
-                _mm_prefetch((const char *)k + ((j0 + g) * ldk + c + pf) * SA_T_SIZE(T),
-                             _MM_HINT_T0);
+                sa_prefetch(T, k, (j0 + g) * ldk + c + pf, 16);
         for (size_t r = 0; r < M; r++) {
             __m512 qr = _mm512_loadu_ps(q + r * ldq + c);
             if (G > 1) /* one load of q_r for the G keys (GCC would fold one into each FMA) */
@@ -86,8 +85,7 @@ sa_pv_cols(const int T, const size_t M, const size_t W, size_t c, size_t c1, siz
         for (size_t j = j0; j < j1; j++) {
             const size_t vj = j * ldv + c;
             if (pf != 0 && j < jp) /* the slice's bytes of a row ahead (rowsdot-template.h) */
-                for (size_t b = 0; b < W * SA_T_SIZE(T); b += 64)
-                    _mm_prefetch((const char *)v + (vj + pf) * SA_T_SIZE(T) + b, _MM_HINT_T0);
+                sa_prefetch(T, v, vj + pf, W);
             __m512 vv[4];
             for (size_t u = 0; u < W / 16; u++)
                 vv[u] = sa_ld16(T, v, vj + 16 * u);

@@ -26,6 +26,15 @@ static inline __attribute__((always_inline)) float sa_ld1(const int T, const voi
     return f;
 }
 
+/* Prefetch into L1 the elements [i, i + n) of base, a 64-byte line at a time (the rows ahead of
+   the products, rowsdot-template.h). */
+static inline __attribute__((always_inline)) void sa_prefetch(const int T, const void *base,
+                                                              size_t i, size_t n)
+{
+    for (size_t b = 0; b < n * SA_T_SIZE(T); b += 64)
+        _mm_prefetch((const char *)base + i * SA_T_SIZE(T) + b, _MM_HINT_T0);
+}
+
 /* s[r][j0 + g] (+)= t[r G + g] (the vector part of q_r . k_{j0 + g} over a chunk of the
    dimensions, ending at d0) plus the dimensions [d0, d1) left over, for rows r < M and keys
    g < G; `add` when an earlier chunk is already in s. */
