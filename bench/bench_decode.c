@@ -1,9 +1,11 @@
 /* Incremental decoding through the public API (selfattn_forward_cached):
- *   decode/E/H/KV/ctx/threads      one token of one sequence against ctx cached positions,
- *                                  alternating with a plain vectorised read (cblas_sasum, one
- *                                  thread) of as many bytes as the step must read: the weights
- *                                  (W_Q, W_K, W_V, W_O) and the cached K/V. Counters: step_us,
- *                                  read_us, step_GBs, read_GBs, ratio = step / read time.
+ *   decode/E/H/KV/ctx/threads[/2/1]
+ *                                  one token of one sequence against ctx cached positions (float32,
+ *                                  or with /2/1 bf16 weights and an f16 cache), alternating with a
+ *                                  plain vectorised read (below: not a BLAS routine, on as many
+ *                                  threads as the step) of as many bytes as the step must read:
+ *                                  the weights (W_Q, W_K, W_V, W_O) and the cached K/V. Counters:
+ *                                  step_us, read_us, step_GBs, read_GBs, ratio = step / read time.
  *   decode_batch/E/H/KV/ctx        8 sequences x 1 token against 1 sequence x 1 token, both at ctx
  *                                  cached positions, each after a 64 MB read that evicts the other
  *                                  call's data from the caches: ratio = time(8) / time(1).
@@ -85,58 +87,6 @@ static selfattn_cache *filled_cache(selfattn_layer *l, const dcfg *c, int n_seqs
 }
 
 #define MAX_RUNS 512
-
-static void bm_decode(sb_state *s, const void *arg)
-{
-    const dcfg *c = arg;
-    selfattn_layer *l = layer_of(c, c->threads);
-    selfattn_cache *cache = l ? filled_cache(l, c, 1) : NULL;
-    const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
-    /* what a step must read: the weights and the cached K and V (plus the new row) */
-    const size_t bytes = sizeof(float) * ((nq + 2 * nkv) * c->E + (size_t)c->E * nq +
-                                          2 * nkv * ((size_t)c->ctx + 1));
-    float *big = sb_filled(bytes / sizeof(float), 1.0f, 9);
-    float *x = sb_filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
-    static double ts[MAX_RUNS], tr[MAX_RUNS];
-    int k = 0;
-    if (!cache || !big || !x || !y) {
-        sb_skip_with_error(s, "set-up failed");
-    } else {
-        volatile float sink = 0.0f;
-        while (sb_keep_running(s)) {
-            const double t0 = sb_now_s();
-            const selfattn_status st = selfattn_forward_cached(l, cache, 1, x, NULL, y);
-            const double t1 = sb_now_s();
-            sink += cblas_sasum((int)(bytes / sizeof(float)), big, 1);
-            const double t2 = sb_now_s();
-            selfattn_cache_truncate(cache, 0, c->ctx); /* the same length every step */
-            if (st != SELFATTN_OK) {
-                sb_skip_with_error(s, selfattn_status_string(st));
-                break;
-            }
-            if (k < MAX_RUNS) {
-                ts[k] = t1 - t0;
-                tr[k] = t2 - t1;
-                k++;
-            }
-        }
-        (void)sink;
-        if (k > 0) {
-            const double a = sb_median(ts, k), b = sb_median(tr, k);
-            sb_counter(s, "step_us", a * 1e6);
-            sb_counter(s, "read_us", b * 1e6);
-            sb_counter(s, "step_GBs", (double)bytes / a * 1e-9);
-            sb_counter(s, "read_GBs", (double)bytes / b * 1e-9);
-            sb_counter(s, "ratio", a / b);
-            sb_counter(s, "MB", (double)bytes / 1e6);
-        }
-    }
-    free(big);
-    free(x);
-    free(y);
-    selfattn_cache_destroy(cache);
-    selfattn_layer_destroy(l);
-}
 
 static void bm_decode_batch(sb_state *s, const void *arg)
 {
@@ -356,15 +306,78 @@ static size_t dtype_bytes(int dt)
     return dt == 0 ? 4 : 2;
 }
 
+/* What a step of configuration c must read: the weights (W_Q, W_K, W_V, W_O) in their storage
+   and the cached K and V (plus the new row) in theirs. */
+static size_t step_bytes(const dcfg *c)
+{
+    const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
+    return dtype_bytes(c->wdt) * ((nq + 2 * nkv) * c->E + (size_t)c->E * nq) +
+           dtype_bytes(c->kvdt) * 2 * nkv * ((size_t)c->ctx + 1);
+}
+
+/* One decoding step of a configuration (its weights' and cache's storage wdt, kvdt) against a
+   plain read of the bytes it must read, on as many threads as the step. */
+static void bm_decode(sb_state *s, const void *arg)
+{
+    const dcfg *c = arg;
+    selfattn_layer *l = layer_typed(c, c->threads, c->wdt, c->kvdt);
+    selfattn_cache *cache = l ? filled_cache(l, c, 1) : NULL;
+    const size_t bytes = step_bytes(c);
+    const size_t words = bytes / 8;
+    uint64_t *big = calloc(words, 8);
+    float *x = sb_filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
+    static double ts[MAX_RUNS], tr[MAX_RUNS];
+    static reader rd;
+    int k = 0;
+    if (!cache || !big || !x || !y || reader_start(&rd, c->threads) != 0) {
+        sb_skip_with_error(s, "set-up failed");
+    } else {
+        for (size_t i = 0; i < words; i++)
+            big[i] = i * 0x9E3779B97F4A7C15ull;
+        volatile uint64_t sink = 0;
+        while (sb_keep_running(s)) {
+            const double t0 = sb_now_s();
+            const selfattn_status st = selfattn_forward_cached(l, cache, 1, x, NULL, y);
+            const double t1 = sb_now_s();
+            sink += reader_read(&rd, big, words);
+            const double t2 = sb_now_s();
+            selfattn_cache_truncate(cache, 0, c->ctx); /* the same length every step */
+            if (st != SELFATTN_OK) {
+                sb_skip_with_error(s, selfattn_status_string(st));
+                break;
+            }
+            if (k < MAX_RUNS) {
+                ts[k] = t1 - t0;
+                tr[k] = t2 - t1;
+                k++;
+            }
+        }
+        (void)sink;
+        if (k > 0) {
+            const double a = sb_median(ts, k), b = sb_median(tr, k);
+            sb_counter(s, "step_us", a * 1e6);
+            sb_counter(s, "read_us", b * 1e6);
+            sb_counter(s, "step_GBs", (double)bytes / a * 1e-9);
+            sb_counter(s, "read_GBs", (double)bytes / b * 1e-9);
+            sb_counter(s, "ratio", a / b);
+            sb_counter(s, "MB", (double)bytes / 1e6);
+        }
+        reader_stop(&rd);
+    }
+    free(big);
+    free(x);
+    free(y);
+    selfattn_cache_destroy(cache);
+    selfattn_layer_destroy(l);
+}
+
 static void bm_dtype_decode(sb_state *s, const void *arg)
 {
     const dcfg *c = arg;
     selfattn_layer *l32 = layer_of(c, c->threads), *lt = layer_typed(c, c->threads, c->wdt, c->kvdt);
     selfattn_cache *c32 = l32 ? filled_cache(l32, c, 1) : NULL;
     selfattn_cache *ct = lt ? filled_cache(lt, c, 1) : NULL;
-    const size_t hd = (size_t)(c->E / c->H), nq = (size_t)c->H * hd, nkv = (size_t)c->KV * hd;
-    const size_t bytes = dtype_bytes(c->wdt) * ((nq + 2 * nkv) * c->E + (size_t)c->E * nq) +
-                         dtype_bytes(c->kvdt) * 2 * nkv * ((size_t)c->ctx + 1);
+    const size_t bytes = step_bytes(c);
     const size_t words = bytes / 8;
     uint64_t *big = calloc(words, 8);
     float *x = sb_filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
@@ -529,6 +542,27 @@ static void bm_dtype_memory(sb_state *s, const void *arg)
     sb_counter(s, "cache_vs_f32", ct / c32);
 }
 
+/* decode/E/H/KV/ctx/threads for c (float32) and decode/E/H/KV/ctx/threads/2/1, the same step
+   with bf16 weights and an f16 cache. */
+static void register_decode(const dcfg *c, int smoke)
+{
+    static dcfg typed[40];
+    static char names[80][96];
+    static int n;
+    if (n + 2 > 80)
+        return;
+    snprintf(names[n], sizeof names[n], "decode/%d/%d/%d/%d/%d", c->E, c->H, c->KV, c->ctx,
+             c->threads);
+    sb_register(names[n++], bm_decode, c, smoke ? 3 : 41);
+    dcfg *d = &typed[n / 2];
+    *d = *c;
+    d->wdt = 2;
+    d->kvdt = 1;
+    snprintf(names[n], sizeof names[n], "decode/%d/%d/%d/%d/%d/2/1", c->E, c->H, c->KV, c->ctx,
+             c->threads);
+    sb_register(names[n++], bm_decode, d, smoke ? 3 : 41);
+}
+
 int main(int argc, char **argv)
 {
     sb_blas_setup();
@@ -547,11 +581,9 @@ int main(int argc, char **argv)
                              .ctx = ctxs[i],
                              .threads = t,
                              .n_seqs = 1};
-            snprintf(names[nn], sizeof names[nn], "decode/%d/16/4/%d/%d", dec[nd].E, ctxs[i], t);
-            sb_register(names[nn++], bm_decode, &dec[nd++], smoke ? 3 : 41);
+            register_decode(&dec[nd++], smoke);
         }
     static dcfg more[16];
-    static char more_names[16][96];
     for (int i = 0; i < n_more; i++) {
         if (more_ctx[i] == ctxs[0] || more_ctx[i] == ctxs[1])
             continue;
@@ -559,9 +591,7 @@ int main(int argc, char **argv)
             const int m = 2 * i + t - 1;
             more[m] = dec[t - 1];
             more[m].ctx = more_ctx[i];
-            snprintf(more_names[m], sizeof more_names[m], "decode/%d/16/4/%d/%d", more[m].E,
-                     more[m].ctx, t);
-            sb_register(more_names[m], bm_decode, &more[m], smoke ? 3 : 41);
+            register_decode(&more[m], smoke);
         }
     }
     batch[0] = (dcfg){.E = smoke ? 256 : 2048,

@@ -8,8 +8,9 @@ after the file (forward-coretype.json -> forward-coretype.png):
 - selfattn-bench (pair/B/L/D/H/KV/mask/threads): forward GFLOP/s against seq_len L, full and
   causal, with the sgemm ceiling measured in the same benchmark and, when the JSON context has
   fma_peak_gflops_per_thread, the FMA peak times the thread count as a horizontal line;
-- selfattn-bench-decode (decode/E/H/KV/ctx/threads): time of one decoding step against the
-  number of cached positions, with the time of a plain read of the same bytes (the read bound);
+- selfattn-bench-decode (decode/E/H/KV/ctx/threads[/2/1]): time of one decoding step against the
+  number of cached positions, float32 and (/2/1) bf16 weights with an f16 cache side by side,
+  each with the time of a plain read of the same bytes on as many threads (the read bound);
 - selfattn-bench-backward (bwd_pair/... and bwd_train_pair/...): backward time / forward time
   against L.
 Titles name the CPU and the OpenBLAS core, from the JSON context keys cpu_model and
@@ -132,35 +133,43 @@ def plot_forward(plt, runs, ctx, path, note):
 
 
 def plot_decode(plt, runs, ctx, path, note):
+    """Step time against cached positions, float32 and bf16 weights + f16 cache side by side,
+    each thread count with the plain read of the step's bytes on as many threads (dashed)."""
     pts = {}
     shape = None
     for name, b in runs.items():
-        m = re.fullmatch(r"decode/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)", name)
+        m = re.fullmatch(r"decode/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)(/2/1)?", name)
         if not m or "step_us" not in b:
             continue
-        E, H, KV, n, t = (int(g) for g in m.groups())
+        E, H, KV, n, t = (int(g) for g in m.groups()[:5])
         shape = shape or (E, H, KV)
         if (E, H, KV) != shape:
             continue
-        pts.setdefault(t, []).append((n, b["step_us"], b["read_us"]))
+        pts.setdefault((m.group(6) is not None, t), []).append((n, b["step_us"], b["read_us"]))
     if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.6))
-    reads = {}
-    for t in sorted(pts):
-        p = sorted(pts[t])
-        ax.plot([q[0] for q in p], [q[1] / 1e3 for q in p], "o-",
-                label=f"decode step, {t} thread{'s' if t > 1 else ''}")
-        for q in p:
-            reads.setdefault(q[0], []).append(q[2])
-    x = sorted(reads)
-    ax.plot(x, [sorted(reads[n])[len(reads[n]) // 2] / 1e3 for n in x], "k--",
-            label="read bound: cblas_sasum over the same bytes, 1 thread")
+    kinds = sorted({k for k, _ in pts})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.0 * len(kinds), 4.6), squeeze=False,
+                             sharey=True)
+    titles = {False: "float32 weights and cache", True: "bf16 weights, f16 cache"}
+    colors = {1: "tab:blue", 2: "tab:orange"}
     E, H, KV = shape
-    finish_axes(ax, x, [str(n) for n in x], "cached positions",
-                "ms per step (one token, one sequence)", {"fontsize": 8},
-                f"selfattn_forward_cached, d_model {E}, {H} heads, {KV} K/V heads of {E // H}, RoPE",
-                ctx, note)
+    for ax, kind in zip(axes[0], kinds):
+        xs = set()
+        for t in sorted(t for k, t in pts if k == kind):
+            p = sorted(pts[(kind, t)])
+            xs |= {q[0] for q in p}
+            th = f"{t} thread{'s' if t > 1 else ''}"
+            c = colors.get(t)
+            ax.plot([q[0] for q in p], [q[1] / 1e3 for q in p], "o-", color=c,
+                    label=f"decode step, {th}")
+            ax.plot([q[0] for q in p], [q[2] / 1e3 for q in p], "--", color=c,
+                    label=f"plain read of its bytes, {th}")
+        x = sorted(xs)
+        finish_axes(ax, x, [str(n) for n in x], "cached positions",
+                    "ms per step (one token, one sequence)", {"fontsize": 8},
+                    f"selfattn_forward_cached, {titles[kind]}\n"
+                    f"d_model {E}, {H} heads, {KV} K/V heads of {E // H}, RoPE", ctx, note)
     return save_figure(plt, fig, path)
 
 
