@@ -496,15 +496,19 @@ static double rss_bytes(void)
 }
 
 /* Resident bytes of a layer (weights set, before any call) with weight dtype wdt, and of a
-   cache of ctx positions in kvdt, filled by prompts of 512 tokens: what destroying each returns
-   (with a fixed mmap threshold the large blocks are mapped apart, so freeing them shrinks the
-   resident set by their size). */
+   cache of ctx positions in kvdt, filled by prompts of 512 tokens: what destroying each returns.
+   With a fixed mmap threshold the large blocks are mapped apart, so freeing them shrinks the
+   resident set by their size; but when earlier benchmarks in the process left large free blocks
+   in the heap, glibc serves the blocks from there, and freeing them returns nothing (the layer
+   then measured 0 bytes after dtype_prefill had run): malloc_trim(0) after each destroy hands
+   the freed heap pages back as well. */
 static void memory_of(const dcfg *c, int wdt, int kvdt, double *layer_b, double *cache_b)
 {
     /* a fresh layer with its weights set, measured by what destroying it returns */
     selfattn_layer *l = layer_typed(c, 1, wdt, kvdt);
     const double r0 = rss_bytes();
     selfattn_layer_destroy(l);
+    malloc_trim(0);
     *layer_b = r0 - rss_bytes();
     l = layer_typed(c, 1, wdt, kvdt);
     *cache_b = 0;
@@ -516,6 +520,7 @@ static void memory_of(const dcfg *c, int wdt, int kvdt, double *layer_b, double 
             selfattn_forward_cached(l, cache, chunk, x, NULL, y);
         const double r1 = rss_bytes();
         selfattn_cache_destroy(cache);
+        malloc_trim(0);
         *cache_b = r1 - rss_bytes();
     }
     free(x);
