@@ -315,66 +315,14 @@ static size_t step_bytes(const dcfg *c)
            dtype_bytes(c->kvdt) * 2 * nkv * ((size_t)c->ctx + 1);
 }
 
-/* One decoding step of a configuration (its weights' and cache's storage wdt, kvdt) against a
-   plain read of the bytes it must read, on as many threads as the step. */
-static void bm_decode(sb_state *s, const void *arg)
+/* One decoding step of configuration c (weights and cache stored as c->wdt, c->kvdt) against a
+   plain read of the bytes it must read, on as many threads as the step, alternating; with vs_f32
+   the float32 step of the same shape too, first in each round. decode/ (without) and
+   dtype_decode/ (with) are this one benchmark. */
+static void decode_vs_read(sb_state *s, const dcfg *c, int vs_f32)
 {
-    const dcfg *c = arg;
-    selfattn_layer *l = layer_typed(c, c->threads, c->wdt, c->kvdt);
-    selfattn_cache *cache = l ? filled_cache(l, c, 1) : NULL;
-    const size_t bytes = step_bytes(c);
-    const size_t words = bytes / 8;
-    uint64_t *big = calloc(words, 8);
-    float *x = sb_filled((size_t)c->E, 1.0f, 3), *y = malloc(sizeof(float) * c->E);
-    static double ts[MAX_RUNS], tr[MAX_RUNS];
-    static reader rd;
-    int k = 0;
-    if (!cache || !big || !x || !y || reader_start(&rd, c->threads) != 0) {
-        sb_skip_with_error(s, "set-up failed");
-    } else {
-        for (size_t i = 0; i < words; i++)
-            big[i] = i * 0x9E3779B97F4A7C15ull;
-        volatile uint64_t sink = 0;
-        while (sb_keep_running(s)) {
-            const double t0 = sb_now_s();
-            const selfattn_status st = selfattn_forward_cached(l, cache, 1, x, NULL, y);
-            const double t1 = sb_now_s();
-            sink += reader_read(&rd, big, words);
-            const double t2 = sb_now_s();
-            selfattn_cache_truncate(cache, 0, c->ctx); /* the same length every step */
-            if (st != SELFATTN_OK) {
-                sb_skip_with_error(s, selfattn_status_string(st));
-                break;
-            }
-            if (k < MAX_RUNS) {
-                ts[k] = t1 - t0;
-                tr[k] = t2 - t1;
-                k++;
-            }
-        }
-        (void)sink;
-        if (k > 0) {
-            const double a = sb_median(ts, k), b = sb_median(tr, k);
-            sb_counter(s, "step_us", a * 1e6);
-            sb_counter(s, "read_us", b * 1e6);
-            sb_counter(s, "step_GBs", (double)bytes / a * 1e-9);
-            sb_counter(s, "read_GBs", (double)bytes / b * 1e-9);
-            sb_counter(s, "ratio", a / b);
-            sb_counter(s, "MB", (double)bytes / 1e6);
-        }
-        reader_stop(&rd);
-    }
-    free(big);
-    free(x);
-    free(y);
-    selfattn_cache_destroy(cache);
-    selfattn_layer_destroy(l);
-}
-
-static void bm_dtype_decode(sb_state *s, const void *arg)
-{
-    const dcfg *c = arg;
-    selfattn_layer *l32 = layer_of(c, c->threads), *lt = layer_typed(c, c->threads, c->wdt, c->kvdt);
+    selfattn_layer *l32 = vs_f32 ? layer_of(c, c->threads) : NULL;
+    selfattn_layer *lt = layer_typed(c, c->threads, c->wdt, c->kvdt);
     selfattn_cache *c32 = l32 ? filled_cache(l32, c, 1) : NULL;
     selfattn_cache *ct = lt ? filled_cache(lt, c, 1) : NULL;
     const size_t bytes = step_bytes(c);
@@ -384,7 +332,7 @@ static void bm_dtype_decode(sb_state *s, const void *arg)
     static double tf[MAX_RUNS], tt[MAX_RUNS], tr[MAX_RUNS];
     static reader rd;
     int k = 0;
-    if (!c32 || !ct || !big || !x || !y || reader_start(&rd, c->threads) != 0) {
+    if ((vs_f32 && !c32) || !ct || !big || !x || !y || reader_start(&rd, c->threads) != 0) {
         sb_skip_with_error(s, "set-up failed");
     } else {
         for (size_t i = 0; i < words; i++)
@@ -392,16 +340,19 @@ static void bm_dtype_decode(sb_state *s, const void *arg)
         volatile uint64_t sink = 0;
         while (sb_keep_running(s)) {
             const double t0 = sb_now_s();
-            selfattn_status st = selfattn_forward_cached(l32, c32, 1, x, NULL, y);
+            selfattn_status st = vs_f32 ? selfattn_forward_cached(l32, c32, 1, x, NULL, y)
+                                        : SELFATTN_OK;
             const double t1 = sb_now_s();
-            st |= selfattn_forward_cached(lt, ct, 1, x, NULL, y);
+            if (st == SELFATTN_OK)
+                st = selfattn_forward_cached(lt, ct, 1, x, NULL, y);
             const double t2 = sb_now_s();
             sink += reader_read(&rd, big, words);
             const double t3 = sb_now_s();
-            selfattn_cache_truncate(c32, 0, c->ctx);
+            if (vs_f32) /* the same length every step */
+                selfattn_cache_truncate(c32, 0, c->ctx);
             selfattn_cache_truncate(ct, 0, c->ctx);
             if (st != SELFATTN_OK) {
-                sb_skip_with_error(s, "call failed");
+                sb_skip_with_error(s, selfattn_status_string(st));
                 break;
             }
             if (k < MAX_RUNS) {
@@ -414,11 +365,19 @@ static void bm_dtype_decode(sb_state *s, const void *arg)
         (void)sink;
         if (k > 0) {
             const double f = sb_median(tf, k), t = sb_median(tt, k), r = sb_median(tr, k);
-            sb_counter(s, "f32_us", f * 1e6);
-            sb_counter(s, "step_us", t * 1e6);
-            sb_counter(s, "read_us", r * 1e6);
-            sb_counter(s, "vs_f32", t / f);
-            sb_counter(s, "read_frac", r / t);
+            if (vs_f32) {
+                sb_counter(s, "f32_us", f * 1e6);
+                sb_counter(s, "step_us", t * 1e6);
+                sb_counter(s, "read_us", r * 1e6);
+                sb_counter(s, "vs_f32", t / f);
+                sb_counter(s, "read_frac", r / t);
+            } else {
+                sb_counter(s, "step_us", t * 1e6);
+                sb_counter(s, "read_us", r * 1e6);
+                sb_counter(s, "step_GBs", (double)bytes / t * 1e-9);
+                sb_counter(s, "read_GBs", (double)bytes / r * 1e-9);
+                sb_counter(s, "ratio", t / r);
+            }
             sb_counter(s, "MB", (double)bytes / 1e6);
         }
         reader_stop(&rd);
@@ -430,6 +389,16 @@ static void bm_dtype_decode(sb_state *s, const void *arg)
     selfattn_cache_destroy(ct);
     selfattn_layer_destroy(l32);
     selfattn_layer_destroy(lt);
+}
+
+static void bm_decode(sb_state *s, const void *arg)
+{
+    decode_vs_read(s, arg, 0);
+}
+
+static void bm_dtype_decode(sb_state *s, const void *arg)
+{
+    decode_vs_read(s, arg, 1);
 }
 
 /* n_seqs 0: a causal forward of ctx tokens; else a prompt of ctx tokens into a fresh cache. */
