@@ -36,6 +36,48 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx2(const __m256 a[
     return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
+/* The bf16 group for one or two rows (the weights of one or two decoded tokens), 16 dimensions
+   a step: f32-rowsdot-avx512.c's sa_qkt_group_bf16_pairs with 8-float vectors. q's even and odd
+   dimensions are gathered by a shuffle within 128-bit lanes and a 64-bit permute across them. */
+static inline __attribute__((always_inline)) void
+sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
+                        size_t pf, const float *q, size_t ldq, const void *k, size_t ldk,
+                        float *s, size_t lds)
+{
+    const uint16_t *k16 = (const uint16_t *)k;
+    const size_t cv = c0 + (c1 - c0) / 16 * 16;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[8];
+    for (size_t i = 0; i < 8; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (size_t c = c0; c < cv; c += 16) {
+        __m256 qe[2], qo[2];
+        for (size_t r = 0; r < M; r++) {
+            const __m256 a = _mm256_loadu_ps(q + r * ldq + c), b = _mm256_loadu_ps(q + r * ldq + c + 8);
+            /* [a0 a2 b0 b2 | a4 a6 b4 b6], then the middle 64-bit pairs swapped */
+            qe[r] = _mm256_castpd_ps(
+                _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+            qo[r] = _mm256_castpd_ps(
+                _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
+        }
+        if (pf != 0)
+            for (size_t g = 0; g < G; g++)
+                sa_prefetch(SA_T_BF16, k, (j0 + g) * ldk + c + pf, 16);
+        for (size_t g = 0; g < G; g++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(k16 + (j0 + g) * ldk + c));
+            const __m256 ke = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            const __m256 ko = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+            for (size_t r = 0; r < M; r++) {
+                acc[r * G + g] = _mm256_fmadd_ps(qe[r], ke, acc[r * G + g]);
+                acc[r * G + g] = _mm256_fmadd_ps(qo[r], ko, acc[r * G + g]);
+            }
+        }
+    }
+    float t[8];
+    _mm256_storeu_ps(t, sa_sum8_avx2(acc));
+    sa_qkt_finish(SA_T_BF16, M, G, j0, cv, c1, add, t, q, ldq, k, ldk, s, lds);
+}
+
 /* s[r][j0 + g] (+)= q_r . k_{j0 + g} over dimensions [c0, c1) for rows r < M and G keys g < G
    (M G <= 8): one accumulator per (row, key), so up to 8 independent FMA chains whatever M (one
    row against one key alone would be bound by the FMA latency), and the M G dot products
@@ -46,6 +88,10 @@ static inline __attribute__((always_inline)) void
 sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
              size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
 {
+    if (T == SA_T_BF16 && M <= 2) {
+        sa_qkt_group_bf16_pairs(M, G, j0, c0, c1, add, pf, q, ldq, k, ldk, s, lds);
+        return;
+    }
     const size_t cv = c0 + (c1 - c0) / 8 * 8;
     __m256 acc[8];
     for (size_t i = 0; i < 8; i++)

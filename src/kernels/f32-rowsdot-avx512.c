@@ -38,12 +38,60 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx512(const __m512 
     return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
+/* The bf16 group for one or two rows, 32 dimensions a step: a 64-byte line of a key holds 32
+   bf16 values, whose even elements (the low halves of its 32-bit words) become floats by a
+   shift and whose odd elements by a mask, one instruction each, without widening; q's 32
+   dimensions are split into even and odd the same way (two permutes a row, shared by the G
+   keys). The sums run over the dimensions in another order than the 16-wide loop's. */
+static inline __attribute__((always_inline)) void
+sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
+                        size_t pf, const float *q, size_t ldq, const void *k, size_t ldk,
+                        float *s, size_t lds)
+{
+    const uint16_t *k16 = (const uint16_t *)k;
+    const size_t cv = c0 + (c1 - c0) / 32 * 32;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 acc[SA_RD_GROUP];
+    for (size_t i = 0; i < SA_RD_GROUP; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (size_t c = c0; c < cv; c += 32) {
+        __m512 qe[2], qo[2];
+        for (size_t r = 0; r < M; r++) {
+            const __m512 a = _mm512_loadu_ps(q + r * ldq + c), b = _mm512_loadu_ps(q + r * ldq + c + 16);
+            qe[r] = _mm512_permutex2var_ps(a, even, b);
+            qo[r] = _mm512_permutex2var_ps(a, odd, b);
+        }
+        if (pf != 0)
+            for (size_t g = 0; g < G; g++)
+                sa_prefetch(SA_T_BF16, k, (j0 + g) * ldk + c + pf, 32);
+        for (size_t g = 0; g < G; g++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(k16 + (j0 + g) * ldk + c));
+            const __m512 ke = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            const __m512 ko = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+            for (size_t r = 0; r < M; r++) {
+                acc[r * G + g] = _mm512_fmadd_ps(qe[r], ke, acc[r * G + g]);
+                acc[r * G + g] = _mm512_fmadd_ps(qo[r], ko, acc[r * G + g]);
+            }
+        }
+    }
+    float t[SA_RD_GROUP];
+    for (size_t i = 0; i < M * G; i += 8)
+        _mm256_storeu_ps(t + i, sa_sum8_avx512(acc + i));
+    sa_qkt_finish(SA_T_BF16, M, G, j0, cv, c1, add, t, q, ldq, k, ldk, s, lds);
+}
+
 /* s[r][j0 + g] (+)= q_r . k_{j0 + g} over dimensions [c0, c1) for rows r < M and keys g < G
    (M G <= 24): one accumulator per (row, key), reduced together at the end. */
 static inline __attribute__((always_inline)) void
 sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
              size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
 {
+    if (T == SA_T_BF16 && M <= 2) {
+        sa_qkt_group_bf16_pairs(M, G, j0, c0, c1, add, pf, q, ldq, k, ldk, s, lds);
+        return;
+    }
     const size_t cv = c0 + (c1 - c0) / 16 * 16;
     __m512 acc[SA_RD_GROUP];
     for (size_t i = 0; i < SA_RD_GROUP; i++)
