@@ -41,8 +41,8 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx2(const __m256 a[
    dimensions are gathered by a shuffle within 128-bit lanes and a 64-bit permute across them. */
 static inline __attribute__((always_inline)) void
 sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
-                        size_t pf, const float *q, size_t ldq, const void *k, size_t ldk,
-                        float *s, size_t lds)
+                        size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s,
+                        size_t lds)
 {
     const uint16_t *k16 = (const uint16_t *)k;
     const size_t cv = c0 + (c1 - c0) / 16 * 16;
@@ -53,7 +53,8 @@ sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, si
     for (size_t c = c0; c < cv; c += 16) {
         __m256 qe[2], qo[2];
         for (size_t r = 0; r < M; r++) {
-            const __m256 a = _mm256_loadu_ps(q + r * ldq + c), b = _mm256_loadu_ps(q + r * ldq + c + 8);
+            const __m256 a = _mm256_loadu_ps(q + r * ldq + c),
+                         b = _mm256_loadu_ps(q + r * ldq + c + 8);
             /* [a0 a2 b0 b2 | a4 a6 b4 b6], then the middle 64-bit pairs swapped */
             qe[r] = _mm256_castpd_ps(
                 _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));

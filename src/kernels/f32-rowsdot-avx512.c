@@ -45,13 +45,15 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx512(const __m512 
    keys). The sums run over the dimensions in another order than the 16-wide loop's. */
 static inline __attribute__((always_inline)) void
 sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
-                        size_t pf, const float *q, size_t ldq, const void *k, size_t ldk,
-                        float *s, size_t lds)
+                        size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s,
+                        size_t lds)
 {
     const uint16_t *k16 = (const uint16_t *)k;
     const size_t cv = c0 + (c1 - c0) / 32 * 32;
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i even =
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd =
+        _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[SA_RD_GROUP];
     for (size_t i = 0; i < SA_RD_GROUP; i++)
@@ -59,7 +61,8 @@ sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, si
     for (size_t c = c0; c < cv; c += 32) {
         __m512 qe[2], qo[2];
         for (size_t r = 0; r < M; r++) {
-            const __m512 a = _mm512_loadu_ps(q + r * ldq + c), b = _mm512_loadu_ps(q + r * ldq + c + 16);
+            const __m512 a = _mm512_loadu_ps(q + r * ldq + c),
+                         b = _mm512_loadu_ps(q + r * ldq + c + 16);
             qe[r] = _mm512_permutex2var_ps(a, even, b);
             qo[r] = _mm512_permutex2var_ps(a, odd, b);
         }
