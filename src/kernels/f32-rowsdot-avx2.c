@@ -36,9 +36,10 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx2(const __m256 a[
     return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-/* The bf16 group for one or two rows (the weights of one or two decoded tokens), 16 dimensions
-   a step: f32-rowsdot-avx512.c's sa_qkt_group_bf16_pairs with 8-float vectors. q's even and odd
-   dimensions are gathered by a shuffle within 128-bit lanes and a 64-bit permute across them. */
+/* The bf16 group for one or two rows (one or two decoded tokens against bf16 weights, or one or
+   two query heads against a bf16 cache), 16 dimensions a step: f32-rowsdot-avx512.c's
+   sa_qkt_group_bf16_pairs with 8-float vectors. q's even and odd dimensions are gathered by a
+   shuffle within 128-bit lanes and a 64-bit permute across them. */
 static inline __attribute__((always_inline)) void
 sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
                         size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s,
