@@ -71,7 +71,7 @@ static void bm_softmax_in_forward(sb_state *s, const void *arg)
 {
     const fcfg *c = arg;
     const sa_kernels *k = sa_kernels_get();
-    const int block = sa_block_rows(c->seq, c->seq, c->causal);
+    const int block = sa_block_rows(c->seq, c->seq, c->causal, 1); /* as the forward's */
     const size_t ld = ((size_t)c->seq + 15) / 16 * 16;
     float *src = sa_malloc((size_t)block * ld * sizeof(float));
     float *S = sa_malloc((size_t)block * ld * sizeof(float));

@@ -107,9 +107,14 @@ static int64_t sa_key_span(const sa_attn *a, int64_t block)
    whenever a block's span is longer. */
 #define SA_KEY_CHUNK 512
 #define SA_KEY_CHUNK_FROM_BYTES (4u << 20)
+static int sa_keys_may_chunk(const sa_attn *a)
+{
+    return !a->whole_rows && a->weights == NULL;
+}
+
 static int32_t sa_key_chunk(const sa_attn *a, int32_t block, int64_t span, int stacked)
 {
-    if (a->whole_rows || a->weights != NULL || stacked)
+    if (!sa_keys_may_chunk(a) || stacked)
         return 0;
     const char *env = getenv("SELFATTN_KEY_CHUNK");
     if (env != NULL && *env != '\0') {
@@ -128,7 +133,7 @@ static int32_t sa_key_chunk(const sa_attn *a, int32_t block, int64_t span, int s
 selfattn_status sa_attn_plan_make(const sa_attn *a, sa_attn_plan *p)
 {
     int64_t span = sa_key_span(a, SA_BLOCK_MAX);
-    p->block = sa_block_rows(a->q_len, (int32_t)span, a->causal);
+    p->block = sa_block_rows(a->q_len, (int32_t)span, a->causal, sa_keys_may_chunk(a));
     span = sa_key_span(a, p->block);
     p->n_blocks = (int32_t)(((int64_t)a->q_len + p->block - 1) / p->block);
     /* One query row and shared K/V heads: a task takes all the query heads of a group, so that

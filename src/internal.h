@@ -124,18 +124,20 @@ SA_HIDDEN sa_cpu_vec sa_cpu_vector_level(int *bf16);
    q_len / 32 (a waste of about 3%) is more. At q_len 8192 (512 wide, 8 heads), blocks of 256
    rows instead of 128 ran the causal forward 3-6% closer to its sgemm ceiling with OpenBLAS's
    Cooperlake kernels on AMD EPYC (Zen 5); at 2048 and 4096 they ran 0-4% further from it, so
-   those keep 128. Spans over 4096 keys take their keys in chunks (attention.c, sa_key_chunk),
-   where the score block no longer grows with the span, and allow SA_BLOCK_MAX_LONG rows: 496
-   instead of 256 at 8192 full brought the forward 2-4% closer to its ceiling on 2 threads with
-   Cooperlake's kernels (0-2% on 1; no change with Haswell's), against 0-4% further at 4096 on 2
-   threads, which keeps 256. `span` is the most keys one block can see. */
+   those keep 128. Spans over 4096 keys, when `chunked` (the call may take its keys in chunks:
+   attention.c, sa_key_chunk, where the score block no longer grows with the span), allow
+   SA_BLOCK_MAX_LONG rows: 496 instead of 256 at 8192 full brought the forward 2-4% closer to its
+   ceiling on 2 threads with Cooperlake's kernels (0-2% on 1; no change with Haswell's), against
+   0-4% further at 4096 on 2 threads, which keeps 256. Calls that keep whole rows (the weights,
+   the backward) keep 256: their score blocks would double, and the backward at 8192 measured no
+   faster with 496. `span` is the most keys one block can see. */
 #define SA_BLOCK_MAX 256
 #define SA_BLOCK_MAX_LONG 512
 #define SA_BLOCK_MIN 32
 #define SA_BLOCK_CAUSAL 128
 #define SA_SCORE_BUDGET_BYTES (16u << 20)
 
-static inline int32_t sa_block_rows(int32_t q_len, int32_t span, int causal)
+static inline int32_t sa_block_rows(int32_t q_len, int32_t span, int causal, int chunked)
 {
     int64_t b = (int64_t)(SA_SCORE_BUDGET_BYTES / sizeof(float)) / ((int64_t)span + 16);
     if (causal && b > q_len / 4)
@@ -143,7 +145,7 @@ static inline int32_t sa_block_rows(int32_t q_len, int32_t span, int causal)
     if (causal && b > SA_BLOCK_CAUSAL && b > q_len / 32)
         b = q_len / 32 > SA_BLOCK_CAUSAL ? q_len / 32 : SA_BLOCK_CAUSAL;
     b = b / 16 * 16;
-    const int64_t cap = span > 4096 ? SA_BLOCK_MAX_LONG : SA_BLOCK_MAX;
+    const int64_t cap = chunked && span > 4096 ? SA_BLOCK_MAX_LONG : SA_BLOCK_MAX;
     if (b > cap)
         b = cap;
     if (b < SA_BLOCK_MIN)
