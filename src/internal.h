@@ -142,8 +142,9 @@ static inline int32_t sa_block_rows(int32_t q_len, int32_t span, int causal, int
     int64_t b = (int64_t)(SA_SCORE_BUDGET_BYTES / sizeof(float)) / ((int64_t)span + 16);
     if (causal && b > q_len / 4)
         b = q_len / 4;
-    if (causal && b > SA_BLOCK_CAUSAL && b > q_len / 32)
-        b = q_len / 32 > SA_BLOCK_CAUSAL ? q_len / 32 : SA_BLOCK_CAUSAL;
+    const int64_t causal_cap = q_len / 32 > SA_BLOCK_CAUSAL ? q_len / 32 : SA_BLOCK_CAUSAL;
+    if (causal && b > causal_cap)
+        b = causal_cap;
     b = b / 16 * 16;
     const int64_t cap = chunked && span > 4096 ? SA_BLOCK_MAX_LONG : SA_BLOCK_MAX;
     if (b > cap)
