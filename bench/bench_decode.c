@@ -365,20 +365,18 @@ static void decode_vs_read(sb_state *s, const dcfg *c, int vs_f32)
         (void)sink;
         if (k > 0) {
             const double f = sb_median(tf, k), t = sb_median(tt, k), r = sb_median(tr, k);
+            sb_counter(s, "step_us", t * 1e6);
+            sb_counter(s, "read_us", r * 1e6);
+            sb_counter(s, "MB", (double)bytes / 1e6);
             if (vs_f32) {
                 sb_counter(s, "f32_us", f * 1e6);
-                sb_counter(s, "step_us", t * 1e6);
-                sb_counter(s, "read_us", r * 1e6);
                 sb_counter(s, "vs_f32", t / f);
                 sb_counter(s, "read_frac", r / t);
             } else {
-                sb_counter(s, "step_us", t * 1e6);
-                sb_counter(s, "read_us", r * 1e6);
                 sb_counter(s, "step_GBs", (double)bytes / t * 1e-9);
                 sb_counter(s, "read_GBs", (double)bytes / r * 1e-9);
                 sb_counter(s, "ratio", t / r);
             }
-            sb_counter(s, "MB", (double)bytes / 1e6);
         }
         reader_stop(&rd);
     }
