@@ -12,6 +12,8 @@
 #include "rowsdot-common.h"
 
 #define SA_RD_ISA avx2
+#define SA_RD_VEC 8
+#define SA_RD_PACK(M) 0         /* one key a group for 5-8 rows: q is read where it is */
 #define SA_RD_GROUP 8           /* accumulators of a group of dot products */
 #define SA_RD_KEYS(M) (8 / (M)) /* keys a group for M rows */
 
@@ -88,8 +90,10 @@ sa_qkt_group_bf16_pairs(const size_t M, const size_t G, size_t j0, size_t c0, si
    registers. */
 static inline __attribute__((always_inline)) void
 sa_qkt_group(const int T, const size_t M, const size_t G, size_t j0, size_t c0, size_t c1, int add,
-             size_t pf, const float *q, size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
+             size_t pf, const float *qp, const float *q, size_t ldq, const void *k, size_t ldk,
+             float *s, size_t lds)
 {
+    (void)qp; /* never packed (SA_RD_PACK) */
     if (T == SA_T_BF16 && M <= 2) {
         sa_qkt_group_bf16_pairs(M, G, j0, c0, c1, add, pf, q, ldq, k, ldk, s, lds);
         return;

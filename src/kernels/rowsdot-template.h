@@ -5,9 +5,12 @@
      SA_RD_ISA     the suffix of the entry points (avx2, avx512);
      SA_RD_GROUP   the accumulators of one group of dot products (M G <= SA_RD_GROUP);
      SA_RD_KEYS(M) the keys G of a group for M rows;
-     sa_qkt_group  (T, M, G, j0, c0, c1, add, pf, q, ldq, k, ldk, s, lds): s[r][j0 + g] (+)= the
-                   part of q_r . k_{j0 + g} over dimensions [c0, c1) (added when `add`), K
-                   prefetched into L1 pf elements ahead when pf != 0;
+     SA_RD_VEC     floats a vector;
+     SA_RD_PACK(M) whether q's rows are packed for M rows (below);
+     sa_qkt_group  (T, M, G, j0, c0, c1, add, pf, qp, q, ldq, k, ldk, s, lds): s[r][j0 + g] (+)=
+                   the part of q_r . k_{j0 + g} over dimensions [c0, c1) (added when `add`), K
+                   prefetched into L1 pf elements ahead when pf != 0; with SA_RD_PACK(M), q_r's
+                   vector at dimension c (c - c0 a multiple of SA_RD_VEC) is at qp + (c - c0) M + r VEC;
      sa_pv_slices  (T, M, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo): the vector columns of o
                    from c on for keys [j0, j1), returning the first column left over.
    Everything is static inline and always inlined, and T and M are constants at every call site
@@ -36,20 +39,35 @@
 #define SA_QKT_PREFETCH_BYTES (8 * 1024)
 #define SA_QKT_SHORT_ROW_BYTES 1024
 
+/* q's chunk [c0, c1) packed for SA_RD_PACK(M): the vectors of its M rows at each step of
+   SA_RD_VEC dimensions side by side, [(c - c0) / VEC][M][VEC], so that a group's loads of q come
+   from one pointer (8 row pointers took GPRs the loop then reloaded from the stack on every step)
+   and from consecutive lines. The dimensions past the last whole vector stay where they are
+   (sa_qkt_finish reads them from q). */
+static inline __attribute__((always_inline)) void sa_qkt_pack(const size_t M, size_t c0, size_t c1,
+                                                              const float *q, size_t ldq, float *qp)
+{
+    const size_t cv = c0 + (c1 - c0) / SA_RD_VEC * SA_RD_VEC;
+    for (size_t c = c0; c < cv; c += SA_RD_VEC)
+        for (size_t r = 0; r < M; r++)
+            __builtin_memcpy(qp + (c - c0) * M + r * SA_RD_VEC, q + r * ldq + c,
+                             SA_RD_VEC * sizeof(float));
+}
+
 /* Keys [j0, j1) over dimensions [c0, c1) in groups of SA_RD_KEYS(M) (the last few one at a
    time); `add` and `prefetch` are constants at every call site, so that neither costs a test in
    the inner loop (either one as a run-time flag slowed the 1-row product by 10-25%). */
 static inline __attribute__((always_inline)) void
 sa_qkt_chunk(const int T, const size_t M, const int add, const int prefetch, size_t j0,
-             size_t j1, size_t c0, size_t c1, size_t pf, const float *q, size_t ldq,
-             const void *k, size_t ldk, float *s, size_t lds)
+             size_t j1, size_t c0, size_t c1, size_t pf, const float *qp, const float *q,
+             size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
 {
     const size_t G = SA_RD_KEYS(M);
     size_t j = j0;
     for (; j + G <= j1; j += G)
-        sa_qkt_group(T, M, G, j, c0, c1, add, prefetch ? pf : 0, q, ldq, k, ldk, s, lds);
+        sa_qkt_group(T, M, G, j, c0, c1, add, prefetch ? pf : 0, qp, q, ldq, k, ldk, s, lds);
     for (; j < j1; j++)
-        sa_qkt_group(T, M, 1, j, c0, c1, add, 0, q, ldq, k, ldk, s, lds);
+        sa_qkt_group(T, M, 1, j, c0, c1, add, 0, qp, q, ldq, k, ldk, s, lds);
 }
 
 /* s[r][j] = q_r . k_j for rows r < M: keys in blocks, each block's dimensions in chunks. */
@@ -58,6 +76,7 @@ sa_qkt_rows(const int T, const size_t M, size_t n, size_t d, const float *q, siz
             const void *k, size_t ldk, float *s, size_t lds)
 {
     const size_t G = SA_RD_KEYS(M), row_bytes = ldk * SA_T_SIZE(T);
+    float qbuf[SA_QKT_Q_BYTES / sizeof(float)] __attribute__((aligned(64))); /* SA_RD_PACK(M) */
     const int prefetch = row_bytes <= SA_QKT_SHORT_ROW_BYTES ? G > 1 : M >= 3;
     size_t kc = SA_QKT_Q_BYTES / (M * sizeof(float)) / 64 * 64;
     kc = kc < 64 ? 64 : kc;
@@ -73,14 +92,17 @@ sa_qkt_rows(const int T, const size_t M, size_t n, size_t d, const float *q, siz
         const size_t pf = prefetch && n - j1 >= kb ? pf_rows * ldk : 0;
         for (size_t c0 = 0; c0 < d || c0 == 0; c0 += kc) {
             const size_t c1 = d - c0 < kc ? d : c0 + kc;
+            if (SA_RD_PACK(M)) /* M kc floats fit qbuf */
+                sa_qkt_pack(M, c0, c1, q, ldq, qbuf);
+            const float *qp = qbuf; /* read only if packed */
             if (c0 == 0 && pf == 0)
-                sa_qkt_chunk(T, M, 0, 0, j0, j1, c0, c1, 0, q, ldq, k, ldk, s, lds);
+                sa_qkt_chunk(T, M, 0, 0, j0, j1, c0, c1, 0, qp, q, ldq, k, ldk, s, lds);
             else if (c0 == 0)
-                sa_qkt_chunk(T, M, 0, 1, j0, j1, c0, c1, pf, q, ldq, k, ldk, s, lds);
+                sa_qkt_chunk(T, M, 0, 1, j0, j1, c0, c1, pf, qp, q, ldq, k, ldk, s, lds);
             else if (pf == 0)
-                sa_qkt_chunk(T, M, 1, 0, j0, j1, c0, c1, 0, q, ldq, k, ldk, s, lds);
+                sa_qkt_chunk(T, M, 1, 0, j0, j1, c0, c1, 0, qp, q, ldq, k, ldk, s, lds);
             else
-                sa_qkt_chunk(T, M, 1, 1, j0, j1, c0, c1, pf, q, ldq, k, ldk, s, lds);
+                sa_qkt_chunk(T, M, 1, 1, j0, j1, c0, c1, pf, qp, q, ldq, k, ldk, s, lds);
             if (c1 >= d)
                 break;
         }
