@@ -4,6 +4,7 @@
 
 #include <dlfcn.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,28 @@ void sb_blas_setup(void)
     snprintf(peak, sizeof peak, "%.1f", fp_peak_gflops_per_thread(1, 0.0, &isa));
     sb_context("fma_peak_gflops_per_thread", peak);
     sb_context("fma_peak_isa", isa);
+}
+
+void sb_evict_caches(void)
+{
+    static uint64_t *buf;
+    static volatile uint64_t sink;
+    const size_t n = ((size_t)SB_EVICT_MB << 20) / sizeof(uint64_t);
+    if (buf == NULL) {
+        buf = malloc(n * sizeof(uint64_t));
+        if (buf == NULL) {
+            fprintf(stderr, "sb_evict_caches: no memory for %d MB\n", SB_EVICT_MB);
+            abort();
+        }
+        for (size_t i = 0; i < n; i++) /* written: real pages, not the shared zero page */
+            buf[i] = i;
+    }
+    uint64_t a = 0, b = 0;
+    for (size_t i = 0; i < n; i += 2) {
+        a += buf[i];
+        b += buf[i + 1];
+    }
+    sink += a + b;
 }
 
 selfattn_layer *sb_make_layer(const sb_layer_opts *o)
