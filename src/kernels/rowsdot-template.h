@@ -10,7 +10,8 @@
      sa_qkt_group  (T, M, G, j0, c0, c1, add, pf, qp, q, ldq, k, ldk, s, lds): s[r][j0 + g] (+)=
                    the part of q_r . k_{j0 + g} over dimensions [c0, c1) (added when `add`), K
                    prefetched into L1 pf elements ahead when pf != 0; with SA_RD_PACK(M), q_r's
-                   vector at dimension c (c - c0 a multiple of SA_RD_VEC) is at qp + (c - c0) M + r VEC;
+                   vector at dimension c (c - c0 a multiple of SA_RD_VEC) is at
+                   qp + (c - c0) M + r SA_RD_VEC;
      sa_pv_slices  (T, M, c, d, j0, j1, first, p, ldp, v, ldv, o, ldo): the vector columns of o
                    from c on for keys [j0, j1), returning the first column left over.
    Everything is static inline and always inlined, and T and M are constants at every call site
