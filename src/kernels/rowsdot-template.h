@@ -56,17 +56,21 @@ static inline __attribute__((always_inline)) void sa_qkt_pack(const size_t M, si
 }
 
 /* Keys [j0, j1) over dimensions [c0, c1) in groups of SA_RD_KEYS(M) (the last few one at a
-   time); `add` and `prefetch` are constants at every call site, so that neither costs a test in
-   the inner loop (either one as a run-time flag slowed the 1-row product by 10-25%). */
+   time), the groups before jm (jm - j0 a multiple of the group) prefetching K pf elements ahead.
+   `add` is a constant at every call site, and so is pf = 0 in the loops after jm, so that
+   neither costs a test in the inner loop (either one as a run-time flag slowed the 1-row product
+   by 10-25%). */
 static inline __attribute__((always_inline)) void
-sa_qkt_chunk(const int T, const size_t M, const int add, const int prefetch, size_t j0,
-             size_t j1, size_t c0, size_t c1, size_t pf, const float *qp, const float *q,
-             size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
+sa_qkt_chunk(const int T, const size_t M, const int add, size_t j0, size_t jm, size_t j1,
+             size_t c0, size_t c1, size_t pf, const float *qp, const float *q, size_t ldq,
+             const void *k, size_t ldk, float *s, size_t lds)
 {
     const size_t G = SA_RD_KEYS(M);
     size_t j = j0;
+    for (; j < jm; j += G)
+        sa_qkt_group(T, M, G, j, c0, c1, add, pf, qp, q, ldq, k, ldk, s, lds);
     for (; j + G <= j1; j += G)
-        sa_qkt_group(T, M, G, j, c0, c1, add, prefetch ? pf : 0, qp, q, ldq, k, ldk, s, lds);
+        sa_qkt_group(T, M, G, j, c0, c1, add, 0, qp, q, ldq, k, ldk, s, lds);
     for (; j < j1; j++)
         sa_qkt_group(T, M, 1, j, c0, c1, add, 0, qp, q, ldq, k, ldk, s, lds);
 }
@@ -102,20 +106,13 @@ sa_qkt_rows(const int T, const size_t M, size_t n, size_t d, const float *q, siz
         const size_t pf = pf_rows * ldk;
         for (size_t c0 = 0; c0 < d || c0 == 0; c0 += kc) {
             const size_t c1 = d - c0 < kc ? d : c0 + kc;
-            if (SA_RD_PACK(M)) /* M kc floats fit qbuf */
+            /* M kc floats fit qbuf; a single chunk (d <= kc) stays packed for every block */
+            if (SA_RD_PACK(M) && (j0 == 0 || d > kc))
                 sa_qkt_pack(M, c0, c1, q, ldq, qbuf);
-            const float *qp = qbuf; /* read only if packed */
-            if (c0 == 0) { /* the first chunk stores, the others add */
-                if (jm > j0)
-                    sa_qkt_chunk(T, M, 0, 1, j0, jm, c0, c1, pf, qp, q, ldq, k, ldk, s, lds);
-                if (j1 > jm)
-                    sa_qkt_chunk(T, M, 0, 0, jm, j1, c0, c1, 0, qp, q, ldq, k, ldk, s, lds);
-            } else {
-                if (jm > j0)
-                    sa_qkt_chunk(T, M, 1, 1, j0, jm, c0, c1, pf, qp, q, ldq, k, ldk, s, lds);
-                if (j1 > jm)
-                    sa_qkt_chunk(T, M, 1, 0, jm, j1, c0, c1, 0, qp, q, ldq, k, ldk, s, lds);
-            }
+            if (c0 == 0) /* the first chunk stores, the others add */
+                sa_qkt_chunk(T, M, 0, j0, jm, j1, c0, c1, pf, qbuf, q, ldq, k, ldk, s, lds);
+            else
+                sa_qkt_chunk(T, M, 1, j0, jm, j1, c0, c1, pf, qbuf, q, ldq, k, ldk, s, lds);
             if (c1 >= d)
                 break;
         }
