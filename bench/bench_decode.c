@@ -188,24 +188,7 @@ static void bm_prefill(sb_state *s, const void *arg)
     selfattn_layer_destroy(l);
 }
 
-/* A plain read of n 8-byte words at memory speed: four independent integer sums, which the
-   compiler vectorises (an integer sum may be reordered; a float one may not). */
-static uint64_t plain_read(const uint64_t *p, size_t n)
-{
-    uint64_t a = 0, b = 0, c = 0, d = 0;
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        a += p[i];
-        b += p[i + 1];
-        c += p[i + 2];
-        d += p[i + 3];
-    }
-    for (; i < n; i++)
-        a += p[i];
-    return a + b + c + d;
-}
-
-/* plain_read on as many threads as the step it is compared with: the calling thread reads the
+/* sb_plain_read on as many threads as the step it is compared with: the calling thread reads the
    first part, threads - 1 helpers parked on a barrier (created once, as the library's workers
    are) read the others, each a contiguous part of 4 KiB pages. */
 #define READ_THREADS_MAX 64
@@ -223,7 +206,7 @@ static void reader_part(reader *r, int t)
     const size_t per = (r->n / (size_t)r->threads + 511) / 512 * 512; /* whole pages */
     const size_t i0 = per * (size_t)t < r->n ? per * (size_t)t : r->n;
     const size_t i1 = i0 + per < r->n ? i0 + per : r->n;
-    r->sum[t] = plain_read(r->p + i0, i1 - i0);
+    r->sum[t] = sb_plain_read(r->p + i0, i1 - i0);
 }
 
 typedef struct reader_arg {
@@ -276,7 +259,7 @@ static uint64_t reader_read(reader *r, const uint64_t *p, size_t n)
     r->p = p;
     r->n = n;
     if (r->threads == 1)
-        return plain_read(p, n);
+        return sb_plain_read(p, n);
     pthread_barrier_wait(&r->go);
     reader_part(r, 0);
     pthread_barrier_wait(&r->done);

@@ -40,6 +40,22 @@ void sb_blas_setup(void)
     sb_context("fma_peak_isa", isa);
 }
 
+uint64_t sb_plain_read(const uint64_t *p, size_t n)
+{
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    const size_t n4 = n / 4 * 4;
+    size_t i = 0;
+    for (; i < n4; i += 4) {
+        a += p[i];
+        b += p[i + 1];
+        c += p[i + 2];
+        d += p[i + 3];
+    }
+    for (; i < n; i++)
+        a += p[i];
+    return a + b + c + d;
+}
+
 void sb_evict_caches(void)
 {
     static uint64_t *buf;
@@ -54,12 +70,7 @@ void sb_evict_caches(void)
         for (size_t i = 0; i < n; i++) /* written: real pages, not the shared zero page */
             buf[i] = i;
     }
-    uint64_t a = 0, b = 0;
-    for (size_t i = 0; i < n; i += 2) {
-        a += buf[i];
-        b += buf[i + 1];
-    }
-    sink += a + b;
+    sink += sb_plain_read(buf, n);
 }
 
 selfattn_layer *sb_make_layer(const sb_layer_opts *o)

@@ -4,6 +4,9 @@
 #ifndef SELFATTN_BENCH_UTIL_H
 #define SELFATTN_BENCH_UTIL_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 #include <selfattn/selfattn.h>
 
 /* Which biases sb_make_layer sets (the others stay unset). */
@@ -35,11 +38,15 @@ void sb_blas_setup(void);
 /* Sets OpenBLAS to n threads; returns 0 when the BLAS is not OpenBLAS (nothing set). */
 int sb_blas_set_threads(int n);
 
-/* Evicts what the last calls left in the caches: the calling thread reads the whole of a
-   SB_EVICT_MB buffer (allocated and written on the first call, kept until exit). For benchmarks of
-   memory-bound calls that must start cold, as a decoding step does in a model of many layers
-   (every other layer's weights and cache pass through the caches between two steps of one
-   layer). The caches reach further than the L3 on some machines: on the 2-vCPU AMD EPYC (Zen 5)
+/* A plain read of n 8-byte words at memory speed, returning their sum: four independent integer
+   sums, which the compiler vectorises (an integer sum may be reordered; a float one may not). */
+uint64_t sb_plain_read(const uint64_t *p, size_t n);
+
+/* Evicts what the last calls left in the caches: the calling thread reads (sb_plain_read) the
+   whole of a SB_EVICT_MB buffer (allocated and written on the first call, kept until exit). For
+   benchmarks of memory-bound calls that must start cold, as a decoding step does in a model of
+   many layers (every other layer's weights and cache pass through the caches between two steps
+   of one layer). The caches reach further than the L3 on some machines: on the 2-vCPU AMD EPYC (Zen 5)
    VM a buffer read again and again ran at 38 GB/s up to 96 MB, 35 GB/s at 128 MB and 29 GB/s
    from 256 MB, and a 16 MB buffer was evicted for both CPUs by a 256 MB read on either one.
    The calling thread alone: reads on helper threads (pinned to each CPU, or not) left the next
