@@ -17,6 +17,11 @@
 
 #define SA_ROWS_PER_WORKER_MIN 32 /* fewer rows per worker: split the columns instead */
 #define SA_COLS_PER_SLICE_MIN 64
+/* Column slices a worker when few rows split the columns: more tasks than workers, so that a
+   helper thread that starts late (waking an idle CPU took 100-180 us, median 160, on the 2-vCPU
+   AMD EPYC VM) finds part of the first product left, instead of the caller waiting for it to do
+   its one half. */
+#define SA_COL_TASKS_PER_WORKER 4
 /* Fixed chunks (never a function of the worker count), large enough that the operand BLAS packs
    once per task (the weight matrix of a row-split product, the activations of a weight gradient)
    is packed a few times per call rather than tens of times: 128 rows and 64 columns ran about 7%
@@ -202,8 +207,10 @@ void sa_rowprod_run(const sa_rowprod *p, int workers)
         job.row_chunks = (int)((p->valid_rows + SA_ROWS_CHUNK - 1) / SA_ROWS_CHUNK);
     else if (p->valid_rows < (size_t)workers * SA_ROWS_PER_WORKER_MIN &&
              p->n >= (size_t)workers * SA_COLS_PER_SLICE_MIN) { /* few rows, enough columns */
+        const size_t most = p->n / SA_COLS_PER_SLICE_MIN;
+        const size_t want = workers > 1 ? (size_t)workers * SA_COL_TASKS_PER_WORKER : 1;
         job.row_chunks = 1;
-        job.col_chunks = workers;
+        job.col_chunks = (int)(want < most ? want : most);
     }
     sa_run_tasks(workers, job.row_chunks * job.col_chunks, sa_rowprod_task, &job);
 }
