@@ -9,7 +9,11 @@
  *   decode_batch/E/H/KV/ctx        8 sequences x 1 token against 1 sequence x 1 token, both at ctx
  *                                  cached positions, each after sb_evict_caches (a 256 MB read), so
  *                                  that both start from memory as in a model of many layers:
- *                                  ratio = time(8) / time(1).
+ *                                  ratio = time(8) / time(1), one_us, eight_us. The library's helper
+ *                                  threads have slept through the read, as after other work between
+ *                                  two calls (a model's MLP); the same pair with the helpers awake,
+ *                                  as when layers' calls follow each other (a small call just
+ *                                  before): awake_ratio, awake_one_us, awake_eight_us.
  *   prefill/E/H/KV/L               a prompt of L tokens through the cache against one causal
  *                                  selfattn_forward of the same tokens: ratio = prefill / forward.
  *   dtype_decode/E/H/KV/ctx/threads/W/KV
@@ -94,44 +98,55 @@ static void bm_decode_batch(sb_state *s, const void *arg)
     selfattn_layer *l = layer_of(c, 0);
     selfattn_cache *c1 = l ? filled_cache(l, c, 1) : NULL, *c8 = l ? filled_cache(l, c, 8) : NULL;
     float *x = sb_filled((size_t)8 * c->E, 1.0f, 3), *y = malloc(sizeof(float) * 8 * c->E);
-    static double t1s[MAX_RUNS], t8s[MAX_RUNS];
+    /* the waking call: a forward of 64 tokens through a small layer, on as many threads */
+    selfattn_layer *wl = sb_make_layer(&(sb_layer_opts){.d_model = 256, .n_heads = 4});
+    float *wx = sb_filled((size_t)64 * 256, 1.0f, 7), *wy = malloc(sizeof(float) * 64 * 256);
+    static double t1s[MAX_RUNS], t8s[MAX_RUNS], a1s[MAX_RUNS], a8s[MAX_RUNS];
     /* Each timed call starts from memory (sb_evict_caches). Before, a 64 MB read (cblas_sasum)
        left part of the weights (42 MB at E 2048) cached on the 2-vCPU EPYC VM, whose caches reach
        past 64 MB (bench_util.h): in one set of runs the one-sequence step took 760-830 us after
        it against 1010-1260 us after a 256 MB read, ratios 2.40-2.47 against 2.06-2.11. */
     int k = 0;
-    if (!c1 || !c8 || !x || !y) {
+    if (!c1 || !c8 || !x || !y || !wl || !wx || !wy) {
         sb_skip_with_error(s, "set-up failed");
     } else {
-        while (sb_keep_running(s)) {
-            sb_evict_caches();
-            const double t0 = sb_now_s();
-            selfattn_status st = selfattn_forward_cached(l, c1, 1, x, NULL, y);
-            const double t1 = sb_now_s();
-            sb_evict_caches();
-            const double t1b = sb_now_s();
-            if (st == SELFATTN_OK)
-                st = selfattn_forward_cached(l, c8, 1, x, NULL, y);
-            const double t2 = sb_now_s();
-            selfattn_cache_truncate(c1, -1, c->ctx);
-            selfattn_cache_truncate(c8, -1, c->ctx);
+        selfattn_cache *const cs[2] = {c1, c8};
+        double *const ts[4] = {t1s, t8s, a1s, a8s};
+        selfattn_status st = SELFATTN_OK;
+        while (st == SELFATTN_OK && sb_keep_running(s)) {
+            double t[4];
+            for (int i = 0; i < 4 && st == SELFATTN_OK; i++) { /* asleep 1, 8; awake 1, 8 */
+                sb_evict_caches();
+                if (i >= 2)
+                    st = selfattn_forward(wl, 1, 64, wx, NULL, wy);
+                const double t0 = sb_now_s();
+                if (st == SELFATTN_OK)
+                    st = selfattn_forward_cached(l, cs[i & 1], 1, x, NULL, y);
+                t[i] = sb_now_s() - t0;
+                selfattn_cache_truncate(cs[i & 1], -1, c->ctx);
+            }
             if (st != SELFATTN_OK) {
                 sb_skip_with_error(s, selfattn_status_string(st));
-                break;
-            }
-            if (k < MAX_RUNS) {
-                t1s[k] = t1 - t0;
-                t8s[k] = t2 - t1b;
+            } else if (k < MAX_RUNS) {
+                for (int i = 0; i < 4; i++)
+                    ts[i][k] = t[i];
                 k++;
             }
         }
-        if (k > 0) {
+        if (st == SELFATTN_OK && k > 0) {
             const double a = sb_median(t1s, k), b = sb_median(t8s, k);
+            const double aa = sb_median(a1s, k), ab = sb_median(a8s, k);
             sb_counter(s, "one_us", a * 1e6);
             sb_counter(s, "eight_us", b * 1e6);
             sb_counter(s, "ratio", b / a);
+            sb_counter(s, "awake_one_us", aa * 1e6);
+            sb_counter(s, "awake_eight_us", ab * 1e6);
+            sb_counter(s, "awake_ratio", ab / aa);
         }
     }
+    free(wx);
+    free(wy);
+    selfattn_layer_destroy(wl);
     free(x);
     free(y);
     selfattn_cache_destroy(c1);
