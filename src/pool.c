@@ -24,7 +24,7 @@ typedef struct sa_job {
     void *ctx;
     int slots;  /* helper slots still offered */
     int joined; /* helpers that took a slot: their worker ids are 1..joined */
-    int active; /* helpers still running fn */
+    atomic_int active; /* helpers still running fn (raised under the lock, lowered without) */
     struct sa_job *next;
 } sa_job;
 
@@ -108,13 +108,15 @@ static void *sa_pool_main(void *arg)
             continue;
         }
         const int id = ++job->joined;
-        job->active++;
+        atomic_fetch_add_explicit(&job->active, 1, memory_order_relaxed);
         if (--job->slots == 0)
             sa_unlink_job(job);
         pthread_mutex_unlock(&sa_pool.mu);
         job->fn(job->ctx, id);
+        /* the job (on its caller's stack) may be gone once `active` is 0: not touched after */
+        const int last = atomic_fetch_sub_explicit(&job->active, 1, memory_order_release) == 1;
         pthread_mutex_lock(&sa_pool.mu);
-        if (--job->active == 0)
+        if (last) /* a caller that stopped spinning sleeps on `done` (under the lock) */
             pthread_cond_broadcast(&sa_pool.done);
     }
     pthread_mutex_unlock(&sa_pool.mu);
@@ -163,7 +165,20 @@ void sa_pool_run(int n_workers, sa_job_fn fn, void *ctx)
     pthread_mutex_lock(&sa_pool.mu);
     if (job.slots > 0) /* still offered: withdraw what nobody took */
         sa_unlink_job(&job);
-    while (job.active > 0)
+    pthread_mutex_unlock(&sa_pool.mu);
+    /* No helper joins from here on. The helpers' last tasks end within microseconds of the
+       caller's (the tasks are handed out one at a time), so wait for them spinning first:
+       sleeping on `done` made each phase's end cost the caller a wake-up (100-180 us on the
+       2-vCPU EPYC VM) whenever a helper finished after it. */
+    for (int spins = 0; spins < SA_POOL_SPIN; spins++) {
+        if (atomic_load_explicit(&job.active, memory_order_acquire) == 0)
+            return;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+    pthread_mutex_lock(&sa_pool.mu);
+    while (atomic_load_explicit(&job.active, memory_order_acquire) > 0)
         pthread_cond_wait(&sa_pool.done, &sa_pool.mu);
     pthread_mutex_unlock(&sa_pool.mu);
 }
