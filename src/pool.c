@@ -49,6 +49,14 @@ static pthread_once_t sa_pool_once = PTHREAD_ONCE_INIT;
 static atomic_uint sa_pool_posted;
 #define SA_POOL_SPIN 4000
 
+/* One step of such a wait. */
+static inline void sa_pool_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 static void sa_pool_prepare(void)
 {
     pthread_mutex_lock(&sa_pool.mu);
@@ -98,9 +106,7 @@ static void *sa_pool_main(void *arg)
             int spins = 0;
             while (spins < SA_POOL_SPIN &&
                    atomic_load_explicit(&sa_pool_posted, memory_order_relaxed) == seen) {
-#if defined(__x86_64__) || defined(__i386__)
-                __builtin_ia32_pause();
-#endif
+                sa_pool_pause();
                 spins++;
             }
             pthread_mutex_lock(&sa_pool.mu);
@@ -174,9 +180,7 @@ void sa_pool_run(int n_workers, sa_job_fn fn, void *ctx)
     for (int spins = 0; spins < SA_POOL_SPIN; spins++) {
         if (atomic_load_explicit(&job.active, memory_order_acquire) == 0)
             return;
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
+        sa_pool_pause();
     }
     pthread_mutex_lock(&sa_pool.mu);
     while (atomic_load_explicit(&job.active, memory_order_acquire) > 0)
