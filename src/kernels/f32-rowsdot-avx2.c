@@ -13,9 +13,9 @@
 
 #define SA_RD_ISA avx2
 #define SA_RD_VEC 8
-#define SA_RD_PACK(M) 0         /* one key a group for 5-8 rows: q is read where it is */
-#define SA_RD_GROUP 8           /* accumulators of a group of dot products */
-#define SA_RD_KEYS(M) (8 / (M)) /* keys a group for M rows */
+#define SA_RD_PACK(M) 0            /* one key a group for 5-8 rows: q is read where it is */
+#define SA_RD_GROUP 8              /* accumulators of a group of dot products */
+#define SA_RD_KEYS(M, L) (8 / (M)) /* keys a group for M rows, whatever the rows' length */
 
 static inline __attribute__((always_inline)) __m256 sa_ld8(const int T, const void *base, size_t i)
 {

@@ -4,7 +4,8 @@
    defines:
      SA_RD_ISA     the suffix of the entry points (avx2, avx512);
      SA_RD_GROUP   the accumulators of one group of dot products (M G <= SA_RD_GROUP);
-     SA_RD_KEYS(M) the keys G of a group for M rows;
+     SA_RD_KEYS(M, L) the keys G of a group for M rows, with rows of K longer than
+                   SA_QKT_SHORT_ROW_BYTES when L (a projection's weights) or not (a cache's K);
      SA_RD_VEC     floats a vector;
      SA_RD_PACK(M) whether q's rows are packed for M rows (below);
      sa_qkt_group  (T, M, G, j0, c0, c1, add, pf, qp, q, ldq, k, ldk, s, lds): s[r][j0 + g] (+)=
@@ -55,17 +56,15 @@ static inline __attribute__((always_inline)) void sa_qkt_pack(const size_t M, si
                              SA_RD_VEC * sizeof(float));
 }
 
-/* Keys [j0, j1) over dimensions [c0, c1) in groups of SA_RD_KEYS(M) (the last few one at a
-   time), the groups before jm (jm - j0 a multiple of the group) prefetching K pf elements ahead.
-   `add` is a constant at every call site, and so is pf = 0 in the loops after jm, so that
-   neither costs a test in the inner loop (either one as a run-time flag slowed the 1-row product
-   by 10-25%). */
+/* Keys [j0, j1) over dimensions [c0, c1) in groups of G (the last few one at a time), the groups
+   before jm (jm - j0 a multiple of the group) prefetching K pf elements ahead. `add` is a constant
+   at every call site, and so is pf = 0 in the loops after jm, so that neither costs a test in the
+   inner loop (either one as a run-time flag slowed the 1-row product by 10-25%). */
 static inline __attribute__((always_inline)) void
-sa_qkt_chunk(const int T, const size_t M, const int add, size_t j0, size_t jm, size_t j1,
-             size_t c0, size_t c1, size_t pf, const float *qp, const float *q, size_t ldq,
-             const void *k, size_t ldk, float *s, size_t lds)
+sa_qkt_chunk(const int T, const size_t M, const size_t G, const int add, size_t j0, size_t jm,
+             size_t j1, size_t c0, size_t c1, size_t pf, const float *qp, const float *q,
+             size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
 {
-    const size_t G = SA_RD_KEYS(M);
     size_t j = j0;
     for (; j < jm; j += G)
         sa_qkt_group(T, M, G, j, c0, c1, add, pf, qp, q, ldq, k, ldk, s, lds);
@@ -75,12 +74,13 @@ sa_qkt_chunk(const int T, const size_t M, const int add, size_t j0, size_t jm, s
         sa_qkt_group(T, M, 1, j, c0, c1, add, 0, qp, q, ldq, k, ldk, s, lds);
 }
 
-/* s[r][j] = q_r . k_j for rows r < M: keys in blocks, each block's dimensions in chunks. */
+/* s[r][j] = q_r . k_j for rows r < M in groups of G keys: keys in blocks, each block's
+   dimensions in chunks. */
 static inline __attribute__((always_inline)) void
-sa_qkt_rows(const int T, const size_t M, size_t n, size_t d, const float *q, size_t ldq,
-            const void *k, size_t ldk, float *s, size_t lds)
+sa_qkt_rows_g(const int T, const size_t M, const size_t G, size_t n, size_t d, const float *q,
+              size_t ldq, const void *k, size_t ldk, float *s, size_t lds)
 {
-    const size_t G = SA_RD_KEYS(M), row_bytes = ldk * SA_T_SIZE(T);
+    const size_t row_bytes = ldk * SA_T_SIZE(T);
     float qbuf[SA_QKT_Q_BYTES / sizeof(float)] __attribute__((aligned(64))); /* SA_RD_PACK(M) */
     const int prefetch = row_bytes <= SA_QKT_SHORT_ROW_BYTES ? G > 1 : M >= 3;
     size_t kc = SA_QKT_Q_BYTES / (M * sizeof(float)) / 64 * 64;
@@ -117,13 +117,25 @@ sa_qkt_rows(const int T, const size_t M, size_t n, size_t d, const float *q, siz
             if (SA_RD_PACK(M))
                 sa_qkt_pack(M, c0, c1, q, ldq, qbuf);
             if (c0 == 0) /* the first chunk stores, the others add */
-                sa_qkt_chunk(T, M, 0, j0, jm, j1, c0, c1, pf, qbuf, q, ldq, k, ldk, s, lds);
+                sa_qkt_chunk(T, M, G, 0, j0, jm, j1, c0, c1, pf, qbuf, q, ldq, k, ldk, s, lds);
             else
-                sa_qkt_chunk(T, M, 1, j0, jm, j1, c0, c1, pf, qbuf, q, ldq, k, ldk, s, lds);
+                sa_qkt_chunk(T, M, G, 1, j0, jm, j1, c0, c1, pf, qbuf, q, ldq, k, ldk, s, lds);
             if (c1 >= d)
                 break;
         }
     }
+}
+
+/* s[r][j] = q_r . k_j for rows r < M, in the group size for the length of K's rows (both sizes
+   compile only where they differ). */
+static inline __attribute__((always_inline)) void
+sa_qkt_rows(const int T, const size_t M, size_t n, size_t d, const float *q, size_t ldq,
+            const void *k, size_t ldk, float *s, size_t lds)
+{
+    if (SA_RD_KEYS(M, 1) != SA_RD_KEYS(M, 0) && ldk * SA_T_SIZE(T) > SA_QKT_SHORT_ROW_BYTES)
+        sa_qkt_rows_g(T, M, SA_RD_KEYS(M, 1), n, d, q, ldq, k, ldk, s, lds);
+    else
+        sa_qkt_rows_g(T, M, SA_RD_KEYS(M, 0), n, d, q, ldq, k, ldk, s, lds);
 }
 
 /* Keys in blocks of SA_PV_KEYS: the first slice of a block reads its V rows from memory in order,
