@@ -34,7 +34,7 @@
    - Short rows (a cache's K, 128 dimensions in 16 bits) read 1.3-1.8 times faster with it
      whatever M, except one key a group (AVX2 with 5-8 rows, bound by its FMAs: about 20%
      slower with it); long rows with 1 or 2 rows ran up to 30% slower with it (the hardware
-     keeps up with their 16 streams, and the prefetches only took load slots).
+     kept up with their 16 streams, now 8, and the prefetches only took load slots).
    All measured on AMD EPYC (Zen 5), one thread, medians of 30-40 calls, K out of cache. */
 #define SA_QKT_Q_BYTES (16 * 1024)
 #define SA_QKT_BLOCK_BYTES (256 * 1024)
