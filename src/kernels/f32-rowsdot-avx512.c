@@ -16,9 +16,9 @@
    or two rows, 16 accumulators, the loads of K folded into the FMAs). One row against long rows
    (L: a projection's weights, which the hardware prefetcher streams alone) takes 8 keys, 8
    streams from memory at a time instead of 16: against 3072 x 2048 weights from memory, one
-   thread, alternating in one process, bf16 ran in 0.92-0.94 of the time, f16 0.96-0.98, float32
-   0.95-0.98 (24 keys: 1.5 and 2.6 times the time). A cache's short rows keep 16 (8 took 1.07
-   times as long in f16 and 1.16 in float32). AMD EPYC (Zen 5), medians of 201. */
+   thread, alternating in one process, bf16 ran in 0.92-0.94 of the time, f16 0.93-0.98, float32
+   0.95-0.98 (24 keys: 1.6 and 2.6 times the time in bf16 and float32). A cache's short rows keep
+   16 (8 took 1.07 times as long in f16 and 1.16 in float32). AMD EPYC (Zen 5), medians of 201. */
 #define SA_RD_KEYS(M, L)                                                                           \
     ((M) == 1 && (L)             ? 8                                                               \
      : (M) <= 2                  ? 16 / (M)                                                        \
@@ -45,8 +45,7 @@ static inline __attribute__((always_inline)) __m256 sa_sum8_avx512(const __m512 
     const __m256 h01 = _mm256_hadd_ps(h[0], h[1]), h23 = _mm256_hadd_ps(h[2], h[3]);
     const __m256 h45 = _mm256_hadd_ps(h[4], h[5]), h67 = _mm256_hadd_ps(h[6], h[7]);
     const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20),
-                         _mm256_permute2f128_ps(lo, hi, 0x31));
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
 /* The bf16 group for one or two rows, 32 dimensions a step: a 64-byte line of a key holds 32
