@@ -92,8 +92,9 @@ sa_qkt_rows_g(const int T, const size_t M, const size_t G, size_t n, size_t d, c
        of 30 keys, 8 rows of 2048 dimensions repacked their 16 KB chunk for every 240 KB of the
        weights: hot in L2 (96 keys, one thread) that product ran at 105-113 GFLOP/s against
        125-136 with one block in the same runs, and decoding 8 sequences (d_model 2048, 2
-       threads, weights and a 1024-position cache from memory) took 0.94-0.96 of the time (AMD
-       EPYC, Zen 5; three runs alternating the two libraries step by step in one process). */
+       threads, weights and a 1024-position cache from memory) took 0.943 and 0.958 of the time,
+       0.958 with the weights alone (AMD EPYC, Zen 5; the two libraries alternating step by step
+       in one process). */
     if (!prefetch || SA_RD_PACK(M))
         kb = n;
     size_t pf_rows = SA_QKT_PREFETCH_BYTES / (row_bytes + 1);
