@@ -145,7 +145,8 @@ typedef enum selfattn_option {
                                     itself and n_heads * head_dim (n_heads * dv with
                                     SELFATTN_OPT_V_HEAD_DIM) must equal d_model. */
     SELFATTN_OPT_THREADS = 5,    /* worker threads one call may use, the caller's included;
-                                    0 = library default (the number of online CPUs, at most 64).
+                                    0 = library default (the number of online CPUs, at most 64,
+                                    counted once per process, at the first call).
                                     A call uses one while OpenBLAS runs several threads itself:
                                     set the BLAS to 1 thread for full speed ("The BLAS's threads"
                                     at the top of this header). */
