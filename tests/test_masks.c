@@ -503,13 +503,47 @@ static void test_window_long(void **state)
     }
 }
 
+/* RoPE over rows that span several of the rotation's exact re-evaluations (every 32 rows of a
+   run; the angles stepped from row to row in between) and more pairs than one chunk of 32 (head_dim
+   80, 72 of them rotating: 36 pairs), both modes, two sequences (one padded), two threads (whose
+   row ranges start mid-sequence): the forward against the float64 reference, which takes a cos and
+   a sin per pair and row. */
+static void test_rope_long_rows(void **state)
+{
+    (void)state;
+    enum { B = 2, D = 80, H = 2, L = 75 };
+    const int32_t lens[B] = {L, 40};
+    for (int rope = 1; rope <= 2; rope++) {
+        const tu_spec spec = {H * D, H, 1, D, 1, 1, 0, 1, 2, 0};
+        tu_layer t;
+        assert_int_equal(tu_layer_make(&spec, 700 + (uint64_t)rope, &t), SELFATTN_OK);
+        assert_int_equal(selfattn_layer_set(t.layer, SELFATTN_OPT_ROPE, rope), SELFATTN_OK);
+        assert_int_equal(selfattn_layer_set(t.layer, SELFATTN_OPT_ROPE_DIMS, 72), SELFATTN_OK);
+        tu_rng r = {710 + (uint64_t)rope};
+        const size_t n = (size_t)B * L * H * D;
+        float *x = tu_random(&r, n, -1.5f, 1.5f), *y = malloc(sizeof(float) * n);
+        double *yr = malloc(sizeof(double) * n);
+        assert_int_equal(selfattn_forward(t.layer, B, L, x, lens, y), SELFATTN_OK);
+        const ref_opts o = {0, 0, 0.0, NULL, 0, 0, 0, rope, 72, 0};
+        ref_forward_ex(&t.ref, &o, B, L, x, lens, yr, NULL, NULL);
+        double err, mx;
+        ref_max_err(y, yr, n, &err, &mx);
+        printf("  rope %d, %d rows, 36 pairs: max err %.3e (max |y| %.3e)\n", rope, L, err, mx);
+        assert_true(mx > 0.0 && err <= TOL * mx);
+        free(x);
+        free(y);
+        free(yr);
+        tu_layer_free(&t);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_combinations),   cmocka_unit_test(test_alibi_slopes),
         cmocka_unit_test(test_all_masked_rows), cmocka_unit_test(test_lse_merge),
         cmocka_unit_test(test_nan_bias_is_local), cmocka_unit_test(test_bad_input),
-        cmocka_unit_test(test_window_long),
+        cmocka_unit_test(test_window_long),    cmocka_unit_test(test_rope_long_rows),
     };
     printf("softmax kernel: %s\n", selfattn_kernel_name());
     return cmocka_run_group_tests(tests, NULL, NULL);
