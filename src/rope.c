@@ -3,7 +3,7 @@
  * for mode 1 (rotate-half) and (2d, 2d + 1) for mode 2 (adjacent). The angle is formed in double
  * so that long positions keep their precision; the backward pass turns by the opposite angle.
  * Consecutive rows step their angles by rotation (sa_rope_pairs): one thread turned 2048 rows of
- * 12 heads of 64 (K and Q) in 1.3-1.5 ms against 5.4-5.8 ms with a pow, a cos and a sin per pair
+ * 12 heads of 64 (K and Q) in 1.2-1.5 ms against 5.4-5.8 ms with a pow, a cos and a sin per pair
  * and row, 16 heads of 128 in 4.0-4.1 ms against 12.5-13.2, with the same floats (AMD EPYC, Zen
  * 5; not warm in cache). */
 #include <math.h>
